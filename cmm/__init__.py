@@ -1,0 +1,1 @@
+"""cmm: route chosen Claude Code models to another Anthropic-compatible server."""
