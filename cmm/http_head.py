@@ -1,0 +1,246 @@
+"""Sans-IO HTTP/1.1 message heads: collect the bytes, parse them, and decide the body framing.
+
+cmm forwards passthrough heads byte for byte, so whatever it accepts here the real API must read
+the same way. Ambiguity is therefore refused rather than repaired: bare LF line endings, obsolete
+line folding, header names that are not RFC 9110 tokens (non-ASCII included), whitespace before
+the colon, and any doubt about where the body ends (Content-Length together with
+Transfer-Encoding, several Content-Lengths, a transfer coding other than ``chunked``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import attrs
+
+from cmm.errors import HttpError
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+_DIGITS = re.compile(rb"[0-9]{1,18}\Z")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?\Z")
+
+FramingKind = Literal["none", "length", "chunked", "close"]
+
+
+@attrs.frozen
+class Framing:
+    """Where a message body ends: nowhere (no body), after ``length`` bytes, at the last chunk,
+    or when the connection closes (responses only)."""
+
+    kind: FramingKind
+    length: int = 0
+
+
+NO_BODY = Framing("none")
+
+
+@attrs.frozen
+class Headers:
+    """Header fields in arrival order, names as sent; look-ups ignore case."""
+
+    fields: tuple[tuple[bytes, bytes], ...]
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        wanted = name.lower()
+        return [value for key, value in self.fields if key.lower() == wanted]
+
+    def get(self, name: bytes) -> bytes | None:
+        values = self.get_all(name)
+        return values[-1] if values else None
+
+    def tokens(self, name: bytes) -> list[bytes]:
+        """Comma-separated list values (Connection, Transfer-Encoding), lower-cased."""
+        return [
+            part.strip().lower()
+            for value in self.get_all(name)
+            for part in value.split(b",")
+            if part.strip()
+        ]
+
+
+@attrs.frozen
+class RequestHead:
+    raw: bytes
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: Headers
+    framing: Framing
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+    @property
+    def query(self) -> bytes:
+        """The query string with its ``?``, or empty."""
+        index = self.target.find(b"?")
+        return b"" if index < 0 else self.target[index:]
+
+    @property
+    def keep_alive(self) -> bool:
+        return _keep_alive(self.version, self.headers)
+
+    @property
+    def expects_continue(self) -> bool:
+        return any(v.strip().lower() == b"100-continue" for v in self.headers.get_all(b"expect"))
+
+
+@attrs.frozen
+class ResponseHead:
+    raw: bytes
+    version: bytes
+    status: int
+    headers: Headers
+    framing: Framing
+
+    @property
+    def interim(self) -> bool:
+        """1xx (other than 101): another head follows for the same request."""
+        return 100 <= self.status < 200 and self.status != 101
+
+    @property
+    def keep_alive(self) -> bool:
+        return self.framing.kind != "close" and _keep_alive(self.version, self.headers)
+
+
+def _keep_alive(version: bytes, headers: Headers) -> bool:
+    tokens = headers.tokens(b"connection")
+    if version == b"HTTP/1.0":
+        return b"keep-alive" in tokens
+    return b"close" not in tokens
+
+
+class HeadCollector:
+    """Gathers bytes up to the blank line that ends a head, within the size limit.
+
+    Leading empty lines are skipped (RFC 9112 section 2.2) since some clients send a stray CRLF
+    after a body; bare LF fails at once instead of waiting for a CRLFCRLF that never comes.
+    """
+
+    def __init__(self, limit: int = MAX_HEAD_BYTES, what: str = "request") -> None:
+        self._limit = limit
+        self._what = what
+        self._buffer = bytearray()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """Return ``(head, rest)`` once the head is complete, else None; raise HttpError."""
+        searched_from = max(0, len(self._buffer) - 3)
+        self._buffer += data
+        while self._buffer[:2] == b"\r\n":
+            del self._buffer[:2]
+            searched_from = 0
+        end = self._buffer.find(b"\r\n\r\n", searched_from)
+        head_end = len(self._buffer) if end < 0 else end + 4
+        if _BARE_LF.search(self._buffer, max(0, searched_from - 1), head_end) is not None:
+            raise HttpError(400, f"Malformed {self._what} head: bare LF line ending (CRLF required)")
+        if end < 0:
+            if len(self._buffer) > self._limit:
+                raise HttpError(431, f"{self._what.capitalize()} head exceeds {self._limit} bytes")
+            return None
+        end += 4
+        if end > self._limit:
+            raise HttpError(431, f"{self._what.capitalize()} head exceeds {self._limit} bytes")
+        head = bytes(self._buffer[:end])
+        rest = bytes(self._buffer[end:])
+        self._buffer.clear()
+        return head, rest
+
+
+def _parse_fields(lines: list[bytes], max_headers: int, what: str) -> Headers:
+    if len(lines) > max_headers:
+        raise HttpError(431, f"Too many header fields in {what} head (limit {max_headers})")
+    fields = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError(400, f"Malformed {what} head: obsolete line folding is not accepted")
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.match(name) is None:
+            shown = name[:40].decode("ascii", "backslashreplace")
+            raise HttpError(400, f"Malformed {what} head: invalid header name {shown!r}")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value):
+            raise HttpError(400, f"Malformed {what} head: control character in header {name.decode()}")
+        fields.append((name, value))
+    return Headers(tuple(fields))
+
+
+def _split(raw: bytes) -> tuple[bytes, list[bytes]]:
+    lines = raw[:-4].split(b"\r\n")
+    return lines[0], lines[1:]
+
+
+def _content_length(headers: Headers, what: str) -> int | None:
+    values = headers.get_all(b"content-length")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise HttpError(400, f"Ambiguous {what} framing: several Content-Length headers")
+    if _DIGITS.match(values[0]) is None:
+        raise HttpError(400, f"Invalid Content-Length in {what}: {values[0][:30]!r}")
+    return int(values[0])
+
+
+def parse_request_head(raw: bytes, max_headers: int = MAX_HEADERS) -> RequestHead:
+    """Parse a complete head from HeadCollector; raise HttpError for anything ambiguous."""
+    request_line, lines = _split(raw)
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise HttpError(400, "Malformed request line")
+    method, target, version = parts
+    if _TOKEN.match(method) is None or _TARGET.match(target) is None:
+        raise HttpError(400, "Malformed request line")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(400, f"Unsupported HTTP version {version[:20]!r}: HTTP/1.1 only")
+    headers = _parse_fields(lines, max_headers, "request")
+    length = _content_length(headers, "request")
+    codings = headers.tokens(b"transfer-encoding")
+    if headers.get_all(b"transfer-encoding"):
+        if length is not None:
+            raise HttpError(400, "Ambiguous request framing: Content-Length with Transfer-Encoding")
+        if version == b"HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding is not allowed in HTTP/1.0 requests")
+        if codings != [b"chunked"]:
+            raise HttpError(501, "Unsupported Transfer-Encoding: only 'chunked' is accepted")
+        framing = Framing("chunked")
+    elif length is not None:
+        framing = Framing("length", length) if length else NO_BODY
+    else:
+        framing = NO_BODY
+    return RequestHead(raw, method, target, version, headers, framing)
+
+
+def parse_response_head(raw: bytes, request_method: bytes, max_headers: int = MAX_HEADERS) -> ResponseHead:
+    """Parse an upstream's head; HttpError(502) for anything cmm cannot frame safely."""
+    status_line, lines = _split(raw)
+    match = _STATUS_LINE.match(status_line)
+    if match is None:
+        raise HttpError(502, "Upstream sent a malformed status line")
+    version = b"HTTP/1." + match.group(1)
+    status = int(match.group(2))
+    try:
+        headers = _parse_fields(lines, max_headers, "upstream response")
+        length = _content_length(headers, "upstream response")
+    except HttpError as error:
+        raise HttpError(502, error.message) from None
+    codings = headers.tokens(b"transfer-encoding")
+    if request_method == b"HEAD" or 100 <= status < 200 or status in (204, 304):
+        framing = NO_BODY
+    elif codings:
+        framing = Framing("chunked") if codings[-1] == b"chunked" else Framing("close")
+    elif length is not None:
+        framing = Framing("length", length) if length else NO_BODY
+    else:
+        framing = Framing("close")
+    return ResponseHead(raw, version, status, headers, framing)

@@ -1,0 +1,493 @@
+"""The serving protocol: read a request head, find the model if it matters, splice to an upstream.
+
+One ``ClientConnection`` per accepted (TLS) connection, one ``Exchange`` per request on it. The
+pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``); this module only
+moves bytes between transports, with backpressure in both directions and a deadline for every
+wait. Only the request head and the body bytes up to the model are ever held; the rest of both
+bodies flows through as it arrives.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError, TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cmm.errors import HttpError, error_response
+from cmm.flow import Deadline, Valve
+from cmm.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
+from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
+from cmm.model_finder import Found, ModelFinder
+from cmm.request_log import RequestRecord
+from cmm.router import Endpoint, Mapping, Router, candidate_endpoint, intercepted_head, rewrite_model, with_provider_header
+from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection
+
+log = Logger()
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+MiB = 1024 * 1024
+
+
+@attrs.frozen
+class ProxySettings:
+    """What a serving unit needs to route; replaced whole on reload."""
+
+    router: Router
+    anthropic: Destination = Destination("https", ANTHROPIC_HOST, 443, anthropic=True)
+    body_limit: int = 32 * MiB
+    head_timeout: float = 30.0  # from a head's first byte to its end (slow-loris)
+    idle_timeout: float = 120.0  # keep-alive idle, and silence from the client mid-body
+    upstream_timeout: float = 600.0  # silence from the upstream (not total time: streams are long)
+
+
+@attrs.define
+class ProxyContext:
+    """Shared by every connection of a serving unit."""
+
+    settings: ProxySettings
+    pool: Pool
+    clock: IReactorTime
+    record: Callable[[RequestRecord], None]
+    wall_clock: Callable[[], float] = time.time
+
+
+class ClientConnection(Protocol):
+    """One client connection: a sequence of requests, each routed on its own."""
+
+    def __init__(self, context: ProxyContext) -> None:
+        self.context = context
+        self.settings = context.settings
+        self.exchange: Exchange | None = None
+        self.state = "head"
+        self.pending = b""  # bytes read ahead of the current state (next body part, next request)
+        self.served = 0
+
+    # Twisted interface
+
+    def connectionMade(self) -> None:
+        self.valve = Valve(self.transport)
+        self.deadline = Deadline(self.context.clock, self._timed_out)
+        self._await_head()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.deadline.touch()
+        if self.state in ("connecting", "response"):
+            self.pending += data  # pipelined: held until the current response ends
+            self.valve.pause("pipelined")
+            return
+        if self.state == "closed":
+            return
+        try:
+            if self.state == "head":
+                self._head_bytes(data)
+            elif self.state == "sniff":
+                self._sniff_bytes(data)
+            elif self.state == "body":
+                self._body_bytes(data)
+        except HttpError as error:
+            self.fail(error)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.state = "closed"
+        self.deadline.cancel()
+        if self.exchange is not None:
+            self.exchange.client_lost()
+
+    # Reading the request
+
+    def _await_head(self) -> None:
+        self.state = "head"
+        self.collector = HeadCollector()
+        self.head: RequestHead | None = None
+        self.deadline.start(self.settings.idle_timeout)
+        self.settings = self.context.settings  # a reload applies from the next request on
+
+    def _head_bytes(self, data: bytes) -> None:
+        first_bytes = self.collector.pending == 0
+        done = self.collector.feed(data)
+        if done is None:
+            if first_bytes and self.collector.pending:
+                self.deadline.start(self.settings.head_timeout)
+            return
+        raw, rest = done
+        head = parse_request_head(raw)
+        self.head = head
+        self.started = self.context.wall_clock()
+        self.started_clock = self.context.clock.seconds()
+        self.bytes_in = len(raw)
+        self.deadline.start(self.settings.idle_timeout)
+        if head.framing.kind == "length" and head.framing.length > self.settings.body_limit:
+            raise HttpError(413, f"Request body of {head.framing.length} bytes exceeds the {self.settings.body_limit}-byte limit")
+        self.tracker: BodyTracker = tracker_for(head.framing)
+        self.endpoint = candidate_endpoint(head)
+        self.payload_size = 0
+        if self.endpoint is not None and head.framing.kind != "none":
+            if head.expects_continue:
+                self.transport.write(CONTINUE)
+            self.state = "sniff"
+            self.finder = ModelFinder()
+            self.sniffed_raw: list[bytes] = []
+            self.sniffed_payload: list[bytes] = []
+            if rest:
+                self._sniff_bytes(rest)
+            return
+        self._dispatch(None, None, rest, body_done=head.framing.kind == "none")
+
+    def _track(self, data: bytes) -> tuple[bytes, tuple[bytes, ...], bool, bytes]:
+        """Split ``data`` into this body's raw bytes, payload and what follows; enforce the limit."""
+        progress = self.tracker.feed(data)
+        raw = data if progress.consumed == len(data) else data[: progress.consumed]
+        self.bytes_in += progress.consumed
+        self.payload_size += sum(len(piece) for piece in progress.payload)
+        if self.payload_size > self.settings.body_limit:
+            raise HttpError(413, f"Request body exceeds the {self.settings.body_limit}-byte limit")
+        return raw, progress.payload, progress.done, data[progress.consumed :]
+
+    def _sniff_bytes(self, data: bytes) -> None:
+        raw, payload, done, rest = self._track(data)
+        self.sniffed_raw.append(raw)
+        result = None
+        for piece in payload:
+            self.sniffed_payload.append(piece)
+            result = self.finder.feed(piece)
+        if result is None and done:
+            result = self.finder.finish()
+        if result is None:
+            return
+        mapping = self.settings.router.match(result.model) if isinstance(result, Found) else None
+        self._dispatch(result, mapping, rest, body_done=done)
+
+    def _dispatch(self, result: object, mapping: Mapping | None, rest: bytes, body_done: bool) -> None:
+        """Route decided: borrow an upstream connection and send what is in hand."""
+        assert self.head is not None
+        model = result.model if isinstance(result, Found) else None
+        if mapping is not None:
+            assert isinstance(result, Found) and self.endpoint is not None
+            first = self._intercepted_start(result, mapping, self.endpoint, body_done)
+            destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
+        else:
+            first = self.head.raw + b"".join(getattr(self, "sniffed_raw", ()))
+            destination = self.settings.anthropic
+        self.sniffed_raw, self.sniffed_payload = [], []
+        self.pending = rest + self.pending
+        self.state = "connecting"
+        self.valve.pause("connecting")
+        self.exchange = Exchange(self, destination, model, mapping, first, body_done)
+        self.exchange.start()
+
+    def _intercepted_start(self, found: Found, mapping: Mapping, endpoint: Endpoint, body_done: bool) -> bytes:
+        assert self.head is not None
+        payload = rewrite_model(b"".join(self.sniffed_payload), found.start, found.end, mapping.target)
+        if self.head.framing.kind == "length":
+            length = self.head.framing.length + len(payload) - sum(len(p) for p in self.sniffed_payload)
+            return intercepted_head(self.head, mapping.upstream, endpoint, length) + payload
+        tail = LAST_CHUNK if body_done else b""
+        return intercepted_head(self.head, mapping.upstream, endpoint, None) + encode_chunk(payload) + tail
+
+    def upstream_ready(self, body_done: bool) -> None:
+        """The exchange sent the start of the request; go on reading the client."""
+        self.state = "response" if body_done else "body"
+        if self.state == "response" and self.pending:
+            self.valve.pause("pipelined")
+        self.valve.resume("connecting")
+        if self.state == "body":
+            self._drain_pending()
+
+    def _body_bytes(self, data: bytes) -> None:
+        assert self.exchange is not None
+        raw, payload, done, rest = self._track(data)
+        if self.exchange.rechunk:
+            out = b"".join(encode_chunk(piece) for piece in payload) + (LAST_CHUNK if done else b"")
+        else:
+            out = raw
+        if out:
+            self.exchange.send(out)
+        if done:
+            self.state = "response"
+            self.exchange.request_complete()
+            if rest:
+                self.pending = rest + self.pending
+                self.valve.pause("pipelined")
+
+    def _drain_pending(self) -> None:
+        if self.pending:
+            data, self.pending = self.pending, b""
+            self.dataReceived(data)
+
+    # The end of an exchange
+
+    def exchange_done(self, reusable: bool) -> None:
+        self.exchange = None
+        self.served += 1
+        if not reusable or self.state == "closed":
+            self.close()
+            return
+        self._await_head()
+        self.valve.resume("pipelined")
+        self._drain_pending()
+
+    def close(self) -> None:
+        if self.state != "closed":
+            self.state = "closed"
+            self.deadline.cancel()
+            self.transport.loseConnection()
+
+    def fail(self, error: HttpError) -> None:
+        """Answer in Anthropic's error format if no response has begun; else cut the connection."""
+        if self.exchange is not None:
+            self.exchange.fail(error)
+            return
+        if self.state == "closed":
+            return
+        self.transport.write(error_response(error.status, error.message))
+        if self.head is not None:
+            self.context.record(self._record(error.status, error.message))
+        self.close()
+
+    def _record(self, status: int | None, error: str | None, bytes_out: int = 0, model: str | None = None,
+                mapping: Mapping | None = None) -> RequestRecord:
+        assert self.head is not None
+        return RequestRecord(
+            started=self.started,
+            method=self.head.method.decode("ascii", "replace"),
+            path=self.head.path.decode("ascii", "replace"),
+            model=model,
+            intercepted=mapping is not None,
+            target=mapping.target if mapping else None,
+            status=status,
+            duration=self.context.clock.seconds() - self.started_clock,
+            bytes_in=self.bytes_in,
+            bytes_out=bytes_out,
+            error=error,
+        )
+
+    def _timed_out(self) -> None:
+        if self.state == "head" and self.collector.pending == 0:
+            self.close()  # keep-alive idle: nothing to answer
+        elif self.state in ("head", "sniff", "body"):
+            self.fail(HttpError(408, "Timed out waiting for the client to send the request"))
+
+
+class Exchange:
+    """One request/response pair over a borrowed upstream connection."""
+
+    def __init__(self, client: ClientConnection, destination: Destination, model: str | None,
+                 mapping: Mapping | None, first: bytes, body_done: bool) -> None:
+        self.client = client
+        self.context = client.context
+        self.destination = destination
+        self.model = model
+        self.mapping = mapping
+        self.first = first
+        self.body_done = body_done
+        self.replayable = body_done  # ``first`` holds the whole request: safe to send again
+        self.rechunk = mapping is not None and client.head is not None and client.head.framing.kind == "chunked"
+        self.connection: UpstreamConnection | None = None
+        self.connecting: defer.Deferred | None = None
+        self.collector = HeadCollector(what="upstream response")
+        self.response: ResponseHead | None = None
+        self.tracker: BodyTracker | None = None
+        self.response_started = False  # a byte of the final response reached the client
+        self.bytes_out = 0
+        self.finished = False
+        self.retried = False
+        self.reused = False
+        self.deadline = Deadline(self.context.clock, self._timed_out)
+
+    def start(self, fresh: bool = False) -> None:
+        self.deadline.start(self.client.settings.upstream_timeout)
+        self.connecting = self.context.pool.acquire(self.destination, fresh=fresh)
+        self.connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, result: tuple[UpstreamConnection, bool]) -> None:
+        self.connecting = None
+        connection, self.reused = result
+        if self.finished:  # the client went away while we connected
+            connection.transport.loseConnection()
+            return
+        self.connection = connection
+        connection.handler = self
+        self.valve = Valve(connection.transport)
+        connection.transport.registerProducer(self.client.valve, True)
+        self.client.transport.registerProducer(self.valve, True)
+        connection.transport.write(self.first)
+        self.deadline.touch()
+        self.client.upstream_ready(self.body_done)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self.connecting = None
+        if self.finished:
+            return
+        if failure.check(ConnectTimeout, defer.TimeoutError):
+            self.fail(HttpError(504, f"Timed out connecting to {self.destination.label}"))
+        else:
+            self.fail(HttpError(502, f"Cannot reach {self.destination.label}: {_reason(failure)}"))
+
+    def send(self, data: bytes) -> None:
+        if self.connection is not None and not self.finished:
+            self.connection.transport.write(data)
+            self.deadline.touch()
+
+    def request_complete(self) -> None:
+        self.body_done = True
+
+    # Upstream events
+
+    def upstream_data(self, data: bytes) -> None:
+        self.deadline.touch()
+        if self.finished:
+            return
+        try:
+            while data and self.tracker is None:
+                done = self.collector.feed(data)
+                if done is None:
+                    return
+                raw, data = done
+                response = parse_response_head(raw, self.client.head.method)
+                if response.status == 101:
+                    raise HttpError(502, "Upstream switched protocols; cmm proxies HTTP/1.1 only")
+                if response.interim:
+                    self._to_client(raw)
+                    self.collector = HeadCollector(what="upstream response")
+                    continue
+                self.response = response
+                self.tracker = tracker_for(response.framing, "upstream response")
+                self.response_started = True
+                self._to_client(with_provider_header(raw) if self.mapping is not None else raw)
+            if self.tracker is None:
+                return
+            progress = self.tracker.feed(data)
+        except HttpError as error:
+            self.fail(HttpError(502, error.message) if error.status != 502 else error)
+            return
+        if progress.consumed:
+            self._to_client(data if progress.consumed == len(data) else data[: progress.consumed])
+        if progress.done:
+            self._finish(extra=progress.consumed < len(data))
+
+    def upstream_lost(self, reason: Failure) -> None:
+        self.connection = None
+        if self.finished:
+            return
+        if not self.response_started and self.reused and self.replayable and not self.retried:
+            # A pooled connection closed under us before answering: the whole request is in hand.
+            self.retried = True
+            self.client.transport.unregisterProducer()
+            self.client.valve.resume("backpressure")
+            self.collector = HeadCollector(what="upstream response")
+            self.start(fresh=True)
+            return
+        if isinstance(self.tracker, CloseBody):
+            self._finish(close=True)
+        elif not self.response_started:
+            self.fail(HttpError(502, f"{self.destination.label} closed the connection before responding: {_reason(reason)}"))
+        else:
+            self._end(status=self.response.status if self.response else None,
+                      error=f"upstream closed mid-response: {_reason(reason)}", abort=True)
+
+    # Client events
+
+    def client_lost(self) -> None:
+        if self.finished:
+            return
+        if self.connecting is not None:
+            self.finished = True
+            self.connecting.cancel()
+        self._end(status=self.response.status if self.response else None, error="client closed the connection",
+                  abort=True)
+
+    # Endings
+
+    def _to_client(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.client.transport.write(data)
+
+    def _finish(self, extra: bool = False, close: bool = False) -> None:
+        """The response is complete. Reuse both connections where both sides allow it.
+
+        An upstream that answered before the whole request body was sent (an early error) leaves
+        the rest of that body unframed on both connections, so both are closed then.
+        """
+        assert self.response is not None and self.client.head is not None
+        reusable = self.client.state == "response" and not close and self.response.keep_alive
+        self._end(status=self.response.status, error=None, abort=False, upstream_reusable=reusable and not extra,
+                  client_reusable=reusable and self.client.head.keep_alive)
+
+    def fail(self, error: HttpError) -> None:
+        if self.finished:
+            return
+        if not self.response_started and self.client.state != "closed":
+            self.client.transport.write(error_response(error.status, error.message))
+            self._end(status=error.status, error=error.message, abort=False)
+        else:
+            self._end(status=self.response.status if self.response else None, error=error.message, abort=True)
+
+    def _end(self, status: int | None, error: str | None, abort: bool, upstream_reusable: bool = False,
+             client_reusable: bool = False) -> None:
+        self.finished = True
+        self.deadline.cancel()
+        connection, self.connection = self.connection, None
+        self.client.valve.resume("backpressure")
+        if connection is not None:
+            connection.handler = None
+            connection.transport.unregisterProducer()
+            self.valve.resume("backpressure")
+            if upstream_reusable:
+                self.context.pool.release(connection)
+            elif abort:
+                connection.transport.abortConnection()
+            else:
+                connection.transport.loseConnection()
+        if self.client.state != "closed":
+            self.client.transport.unregisterProducer()
+        self.context.record(self.client._record(status, error, self.bytes_out, self.model, self.mapping))
+        if self.client.state == "closed":
+            self.client.exchange = None
+            return
+        if abort:
+            self.client.exchange = None
+            self.client.state = "closed"
+            self.client.deadline.cancel()
+            self.client.transport.abortConnection()
+            return
+        self.client.exchange_done(reusable=client_reusable and error is None)
+
+    def _timed_out(self) -> None:
+        connecting, self.connecting = self.connecting, None
+        self.fail(HttpError(504, f"{self.destination.label} sent nothing for {self.client.settings.upstream_timeout:g} seconds"))
+        if connecting is not None:
+            connecting.cancel()
+
+
+def _reason(failure: Failure) -> str:
+    """A short human reason for a connection failure (no tracebacks reach users)."""
+    value = failure.value
+    if isinstance(value, DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(value, ConnectionDone):
+        return "connection closed"
+    if isinstance(value, ConnectError) and value.osError is not None:
+        return str(value.osError)
+    text = str(value).strip() or type(value).__name__
+    if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
+        return "TLS certificate verification failed"
+    return text.splitlines()[0][:200]
+
+
+class ProxyFactory(Factory):
+    """Builds client connections that share one context (settings, pool, log)."""
+
+    noisy = False
+
+    def __init__(self, context: ProxyContext) -> None:
+        self.context = context
+
+    def buildProtocol(self, addr: object) -> ClientConnection:
+        return ClientConnection(self.context)

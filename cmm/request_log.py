@@ -1,0 +1,75 @@
+"""The per-request log: one line a request in the prior art's format, to the console and a
+rotating file.
+
+The line keeps the seed tool's shape so its users can read (and grep) it as before:
+``[2026-02-28 18:01:45] claude-haiku-4-5-20251001           → INTERCEPTED → gemini-2.5-flash ✓``
+and adds status, duration and byte counts after it. Request contents are never logged.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+import attrs
+from twisted.python.logfile import LogFile
+
+COLUMN = 35
+
+
+@attrs.frozen
+class RequestRecord:
+    started: float  # wall-clock seconds since the epoch
+    method: str
+    path: str
+    model: str | None
+    intercepted: bool
+    target: str | None
+    status: int | None  # None: no response reached the client
+    duration: float
+    bytes_in: int
+    bytes_out: int
+    error: str | None = None
+
+
+def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_time] = time.localtime) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", localtime(record.started))
+    subject = record.model if record.model is not None else f"{record.method} {record.path}"
+    route = f"INTERCEPTED → {record.target}" if record.intercepted else "PASSTHROUGH"
+    ok = record.status is not None and record.status < 400 and record.error is None
+    mark = "✓" if ok else "✗"
+    status = "-" if record.status is None else str(record.status)
+    detail = f"{status} {record.duration * 1000:.0f}ms ↑{record.bytes_in} ↓{record.bytes_out}"
+    if record.error:
+        detail += f" ({record.error})"
+    return f"[{stamp}] {subject:<{COLUMN}} → {route} {mark} {detail}"
+
+
+@attrs.define
+class RequestLog:
+    """Writes request lines; the rotating file is Twisted's ``LogFile`` (size-based rotation)."""
+
+    console: TextIO | None = attrs.field(factory=lambda: sys.stdout)
+    file: LogFile | None = None
+    formatter: Callable[[RequestRecord], str] = format_line
+
+    @classmethod
+    def to_file(cls, path: Path, max_bytes: int = 1_000_000, backups: int = 3, console: TextIO | None = sys.stdout) -> RequestLog:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = LogFile(path.name, str(path.parent), rotateLength=max_bytes, maxRotatedFiles=backups)
+        return cls(console=console, file=log_file)
+
+    def __call__(self, record: RequestRecord) -> None:
+        line = self.formatter(record) + "\n"
+        if self.console is not None:
+            self.console.write(line)
+            self.console.flush()
+        if self.file is not None:
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
