@@ -107,7 +107,6 @@ class ClientConnection(Protocol):
         self.collector = HeadCollector()
         self.head: RequestHead | None = None
         self.deadline.start(self.settings.idle_timeout)
-        self.settings = self.context.settings  # a reload applies from the next request on
 
     def _head_bytes(self, data: bytes) -> None:
         first_bytes = self.collector.pending == 0
@@ -117,6 +116,7 @@ class ClientConnection(Protocol):
                 self.deadline.start(self.settings.head_timeout)
             return
         raw, rest = done
+        self.settings = self.context.settings  # a reload applies from the next request on
         head = parse_request_head(raw)
         self.head = head
         self.started = self.context.wall_clock()

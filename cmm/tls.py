@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from OpenSSL import crypto
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 
-def server_options(cert_pem: bytes, key_pem: bytes, chain_pem: bytes = b"") -> CertificateOptions:
-    """Options for the listening side; ALPN offers only ``http/1.1`` (cmm never speaks h2)."""
-    certificate = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    chain = [crypto.load_certificate(crypto.FILETYPE_PEM, block) for block in _pem_blocks(chain_pem)]
+def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
+    """Options for the listening side; ALPN offers only ``http/1.1`` (cmm never speaks h2).
+
+    Built from PEM bytes rather than paths so that a process that no longer may read the key
+    file (an unprivileged worker) can still be handed the material.
+    """
     return CertificateOptions(
-        privateKey=key,
-        certificate=certificate,
-        extraCertChain=chain or None,
+        privateKey=load_pem_private_key(key_pem, password=None),
+        certificate=x509.load_pem_x509_certificate(cert_pem),
         acceptableProtocols=[b"http/1.1"],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
-
-
-def server_options_from_files(cert_path: Path, key_path: Path) -> CertificateOptions:
-    return server_options(cert_path.read_bytes(), key_path.read_bytes())
-
-
-def _pem_blocks(data: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]

@@ -1,0 +1,312 @@
+"""The serving protocol over in-memory TLS: routing, rewriting, keep-alive, framing, errors and
+timeouts, with scripted upstreams and a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.error import ConnectionRefusedError
+
+from cmm.framing import LAST_CHUNK, encode_chunk
+from memory_harness import Harness, make_pki, ok_reply, responses, settings
+
+PKI = make_pki()
+HAIKU = b'{"model":"claude-haiku-4-5-20251001","messages":[{"role":"user","content":"hi"}],"max_tokens":5}'
+OPUS = b'{"model":"claude-opus-4-6","messages":[{"role":"user","content":"hi"}],"max_tokens":5}'
+
+
+def post(body: bytes, path: bytes = b"/v1/messages?beta=true", extra: bytes = b"") -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nContent-Type: application/json\r\nx-api-key: sk-user\r\n"
+        b"Authorization: Bearer user-oauth\r\nCookie: c=1\r\n%sHost: api.anthropic.com\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (path, extra, len(body), body)
+    )
+
+
+def chunked_post(chunks: list[bytes], path: bytes = b"/v1/messages") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: sk-user\r\nTransfer-Encoding: chunked\r\n\r\n"
+            % path + b"".join(encode_chunk(c) for c in chunks) + LAST_CHUNK)
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return Harness(PKI, settings())
+
+
+def error_of(body: bytes) -> dict:
+    document = json.loads(body)
+    assert document["type"] == "error"
+    assert set(document["error"]) == {"type", "message"}
+    return document["error"]
+
+
+def test_alpn_is_http11(harness: Harness) -> None:
+    client, _ = harness.client([b"h2", b"http/1.1"])
+    harness.send(client, b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+    assert client.tls.negotiatedProtocol == b"http/1.1"
+
+
+def test_passthrough_is_byte_identical(harness: Harness) -> None:
+    client, _ = harness.client()
+    request = post(OPUS, extra=b"X-Odd:  spaced value \r\n")
+    harness.send(client, request)
+    [exchange] = harness.upstreams["anthropic"].exchanges
+    assert exchange.raw == request
+    assert harness.upstreams["target"].exchanges == []
+    [(head, body)] = responses(bytes(client.received))
+    assert b"x-cmm-provider" not in head.lower()
+    assert body == b'{"ok":true}'
+    [record] = harness.records
+    assert (record.model, record.intercepted, record.status) == ("claude-opus-4-6", False, 200)
+
+
+def test_intercepted_request_is_rewritten(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU, extra=b"anthropic-version: 2023-06-01\r\n"))
+    [exchange] = harness.upstreams["target"].exchanges
+    lines = exchange.head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/messages?beta=true HTTP/1.1"
+    lowered = exchange.head.lower()
+    assert b"sk-user" not in lowered and b"user-oauth" not in lowered and b"cookie" not in lowered
+    assert b"Authorization: Bearer sk-proxy\r\n" in exchange.head
+    assert b"Host: 127.0.0.1:8317\r\n" in exchange.head
+    assert b"anthropic-version: 2023-06-01\r\n" in exchange.head
+    assert exchange.body == HAIKU.replace(b"claude-haiku-4-5-20251001", b"gemini-2.5-flash")
+    assert b"Content-Length: %d\r\n" % len(exchange.body) in exchange.head
+    [(head, _)] = responses(bytes(client.received))
+    assert b"x-cmm-provider: cliproxyapi\r\n" in head
+    [record] = harness.records
+    assert (record.intercepted, record.target) == (True, "gemini-2.5-flash")
+
+
+def test_keep_alive_routes_each_request_and_reuses_upstreams(harness: Harness) -> None:
+    client, _ = harness.client()
+    for body in (OPUS, HAIKU, OPUS, HAIKU):
+        harness.send(client, post(body))
+    got = responses(bytes(client.received))
+    assert [b"x-cmm-provider" in head for head, _ in got] == [False, True, False, True]
+    assert len(harness.upstreams["anthropic"].exchanges) == 2
+    assert len(harness.upstreams["target"].exchanges) == 2
+    assert harness.pool.opened == 2  # one connection per upstream, reused
+    assert not client.lost
+
+
+def test_pipelined_requests_are_answered_in_order(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(OPUS) + post(HAIKU) + b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = responses(bytes(client.received))
+    assert len(got) == 3
+    assert [b"x-cmm-provider" in head for head, _ in got] == [False, True, False]
+    assert harness.upstreams["anthropic"].exchanges[1].head.startswith(b"GET /v1/models")
+
+
+def test_chunked_request_routed_and_rechunked(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, chunked_post([HAIKU[:12], HAIKU[12:30], HAIKU[30:]]))
+    [exchange] = harness.upstreams["target"].exchanges
+    assert exchange.body == HAIKU.replace(b"claude-haiku-4-5-20251001", b"gemini-2.5-flash")
+    assert b"Transfer-Encoding: chunked" in exchange.head and b"Content-Length" not in exchange.head
+    raw = chunked_post([OPUS[:5], OPUS[5:]])
+    harness.send(client, raw)
+    assert harness.upstreams["anthropic"].exchanges[0].raw == raw
+
+
+def test_chunked_body_streams_after_the_model(harness: Harness) -> None:
+    client, _ = harness.client()
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+    harness.send(client, head + encode_chunk(HAIKU[:40]))
+    assert harness.pool.opened == 1  # routed as soon as the model was known
+    harness.send(client, encode_chunk(HAIKU[40:]) + LAST_CHUNK)
+    [exchange] = harness.upstreams["target"].exchanges
+    assert exchange.body == HAIKU.replace(b"claude-haiku-4-5-20251001", b"gemini-2.5-flash")
+
+
+def test_count_tokens_goes_to_the_target(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU, path=b"/v1/messages/count_tokens"))
+    [exchange] = harness.upstreams["target"].exchanges
+    assert exchange.head.startswith(b"POST /v1/messages/count_tokens HTTP/1.1\r\n")
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",
+    b"HEAD /api/hello HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",
+    post(HAIKU, path=b"/api/event_logging/v2/batch"),
+    post(HAIKU, path=b"/v1/messages/batches"),
+    post(b'{"messages":[],"metadata":{"model":"claude-haiku-4-5"}}'),
+    post(b"not json"),
+])
+def test_everything_else_passes_through(harness: Harness, request_bytes: bytes) -> None:
+    client, _ = harness.client()
+    harness.send(client, request_bytes)
+    [exchange] = harness.upstreams["anthropic"].exchanges
+    assert exchange.raw == request_bytes
+    assert harness.upstreams["target"].exchanges == []
+
+
+def test_model_late_in_a_large_body(harness: Harness) -> None:
+    messages = [{"role": "user", "content": "x" * 5000} for _ in range(200)]
+    body = json.dumps({"messages": messages, "model": "claude-haiku-4-5"}).encode()
+    client, _ = harness.client()
+    harness.send(client, post(body))
+    [exchange] = harness.upstreams["target"].exchanges
+    assert json.loads(exchange.body)["model"] == "gemini-2.5-flash"
+
+
+def test_expect_continue_is_answered_for_candidates(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU, extra=b"Expect: 100-continue\r\n"))
+    assert bytes(client.received).startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+    assert b"expect" not in harness.upstreams["target"].exchanges[0].head.lower()
+
+
+def test_upstream_unreachable_is_502(harness: Harness) -> None:
+    harness.upstreams["target"].refuse = ConnectionRefusedError("Connection refused")
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 502 ")
+    error = error_of(body)
+    assert error["type"] == "api_error" and "http://127.0.0.1:8317" in error["message"]
+    assert client.lost
+    assert harness.records[0].status == 502
+
+
+def test_upstream_connect_hang_is_504(harness: Harness) -> None:
+    harness.upstreams["anthropic"].hang = True
+    client, _ = harness.client()
+    harness.send(client, post(OPUS))
+    harness.advance(599)
+    assert client.received == b""
+    harness.advance(2)
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 504 ") and error_of(body)["type"] == "timeout_error"
+
+
+def test_upstream_silent_is_504_and_stream_silence_cuts(harness: Harness) -> None:
+    harness.upstreams["anthropic"].reply = lambda server, exchange: None
+    client, _ = harness.client()
+    harness.send(client, post(OPUS))
+    harness.advance(601)
+    [(head, _)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 504 ")
+    assert harness.upstreams["anthropic"].servers[0].transport.disconnecting
+
+
+def test_stream_goes_through_as_it_arrives_and_silence_is_not_total_time(harness: Harness) -> None:
+    harness.upstreams["anthropic"].reply = lambda server, exchange: (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client, _ = harness.client()
+    harness.send(client, post(OPUS))
+    server = harness.upstreams["anthropic"].servers[0]
+    for index in range(5):
+        harness.advance(500)  # long total time, never 600 s of silence
+        server.transport.write(encode_chunk(b"event: ping\ndata: {}\n\n"))
+        harness.flush()
+        assert bytes(client.received).count(b"event: ping") == index + 1
+    server.transport.write(LAST_CHUNK)
+    harness.flush()
+    assert bytes(client.received).endswith(LAST_CHUNK) and not client.lost
+    assert harness.records[0].status == 200
+
+
+def test_upstream_gone_mid_response_closes_the_client(harness: Harness) -> None:
+    harness.upstreams["anthropic"].reply = lambda server, exchange: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
+    client, _ = harness.client()
+    harness.send(client, post(OPUS))
+    harness.upstreams["anthropic"].servers[0].transport.loseConnection()
+    harness.flush()
+    assert bytes(client.received).endswith(b"partial")
+    assert client.lost
+    assert "mid-response" in harness.records[0].error
+
+
+def test_client_gone_closes_the_upstream(harness: Harness) -> None:
+    harness.upstreams["anthropic"].reply = lambda server, exchange: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
+    client, transport = harness.client()
+    harness.send(client, post(OPUS))
+    transport.loseConnection()
+    harness.flush()
+    assert harness.upstreams["anthropic"].servers[0].transport.disconnected or \
+        harness.upstreams["anthropic"].servers[0].transport.disconnecting
+    assert harness.pool.idle_count() == 0
+    assert harness.records[0].error == "client closed the connection"
+
+
+def test_body_limit_413_from_the_head_and_from_chunks() -> None:
+    harness = Harness(PKI, settings(body_limit=100))
+    client, _ = harness.client()
+    harness.send(client, post(b"x" * 101))
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 413 ") and error_of(body)["type"] == "request_too_large"
+    assert harness.upstreams["anthropic"].exchanges == []
+    client, _ = harness.client()
+    harness.send(client, chunked_post([b'{"messages":[' + b" " * 60, b" " * 60]))
+    [(head, _)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 413 ") and client.lost
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET / HTTP/1.1\r\nX: y\r\n folded\r\n\r\n", 400),
+    (b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n", 431),
+    (b"POST /v1/messages HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+])
+def test_malformed_requests_get_anthropic_errors(harness: Harness, raw: bytes, status: int) -> None:
+    client, _ = harness.client()
+    harness.send(client, raw)
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert error_of(body)["message"]
+    assert client.lost
+    assert harness.upstreams["anthropic"].exchanges == [] and harness.upstreams["target"].exchanges == []
+
+
+def test_slow_head_gets_408_and_idle_keep_alive_closes(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, b"POST /v1/messages HTTP/1.1\r\nHost: a")
+    harness.advance(31)
+    [(head, _)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 408 ") and client.lost
+    idle, _ = harness.client()
+    harness.advance(119)
+    assert not idle.lost
+    harness.advance(2)
+    assert idle.lost and idle.received == b""
+
+
+def test_stale_pooled_connection_is_retried_once(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(OPUS))
+    first_server = harness.upstreams["anthropic"].servers[0]
+    # The server will close the pooled connection just as the next request arrives.
+    harness.upstreams["anthropic"].reply = ok_reply(b'{"second":true}')
+    first_server.dataReceived = lambda data: first_server.transport.loseConnection()
+    harness.send(client, post(OPUS))
+    got = responses(bytes(client.received))
+    assert [body for _, body in got] == [b'{"ok":true}', b'{"second":true}']
+    assert harness.pool.opened == 2
+
+
+def test_early_upstream_answer_closes_both_sides(harness: Harness) -> None:
+    harness.upstreams["anthropic"].reply = None
+    client, _ = harness.client()
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+    harness.send(client, head + encode_chunk(OPUS[:40]))
+    server = harness.upstreams["anthropic"].servers[0]
+    server.transport.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+    harness.flush()
+    [(status_head, body)] = responses(bytes(client.received))
+    assert status_head.startswith(b"HTTP/1.1 413 ") and body == b"no"
+    assert client.lost
+
+
+def test_reload_applies_from_the_next_request(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    context = harness.factory.wrappedFactory.context
+    context.settings = settings(router=type(context.settings.router)(()))
+    harness.send(client, post(HAIKU))
+    assert len(harness.upstreams["target"].exchanges) == 1
+    assert len(harness.upstreams["anthropic"].exchanges) == 1
