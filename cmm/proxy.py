@@ -79,8 +79,9 @@ class ClientConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.deadline.touch()
         if self.state in ("connecting", "response"):
-            self.pending += data  # pipelined: held until the current response ends
-            self.valve.pause("pipelined")
+            self.pending += data  # read ahead: more body while connecting, or a pipelined request
+            if self.state == "response":
+                self.valve.pause("pipelined")
             return
         if self.state == "closed":
             return
@@ -128,13 +129,13 @@ class ClientConnection(Protocol):
         self.tracker: BodyTracker = tracker_for(head.framing)
         self.endpoint = candidate_endpoint(head)
         self.payload_size = 0
+        self.sniffed_raw: list[bytes] = []
+        self.sniffed_payload: list[bytes] = []
         if self.endpoint is not None and head.framing.kind != "none":
             if head.expects_continue:
                 self.transport.write(CONTINUE)
             self.state = "sniff"
             self.finder = ModelFinder()
-            self.sniffed_raw: list[bytes] = []
-            self.sniffed_payload: list[bytes] = []
             if rest:
                 self._sniff_bytes(rest)
             return
@@ -173,7 +174,7 @@ class ClientConnection(Protocol):
             first = self._intercepted_start(result, mapping, self.endpoint, body_done)
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
         else:
-            first = self.head.raw + b"".join(getattr(self, "sniffed_raw", ()))
+            first = self.head.raw + b"".join(self.sniffed_raw)
             destination = self.settings.anthropic
         self.sniffed_raw, self.sniffed_payload = [], []
         self.pending = rest + self.pending
@@ -249,6 +250,9 @@ class ClientConnection(Protocol):
         self.transport.write(error_response(error.status, error.message))
         if self.head is not None:
             self.context.record(self._record(error.status, error.message))
+        else:
+            log.info("Refused a request from {peer}: {status} {message}", peer=str(self.transport.getPeer()),
+                     status=error.status, message=error.message)
         self.close()
 
     def _record(self, status: int | None, error: str | None, bytes_out: int = 0, model: str | None = None,
@@ -478,6 +482,8 @@ def _reason(failure: Failure) -> str:
     text = str(value).strip() or type(value).__name__
     if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
         return "TLS certificate verification failed"
+    if "VerificationError" in type(value).__name__ or "DNSMismatch" in text:
+        return "TLS certificate does not match the host name"
     return text.splitlines()[0][:200]
 
 

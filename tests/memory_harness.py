@@ -119,6 +119,8 @@ class FakeUpstream:
     servers: list[FakeServer] = attrs.field(factory=list)
     refuse: Exception | None = None
     hang: bool = False  # never complete the connection
+    held: list = attrs.field(factory=list)  # connections completed only by Harness.complete_connects
+    hold: bool = False
 
 
 @attrs.define
@@ -146,12 +148,27 @@ class Harness:
             return defer.fail(upstream.refuse)
         if upstream.hang:
             return defer.Deferred()
+        if upstream.hold:
+            waiting: defer.Deferred[UpstreamConnection] = defer.Deferred()
+            upstream.held.append((destination, waiting))
+            return waiting
+        return defer.succeed(self._open(upstream, destination))
+
+    def _open(self, upstream: FakeUpstream, destination: Destination) -> UpstreamConnection:
         server = FakeServer(upstream)
         upstream.servers.append(server)
         connection = UpstreamConnection(destination)
         self.pumps.append(iosim.connect(server, iosim.FakeTransport(server, True), connection,
                                         iosim.FakeTransport(connection, False), greet=False))
-        return defer.succeed(connection)
+        return connection
+
+    def complete_connects(self, name: str) -> None:
+        upstream = self.upstreams[name]
+        upstream.hold = False
+        held, upstream.held = upstream.held, []
+        for destination, waiting in held:
+            waiting.callback(self._open(upstream, destination))
+        self.flush()
 
     def client(self, protocols: list[bytes] | None = None) -> tuple[Recorder, iosim.FakeTransport]:
         recorder = Recorder()

@@ -122,6 +122,20 @@ def test_chunked_body_streams_after_the_model(harness: Harness) -> None:
     assert exchange.body == HAIKU.replace(b"claude-haiku-4-5-20251001", b"gemini-2.5-flash")
 
 
+def test_body_sent_while_the_upstream_connects_is_not_lost(harness: Harness) -> None:
+    harness.upstreams["target"].hold = True
+    client, _ = harness.client()
+    request = chunked_post([HAIKU[:40], HAIKU[40:60], HAIKU[60:]])
+    split = request.index(HAIKU[40:60]) - 4
+    harness.send(client, request[:split])
+    harness.send(client, request[split:])  # arrives while cmm is still connecting
+    harness.complete_connects("target")
+    [exchange] = harness.upstreams["target"].exchanges
+    assert exchange.body == HAIKU.replace(b"claude-haiku-4-5-20251001", b"gemini-2.5-flash")
+    harness.send(client, post(HAIKU))  # and the connection still reads the next request
+    assert len(responses(bytes(client.received))) == 2
+
+
 def test_count_tokens_goes_to_the_target(harness: Harness) -> None:
     client, _ = harness.client()
     harness.send(client, post(HAIKU, path=b"/v1/messages/count_tokens"))
