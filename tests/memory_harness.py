@@ -182,6 +182,7 @@ class Harness:
                                         client_transport, greet=False))
         self.flush()
         recorder.tls = client_tls
+        recorder.server = server_tls.wrappedProtocol  # cmm's ClientConnection for this client
         return recorder, client_transport
 
     def send(self, recorder: Recorder, data: bytes) -> None:
