@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from cmm.textfile import split_lines
+
 ENV_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -100,15 +102,6 @@ _QUOTED = re.compile(r"""\s*(['"])(.*?)\1\s*(?:#.*)?""")
 _INLINE_COMMENT = re.compile(r"\s#")
 
 
-def _lines(text: str) -> list[str]:
-    """Split on ``\\n`` only, keeping line ends."""
-    parts = text.split("\n")
-    lines = [part + "\n" for part in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
-
-
 def _split_eol(line: str) -> tuple[str, str]:
     for eol in ("\r\n", "\n"):
         if line.endswith(eol):
@@ -139,7 +132,7 @@ def _assignment(line: str) -> tuple[str, str] | None:
 def parse_env(text: str) -> dict[str, str]:
     """Every ``KEY=value`` in the text (the last one wins); anything else is ignored."""
     values: dict[str, str] = {}
-    for line in _lines(text):
+    for line in split_lines(text):
         found = _assignment(line)
         if found is not None:
             values[found[0]] = found[1]
@@ -169,7 +162,7 @@ def set_value(text: str, key: str, value: str) -> str:
     formatted = _format_value(value)
     if formatted is None or any(ch in value for ch in "\r\n"):
         raise ValueError(f"cannot store {value!r} in a .env file")
-    lines = _lines(text)
+    lines = split_lines(text)
     out: list[str] = []
     replaced = False
     for line in lines:
@@ -194,7 +187,7 @@ def set_value(text: str, key: str, value: str) -> str:
 def delete_value(text: str, key: str) -> str:
     """Remove every line assigning ``key``; all other lines stay as they are."""
     return "".join(
-        line for line in _lines(text) if (found := _assignment(line)) is None or found[0] != key
+        line for line in split_lines(text) if (found := _assignment(line)) is None or found[0] != key
     )
 
 

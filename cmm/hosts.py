@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from cmm.textfile import split_lines
+
 BEGIN_MARK = "# cmm-managed begin"
 END_MARK = "# cmm-managed end"
 HOSTNAME = "api.anthropic.com"
@@ -31,15 +33,6 @@ ADDED_NEWLINE_NOTE = "# (cmm ended the line above; restoring the file removes th
 
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
-
-
-def _lines(text: str) -> list[str]:
-    """Split on ``\\n`` only, keeping line ends (``str.splitlines`` also splits on \\f, \\x1c, ...)."""
-    parts = text.split("\n")
-    lines = [part + "\n" for part in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
 
 
 def _content(line: str) -> str:
@@ -73,12 +66,12 @@ def _blocks(lines: list[str]) -> list[tuple[int, int]]:
 
 
 def has_block(text: str) -> bool:
-    return bool(_blocks(_lines(text)))
+    return bool(_blocks(split_lines(text)))
 
 
 def remove_block(text: str) -> str:
     """Take out every cmm block; text without one comes back unchanged."""
-    lines = _lines(text)
+    lines = split_lines(text)
     blocks = _blocks(lines)
     if not blocks:
         return text
