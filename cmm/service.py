@@ -128,6 +128,7 @@ class InterceptorService(Service):
         options = server_options(result.paths.server_cert.read_bytes(), result.paths.server_key.read_bytes())
         self.request_log = RequestLog.to_file(config.log_file, config.log_max_bytes, config.log_backups,
                                               console=self.console or sys.__stdout__)
+        self._give_to_user(config.log_file)
         self.serving = build_serving(config, self.reactor, self.request_log)
         errors = []
         for address in config.listen:
@@ -148,6 +149,7 @@ class InterceptorService(Service):
         pid_file = self.config.config_dir / "cmm.pid"
         try:
             pid_file.write_text(f"{os.getpid()}\n")
+            self._give_to_user(pid_file)
         except OSError as error:
             log.warn("Cannot write {path}: {error}", path=str(pid_file), error=error.strerror)
         mapping = self.config.proxy.router.mappings[0]
@@ -161,6 +163,12 @@ class InterceptorService(Service):
                                       "retry", why=failure.getErrorMessage()),
         )
         self.resolved.addBoth(lambda _: self._edit_hosts())
+
+    def _give_to_user(self, path: Path) -> None:
+        """Files made under sudo in the user's ~/.cmm stay the user's, so `cmm` works without sudo."""
+        owner = paths.invoking_user(self.environ)
+        if owner is not None and path.exists():
+            os.chown(path, *owner)
 
     def _edit_hosts(self) -> None:
         if self.config.hosts_file is None or not self.running:
