@@ -58,12 +58,14 @@ class Options(usage.Options):
     ]
     optFlags = [["no-hosts", None, "Do not edit the hosts file (point api.anthropic.com here yourself)."]]
 
-    def __init__(self, environ: MappingType[str, str] = os.environ) -> None:
+    def __init__(self, environ: MappingType[str, str] = os.environ,
+                 home_of: Callable[[str], Path] = paths.home_of_user) -> None:
         super().__init__()
         self.environ = environ
+        self.home_of = home_of
 
     def postOptions(self) -> None:
-        config_dir = Path(self["config-dir"]) if self["config-dir"] else paths.config_dir(self.environ)
+        config_dir = Path(self["config-dir"]) if self["config-dir"] else paths.config_dir(self.environ, self.home_of)
         env_path = config_dir / ".env"
         try:
             env = envfile.parse_env(env_path.read_text()) if env_path.exists() else {}
