@@ -9,6 +9,7 @@ bodies flows through as it arrives.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -477,8 +478,8 @@ def _reason(failure: Failure) -> str:
         return "DNS lookup failed"
     if isinstance(value, ConnectionDone):
         return "connection closed"
-    if isinstance(value, ConnectError) and value.osError is not None:
-        return str(value.osError)
+    if isinstance(value, ConnectError) and isinstance(value.osError, int):
+        return os.strerror(value.osError)  # "Connection refused", not "111"
     text = str(value).strip() or type(value).__name__
     if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
         return "TLS certificate verification failed"
