@@ -28,7 +28,7 @@ from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_reques
 from cmm.model_finder import Found, ModelFinder
 from cmm.request_log import RequestRecord
 from cmm.router import Endpoint, Mapping, Router, candidate_endpoint, intercepted_head, rewrite_model, with_provider_header
-from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection
+from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, no_delay
 
 log = Logger()
 
@@ -73,6 +73,7 @@ class ClientConnection(Protocol):
     # Twisted interface
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.valve = Valve(self.transport)
         self.deadline = Deadline(self.context.clock, self._timed_out)
         self._await_head()

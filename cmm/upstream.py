@@ -36,6 +36,15 @@ class Destination:
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
+def no_delay(transport: object) -> None:
+    """Switch Nagle's algorithm off: a splice writes each SSE event or body piece the moment it
+    arrives, and Nagle would hold a small write back until the peer's delayed ACK (~40 ms),
+    batching events and stalling uploads. TLS wrappers pass the call to the TCP transport."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 class UpstreamHandler(TypingProtocol):
     def upstream_data(self, data: bytes) -> None: ...
     def upstream_lost(self, reason: Failure) -> None: ...
@@ -51,6 +60,7 @@ class UpstreamConnection(Protocol):
         self.on_lost: Callable[[UpstreamConnection], None] | None = None
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.connected_now = True
 
     def dataReceived(self, data: bytes) -> None:

@@ -39,6 +39,8 @@ from typing import Any
 
 import pytest
 
+from cmm.checkout import ANNOUNCE, checkout_env, twistd_command
+
 REPO = Path(__file__).resolve().parent.parent
 ANTHROPIC_HOST = "api.anthropic.com"
 SOURCE_PREFIX = "claude-haiku-4-5"
@@ -81,8 +83,7 @@ CCH_SEED = 0x4D659218E32A3268
 
 
 def _env(**changes: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env = checkout_env()
     env["PYTHONUNBUFFERED"] = "1"
     for key, value in changes.items():
         if value is None:
@@ -423,12 +424,6 @@ def start_fake(kind: str, args: list[str], out: Path) -> Process:
 
 # -- cmm ---------------------------------------------------------------------------------------------
 
-# twistd with this checkout first on sys.path; it says which cmm package it imported so the fixture
-# can prove the code under test is the checkout's (twisted.plugins also finds the checkout's plugin).
-TWISTD = ("import sys, cmm; print('cmm package:', cmm.__file__, flush=True); sys.argv[0] = 'twistd'; "
-          "from twisted.scripts.twistd import run; run()")
-
-
 @dataclass
 class Cmm:
     name: str
@@ -447,8 +442,7 @@ class Cmm:
     def launch(self) -> None:
         self.attempt += 1
         self.port = _free_port()
-        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "cmm", "--port", str(self.port),
-                "--config-dir", str(self.config_dir), "--no-hosts", *self.args]
+        argv = twistd_command(["--port", str(self.port), "--config-dir", str(self.config_dir), "--no-hosts", *self.args])
         self.process = Process(f"cmm {self.name}", argv, self.env, self.out_dir / f"cmm-{self.name}-{self.attempt}.out")
 
     def wait_ready(self) -> None:
@@ -462,7 +456,7 @@ class Cmm:
                 self.wait_ready()
                 return
             raise
-        package = self.process.wait_for(r"cmm package: (.*)").group(1).strip()
+        package = self.process.wait_for(rf"{ANNOUNCE} (.*)").group(1).strip()
         assert Path(package).resolve() == (REPO / "cmm" / "__init__.py").resolve(), package
 
     def log(self) -> str:

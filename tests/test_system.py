@@ -38,6 +38,7 @@ DRIVER = textwrap.dedent(r'''
     from pathlib import Path
 
     work = Path(sys.argv[1]); repo = sys.argv[2]
+    sys.path.insert(0, repo)
     report = {}
     env = dict(os.environ, PYTHONPATH=repo, SSL_CERT_FILE=str(work / "pki" / "ca.pem"))
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -63,9 +64,10 @@ DRIVER = textwrap.dedent(r'''
     fakes = [start(["-m", "cmm.fakes", "anthropic", "--port", "8443", "--cert-dir", str(work / "pki")], "anthropic"),
              start(["-m", "cmm.fakes", "target", "--port", "8317"], "target")]
     wait_for("anthropic", "listening on"); wait_for("target", "listening on")
-    twistd = ["-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-              "-n", "--pidfile=", "cmm", "--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
-              "--config-dir", str(work / "cfg"), "--anthropic-ip", "127.0.0.1", "--anthropic-port", "8443"]
+    from cmm.checkout import twistd_command
+    twistd = twistd_command(["--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
+                             "--config-dir", str(work / "cfg"), "--anthropic-ip", "127.0.0.1",
+                             "--anthropic-port", "8443"])[1:]  # start() adds the interpreter
 
     def ask(model):
         context = ssl.create_default_context(cafile=str(work / "cfg" / "ca.crt"))

@@ -1,0 +1,862 @@
+"""Benchmark cmm against its fake upstreams: direct versus through cmm, in one run.
+
+    python bench/run.py [--quick] [--out bench/results]
+
+Brings up the fake Anthropic API (TLS), the fake target (plain http) and cmm, all on loopback;
+measures throughput and latency (wrk), streaming time to first byte and event pacing, latency
+for a 2 MB body, and cmm's peak RSS against body size; prints a table of ratios and
+differences and writes the raw figures to ``<out>/<UTC timestamp>.json``. Everything it
+starts runs in its own process group and is stopped on the way out, also on Ctrl-C.
+
+The figures come from one run on a machine that the load generator, the fakes and cmm share,
+so only ratios and differences against the direct run mean anything. Exits 1 when the run
+found problems (errors, misrouted replies, batched events), listed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from httpclient import Connection, Response
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
+from cmm.checkout import checkout_env, twistd_command  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+WRK_SCRIPT = BENCH_DIR / "post.lua"
+LOOPBACK = "127.0.0.1"
+ANTHROPIC_NAME = "api.anthropic.com"  # the name on cmm's certificate and the fake's
+
+SOURCE_PREFIX = "claude-haiku-4-5"
+TARGET_MODEL = "gemini-2.5-flash"
+ROUTED_MODEL = "claude-haiku-4-5-20251001"  # starts with the source prefix: goes to the target
+PASSTHROUGH_MODEL = "claude-opus-4-6"  # everything else: goes to the (fake) Anthropic API
+MB = 1_000_000
+# cmm's default body limit is 32 MiB (33,554,432 bytes); "32 MB" is 32,000,000 bytes, under it.
+RSS_SIZES_MB = (1, 8, 32)
+LARGE_BODY_BYTES = 2 * MB
+
+CLIENT_HEADERS = (
+    ("content-type", "application/json"),
+    ("accept", "application/json"),
+    ("anthropic-version", "2023-06-01"),
+    ("anthropic-beta", "interleaved-thinking-2025-05-14"),
+    ("x-api-key", "sk-ant-bench-0000000000000000"),
+    ("user-agent", "claude-cli/2.1.330 (external, cli)"),
+    ("x-app", "cli"),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure; --quick shrinks everything to fit in about a minute."""
+
+    wrk_seconds: int
+    ttfb_requests: int
+    large_requests: int
+    rss_requests: int  # per route and body size
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        return cls(3, 20, 5, 1) if quick else cls(10, 100, 20, 3)
+
+
+# -- request bodies -------------------------------------------------------------------------
+
+
+def small_body(model: str, stream: bool = False) -> bytes:
+    """A short Claude Code-like request, model first as Claude Code sends it."""
+    return json.dumps(
+        {
+            "model": model,
+            "max_tokens": 32000,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Write a haiku about proxies."}]}],
+            "system": [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."}],
+            "metadata": {"user_id": "user_bench_account__session_00000000"},
+            "temperature": 1,
+            "stream": stream,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+_FILLER_TEXT = (
+    'def handle(request):\n    """Route by model."""\n    if request["model"].startswith("claude"):\n'
+    "        return upstream(request)\t# keep-alive\n    return target(request)\n\n"
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit — naïve café façade.\n"
+)
+
+
+def large_body(model: str, size: int) -> bytes:
+    """A request of exactly ``size`` bytes: model first, then a conversation with a long text.
+
+    The text carries JSON escapes (quotes, newlines, tabs, non-ASCII) so that the body is as
+    awkward to scan as a real one full of pasted code.
+    """
+    marker = "@@FILL@@"
+    template = json.dumps(
+        {
+            "model": model,
+            "max_tokens": 32000,
+            "system": [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."}],
+            "messages": [
+                {"role": "user", "content": "Summarise this file."},
+                {"role": "assistant", "content": "Please paste it."},
+                {"role": "user", "content": [{"type": "text", "text": marker}]},
+            ],
+            "metadata": {"user_id": "user_bench_account__session_00000000"},
+            "stream": False,
+        },
+        separators=(",", ":"),
+    ).encode()
+    room = size - (len(template) - len(marker))
+    if room < 0:
+        raise ValueError(f"a body of {size} bytes is too small for the template")
+    unit = json.dumps(_FILLER_TEXT)[1:-1].encode()  # JSON-escaped, ASCII only
+    fill = unit * (room // len(unit)) + b"x" * (room % len(unit))
+    body = template.replace(marker.encode(), fill)
+    assert len(body) == size
+    return body
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    """Where a client sends requests for one route, directly or via cmm."""
+
+    label: str
+    port: int
+    tls: ssl.SSLContext | None
+    host_header: str | None  # None: let wrk write 127.0.0.1:port
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{LOOPBACK}:{self.port}/v1/messages"
+
+    def connect(self, timeout: float = 60.0) -> Connection:
+        return Connection(LOOPBACK, self.port, self.tls, ANTHROPIC_NAME, timeout)
+
+    def headers(self, extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
+        host = self.host_header or f"{LOOPBACK}:{self.port}"
+        return [("host", host), *CLIENT_HEADERS, *extra]
+
+
+@dataclass
+class Stack:
+    """The two fakes and cmm, each in its own process group, output in files under ``work``."""
+
+    work: Path
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    anthropic_port: int = 0
+    target_port: int = 0
+    cmm_port: int = 0
+    cmm_pid: int = 0
+
+    def log_path(self, name: str) -> Path:
+        return self.work / f"{name}.out"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(self.log_path(name), "wb") as out:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.work,
+                env=env or checkout_env(),  # this checkout's cmm, also for the fakes
+                start_new_session=True,  # own process group, so stop() reaches its children too
+            )
+        self.processes.append((name, process))
+        return process
+
+    def _wait_listening(self, name: str, process: subprocess.Popen[bytes], deadline: float = 20.0) -> int:
+        """The port a fake printed as ``listening on <port>``."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            text = self.log_path(name).read_text(errors="replace")
+            if match := re.search(r"listening on (\d+)", text):
+                return int(match.group(1))
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} did not start:\n{self.tail(name)}")
+
+    def _wait_port(self, name: str, process: subprocess.Popen[bytes], port: int, deadline: float = 30.0) -> None:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if process.poll() is not None:
+                break
+            try:
+                socket.create_connection((LOOPBACK, port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{name} is not listening on {port}:\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no output)"
+
+    def start(self) -> None:
+        python = sys.executable
+        pki, config = self.work / "pki", self.work / "cmm-config"
+        anthropic = self._spawn(
+            "fake-anthropic",
+            [python, "-m", "cmm.fakes", "anthropic", "--port", "0", "--cert-dir", str(pki), "--keep-requests", "0"],
+        )
+        target = self._spawn(
+            "fake-target", [python, "-m", "cmm.fakes", "target", "--port", "0", "--keep-requests", "0"]
+        )
+        self.anthropic_port = self._wait_listening("fake-anthropic", anthropic)
+        self.target_port = self._wait_listening("fake-target", target)
+        self.cmm_port = free_port()
+        # cmm trusts the fake's test CA only through SSL_CERT_FILE, as a test would.
+        env = {**checkout_env(), "SSL_CERT_FILE": str(pki / "ca.pem")}
+        argv = twistd_command([
+            "--source", SOURCE_PREFIX, "--target", TARGET_MODEL,
+            "--port", str(self.cmm_port), "--listen", LOOPBACK, "--config-dir", str(config),
+            "--anthropic-ip", LOOPBACK, "--anthropic-port", str(self.anthropic_port),
+            "--proxy-url", f"http://{LOOPBACK}:{self.target_port}/v1/messages",
+            "--no-hosts", "--log-file", str(config / "cmm.log"),
+        ], python)  # fmt: skip
+        cmm = self._spawn("cmm", argv, env)
+        self._wait_port("cmm", cmm, self.cmm_port)
+        self.cmm_pid = cmm.pid  # twistd -n does not fork: this is the serving process
+
+    def stop(self) -> None:
+        """SIGTERM every process group, then SIGKILL whatever is still there after 5 s."""
+        for _, process in self.processes:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        end = time.monotonic() + 5
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+
+    def endpoints(self) -> dict[str, dict[str, Endpoint]]:
+        """route -> {"direct": ..., "via": ...}"""
+        fake_ca = ssl.create_default_context(cafile=str(self.work / "pki" / "ca.pem"))
+        cmm_ca = ssl.create_default_context(cafile=str(self.work / "cmm-config" / "ca.crt"))
+        via = Endpoint("via cmm", self.cmm_port, cmm_ca, ANTHROPIC_NAME)
+        return {
+            "routed": {"direct": Endpoint("target", self.target_port, None, None), "via": via},
+            "passthrough": {"direct": Endpoint("anthropic", self.anthropic_port, fake_ca, ANTHROPIC_NAME), "via": via},
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+ROUTE_MODELS = {"routed": ROUTED_MODEL, "passthrough": PASSTHROUGH_MODEL}
+Routes = dict[str, dict[str, Endpoint]]  # route -> {"direct": ..., "via": ...}
+Log = Callable[[str], None]
+ROUTE_PROVIDER = {"routed": "target", "passthrough": "anthropic"}
+
+
+# -- small helpers ----------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def check_reply(response: Response, route: str, via: bool, stream: bool = False) -> str | None:
+    """Why this reply is not what the route should produce, or None."""
+    if response.status != 200:
+        return f"status {response.status}: {response.body[:200]!r}"
+    provider = response.header("x-fake-provider")
+    if provider != ROUTE_PROVIDER[route]:
+        return f"answered by {provider!r}, expected {ROUTE_PROVIDER[route]!r}"
+    marked = response.header("x-cmm-provider") == "cliproxyapi"
+    if via and marked != (route == "routed"):
+        return f"x-cmm-provider is {response.header('x-cmm-provider')!r}"
+    if stream and not response.body.rstrip().endswith(b'data: {"type":"message_stop"}'):
+        return "stream did not end with message_stop"
+    return None
+
+
+# -- 1. throughput and latency (wrk) ---------------------------------------------------------
+
+
+def run_wrk(endpoint: Endpoint, body: bytes, threads: int, connections: int, seconds: int) -> dict[str, Any]:
+    argv = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+        "-s", str(WRK_SCRIPT), endpoint.url,
+    ]  # fmt: skip
+    env = {**os.environ, "CMM_BENCH_BODY": body.decode(), "CMM_BENCH_HOST": endpoint.host_header or ""}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    result: dict[str, Any] = {"argv": argv, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+    match = re.search(r"^CMM_BENCH_RESULT (.*)$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        result["error"] = f"wrk exited {done.returncode}: {done.stderr.strip() or done.stdout.strip()[-300:]}"
+        return result
+    summary = json.loads(match.group(1))
+    result.update(summary)
+    result["rps"] = summary["requests"] / (summary["duration_us"] / 1e6)
+    result["error_count"] = sum(summary["errors"].values())
+    return result
+
+
+def fake_request_count(endpoint: Endpoint) -> int | None:
+    """How many requests a fake has received (its control route), or None if it cannot say."""
+    try:
+        connection = endpoint.connect(timeout=10)
+        try:
+            response = connection.request("GET", "/_fake/requests", endpoint.headers())
+        finally:
+            connection.close()
+        return int(json.loads(response.body)["request_count"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def measure_wrk(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for route, ends in endpoints.items():
+        body = small_body(ROUTE_MODELS[route])
+        upstream = ends["direct"]
+        for load, (threads, connections) in (("c8", (2, 8)), ("c1", (1, 1))):
+            for way in ("direct", "via"):
+                log(f"wrk {route} {way} -t{threads} -c{connections} -d{plan.wrk_seconds}s")
+                before = fake_request_count(upstream)
+                run = run_wrk(ends[way], body, threads, connections, plan.wrk_seconds)
+                after = fake_request_count(upstream)
+                if before is not None and after is not None:
+                    run["upstream_received"] = after - before  # control requests are not counted
+                results.setdefault(route, {}).setdefault(load, {})[way] = run
+    return results
+
+
+# -- 2. streaming: time to first event, and pacing -------------------------------------------
+
+
+@dataclass
+class Arrivals:
+    """Body pieces of one streamed reply with their arrival times."""
+
+    pieces: list[tuple[float, int]] = field(default_factory=list)  # (arrival, cumulative end offset)
+    size: int = 0
+
+    def __call__(self, when: float, piece: bytes) -> None:
+        self.size += len(piece)
+        self.pieces.append((when, self.size))
+
+    def at(self, offset: int) -> float:
+        """When the byte at ``offset`` arrived."""
+        return next(when for when, end in self.pieces if end > offset)
+
+
+def first_event_time(response: Response, arrivals: Arrivals) -> float:
+    offset = response.body.find(b"event: message_start")
+    if offset < 0:
+        raise ValueError("no message_start event in the reply")
+    return arrivals.at(offset) - response.started
+
+
+def event_times(response: Response, arrivals: Arrivals) -> list[float]:
+    """Arrival time of the last byte of each SSE event (events end with a blank line)."""
+    times, start = [], 0
+    while (end := response.body.find(b"\n\n", start)) >= 0:
+        times.append(arrivals.at(end + 1))
+        start = end + 2
+    return times
+
+
+def measure_streaming(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for route, ends in endpoints.items():
+        body = small_body(ROUTE_MODELS[route], stream=True)
+        for way in ("direct", "via"):
+            log(f"streaming TTFB {route} {way} x{plan.ttfb_requests}")
+            entry: dict[str, Any] = {"ttfb_s": [], "errors": []}
+            connection = ends[way].connect(timeout=30)
+            try:
+                for i in range(plan.ttfb_requests + 3):  # the first 3 warm up the connection
+                    arrivals = Arrivals()
+                    try:
+                        response = connection.request("POST", "/v1/messages", ends[way].headers(), body, arrivals)
+                        if problem := check_reply(response, route, way == "via", stream=True):
+                            raise ValueError(problem)
+                        if i >= 3:
+                            entry["ttfb_s"].append(first_event_time(response, arrivals))
+                    except (OSError, ValueError) as error:
+                        entry["errors"].append(error_text(error))
+                        connection.close()
+            finally:
+                connection.close()
+            entry["median_s"] = median(entry["ttfb_s"])
+            results.setdefault(route, {})[way] = entry
+    return results
+
+
+def measure_pacing(endpoints: Routes, log: Log) -> dict[str, Any]:
+    """Events the fake sends 20 ms apart must reach the client 20 ms apart, not in one batch."""
+    delay, deltas, repeats = 0.02, 5, 3
+    extra = (("x-fake-event-delay", str(delay)), ("x-fake-deltas", str(deltas)))
+    results: dict[str, Any] = {"event_delay_s": delay, "deltas": deltas}
+    for route, ends in endpoints.items():
+        body = small_body(ROUTE_MODELS[route], stream=True)
+        for way in ("direct", "via"):
+            log(f"event pacing {route} {way}")
+            entry: dict[str, Any] = {"gaps_s": [], "events": [], "errors": []}
+            connection = ends[way].connect(timeout=30)
+            try:
+                for _ in range(repeats):
+                    arrivals = Arrivals()
+                    try:
+                        response = connection.request("POST", "/v1/messages", ends[way].headers(extra), body, arrivals)
+                        if problem := check_reply(response, route, way == "via", stream=True):
+                            raise ValueError(problem)
+                    except (OSError, ValueError) as error:
+                        entry["errors"].append(error_text(error))
+                        connection.close()
+                        continue
+                    times = event_times(response, arrivals)
+                    entry["events"].append(len(times))
+                    entry.setdefault("offsets_ms", []).append([round((t - response.started) * 1000, 2) for t in times])
+                    entry["gaps_s"] += [b - a for a, b in zip(times, times[1:])]
+            finally:
+                connection.close()
+            gaps = entry["gaps_s"]
+            entry["min_gap_s"] = min(gaps) if gaps else None
+            entry["median_gap_s"] = median(gaps)
+            results.setdefault(route, {})[way] = entry
+    return results
+
+
+# -- 3. a 2 MB body -----------------------------------------------------------------------------
+
+
+def measure_large_body(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any]:
+    results: dict[str, Any] = {"body_bytes": LARGE_BODY_BYTES}
+    for route, ends in endpoints.items():
+        body = large_body(ROUTE_MODELS[route], LARGE_BODY_BYTES)
+        for way in ("direct", "via"):
+            log(f"2 MB body {route} {way} x{plan.large_requests}")
+            entry: dict[str, Any] = {"latency_s": [], "errors": []}
+            connection = ends[way].connect(timeout=60)
+            try:
+                for i in range(plan.large_requests + 1):  # the first warms up
+                    try:
+                        response = connection.request("POST", "/v1/messages", ends[way].headers(), body)
+                        if problem := check_reply(response, route, way == "via"):
+                            raise ValueError(problem)
+                        if i >= 1:
+                            entry["latency_s"].append(response.finished - response.started)
+                    except (OSError, ValueError) as error:
+                        entry["errors"].append(error_text(error))
+                        connection.close()
+            finally:
+                connection.close()
+            entry["median_s"] = median(entry["latency_s"])
+            results.setdefault(route, {})[way] = entry
+    return results
+
+
+# -- 4. peak RSS against body size ------------------------------------------------------------
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so each body size gets its own peak."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_rss(endpoints: Routes, pid: int, plan: Plan, log: Log) -> dict[str, Any]:
+    results: dict[str, Any] = {"pid": pid, "before_kib": memory_kib(pid), "sizes": {}}
+    for size_mb in RSS_SIZES_MB:
+        size = size_mb * MB
+        log(f"RSS {size_mb} MB body x{plan.rss_requests} per route")
+        entry: dict[str, Any] = {"body_bytes": size, "peak_reset": reset_peak(pid), "errors": [], "latency_s": {}}
+        entry["start_kib"] = memory_kib(pid)
+        for route, ends in endpoints.items():
+            body = large_body(ROUTE_MODELS[route], size)
+            connection = ends["via"].connect(timeout=120)
+            entry["latency_s"][route] = []
+            try:
+                for _ in range(plan.rss_requests):
+                    try:
+                        response = connection.request("POST", "/v1/messages", ends["via"].headers(), body)
+                        if problem := check_reply(response, route, True):
+                            raise ValueError(problem)
+                        entry["latency_s"][route].append(response.finished - response.started)
+                    except (OSError, ValueError) as error:
+                        entry["errors"].append(f"{route}: {error_text(error)}")
+                        connection.close()
+            finally:
+                connection.close()
+            del body
+        entry["after_kib"] = memory_kib(pid)
+        results["sizes"][str(size_mb)] = entry
+    return results
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Plain-text columns: the first left-aligned, the numbers right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def wrk_errors(run: dict[str, Any]) -> str:
+    if "error" in run:
+        return "FAILED"
+    if not run["error_count"]:
+        return "0"
+    return "!! " + ",".join(f"{k}={v}" for k, v in run["errors"].items() if v)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def percentile_ms(run: dict[str, Any], q: int) -> float | None:
+    return run["latency_us"]["percentiles"][str(q)] / 1000 if "latency_us" in run else None
+
+
+def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
+    """The printed table, and the list of problems found (also part of the table)."""
+    problems: list[str] = []
+    out = [
+        "cmm benchmark: one run on a shared machine "
+        f"({os.cpu_count()} CPUs shared by wrk, the fakes and cmm).",
+        "Latencies are medians unless marked; compare ratios and differences, not absolute numbers.",
+        "",
+    ]
+    m = results["measurements"]
+
+    if "wrk" in m:
+        rows, lat_rows = [], []
+        for route, loads in m["wrk"].items():
+            d, v = loads["c8"]["direct"], loads["c8"]["via"]
+            rows.append([route, fmt(d.get("rps")), fmt(v.get("rps")), fmt(ratio(v.get("rps"), d.get("rps")), ".2f"),
+                         wrk_errors(d), wrk_errors(v)])
+            d1, v1 = loads["c1"]["direct"], loads["c1"]["via"]
+            p = {(w, q): percentile_ms(r, q) for w, r in (("d", d1), ("v", v1)) for q in (50, 99)}
+            lat_rows.append([route])
+            for q in (50, 99):
+                lat_rows[-1] += [fmt(p["d", q], ".2f"), fmt(p["v", q], ".2f"), fmt(diff(p["v", q], p["d", q]), "+.2f")]
+            lat_rows[-1] += [wrk_errors(d1), wrk_errors(v1)]
+            for load in ("c8", "c1"):
+                for way in ("direct", "via"):
+                    run = loads[load][way]
+                    if "error" in run:
+                        problems.append(f"wrk {route} {way} {load}: {run['error']}")
+                    elif run["error_count"]:
+                        problems.append(f"wrk {route} {way} {load}: errors {run['errors']} "
+                                        f"in {run['requests']} requests")
+                    if run.get("upstream_received", run.get("requests", 0)) < run.get("requests", 0):
+                        problems.append(f"wrk {route} {way} {load}: {run['requests']} responses but the "
+                                        f"{route} upstream received only {run['upstream_received']} requests")
+        out.append(f"1. Throughput, small request (wrk -t2 -c8 -d{plan.wrk_seconds}s, keep-alive POST)")
+        out.append(table(["route", "direct req/s", "via cmm req/s", "via/direct", "errors direct", "errors via"], rows))
+        out.append("")
+        out.append(f"   Latency at one connection (wrk -t1 -c1 -d{plan.wrk_seconds}s --latency), ms")
+        out.append(table(["route", "direct p50", "via p50", "added p50", "direct p99", "via p99", "added p99",
+                          "errors direct", "errors via"], lat_rows))
+        out.append("")
+
+    if "streaming" in m:
+        rows = []
+        for route, ways in m["streaming"].items():
+            d, v = ms(ways["direct"]["median_s"]), ms(ways["via"]["median_s"])
+            rows.append([route, fmt(d, ".2f"), fmt(v, ".2f"), fmt(diff(v, d), "+.2f"),
+                         f"{len(ways['direct']['errors'])} / {len(ways['via']['errors'])}"])
+            for way in ("direct", "via"):
+                for error in ways[way]["errors"][:3]:
+                    problems.append(f"streaming {route} {way}: {error}")
+        out.append(f"2. Streaming time to first event (message_start), {plan.ttfb_requests} sequential requests "
+                   "on one keep-alive connection, ms")
+        out.append(table(["route", "direct median", "via median", "added median", "errors d / v"], rows))
+    if "pacing" in m:
+        pacing = m["pacing"]
+        expected = pacing["event_delay_s"] * 1000
+        rows = []
+        for route in ROUTE_MODELS:
+            for way in ("direct", "via"):
+                e = pacing[route][way]
+                low = ms(e["min_gap_s"])
+                verdict = "n/a" if low is None else ("ok" if low >= expected * 0.5 else "!! BATCHED")
+                rows.append([f"{route} {way}", fmt(low, ".1f"), fmt(ms(e["median_gap_s"]), ".1f"),
+                             ",".join(map(str, sorted(set(e["events"])))) or "0", verdict])
+                if verdict.startswith("!!"):
+                    problems.append(f"pacing {route} {way}: events batched, minimum gap {low:.1f} ms")
+                for error in e["errors"][:3]:
+                    problems.append(f"pacing {route} {way}: {error}")
+        out.append("")
+        out.append(f"   Event pacing (x-fake-event-delay {pacing['event_delay_s']} s, {pacing['deltas']} deltas; "
+                   f"every gap should be ~{expected:.0f} ms)")
+        out.append(table(["route", "min gap ms", "median gap ms", "events/reply", "verdict"], rows))
+        out.append("")
+
+    if "large_body" in m:
+        rows = []
+        for route in ROUTE_MODELS:
+            ways = m["large_body"][route]
+            d, v = ms(ways["direct"]["median_s"]), ms(ways["via"]["median_s"])
+            samples = [x * 1000 for x in ways["via"]["latency_s"]]
+            rows.append([route, fmt(d, ".1f"), fmt(v, ".1f"), fmt(diff(v, d), "+.1f"), fmt(ratio(v, d), ".2f"),
+                         fmt(min(samples, default=None), ".1f"), fmt(max(samples, default=None), ".1f"),
+                         f"{len(ways['direct']['errors'])} / {len(ways['via']['errors'])}"])
+            for way in ("direct", "via"):
+                for error in ways[way]["errors"][:3]:
+                    problems.append(f"2 MB body {route} {way}: {error}")
+        out.append(f"3. 2 MB body (2,000,000 bytes, model first), {plan.large_requests} sequential requests, "
+                   "request start to last response byte, ms")
+        out.append(table(["route", "direct median", "via median", "added", "via/direct", "via min", "via max",
+                          "errors d / v"], rows))
+        out.append("")
+
+    if "rss" in m:
+        rss = m["rss"]
+        base = rss["before_kib"]["VmRSS"]
+        rows = []
+        for size_mb, e in rss["sizes"].items():
+            peak = e["after_kib"]["VmHWM"]
+            lat = {r: ms(median(v)) for r, v in e["latency_s"].items()}
+            rows.append([f"{size_mb} MB", f"{base / 1024:.1f}", f"{e['start_kib']['VmRSS'] / 1024:.1f}",
+                         f"{peak / 1024:.1f}", f"{(peak - base) / 1024:+.1f}", f"{e['after_kib']['VmRSS'] / 1024:.1f}",
+                         fmt(lat.get("routed"), ".0f"), fmt(lat.get("passthrough"), ".0f"), str(len(e["errors"]))])
+            for error in e["errors"][:3]:
+                problems.append(f"RSS {size_mb} MB: {error}")
+        reset = all(e["peak_reset"] for e in rss["sizes"].values())
+        out.append(f"4. Peak RSS of cmm (twistd pid {rss['pid']}), {plan.rss_requests} sequential request(s) per route "
+                   "per size via cmm, model first; MiB")
+        peak_note = "Peak (VmHWM) reset before each size." if reset else "Peak (VmHWM) not resettable: cumulative."
+        out.append("   32 MB = 32,000,000 bytes, under cmm's default 32 MiB body limit. " + peak_note)
+        out.append(table(["body", "RSS before", "RSS at start", "peak", "peak - before", "RSS after",
+                          "routed ms", "passthrough ms", "errors"], rows))
+        out.append("")
+
+    for key in ("route_check", "cmm_output"):
+        problems += results.get(key, {}).get("problems", [])
+    for name, error in results.get("failed", {}).items():
+        problems.append(f"{name} failed: {error}")
+    out.append("Problems: " + ("none" if not problems else ""))
+    out += [f"  - {p}" for p in problems]
+    return "\n".join(out), problems
+
+
+# -- checks around the run ----------------------------------------------------------------------
+
+
+def route_check(endpoints: Routes) -> dict[str, Any]:
+    """Before measuring: each route through cmm must reach the upstream it is meant to."""
+    problems = []
+    for route, ends in endpoints.items():
+        for way in ("direct", "via"):
+            connection = ends[way].connect(timeout=10)
+            try:
+                body = small_body(ROUTE_MODELS[route])
+                response = connection.request("POST", "/v1/messages", ends[way].headers(), body)
+                if problem := check_reply(response, route, way == "via"):
+                    problems.append(f"route check {route} {way}: {problem}")
+            except OSError as error:
+                problems.append(f"route check {route} {way}: {error_text(error)}")
+            finally:
+                connection.close()
+    return {"problems": problems}
+
+
+def scan_cmm_output(path: Path, wrk_connections: int) -> dict[str, Any]:
+    """Failed request lines (✗) and anything that looks like an error in cmm's own output.
+
+    When a wrk run ends, wrk drops its connections with requests still in flight; cmm rightly
+    logs those as "client closed the connection". Up to one per wrk connection is expected.
+    """
+    counts = {"ok": 0, "failed": 0, "client_closed": 0}
+    failed: list[str] = []
+    other: list[str] = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as error:
+        return {"problems": [f"cannot read cmm output: {error}"]}
+    for line in lines:
+        if " ✓ " in line:
+            counts["ok"] += 1
+        elif " ✗ " in line and line.endswith("(client closed the connection)"):
+            counts["client_closed"] += 1
+        elif " ✗ " in line:
+            counts["failed"] += 1
+            failed.append(line)
+        elif re.search(r"Traceback|Unhandled|[Ee]rror|#critical|#warn", line):
+            other.append(line)
+    problems = [f"cmm logged {counts['failed']} failed request(s), e.g.: {line}" for line in failed[:1]]
+    if counts["client_closed"] > wrk_connections:
+        problems.append(f"cmm logged {counts['client_closed']} requests closed by the client, more than the "
+                        f"{wrk_connections} wrk connections cut at the end of their runs")
+    problems += [f"cmm output: {line}" for line in other[:10]]
+    return {"counts": counts, "failed_lines": failed[:50], "other_lines": other[:200], "problems": problems}
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the finally clauses stop what we started."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_all(stack: Stack, results: dict[str, Any], plan: Plan, log: Log) -> None:
+    """Start the stack, run every measurement into ``results``, and always stop the stack."""
+    try:
+        log("starting the fakes and cmm")
+        stack.start()
+        results["ports"] = {"anthropic": stack.anthropic_port, "target": stack.target_port, "cmm": stack.cmm_port}
+        endpoints = stack.endpoints()
+        results["route_check"] = route_check(endpoints)
+        steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("wrk", lambda: measure_wrk(endpoints, plan, log)),
+            ("streaming", lambda: measure_streaming(endpoints, plan, log)),
+            ("pacing", lambda: measure_pacing(endpoints, log)),
+            ("large_body", lambda: measure_large_body(endpoints, plan, log)),
+            ("rss", lambda: measure_rss(endpoints, stack.cmm_pid, plan, log)),
+        ]
+        for name, step in steps:
+            if stack.processes[-1][1].poll() is not None:
+                results["failed"][name] = "cmm is no longer running:\n" + stack.tail("cmm")
+                break
+            try:
+                results["measurements"][name] = step()
+            except Exception as error:  # one broken measurement must not hide the others
+                results["failed"][name] = error_text(error)
+                log(f"{name} failed: {error_text(error)}")
+    finally:
+        log("stopping")
+        stack.stop()
+        results["cmm_output"] = scan_cmm_output(stack.log_path("cmm"), wrk_connections=2 * (8 + 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark cmm against its fake upstreams, direct vs via cmm.")
+    parser.add_argument("--quick", action="store_true", help="short runs (about a minute in all)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="directory for the raw JSON results")
+    parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory (process output)")
+    args = parser.parse_args(argv)
+
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed; install it with: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    plan = Plan.make(args.quick)
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="cmm-bench-"))
+    stack = Stack(work)
+    results: dict[str, Any] = {
+        "started": started.isoformat(),
+        "quick": args.quick,
+        "plan": plan.__dict__,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "measurements": {},
+        "failed": {},
+    }
+    try:
+        with terminate_as_interrupt():
+            run_all(stack, results, plan, log)
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        results["elapsed_s"] = time.monotonic() - t0
+        if args.keep_work:
+            print(f"bench: process output kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    text, problems = report(results, plan)
+    results["problems"] = problems
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(text)
+    print(f"\nRaw results: {path}   (run took {results['elapsed_s']:.0f} s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
