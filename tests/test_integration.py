@@ -1254,3 +1254,29 @@ def test_gzipped_messages_body_is_still_routed(stack: Stack) -> None:
     assert response.header("x-fake-provider") == "target"
     [seen] = stack.target.find(tag)
     assert seen.json()["model"] == TARGET_MODEL
+
+
+# -- backpressure: a client that does not read must not make cmm buffer the response ---------------
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("model, provider", [(PASS_MODEL, "anthropic"), (SOURCE_MODEL, "target")])
+def test_slow_reader_does_not_grow_cmm_memory(stack: Stack, model: str, provider: str) -> None:
+    size = 64 * 1024 * 1024
+    pid = stack.main.process.proc.pid
+    before = _rss_mib(pid)
+    with stack.main.connect(timeout=30) as conn:
+        conn.send(simple_post(model, new_tag(), extra=[("x-fake-response-bytes", str(size))]))
+        response = conn.head()
+        assert response.header("x-fake-provider") == provider
+        time.sleep(1.5)  # the fake has long written it all; cmm must have stopped reading from it
+        while_stalled = _rss_mib(pid)
+        body = conn.body(response)
+    assert len(body) >= size
+    assert while_stalled - before < 24, f"cmm grew {while_stalled - before:.1f} MiB while the client did not read"
