@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -193,10 +195,32 @@ def test_missing_file_raises(tmp_path: Path) -> None:
         restore(tmp_path / "nope")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write read-only files")
-def test_read_only_file_raises_permission_error(tmp_path: Path) -> None:
-    path = tmp_path / "hosts"
-    path.write_text("x\n")
-    path.chmod(0o444)
-    with pytest.raises(PermissionError):
-        install(path)
+def test_read_only_file_raises_permission_error() -> None:
+    """As an ordinary user (root drops to nobody in a child, since root may write anything)."""
+    directory = Path(tempfile.mkdtemp(prefix="cmm-hosts-"))
+    try:
+        directory.chmod(0o755)
+        path = directory / "hosts"
+        path.write_text("x\n")
+        path.chmod(0o444)
+        if os.geteuid() != 0:
+            with pytest.raises(PermissionError):
+                install(path)
+            return
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                install(path)
+                code = 1
+            except PermissionError:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "install() did not raise PermissionError"
+        assert path.read_text() == "x\n"
+    finally:
+        shutil.rmtree(directory)
