@@ -88,7 +88,8 @@ class Serving:
 def build_serving(config: ServeConfig, reactor: object, record: Callable, addresses: AddressBook | None = None,
                   anthropic_trust: object | None = None) -> Serving:
     if addresses is None:
-        addresses = AddressBook.fixed(list(config.anthropic_ips)) if config.anthropic_ips else AddressBook.from_dns(reactor)
+        addresses = (AddressBook.fixed(list(config.anthropic_ips)) if config.anthropic_ips
+                     else AddressBook.from_dns(reactor, cache=config.config_dir / "anthropic-ip.cache"))
     connector = Connector(
         reactor=reactor,
         anthropic_addresses=addresses.current,
