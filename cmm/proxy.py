@@ -57,6 +57,38 @@ class ProxyContext:
     clock: IReactorTime
     record: Callable[[RequestRecord], None]
     wall_clock: Callable[[], float] = time.time
+    connections: set[ClientConnection] = attrs.field(factory=set)
+    draining: bool = False
+    _drained: list[defer.Deferred[None]] = attrs.field(factory=list)
+
+    def drain(self) -> defer.Deferred[None]:
+        """Finish what is in flight, take no new requests; fires once every connection is gone.
+
+        Idle keep-alive connections close at once; a connection with a request in flight closes
+        when its response has been sent.
+        """
+        self.draining = True
+        done: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(done)
+        for connection in list(self.connections):
+            if connection.idle:
+                connection.close()
+        self.check_drained()
+        return done
+
+    def check_drained(self) -> None:
+        if self.draining and not self.connections:
+            waiting, self._drained = self._drained, []
+            for done in waiting:
+                done.callback(None)
+
+    def gauges(self) -> dict[str, int]:
+        return {
+            "connections": len(self.connections),
+            "in_flight": sum(1 for c in self.connections if c.exchange is not None),
+            "upstream_idle": self.pool.idle_count(),
+            "upstream_opened": self.pool.opened,
+        }
 
 
 class ClientConnection(Protocol):
@@ -76,7 +108,10 @@ class ClientConnection(Protocol):
         no_delay(self.transport)
         self.valve = Valve(self.transport)
         self.deadline = Deadline(self.context.clock, self._timed_out)
+        self.context.connections.add(self)
         self._await_head()
+        if self.context.draining:
+            self.close()
 
     def dataReceived(self, data: bytes) -> None:
         self.deadline.touch()
@@ -102,6 +137,13 @@ class ClientConnection(Protocol):
         self.deadline.cancel()
         if self.exchange is not None:
             self.exchange.client_lost()
+        self.context.connections.discard(self)
+        self.context.check_drained()
+
+    @property
+    def idle(self) -> bool:
+        """Between requests with nothing read yet: safe to close when draining."""
+        return self.state == "head" and self.collector.pending == 0 and not self.pending
 
     # Reading the request
 
@@ -229,7 +271,7 @@ class ClientConnection(Protocol):
     def exchange_done(self, reusable: bool) -> None:
         self.exchange = None
         self.served += 1
-        if not reusable or self.state == "closed":
+        if not reusable or self.state == "closed" or self.context.draining:
             self.close()
             return
         self._await_head()
@@ -272,6 +314,7 @@ class ClientConnection(Protocol):
             bytes_in=self.bytes_in,
             bytes_out=bytes_out,
             error=error,
+            mapping=mapping.source if mapping else None,
         )
 
     def _timed_out(self) -> None:

@@ -8,6 +8,7 @@ and adds status, duration and byte counts after it. Request contents are never l
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ class RequestRecord:
     bytes_in: int
     bytes_out: int
     error: str | None = None
+    mapping: str | None = None  # the source prefix of the mapping that routed it
 
 
 def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_time] = time.localtime) -> str:
@@ -47,6 +49,14 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     return f"[{stamp}] {subject:<{COLUMN}} → {route} {mark} {detail}"
 
 
+def format_json(record: RequestRecord) -> str:
+    """One JSON object a line, for machines (``--log-format json``)."""
+    fields = attrs.asdict(record)
+    fields["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.started))
+    fields["route"] = "intercepted" if record.intercepted else "passthrough"
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
 @attrs.define
 class RequestLog:
     """Writes request lines; the rotating file is Twisted's ``LogFile`` (size-based rotation)."""
@@ -56,10 +66,11 @@ class RequestLog:
     formatter: Callable[[RequestRecord], str] = format_line
 
     @classmethod
-    def to_file(cls, path: Path, max_bytes: int = 1_000_000, backups: int = 3, console: TextIO | None = sys.stdout) -> RequestLog:
+    def to_file(cls, path: Path, max_bytes: int = 1_000_000, backups: int = 3, console: TextIO | None = sys.stdout,
+                json: bool = False) -> RequestLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         log_file = LogFile(path.name, str(path.parent), rotateLength=max_bytes, maxRotatedFiles=backups)
-        return cls(console=console, file=log_file)
+        return cls(console=console, file=log_file, formatter=format_json if json else format_line)
 
     def __call__(self, record: RequestRecord) -> None:
         line = self.formatter(record) + "\n"

@@ -1,52 +1,71 @@
-"""``twistd cmm``: options, and the service that binds, edits the hosts file and serves.
+"""``twistd cmm``: options, and the master service that binds, edits the hosts file, supervises
+the workers and writes the logs.
 
-The serving unit (``build_serving``) is self-contained — settings, pool, TLS options and
-request log in, a protocol factory out — so a worker process can run it as it is.
+Process model (see DESIGN.md): the master stays root only for what needs it — binding port 443
+and editing /etc/hosts (and putting it back) — and serves nothing itself; workers adopt the
+listening sockets and serve as the invoking user (SUDO_USER), else ``nobody`` or ``--user``.
+``--workers 0`` serves inside the master (tests, debugging).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
+import signal
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Mapping as MappingType
+from typing import Any, Callable, Mapping as MappingType
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from cmm import certs, envfile, hosts, paths
+from cmm import certs, envfile, hosts, mappings, paths
+from cmm.master import Supervisor, bind
 from cmm.proxy import ProxyContext, ProxyFactory
-from cmm.request_log import RequestLog
+from cmm.request_log import RequestLog, RequestRecord
 from cmm.resolve import AddressBook
+from cmm.serving import build_context
 from cmm.settings import ConfigError, ServeConfig, build_config
-from cmm.tls import server_options
-from cmm.upstream import Connector, Pool, anthropic_tls_options
+from cmm.stats import LiveStats
+from cmm.tls import ReloadableServerTLS, server_options
+from cmm.wire import WorkerConfig
 
 log = Logger()
+
+STATE_FILE = "cmm.state.json"
+CONTROL_SOCKET = "cmm.sock"
+PID_FILE = "cmm.pid"
 
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve api.anthropic.com on 127.0.0.1/::1 with cmm's own certificate and send requests whose "
-        "model starts with --source to the proxy URL as --target; everything else goes to the real API."
+        "model starts with --source to the proxy URL as --target; everything else goes to the real API. "
+        "--source/--target may be repeated; mappings.toml in the config dir adds more. "
+        "SIGHUP reloads mappings, settings and certificates; SIGUSR1 rotates the request log."
     )
     optParameters = [
-        ["source", None, None, "Source model prefix, e.g. claude-haiku-4-5 (default: DEFAULT_SOURCE_MODEL in .env)."],
-        ["target", None, None, "Model name sent to the proxy instead (default: DEFAULT_TARGET_MODEL in .env)."],
         ["proxy-url", None, None, "Anthropic-compatible messages URL, http or https (default: PROXY_URL in .env, "
                                   "else http://localhost:8317/v1/messages)."],
         ["proxy-api-key", None, None, "Bearer key for the proxy (default: PROXY_API_KEY in .env)."],
         ["port", None, "443", "Port to serve on."],
         ["listen", None, None, "Comma-separated loopback addresses to serve on (default: 127.0.0.1,::1)."],
-        ["config-dir", None, None, "Certificates, .env and logs (default: ~/.cmm of SUDO_USER, else of you)."],
+        ["config-dir", None, None, "Certificates, .env, mappings.toml and logs (default: ~/.cmm of SUDO_USER)."],
         ["anthropic-ip", None, None, "Comma-separated real addresses of api.anthropic.com; skips DNS."],
         ["anthropic-port", None, "443", "Port of the real API (for tests)."],
         ["hosts-file", None, "/etc/hosts", "Hosts file that gets the cmm block while running."],
+        ["workers", None, str(os.cpu_count() or 1), "Worker processes; 0 serves inside the master."],
+        ["user", None, None, "User the workers run as (default: SUDO_USER, else nobody)."],
+        ["grace", None, "30", "Seconds in-flight requests get to finish on stop."],
         ["body-limit", None, "32", "Largest request body in MiB (Anthropic's own limit is 32)."],
         ["head-timeout", None, "30", "Seconds a client may take to send a request head."],
         ["idle-timeout", None, "120", "Seconds an idle keep-alive client connection is kept."],
@@ -55,6 +74,7 @@ class Options(usage.Options):
         ["log-file", None, None, "Request log file (default: cmm.log in the config dir)."],
         ["log-max-bytes", None, "1000000", "Rotate the request log at this size."],
         ["log-backups", None, "3", "Rotated request logs to keep."],
+        ["log-format", None, "text", "Request log format: text (the seed's lines) or json."],
     ]
     optFlags = [["no-hosts", None, "Do not edit the hosts file (point api.anthropic.com here yourself)."]]
 
@@ -63,58 +83,84 @@ class Options(usage.Options):
         super().__init__()
         self.environ = environ
         self.home_of = home_of
+        self["source"], self["target"] = [], []
+
+    def opt_source(self, model: str) -> None:
+        """Source model prefix, e.g. claude-haiku-4-5 (repeatable; default: DEFAULT_SOURCE_MODEL)."""
+        self["source"].append(model)
+
+    def opt_target(self, model: str) -> None:
+        """Model name sent to the proxy for the --source before it (repeatable)."""
+        self["target"].append(model)
 
     def postOptions(self) -> None:
-        config_dir = Path(self["config-dir"]) if self["config-dir"] else paths.config_dir(self.environ, self.home_of)
-        env_path = config_dir / ".env"
+        self.config_dir = Path(self["config-dir"]) if self["config-dir"] else paths.config_dir(self.environ, self.home_of)
         try:
-            env = envfile.parse_env(env_path.read_text()) if env_path.exists() else {}
-            self.config = build_config(self, env, config_dir)
+            self.config = load_config(dict(self), self.config_dir)
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
-        except OSError as error:
-            raise usage.UsageError(f"cannot read {env_path}: {error.strerror}") from None
 
 
-@attrs.define
-class Serving:
-    """The parts of one serving unit."""
+def load_config(options: MappingType[str, Any], config_dir: Path) -> ServeConfig:
+    """Read .env and mappings.toml and merge them under the flags; ConfigError says what is wrong."""
+    env_path = config_dir / ".env"
+    try:
+        env = envfile.parse_env(env_path.read_text()) if env_path.exists() else {}
+        file_mappings = mappings.load(mappings.mappings_file(config_dir))
+    except OSError as error:
+        raise ConfigError(f"cannot read {error.filename}: {error.strerror}") from None
+    except mappings.MappingsError as error:
+        raise ConfigError(str(error)) from None
+    return build_config(options, env, config_dir, file_mappings)
 
-    factory: ProxyFactory
-    pool: Pool
-    addresses: AddressBook
+
+def worker_identity(config: ServeConfig, environ: MappingType[str, str], euid: int) -> tuple[int, int] | None:
+    """Whom the workers run as: only a root master drops privileges (else it has none to drop)."""
+    if euid != 0:
+        return None
+    if config.user:
+        try:
+            entry = pwd.getpwnam(config.user)
+        except KeyError:
+            raise ConfigError(f"--user {config.user}: no such user") from None
+        return entry.pw_uid, entry.pw_gid
+    owner = paths.invoking_user(environ)
+    if owner is not None and owner[0] != 0:
+        return owner
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid
 
 
-def build_serving(config: ServeConfig, reactor: object, record: Callable, addresses: AddressBook | None = None,
-                  anthropic_trust: object | None = None) -> Serving:
-    if addresses is None:
-        addresses = (AddressBook.fixed(list(config.anthropic_ips)) if config.anthropic_ips
-                     else AddressBook.from_dns(reactor, cache=config.config_dir / "anthropic-ip.cache"))
-    connector = Connector(
-        reactor=reactor,
-        anthropic_addresses=addresses.current,
-        anthropic_tls=anthropic_tls_options(anthropic_trust),
-        connect_timeout=config.connect_timeout,
-    )
-    pool = Pool(connector.connect, reactor)
-    context = ProxyContext(settings=config.proxy, pool=pool, clock=reactor, record=record)
-    return Serving(ProxyFactory(context), pool, addresses)
+class StatusProtocol(Protocol):
+    """Answers one JSON status document on the control socket, then closes."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(json.dumps(self.factory.status()).encode() + b"\n")
+        self.transport.loseConnection()
 
 
 @attrs.define(eq=False, slots=False)
 class InterceptorService(Service):
-    """Binds (privileged), then points api.anthropic.com here once its real addresses are known,
-    and puts the hosts file back on stop."""
+    """The master: binds (privileged), supervises the serving, and owns the hosts file and logs."""
 
     config: ServeConfig
-    reactor: object = None
+    options: dict[str, Any] = attrs.field(factory=dict)  # the command line, kept across reloads
+    reactor: Any = None
     environ: MappingType[str, str] = attrs.field(factory=lambda: os.environ)
-    console: object = None
+    console: Any = None
+    euid: int = attrs.field(factory=os.geteuid)
+    install_signals: bool = True
+    sockets: list = attrs.field(factory=list)
     ports: list[IListeningPort] = attrs.field(factory=list)
-    serving: Serving | None = None
+    context: ProxyContext | None = None
+    supervisor: Supervisor | None = None
+    tls: ReloadableServerTLS | None = None
+    addresses: AddressBook | None = None
     request_log: RequestLog | None = None
+    stats: LiveStats = attrs.field(factory=LiveStats)
     hosts_edited: bool = False
-    resolved: defer.Deferred | None = None
+    started_at: float = 0.0
+    worker_config: WorkerConfig | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.reactor is None:
@@ -122,59 +168,95 @@ class InterceptorService(Service):
 
             self.reactor = reactor
 
+    # start
+
     def privilegedStartService(self) -> None:
         config = self.config
-        result = certs.ensure_certificates(config.config_dir, owner=paths.invoking_user(self.environ))
-        if result.created_ca or result.issued_server:
-            log.info("Created certificates in {dir}; Claude Code trusts them with: export NODE_EXTRA_CA_CERTS={ca}",
-                     dir=str(config.config_dir), ca=str(result.paths.ca_cert))
-        options = server_options(result.paths.server_cert.read_bytes(), result.paths.server_key.read_bytes())
+        self.worker_config = self._worker_config(config)
         self.request_log = RequestLog.to_file(config.log_file, config.log_max_bytes, config.log_backups,
-                                              console=self.console or sys.__stdout__)
+                                              console=self.console or sys.__stdout__, json=config.log_format == "json")
         self._give_to_user(config.log_file)
-        self.serving = build_serving(config, self.reactor, self.request_log)
         errors = []
         for address in config.listen:
             try:
-                self.ports.append(self.reactor.listenSSL(config.port, self.serving.factory, options, interface=address))
-            except Exception as error:  # CannotListenError: in use, no permission, no IPv6
-                errors.append(f"{address}:{config.port}: {getattr(error, 'socketError', error)}")
-        if not self.ports:
+                self.sockets.append(bind(address, config.port))
+            except OSError as error:
+                errors.append(f"{address}:{config.port}: {error.strerror}")
+        if not self.sockets:
             raise SystemExit(f"cmm: cannot listen on port {config.port} ({'; '.join(errors)}). "
                              f"Another cmm running? Try `sudo cmm stop`. Ports below 1024 need sudo.")
         for error in errors:
             log.warn("Not listening on {error}", error=error)
         Service.privilegedStartService(self)
 
+    def _worker_config(self, config: ServeConfig) -> WorkerConfig:
+        result = certs.ensure_certificates(config.config_dir, owner=paths.invoking_user(self.environ))
+        if result.created_ca or result.issued_server:
+            log.info("Created certificates in {dir}; Claude Code trusts them with: export NODE_EXTRA_CA_CERTS={ca}",
+                     dir=str(config.config_dir), ca=str(result.paths.ca_cert))
+        known = self.addresses.addresses if self.addresses is not None else []
+        return WorkerConfig(
+            proxy=config.proxy,
+            cert_pem=result.paths.server_cert.read_bytes(),
+            key_pem=result.paths.server_key.read_bytes(),
+            anthropic_addresses=tuple(config.anthropic_ips or known),
+            resolve=not config.anthropic_ips,
+            connect_timeout=config.connect_timeout,
+        )
+
     def startService(self) -> None:
         Service.startService(self)
-        assert self.serving is not None
-        pid_file = self.config.config_dir / "cmm.pid"
-        try:
-            pid_file.write_text(f"{os.getpid()}\n")
-            self._give_to_user(pid_file)
-        except OSError as error:
-            log.warn("Cannot write {path}: {error}", path=str(pid_file), error=error.strerror)
-        mapping = self.config.proxy.router.mappings[0]
-        log.info("cmm serving on port {port}: {source}* → {target} at {url}; everything else → api.anthropic.com",
-                 port=self.config.port, source=mapping.source, target=mapping.target, url=mapping.upstream.url)
+        config = self.config
+        self.started_at = time.time()
+        if config.anthropic_ips:
+            self.addresses = AddressBook.fixed(list(config.anthropic_ips))
+        else:
+            self.addresses = AddressBook.from_dns(self.reactor, cache=config.config_dir / "anthropic-ip.cache")
+        self._write_files()
+        self._listen_control()
+        if self.install_signals:
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            signal.signal(signal.SIGUSR1, lambda *_: self.reactor.callFromThread(self.rotate))
+        for mapping in config.proxy.router.mappings:
+            log.info("cmm: {source}* → {target} at {url}", source=mapping.source, target=mapping.target,
+                     url=mapping.upstream.url)
         # Learn the real addresses before the hosts file points the name at us.
-        self.resolved = self.serving.addresses.current()
-        self.resolved.addCallbacks(
+        resolved = self.addresses.current()
+        resolved.addCallbacks(
             lambda found: log.info("api.anthropic.com is at {addresses}", addresses=", ".join(found)),
             lambda failure: log.error("Cannot resolve api.anthropic.com yet ({why}); passthrough requests will "
                                       "retry", why=failure.getErrorMessage()),
         )
-        self.resolved.addBoth(lambda _: self._edit_hosts())
+        resolved.addBoth(lambda _: self._serve())
 
-    def _give_to_user(self, path: Path) -> None:
-        """Files made under sudo in the user's ~/.cmm stay the user's, so `cmm` works without sudo."""
-        owner = paths.invoking_user(self.environ)
-        if owner is not None and path.exists():
-            os.chown(path, *owner)
+    def _serve(self) -> None:
+        if not self.running:
+            return
+        config = self.config
+        assert self.worker_config is not None and self.addresses is not None
+        self.worker_config = attrs.evolve(self.worker_config, anthropic_addresses=tuple(self.addresses.addresses))
+        if config.workers == 0:
+            self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
+                                         lambda record: self.record(record, "master"))
+            self.tls = ReloadableServerTLS(server_options(self.worker_config.cert_pem, self.worker_config.key_pem))
+            factory = TLSMemoryBIOFactory(self.tls, False, ProxyFactory(self.context))
+            factory.noisy = False
+            for sock in self.sockets:
+                self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
+        else:
+            identity = worker_identity(config, self.environ, self.euid)
+            self.supervisor = Supervisor(
+                reactor=self.reactor, sockets=self.sockets, count=config.workers, record=self.record,
+                gauges=self.stats.gauges, uid=identity[0] if identity else None,
+                gid=identity[1] if identity else None, grace=config.grace, environ=dict(self.environ),
+            )
+            self.supervisor.start(self.worker_config)
+        self._edit_hosts()
+        log.info("cmm serving on port {port} ({workers})", port=config.port,
+                 workers=f"{config.workers} workers" if config.workers else "in the master")
 
     def _edit_hosts(self) -> None:
-        if self.config.hosts_file is None or not self.running:
+        if self.config.hosts_file is None:
             return
         try:
             hosts.install(self.config.hosts_file)
@@ -184,8 +266,109 @@ class InterceptorService(Service):
             log.error("Cannot edit {path} ({why}); run with sudo, or point api.anthropic.com at 127.0.0.1 yourself",
                       path=str(self.config.hosts_file), why=error.strerror)
 
-    def stopService(self) -> defer.Deferred:
+    # running
+
+    def record(self, record: RequestRecord, worker: str) -> None:
+        self.stats.add(record, worker)
+        if self.request_log is not None:
+            self.request_log(record)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read .env, mappings.toml and the certificates; keep the running config if
+        anything is wrong, and say exactly what."""
+        try:
+            config = load_config(self.options, self.config.config_dir)
+            worker_config = self._worker_config(config)
+            server_options(worker_config.cert_pem, worker_config.key_pem)  # refuse a broken key pair here
+        except (ConfigError, ValueError, OSError) as error:
+            log.error("Reload refused, still serving the previous configuration: {error}", error=str(error))
+            return
+        config = attrs.evolve(config, port=self.config.port, listen=self.config.listen, workers=self.config.workers,
+                              hosts_file=self.config.hosts_file)  # what is bound stays bound
+        assert self.addresses is not None
+        self.config = config
+        self.worker_config = attrs.evolve(worker_config, anthropic_addresses=tuple(self.addresses.addresses))
+        if self.context is not None and self.tls is not None:
+            self.context.settings = config.proxy
+            self.tls.options = server_options(worker_config.cert_pem, worker_config.key_pem)
+        if self.supervisor is not None:
+            self.supervisor.reload(self.worker_config)
+        self._write_files()
+        log.info("Reloaded: {mappings}", mappings=", ".join(f"{m.source}* → {m.target}"
+                                                            for m in config.proxy.router.mappings))
+
+    def rotate(self) -> None:
+        if self.request_log is not None and self.request_log.file is not None:
+            self.request_log.file.rotate()
+            log.info("Request log rotated")
+
+    def status(self) -> dict[str, Any]:
+        return {**self._state(), **self.stats.snapshot()}
+
+    def _state(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+            "port": config.port,
+            "listen": list(config.listen),
+            "workers": config.workers,
+            "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url}
+                         for m in config.proxy.router.mappings],
+            "hosts_file": str(config.hosts_file) if config.hosts_file else None,
+            "config_dir": str(config.config_dir),
+        }
+
+    def _write_files(self) -> None:
+        for name, text in ((PID_FILE, f"{os.getpid()}\n"), (STATE_FILE, json.dumps(self._state(), indent=2) + "\n")):
+            path = self.config.config_dir / name
+            try:
+                path.write_text(text)
+                self._give_to_user(path)
+            except OSError as error:
+                log.warn("Cannot write {path}: {error}", path=str(path), error=error.strerror)
+
+    def _listen_control(self) -> None:
+        path = self.config.config_dir / CONTROL_SOCKET
+        if path.exists():
+            path.unlink()  # left by a killed run
+        factory = Factory.forProtocol(StatusProtocol)
+        factory.status = self.status
+        factory.noisy = False
+        try:
+            self.ports.append(self.reactor.listenUNIX(str(path), factory, mode=0o600))
+            self._give_to_user(path)
+        except Exception as error:
+            log.warn("No live status: cannot listen on {path}: {error}", path=str(path), error=str(error))
+
+    def _give_to_user(self, path: Path) -> None:
+        """Files made under sudo in the user's ~/.cmm stay the user's, so `cmm` works without sudo."""
+        owner = paths.invoking_user(self.environ)
+        if owner is not None and os.path.lexists(path):
+            os.chown(path, *owner, follow_symlinks=False)
+
+    # stop
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
         Service.stopService(self)
+        for port in self.ports:
+            yield port.stopListening()
+        self.ports.clear()
+        if self.supervisor is not None:
+            yield self.supervisor.stop()
+        if self.context is not None:
+            drained = self.context.drain()
+            timeout = self.reactor.callLater(self.config.grace, drained.cancel)
+            try:
+                yield drained
+                timeout.cancel()
+            except defer.CancelledError:
+                for connection in list(self.context.connections):
+                    connection.transport.abortConnection()
+            self.context.pool.close_idle()
+        for sock in self.sockets:
+            sock.close()
         if self.hosts_edited and self.config.hosts_file is not None:
             try:
                 hosts.restore(self.config.hosts_file)
@@ -193,17 +376,16 @@ class InterceptorService(Service):
             except OSError as error:
                 log.error("Cannot restore {path}: {why}; run `sudo cmm stop`", path=str(self.config.hosts_file),
                           why=error.strerror)
-        pid_file = self.config.config_dir / "cmm.pid"
-        if pid_file.exists() and pid_file.read_text().strip() == str(os.getpid()):
-            pid_file.unlink()
-        stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports]
-        self.ports.clear()
-        if self.serving is not None:
-            self.serving.pool.close_idle()
+        for name in (PID_FILE, STATE_FILE, CONTROL_SOCKET):
+            path = self.config.config_dir / name
+            if name != PID_FILE or (path.exists() and path.read_text().strip() == str(os.getpid())):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
         if self.request_log is not None:
             self.request_log.close()
-        return defer.DeferredList(stopping)
 
 
 def makeService(options: Options) -> InterceptorService:
-    return InterceptorService(options.config)
+    return InterceptorService(options.config, options=dict(options))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Mapping as MappingType
+from typing import Iterable, Mapping as MappingType, Protocol
 
 import attrs
 
@@ -36,6 +36,23 @@ class ServeConfig:
     log_max_bytes: int
     log_backups: int
     connect_timeout: float
+    workers: int = 0  # 0: serve inside the master
+    grace: float = 30.0
+    user: str | None = None
+    log_format: str = "text"
+
+
+class MappingLike(Protocol):
+    source: str
+    target: str
+    url: str | None
+    api_key: str | None
+
+
+def _as_list(value: object) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr]
 
 
 def _number(value: object, name: str, kind: type = float, minimum: float = 0) -> float:
@@ -64,30 +81,58 @@ def _addresses(text: str | None, name: str, loopback_only: bool) -> tuple[str, .
     return tuple(result)
 
 
-def build_config(options: MappingType[str, object], env: MappingType[str, str], config_dir: Path) -> ServeConfig:
-    """Merge flags (``options``, as parsed by twistd) with ``.env`` values (``env``)."""
-    source = options.get("source") or env.get("DEFAULT_SOURCE_MODEL") or None
-    target = options.get("target") or env.get("DEFAULT_TARGET_MODEL") or None
-    if not source or not target:
-        missing = " and ".join(n for n, v in (("--source", source), ("--target", target)) if not v)
-        raise ConfigError(
-            f"no mapping: give {missing} (e.g. --source claude-haiku-4-5 --target gemini-2.5-flash), "
-            f"or set DEFAULT_SOURCE_MODEL and DEFAULT_TARGET_MODEL with `cmm config set`"
-        )
+def _mappings(options: MappingType[str, object], env: MappingType[str, str],
+              file_mappings: Iterable[MappingLike]) -> tuple[Mapping, ...]:
+    """Flags first, then the mappings file (a flag wins for the same source), else the .env
+    default pair. Each mapping's URL and key default to --proxy-url/PROXY_URL and its key."""
+    sources, targets = _as_list(options.get("source")), _as_list(options.get("target"))
+    # A lone --source or --target takes its partner from the .env defaults, as in the seed tool.
+    if len(sources) == 1 and not targets and env.get("DEFAULT_TARGET_MODEL"):
+        targets = [env["DEFAULT_TARGET_MODEL"]]
+    if len(targets) == 1 and not sources and env.get("DEFAULT_SOURCE_MODEL"):
+        sources = [env["DEFAULT_SOURCE_MODEL"]]
+    if len(sources) != len(targets):
+        if not sources or not targets:
+            missing = "--target" if not targets else "--source"
+            raise ConfigError(f"no mapping: give {missing} too (or set DEFAULT_{missing[2:].upper()}_MODEL "
+                              f"with `cmm config set`)")
+        raise ConfigError(f"give --source and --target in pairs (got {len(sources)} --source and "
+                          f"{len(targets)} --target)")
+    specs: list[tuple[str, str, str | None, str | None]] = [(s, t, None, None) for s, t in zip(sources, targets)]
+    specs += [(m.source, m.target, m.url, m.api_key) for m in file_mappings if m.source not in sources]
+    if not specs:
+        source, target = env.get("DEFAULT_SOURCE_MODEL"), env.get("DEFAULT_TARGET_MODEL")
+        if not source or not target:
+            missing = " and ".join(n for n, v in (("--source", source), ("--target", target)) if not v)
+            raise ConfigError(
+                f"no mapping: give {missing} (e.g. --source claude-haiku-4-5 --target gemini-2.5-flash), "
+                f"add one with `cmm map add`, or set DEFAULT_SOURCE_MODEL and DEFAULT_TARGET_MODEL with "
+                f"`cmm config set`"
+            )
+        specs.append((source, target, None, None))
     url = str(options.get("proxy-url") or env.get("PROXY_URL") or DEFAULT_PROXY_URL)
-    key = options.get("proxy-api-key")
-    key = str(key if key is not None else env.get("PROXY_API_KEY", ""))
-    try:
-        upstream = Upstream.from_url(url, key)
-        mapping = Mapping(str(source), str(target), upstream)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    flag_key = options.get("proxy-api-key")
+    key = str(flag_key if flag_key is not None else env.get("PROXY_API_KEY", ""))
+    mappings = []
+    for source, target, own_url, own_key in specs:
+        try:
+            upstream = Upstream.from_url(own_url or url, own_key if own_key is not None else key)
+            mappings.append(Mapping(source, target, upstream))
+        except ValueError as error:
+            raise ConfigError(f"mapping {source}: {error}") from None
+    return tuple(mappings)
+
+
+def build_config(options: MappingType[str, object], env: MappingType[str, str], config_dir: Path,
+                 file_mappings: Iterable[MappingLike] = ()) -> ServeConfig:
+    """Merge flags (``options``, as parsed by twistd) with the mappings file and ``.env``."""
+    mappings = _mappings(options, env, file_mappings)
     port = int(_number(options.get("port", 443), "port", int))
     if port > 65535:
         raise ConfigError(f"--port must be at most 65535, not {port}")
     anthropic_port = int(_number(options.get("anthropic-port", 443), "anthropic-port", int))
     proxy = ProxySettings(
-        router=Router((mapping,)),
+        router=Router(mappings),
         anthropic=Destination("https", ANTHROPIC_HOST, anthropic_port, anthropic=True),
         body_limit=int(_number(options.get("body-limit", 32), "body-limit") * MiB),
         head_timeout=_number(options.get("head-timeout", 30), "head-timeout"),
@@ -108,4 +153,14 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         log_max_bytes=int(_number(options.get("log-max-bytes", 1_000_000), "log-max-bytes", int)),
         log_backups=int(_number(options.get("log-backups", 3), "log-backups", int, minimum=-1)),
         connect_timeout=_number(options.get("connect-timeout", 10), "connect-timeout"),
+        workers=int(_number(options.get("workers", 0), "workers", int, minimum=-1)),
+        grace=_number(options.get("grace", 30), "grace", minimum=-1),
+        user=str(options["user"]) if options.get("user") else None,
+        log_format=_choice(options.get("log-format", "text"), "log-format", ("text", "json")),
     )
+
+
+def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
+    return str(value)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from zope.interface import implementer
 
 
 def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
@@ -19,3 +22,15 @@ def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
         acceptableProtocols=[b"http/1.1"],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableServerTLS:
+    """Hands each new connection the current options, so a reload (SIGHUP) can swap the
+    certificate without rebinding; connections already open keep the one they started with."""
+
+    def __init__(self, options: CertificateOptions) -> None:
+        self.options = options
+
+    def getContext(self) -> SSL.Context:
+        return self.options.getContext()

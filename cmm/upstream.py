@@ -8,15 +8,19 @@ upstream. A connection is lent to one exchange at a time.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections import defaultdict
-from typing import Callable, Protocol as TypingProtocol
+from pathlib import Path
+from typing import Callable, Mapping, Protocol as TypingProtocol
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.python.failure import Failure
 
 ANTHROPIC_HOST = "api.anthropic.com"
@@ -155,6 +159,23 @@ class Pool:
         return sum(len(idle) for idle in self._idle.values())
 
 
+def system_trust(environ: Mapping[str, str] = os.environ) -> object:
+    """The platform trust store, honouring SSL_CERT_FILE and SSL_CERT_DIR.
+
+    A bundle named by SSL_CERT_FILE is read now rather than by OpenSSL at the first handshake:
+    a worker drops its privileges after start-up and might no longer be allowed to read it.
+    """
+    bundle = environ.get("SSL_CERT_FILE")
+    if bundle:
+        try:
+            found = x509.load_pem_x509_certificates(Path(bundle).read_bytes())
+        except (OSError, ValueError):
+            return platformTrust()  # let OpenSSL report it at the handshake, as it would anyway
+        return trustRootFromCertificates(
+            [Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM)) for cert in found])
+    return platformTrust()
+
+
 @attrs.define
 class Connector:
     """Opens connections: Anthropic by its real addresses with TLS for its name, targets by URL.
@@ -167,7 +188,7 @@ class Connector:
     reactor: object
     anthropic_addresses: Callable[[], defer.Deferred[list[str]]]
     anthropic_tls: IOpenSSLClientConnectionCreator
-    target_trust: object = attrs.field(factory=platformTrust)
+    target_trust: object = attrs.field(factory=system_trust)
     connect_timeout: float = 10.0
     _preferred: str | None = None
 
@@ -209,5 +230,6 @@ class Connector:
 def anthropic_tls_options(trust_root: object | None = None) -> IOpenSSLClientConnectionCreator:
     """TLS to the real API: its name for SNI and verification, HTTP/1.1 only."""
     return optionsForClientTLS(
-        ANTHROPIC_HOST, trustRoot=trust_root if trust_root is not None else platformTrust(), acceptableProtocols=[b"http/1.1"]
+        ANTHROPIC_HOST, trustRoot=trust_root if trust_root is not None else system_trust(),
+        acceptableProtocols=[b"http/1.1"],
     )

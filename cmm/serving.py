@@ -1,0 +1,24 @@
+"""One serving unit: settings, upstream pool and connector, wired into a ProxyContext.
+
+The same unit serves inside the master (``--workers 0``) and in every worker process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from cmm.proxy import ProxyContext, ProxySettings
+from cmm.request_log import RequestRecord
+from cmm.resolve import AddressBook
+from cmm.upstream import Connector, Pool, anthropic_tls_options
+
+
+def build_context(settings: ProxySettings, addresses: AddressBook, connect_timeout: float, reactor: Any,
+                  record: Callable[[RequestRecord], None], anthropic_trust: object | None = None) -> ProxyContext:
+    connector = Connector(
+        reactor=reactor,
+        anthropic_addresses=addresses.current,
+        anthropic_tls=anthropic_tls_options(anthropic_trust),
+        connect_timeout=connect_timeout,
+    )
+    return ProxyContext(settings=settings, pool=Pool(connector.connect, reactor), clock=reactor, record=record)
