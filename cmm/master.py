@@ -98,7 +98,7 @@ class Supervisor:
     """Starts ``count`` workers on ``sockets``, keeps them running, fans out configuration."""
 
     reactor: Any
-    sockets: list[socket.socket]
+    sockets: list[list[socket.socket]]  # per worker slot: the same shared list, or its own SO_REUSEPORT set
     count: int
     record: Callable[[RequestRecord, str], None]
     gauges: Callable[[str, dict[str, Any]], None] = lambda worker, values: None
@@ -117,23 +117,25 @@ class Supervisor:
         for index in range(self.count):
             self.spawn(f"worker-{index + 1}")
 
-    def command(self) -> list[str]:
+    def command(self, slot: int) -> list[str]:
         argv = [self.python, "-m", "cmm.worker", "--grace", str(self.grace)]
         if self.uid is not None:
             argv += ["--user", f"{self.uid}:{self.gid if self.gid is not None else self.uid}"]
-        for offset, sock in enumerate(self.sockets):
+        for offset, sock in enumerate(self.sockets[slot]):
             argv += ["--fd", f"{FIRST_FD + offset}:{'inet6' if sock.family == socket.AF_INET6 else 'inet'}"]
         return argv
 
     def spawn(self, name: str) -> Worker:
+        """Start the worker for slot ``worker-N``; a restarted worker gets the same sockets."""
+        slot = int(name.rsplit("-", 1)[1]) - 1
         worker = Worker(self, name, started=self.reactor.seconds())
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
-        for offset, sock in enumerate(self.sockets):
+        for offset, sock in enumerate(self.sockets[slot]):
             child_fds[FIRST_FD + offset] = sock.fileno()
         # The worker starts as root and drops to uid/gid itself once it has adopted the sockets and
         # loaded the keys (so the interpreter may live where only root can read, e.g. /root/.pyenv).
         # cwd "/": the worker must not import modules from wherever the master was started.
-        self.reactor.spawnProcess(worker, self.python, self.command(), env=self.environ, path="/",
+        self.reactor.spawnProcess(worker, self.python, self.command(slot), env=self.environ, path="/",
                                   childFDs=child_fds)
         self.workers[name] = worker
         return worker

@@ -75,6 +75,8 @@ class Options(usage.Options):
         ["log-max-bytes", None, "1000000", "Rotate the request log at this size."],
         ["log-backups", None, "3", "Rotated request logs to keep."],
         ["log-format", None, "text", "Request log format: text (the seed's lines) or json."],
+        ["accept", None, "shared", "How workers share connections: shared (one listening socket) or reuseport "
+                                   "(one SO_REUSEPORT socket per worker)."],
     ]
     optFlags = [["no-hosts", None, "Do not edit the hosts file (point api.anthropic.com here yourself)."]]
 
@@ -150,7 +152,8 @@ class InterceptorService(Service):
     console: Any = None
     euid: int = attrs.field(factory=os.geteuid)
     install_signals: bool = True
-    sockets: list = attrs.field(factory=list)
+    sockets: list = attrs.field(factory=list)  # one per listen address
+    extra_sockets: list = attrs.field(factory=list)  # --accept reuseport: the other workers' sockets
     ports: list[IListeningPort] = attrs.field(factory=list)
     context: ProxyContext | None = None
     supervisor: Supervisor | None = None
@@ -177,9 +180,13 @@ class InterceptorService(Service):
                                               console=self.console or sys.__stdout__, json=config.log_format == "json")
         self._give_to_user(config.log_file)
         errors = []
+        reuse_port = config.accept == "reuseport" and config.workers > 1
         for address in config.listen:
             try:
-                self.sockets.append(bind(address, config.port))
+                self.sockets.append(bind(address, config.port, reuse_port=reuse_port))
+                if reuse_port:  # one more socket per further worker, all on the same port
+                    self.extra_sockets += [bind(address, config.port, reuse_port=True)
+                                           for _ in range(config.workers - 1)]
             except OSError as error:
                 errors.append(f"{address}:{config.port}: {error.strerror}")
         if not self.sockets:
@@ -245,8 +252,15 @@ class InterceptorService(Service):
                 self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
         else:
             identity = worker_identity(config, self.environ, self.euid)
+            if self.extra_sockets:  # slot i gets the i-th socket of every address
+                per_address = config.workers
+                everything = [[first, *self.extra_sockets[n * (per_address - 1):(n + 1) * (per_address - 1)]]
+                              for n, first in enumerate(self.sockets)]
+                slots = [[group[i] for group in everything] for i in range(config.workers)]
+            else:
+                slots = [self.sockets] * config.workers
             self.supervisor = Supervisor(
-                reactor=self.reactor, sockets=self.sockets, count=config.workers, record=self.record,
+                reactor=self.reactor, sockets=slots, count=config.workers, record=self.record,
                 gauges=self.stats.gauges, uid=identity[0] if identity else None,
                 gid=identity[1] if identity else None, grace=config.grace, environ=dict(self.environ),
             )
@@ -367,7 +381,7 @@ class InterceptorService(Service):
                 for connection in list(self.context.connections):
                     connection.transport.abortConnection()
             self.context.pool.close_idle()
-        for sock in self.sockets:
+        for sock in self.sockets + self.extra_sockets:
             sock.close()
         if self.hosts_edited and self.config.hosts_file is not None:
             try:

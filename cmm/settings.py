@@ -40,6 +40,7 @@ class ServeConfig:
     grace: float = 30.0
     user: str | None = None
     log_format: str = "text"
+    accept: str = "shared"
 
 
 class MappingLike(Protocol):
@@ -157,6 +158,7 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         grace=_number(options.get("grace", 30), "grace", minimum=-1),
         user=str(options["user"]) if options.get("user") else None,
         log_format=_choice(options.get("log-format", "text"), "log-format", ("text", "json")),
+        accept=_choice(options.get("accept", "shared"), "accept", ("shared", "reuseport")),
     )
 
 
