@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from cmm import certs, envfile, hosts, mappings, paths
+from cmm import certs, dnsflush, envfile, hosts, mappings, paths
 from cmm.master import Supervisor, bind
 from cmm.proxy import ProxyContext, ProxyFactory
 from cmm.request_log import RequestLog, RequestRecord
@@ -152,6 +152,7 @@ class InterceptorService(Service):
     console: Any = None
     euid: int = attrs.field(factory=os.geteuid)
     install_signals: bool = True
+    flush_dns: Callable[[], object] = dnsflush.flush
     sockets: list = attrs.field(factory=list)  # one per listen address
     extra_sockets: list = attrs.field(factory=list)  # --accept reuseport: the other workers' sockets
     ports: list[IListeningPort] = attrs.field(factory=list)
@@ -275,6 +276,7 @@ class InterceptorService(Service):
         try:
             hosts.install(self.config.hosts_file)
             self.hosts_edited = True
+            self.flush_dns()
             log.info("{path}: api.anthropic.com → 127.0.0.1, ::1", path=str(self.config.hosts_file))
         except OSError as error:
             log.error("Cannot edit {path} ({why}); run with sudo, or point api.anthropic.com at 127.0.0.1 yourself",
@@ -387,6 +389,7 @@ class InterceptorService(Service):
             try:
                 hosts.restore(self.config.hosts_file)
                 self.hosts_edited = False
+                self.flush_dns()
             except OSError as error:
                 log.error("Cannot restore {path}: {why}; run `sudo cmm stop`", path=str(self.config.hosts_file),
                           why=error.strerror)
