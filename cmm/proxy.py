@@ -27,12 +27,14 @@ from cmm.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracke
 from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
 from cmm.model_finder import Found, ModelFinder
 from cmm.request_log import RequestRecord
-from cmm.router import Endpoint, Mapping, Router, candidate_endpoint, intercepted_head, rewrite_model, with_provider_header
+from cmm.router import (Endpoint, Mapping, Router, candidate_endpoint, intercepted_head, redacted_head, rewrite_model,
+                        with_provider_header)
 from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, no_delay
 
 log = Logger()
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CONTENT_LOG_BYTES = 4096
 MiB = 1024 * 1024
 
 
@@ -46,6 +48,7 @@ class ProxySettings:
     head_timeout: float = 30.0  # from a head's first byte to its end (slow-loris)
     idle_timeout: float = 120.0  # keep-alive idle, and silence from the client mid-body
     upstream_timeout: float = 600.0  # silence from the upstream (not total time: streams are long)
+    log_content: bool = False  # log the head (credentials redacted) and the body's first bytes
 
 
 @attrs.define
@@ -101,6 +104,7 @@ class ClientConnection(Protocol):
         self.state = "head"
         self.pending = b""  # bytes read ahead of the current state (next body part, next request)
         self.served = 0
+        self.content: str | None = None
 
     # Twisted interface
 
@@ -173,6 +177,7 @@ class ClientConnection(Protocol):
         self.tracker: BodyTracker = tracker_for(head.framing)
         self.endpoint = candidate_endpoint(head)
         self.payload_size = 0
+        self.content = None
         self.sniffed_raw: list[bytes] = []
         self.sniffed_payload: list[bytes] = []
         if self.endpoint is not None and head.framing.kind != "none":
@@ -220,6 +225,9 @@ class ClientConnection(Protocol):
         else:
             first = self.head.raw + b"".join(self.sniffed_raw)
             destination = self.settings.anthropic
+        if self.settings.log_content:
+            body = b"".join(self.sniffed_payload)[:CONTENT_LOG_BYTES].decode("utf-8", "replace")
+            self.content = redacted_head(self.head) + ("\n\n" + body if body else "")
         self.sniffed_raw, self.sniffed_payload = [], []
         self.pending = rest + self.pending
         self.state = "connecting"
@@ -315,6 +323,7 @@ class ClientConnection(Protocol):
             bytes_out=bytes_out,
             error=error,
             mapping=mapping.source if mapping else None,
+            content=self.content,
         )
 
     def _timed_out(self) -> None:

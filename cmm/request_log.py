@@ -34,6 +34,7 @@ class RequestRecord:
     bytes_out: int
     error: str | None = None
     mapping: str | None = None  # the source prefix of the mapping that routed it
+    content: str | None = None  # only with --log-content: head (credentials redacted) + body start
 
 
 def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_time] = time.localtime) -> str:
@@ -46,7 +47,10 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     detail = f"{status} {record.duration * 1000:.0f}ms ↑{record.bytes_in} ↓{record.bytes_out}"
     if record.error:
         detail += f" ({record.error})"
-    return f"[{stamp}] {subject:<{COLUMN}} → {route} {mark} {detail}"
+    line = f"[{stamp}] {subject:<{COLUMN}} → {route} {mark} {detail}"
+    if record.content:
+        line += "".join(f"\n    {part}" for part in record.content.splitlines())
+    return line
 
 
 def format_json(record: RequestRecord) -> str:

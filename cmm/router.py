@@ -127,6 +127,15 @@ def rewrite_model(prefix: bytes, start: int, end: int, target: str) -> bytes:
     return prefix[:start] + json.dumps(target).encode() + prefix[end:]
 
 
+def redacted_head(head: RequestHead) -> str:
+    """The request head for ``--log-content``, with credential values replaced."""
+    lines = [f"{head.method.decode()} {head.target.decode('ascii', 'replace')} {head.version.decode()}"]
+    for name, value in head.headers.fields:
+        shown = "[redacted]" if name.lower() in _CREDENTIAL_HEADERS else value.decode("latin-1")
+        lines.append(f"{name.decode('latin-1')}: {shown}")
+    return "\n".join(lines)
+
+
 def with_provider_header(response_head: bytes) -> bytes:
     """Mark an intercepted response so users can tell who answered."""
     return response_head[:-2] + PROVIDER_HEADER + b"\r\n"

@@ -78,7 +78,11 @@ class Options(usage.Options):
         ["accept", None, "shared", "How workers share connections: shared (one listening socket) or reuseport "
                                    "(one SO_REUSEPORT socket per worker)."],
     ]
-    optFlags = [["no-hosts", None, "Do not edit the hosts file (point api.anthropic.com here yourself)."]]
+    optFlags = [
+        ["no-hosts", None, "Do not edit the hosts file (point api.anthropic.com here yourself)."],
+        ["log-content", None, "Also log each request's head (credentials redacted) and the first 4 KiB of a "
+                              "messages body read for routing. Off by default: prompts are private."],
+    ]
 
     def __init__(self, environ: MappingType[str, str] = os.environ,
                  home_of: Callable[[str], Path] = paths.home_of_user) -> None:

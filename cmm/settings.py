@@ -139,6 +139,7 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         head_timeout=_number(options.get("head-timeout", 30), "head-timeout"),
         idle_timeout=_number(options.get("idle-timeout", 120), "idle-timeout"),
         upstream_timeout=_number(options.get("upstream-timeout", 600), "upstream-timeout"),
+        log_content=bool(options.get("log-content")),
     )
     listen = _addresses(str(options.get("listen") or ",".join(DEFAULT_LISTEN)), "listen", loopback_only=True)
     hosts = options.get("hosts-file")

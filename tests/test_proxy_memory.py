@@ -328,3 +328,16 @@ def test_reload_applies_from_the_next_request(harness: Harness) -> None:
     harness.send(client, post(HAIKU))
     assert len(harness.upstreams["target"].exchanges) == 1
     assert len(harness.upstreams["anthropic"].exchanges) == 1
+
+
+def test_content_is_logged_only_when_asked(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    assert harness.records[0].content is None
+    logging = Harness(PKI, settings(log_content=True))
+    client, _ = logging.client()
+    logging.send(client, post(HAIKU))
+    content = logging.records[0].content
+    assert content.startswith("POST /v1/messages?beta=true HTTP/1.1\n")
+    assert "x-api-key: [redacted]" in content and "sk-user" not in content and "user-oauth" not in content
+    assert content.endswith("\n\n" + HAIKU.decode())
