@@ -319,17 +319,18 @@ class Reply:
 
 
 def _decoded_body(request: RecordedRequest) -> bytes:
-    encoding = (request.header("content-encoding") or "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return request.body
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompress(request.body, 16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        try:
-            return zlib.decompress(request.body)
-        except zlib.error:
-            return zlib.decompress(request.body, -zlib.MAX_WBITS)
-    raise ValueError(f"unsupported content-encoding {encoding!r}")
+    """The JSON under any Content-Encoding, decoded as the real API would (cmm's own decoder)."""
+    from cmm.decoding import BodyDecoder
+    from cmm.errors import HttpError
+
+    codings = [c.strip().lower() for c in (request.header("content-encoding") or "").split(",") if c.strip()]
+    decoder = BodyDecoder(codings, _MAX_RESPONSE_BYTES)  # ValueError for an unknown coding
+    try:
+        body = b"".join(decoder.feed(request.body))
+        decoder.finish()
+    except HttpError as error:
+        raise ValueError(error.message) from None
+    return body
 
 
 def _error(status: int, message: str, common: tuple[tuple[str, str], ...]) -> Reply:

@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cmm.decoding import BodyDecoder, unsupported
 from cmm.errors import HttpError, error_response
 from cmm.flow import Deadline, Valve
 from cmm.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
@@ -180,6 +181,13 @@ class ClientConnection(Protocol):
         self.content = None
         self.sniffed_raw: list[bytes] = []
         self.sniffed_payload: list[bytes] = []
+        self.decoder: BodyDecoder | None = None
+        codings = [c.decode("latin-1") for c in head.headers.tokens(b"content-encoding")]
+        if self.endpoint is not None and unsupported(codings):
+            log.warn("Cannot read a {codings} body to find its model; passing it through", codings=", ".join(codings))
+            self.endpoint = None
+        elif self.endpoint is not None and any(c != "identity" for c in codings):
+            self.decoder = BodyDecoder(codings, self.settings.body_limit)
         if self.endpoint is not None and head.framing.kind != "none":
             if head.expects_continue:
                 self.transport.write(CONTINUE)
@@ -204,7 +212,7 @@ class ClientConnection(Protocol):
         raw, payload, done, rest = self._track(data)
         self.sniffed_raw.append(raw)
         result = None
-        for piece in payload:
+        for piece in self._decoded(payload, done):
             self.sniffed_payload.append(piece)
             result = self.finder.feed(piece)
         if result is None and done:
@@ -238,11 +246,22 @@ class ClientConnection(Protocol):
     def _intercepted_start(self, found: Found, mapping: Mapping, endpoint: Endpoint, body_done: bool) -> bytes:
         assert self.head is not None
         payload = rewrite_model(b"".join(self.sniffed_payload), found.start, found.end, mapping.target)
-        if self.head.framing.kind == "length":
+        if self.head.framing.kind == "length" and self.decoder is None:
             length = self.head.framing.length + len(payload) - sum(len(p) for p in self.sniffed_payload)
             return intercepted_head(self.head, mapping.upstream, endpoint, length) + payload
+        # Chunked, or decoded from a Content-Encoding (its length is unknown until the end).
         tail = LAST_CHUNK if body_done else b""
-        return intercepted_head(self.head, mapping.upstream, endpoint, None) + encode_chunk(payload) + tail
+        return intercepted_head(self.head, mapping.upstream, endpoint, None, decoded=self.decoder is not None) + \
+            encode_chunk(payload) + tail
+
+    def _decoded(self, payload: tuple[bytes, ...], done: bool) -> list[bytes] | tuple[bytes, ...]:
+        """The body as JSON: through the Content-Encoding decoder when there is one."""
+        if self.decoder is None:
+            return payload
+        pieces = [out for piece in payload for out in self.decoder.feed(piece)]
+        if done:
+            self.decoder.finish()
+        return pieces
 
     def upstream_ready(self, body_done: bool) -> None:
         """The exchange sent the start of the request; go on reading the client."""
@@ -257,7 +276,8 @@ class ClientConnection(Protocol):
         assert self.exchange is not None
         raw, payload, done, rest = self._track(data)
         if self.exchange.rechunk:
-            out = b"".join(encode_chunk(piece) for piece in payload) + (LAST_CHUNK if done else b"")
+            pieces = self._decoded(payload, done)
+            out = b"".join(encode_chunk(piece) for piece in pieces) + (LAST_CHUNK if done else b"")
         else:
             out = raw
         if out:
@@ -346,7 +366,7 @@ class Exchange:
         self.first = first
         self.body_done = body_done
         self.replayable = body_done  # ``first`` holds the whole request: safe to send again
-        self.rechunk = mapping is not None and client.head is not None and client.head.framing.kind == "chunked"
+        self.rechunk = mapping is not None and (client.decoder is not None or client.head.framing.kind == "chunked")
         self.connection: UpstreamConnection | None = None
         self.connecting: defer.Deferred | None = None
         self.collector = HeadCollector(what="upstream response")

@@ -25,7 +25,7 @@ _CANDIDATE_PATHS: dict[bytes, Endpoint] = {
 # The user's Anthropic credentials must never reach another provider.
 _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"proxy-authorization"})
 # Rewritten or answered by cmm itself.
-_REPLACED_HEADERS = frozenset({b"host", b"content-length", b"expect"})
+_REPLACED_HEADERS = frozenset({b"host", b"content-length", b"expect", b"accept-encoding"})
 
 
 @attrs.frozen
@@ -103,22 +103,30 @@ def candidate_endpoint(head: RequestHead) -> Endpoint | None:
     return _CANDIDATE_PATHS.get(head.path)
 
 
-def intercepted_head(head: RequestHead, upstream: Upstream, endpoint: Endpoint, body_length: int | None) -> bytes:
+def intercepted_head(head: RequestHead, upstream: Upstream, endpoint: Endpoint, body_length: int | None,
+                     decoded: bool = False) -> bytes:
     """The request head for the target: new target and Host, no user credentials, new length.
 
-    ``body_length`` None means the body is sent chunked (the request came chunked).
+    ``body_length`` None means the body is sent chunked; ``decoded`` that cmm decoded the
+    body's Content-Encoding, which therefore goes. The response is asked for uncompressed
+    (``Accept-Encoding: identity``) so that cmm can read what it needs of it.
     """
     lines = [b"%s %s HTTP/1.1" % (head.method, upstream.target_for(endpoint, head.query))]
     lines.append(b"Host: " + upstream.host_header.encode())
+    chunked = False
     for name, value in head.headers.fields:
         lowered = name.lower()
-        if lowered in _CREDENTIAL_HEADERS or lowered in _REPLACED_HEADERS:
+        if lowered in _CREDENTIAL_HEADERS or lowered in _REPLACED_HEADERS or decoded and lowered == b"content-encoding":
             continue
+        chunked = chunked or lowered == b"transfer-encoding"
         lines.append(name + b": " + value)
     if upstream.api_key:
         lines.append(b"Authorization: Bearer " + upstream.api_key.encode())
+    lines.append(b"Accept-Encoding: identity")
     if body_length is not None:
         lines.append(b"Content-Length: %d" % body_length)
+    elif not chunked:
+        lines.append(b"Transfer-Encoding: chunked")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 

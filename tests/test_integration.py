@@ -1244,16 +1244,47 @@ def test_bad_connection_does_not_affect_others(stack: Stack) -> None:
 # -- compressed request bodies (CLAUDE_CODE_TRAFFIC.md: Claude Code may gzip its messages body) -----
 
 
-@pytest.mark.xfail(strict=True, reason="cmm does not look inside Content-Encoding: gzip request bodies, so a "
-                                       "gzipped haiku request silently goes to api.anthropic.com")
-def test_gzipped_messages_body_is_still_routed(stack: Stack) -> None:
+COMPRESSORS = {
+    "gzip": gzip.compress,
+    "deflate": __import__("zlib").compress,
+    "br": __import__("brotli").compress,
+    "zstd": lambda data: __import__("zstandard").ZstdCompressor().compress(data),
+}
+
+
+@pytest.mark.parametrize("coding", sorted(COMPRESSORS))
+def test_compressed_messages_bodies_are_routed(stack: Stack, coding: str) -> None:
+    """CLAUDE_CODE_TRAFFIC.md: without NODE_EXTRA_CA_CERTS Claude Code gzips its messages body."""
+    plain = json_body(SOURCE_MODEL)
     tag = new_tag()
-    body = gzip.compress(json_body(SOURCE_MODEL))
-    response = stack.main.exchange(simple_post(SOURCE_MODEL, tag, body=body, extra=[("Content-Encoding", "gzip")]))
-    assert response.status == 200
-    assert response.header("x-fake-provider") == "target"
+    body = COMPRESSORS[coding](plain)
+    response = stack.main.exchange(simple_post(SOURCE_MODEL, tag, body=body, extra=[("Content-Encoding", coding)]))
+    assert response.status == 200 and response.header("x-fake-provider") == "target"
     [seen] = stack.target.find(tag)
-    assert seen.json()["model"] == TARGET_MODEL
+    assert seen.body == plain.replace(SOURCE_MODEL.encode(), TARGET_MODEL.encode())  # decoded, model rewritten
+    assert seen.header("content-encoding") is None and seen.header("accept-encoding") == "identity"
+    tag = new_tag()
+    body = COMPRESSORS[coding](json_body(PASS_MODEL))
+    response = stack.main.exchange(simple_post(PASS_MODEL, tag, body=body, extra=[("Content-Encoding", coding)]))
+    assert response.status == 200 and response.header("x-fake-provider") == "anthropic"
+    [seen] = stack.anthropic.find(tag)
+    assert seen.body == body and seen.header("content-encoding") == coding  # untouched
+
+
+def test_truncated_gzip_is_a_clear_400(stack: Stack) -> None:
+    tag = new_tag()
+    body = gzip.compress(json_body(SOURCE_MODEL))[:-8]
+    response = stack.main.exchange(simple_post(SOURCE_MODEL, tag, body=body, extra=[("Content-Encoding", "gzip")]))
+    error = assert_anthropic_error(response, 400, "invalid_request_error")
+    assert "Truncated gzip" in error["message"]
+    assert stack.target.find(tag) == [] and stack.anthropic.find(tag) == []
+
+
+def test_gzip_bomb_is_413(stack: Stack) -> None:
+    body = gzip.compress(b'{"model":"' + b"x" * (64 << 20) + b'"}')
+    response = stack.strict.exchange(simple_post(SOURCE_MODEL, new_tag(), body=body,
+                                                 extra=[("Content-Encoding", "gzip")]))
+    assert_anthropic_error(response, 413, "request_too_large")
 
 
 # -- backpressure: a client that does not read must not make cmm buffer the response ---------------

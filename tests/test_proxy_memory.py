@@ -341,3 +341,57 @@ def test_content_is_logged_only_when_asked(harness: Harness) -> None:
     assert content.startswith("POST /v1/messages?beta=true HTTP/1.1\n")
     assert "x-api-key: [redacted]" in content and "sk-user" not in content and "user-oauth" not in content
     assert content.endswith("\n\n" + HAIKU.decode())
+
+
+def compressed_post(body: bytes, coding: bytes, chunked: bool = False) -> bytes:
+    if chunked:
+        return (b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Encoding: %s\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" % coding + encode_chunk(body[:10]) + encode_chunk(body[10:])
+                + LAST_CHUNK)
+    return post(body, extra=b"Content-Encoding: %s\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n" % coding)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_gzip_bodies_are_routed_and_decoded_for_the_target(harness: Harness, chunked: bool) -> None:
+    import gzip
+
+    client, _ = harness.client()
+    opus = compressed_post(gzip.compress(OPUS), b"gzip", chunked)
+    harness.send(client, opus)
+    assert harness.upstreams["anthropic"].exchanges[0].raw == opus  # compressed bytes, untouched
+    harness.send(client, compressed_post(gzip.compress(HAIKU), b"gzip", chunked))
+    [exchange] = harness.upstreams["target"].exchanges
+    assert exchange.body == HAIKU.replace(b"claude-haiku-4-5-20251001", b"gemini-2.5-flash")
+    lowered = exchange.head.lower()
+    assert b"content-encoding" not in lowered and b"transfer-encoding: chunked" in lowered
+    assert b"accept-encoding: identity\r\n" in lowered and b"gzip" not in lowered
+    assert len(responses(bytes(client.received))) == 2
+
+
+def test_truncated_gzip_is_400_and_nothing_is_forwarded(harness: Harness) -> None:
+    import gzip
+
+    data = gzip.compress(HAIKU)[:-12]  # the JSON is all there, the gzip trailer is not
+    client, _ = harness.client()
+    harness.send(client, compressed_post(data, b"gzip"))
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 400 ") and "Truncated gzip" in error_of(body)["message"]
+    assert harness.upstreams["target"].exchanges == [] and harness.upstreams["anthropic"].exchanges == []
+
+
+def test_gzip_bomb_is_413() -> None:
+    import gzip
+
+    harness = Harness(PKI, settings(body_limit=1 << 20))
+    bomb = gzip.compress(b'{"messages":[' + b" " * (50 << 20))
+    client, _ = harness.client()
+    harness.send(client, compressed_post(bomb, b"gzip"))
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 413 ") and error_of(body)["type"] == "request_too_large"
+
+
+def test_unknown_coding_passes_through_untouched(harness: Harness) -> None:
+    client, _ = harness.client()
+    request = compressed_post(b"\x1f\x9d\x90compressed", b"compress")
+    harness.send(client, request)
+    assert harness.upstreams["anthropic"].exchanges[0].raw == request

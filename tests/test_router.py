@@ -83,9 +83,19 @@ def test_intercepted_head_drops_credentials_and_keeps_the_rest_in_order() -> Non
     upstream = Upstream.from_url("http://127.0.0.1:8317/v1/messages", "sk-proxy")
     out = intercepted_head(head(raw), upstream, "messages", 12)
     assert out == (b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: 127.0.0.1:8317\r\nAccept: application/json\r\n"
-                   b"anthropic-version: 2023-06-01\r\nAuthorization: Bearer sk-proxy\r\nContent-Length: 12\r\n\r\n")
+                   b"anthropic-version: 2023-06-01\r\nAuthorization: Bearer sk-proxy\r\nAccept-Encoding: identity\r\n"
+                   b"Content-Length: 12\r\n\r\n")
     no_key = intercepted_head(head(raw), Upstream.from_url("http://h/v1/messages"), "messages", None)
     assert b"authorization" not in no_key.lower() and b"content-length" not in no_key.lower()
+    assert no_key.endswith(b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def test_decoded_bodies_lose_their_content_encoding() -> None:
+    raw = (b"POST /v1/messages HTTP/1.1\r\nContent-Encoding: gzip\r\nAccept-Encoding: gzip, br\r\n"
+           b"Content-Length: 10\r\n\r\n")
+    out = intercepted_head(head(raw), Upstream.from_url("http://h/v1/messages"), "messages", None, decoded=True)
+    assert b"content-encoding" not in out.lower() and b"gzip" not in out
+    assert out.endswith(b"Accept-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n")
 
 
 @given(st.text(min_size=1), st.text(min_size=1), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
