@@ -1,0 +1,113 @@
+"""Claude Code's body hash: the ``cch=`` value in the first system block.
+
+Claude Code 2.1.3xx signs each messages body (see CLAUDE_CODE_TRAFFIC.md): xxHash64 with a fixed
+seed over the body's raw bytes after three edits — the 5 hex digits after the first ``cch=``
+zeroed, every string value of a ``"model"`` key (at any depth) emptied, and the members
+``max_tokens``, ``fallbacks`` and ``fallback_credit_token`` removed with their comma — and the
+low 20 bits, as 5 lowercase hex digits, replace the placeholder. Rewriting ``model`` therefore
+keeps the hash valid; any other change cmm makes to a body bound for api.anthropic.com must
+re-sign it with :func:`resign`, or the request is no longer what Claude Code would have sent.
+"""
+
+from __future__ import annotations
+
+import re
+
+import xxhash
+
+SEED = 0x4D659218E32A3268
+UNSIGNED_MEMBERS = frozenset({b"max_tokens", b"fallbacks", b"fallback_credit_token"})
+_MARK = b"cch="
+_HASH = re.compile(rb"cch=([0-9a-f]{5})")
+_TOKEN = re.compile(rb'[ \t\r\n]*(?:("[^"\\]*(?:\\.[^"\\]*)*")|([{}\[\],:])|([^ \t\r\n{}\[\],:"]+))')
+
+
+def _edits(body: bytes) -> list[tuple[int, int, bytes]]:
+    """(start, end, replacement) spans for the model and unsigned-member edits, in order."""
+    edits: list[tuple[int, int, bytes]] = []
+    # Each open container: [is_object, expecting_key, current_key, member_start, comma_before]
+    stack: list[list] = []
+    pos = 0
+    size = len(body)
+    while pos < size:
+        match = _TOKEN.match(body, pos)
+        if match is None or match.end() == pos:
+            break  # not JSON past here: sign what was understood, as the raw-byte edits would
+        start = match.start(match.lastindex)
+        pos = match.end()
+        string, punct, _scalar = match.groups()
+        top = stack[-1] if stack else None
+        if punct in (b"{", b"["):
+            stack.append([punct == b"{", True, None, None, None])
+            continue
+        if punct in (b"}", b"]"):
+            stack.pop() if stack else None
+            value_end = pos
+            top = stack[-1] if stack else None
+            if top is not None and top[0] and not top[1]:
+                _member_done(body, top, value_end, edits)
+            continue
+        if punct == b",":
+            if top is not None and top[0]:
+                top[1], top[4] = True, start
+            continue
+        if punct == b":":
+            continue
+        if top is not None and top[0] and top[1]:  # a key
+            top[1], top[2], top[3] = False, string[1:-1] if string else None, start
+            continue
+        if top is not None and top[0]:  # a scalar or string value of a member
+            if top[2] == b"model" and string is not None:
+                edits.append((start, pos, b'""'))
+            _member_done(body, top, pos, edits)
+    return edits
+
+
+def _member_done(body: bytes, top: list, value_end: int, edits: list[tuple[int, int, bytes]]) -> None:
+    key, member_start, comma = top[2], top[3], top[4]
+    if key in UNSIGNED_MEMBERS and member_start is not None:
+        if comma is not None:  # ,"max_tokens":32000 — drop it with the comma before it
+            edits[:] = [e for e in edits if not comma <= e[0] < value_end]
+            edits.append((comma, value_end, b""))
+        else:  # the first member: drop it with the comma after it
+            after = re.compile(rb"[ \t\r\n]*,").match(body, value_end)
+            end = after.end() if after else value_end
+            edits[:] = [e for e in edits if not member_start <= e[0] < end]
+            edits.append((member_start, end, b""))
+    top[2], top[3], top[4] = None, None, None
+
+
+def signing_form(body: bytes) -> bytes:
+    """The bytes the hash is taken over."""
+    zeroed = _HASH.sub(b"cch=00000", body, count=1)
+    out = bytearray()
+    last = 0
+    for start, end, replacement in sorted(_edits(zeroed)):
+        if start < last:
+            continue
+        out += zeroed[last:start] + replacement
+        last = end
+    out += zeroed[last:]
+    return bytes(out)
+
+
+def compute(body: bytes) -> str:
+    return "%05x" % (xxhash.xxh64_intdigest(signing_form(body), seed=SEED) & 0xFFFFF)
+
+
+def current(body: bytes) -> str | None:
+    match = _HASH.search(body)
+    return match.group(1).decode() if match else None
+
+
+def is_valid(body: bytes) -> bool:
+    value = current(body)
+    return value is not None and value == compute(body)
+
+
+def resign(body: bytes) -> bytes:
+    """The body with its ``cch`` recomputed (same length); unsigned bodies are returned as they are."""
+    match = _HASH.search(body)
+    if match is None:
+        return body
+    return body[: match.start(1)] + compute(body).encode() + body[match.end(1) :]

@@ -1,0 +1,61 @@
+"""Claude Code's cch body hash, checked against bodies signed by the real CLI (shared/vectors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+from cmm import cch
+from cmm.model_finder import find_model
+from cmm.router import rewrite_model
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+SIGNED = {"cch-1.json": "bdaf7", "cch-2.json": "9cf06"}
+
+
+def vector(name: str) -> bytes:
+    return (VECTORS / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED))
+def test_real_bodies_verify(name: str) -> None:
+    body = vector(name)
+    assert cch.current(body) == SIGNED[name]
+    assert cch.compute(body) == SIGNED[name]
+    assert cch.is_valid(body)
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED))
+@given(target=st.text(min_size=1, max_size=40))
+def test_rewriting_only_the_model_keeps_the_hash(name: str, target: str) -> None:
+    body = vector(name)
+    found = find_model(body)
+    assert cch.is_valid(rewrite_model(body, found.start, found.end, target))
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED))
+def test_any_other_change_needs_resigning(name: str) -> None:
+    body = vector(name).replace(b'"stream":true', b'"stream":false')
+    assert not cch.is_valid(body)
+    signed = cch.resign(body)
+    assert len(signed) == len(body) and cch.is_valid(signed)
+    assert signed.replace(cch.current(signed).encode(), b"") == body.replace(cch.current(body).encode(), b"")
+
+
+def test_signing_form_edits() -> None:
+    body = vector("cch-2.json")
+    form = cch.signing_form(body)
+    assert b"cch=00000" in form
+    assert b'"input":{"model":"","prompt":"x"}' in form  # nested string model emptied
+    assert b'"properties":{"model":{"type":"string"}}' in form  # a model that is not a string stays
+    assert b"max_tokens" not in form and b'}}}],"stream":true}' in form
+    assert json.loads(form)  # still JSON
+
+
+def test_unsigned_members_go_with_the_right_comma() -> None:
+    first = cch.signing_form(b'{"max_tokens":5,"model":"m","fallbacks":["a"],"x":1,"fallback_credit_token":"t"}')
+    assert first == b'{"model":"","x":1}'
+    assert cch.resign(b'{"no":"signature"}') == b'{"no":"signature"}'
