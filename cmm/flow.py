@@ -36,6 +36,13 @@ class Valve:
             if not self._reasons:
                 self._transport.resumeProducing()
 
+    def open(self) -> None:
+        """Read again whatever the reasons: a closing TLS connection must read the peer's
+        close_notify (or EOF), or it lingers until something aborts it."""
+        if self._reasons:
+            self._reasons.clear()
+            self._transport.resumeProducing()
+
     # IPushProducer, for registering with the other side's transport as its producer.
     def pauseProducing(self) -> None:
         self.pause("backpressure")

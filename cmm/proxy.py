@@ -310,6 +310,7 @@ class ClientConnection(Protocol):
         if self.state != "closed":
             self.state = "closed"
             self.deadline.cancel()
+            self.valve.open()
             self.transport.loseConnection()
 
     def fail(self, error: HttpError) -> None:

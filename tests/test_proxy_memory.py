@@ -395,3 +395,11 @@ def test_unknown_coding_passes_through_untouched(harness: Harness) -> None:
     request = compressed_post(b"\x1f\x9d\x90compressed", b"compress")
     harness.send(client, request)
     assert harness.upstreams["anthropic"].exchanges[0].raw == request
+
+
+def test_a_connection_closed_while_connecting_reads_again_to_finish_closing(harness: Harness) -> None:
+    harness.upstreams["target"].refuse = ConnectionRefusedError("Connection refused")
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    assert client.lost
+    assert not client.server.valve.paused  # else TLS shutdown waits forever for the peer
