@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Mapping, Protocol as TypingProtocol
 
 import attrs
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -168,7 +170,9 @@ def system_trust(environ: Mapping[str, str] = os.environ) -> object:
     bundle = environ.get("SSL_CERT_FILE")
     if bundle:
         try:
-            found = x509.load_pem_x509_certificates(Path(bundle).read_bytes())
+            with warnings.catch_warnings():  # old roots with odd serials are the bundle owner's call
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                found = x509.load_pem_x509_certificates(Path(bundle).read_bytes())
         except (OSError, ValueError):
             return platformTrust()  # let OpenSSL report it at the handshake, as it would anyway
         return trustRootFromCertificates(
