@@ -2,7 +2,8 @@
 --
 -- run.py passes the body and an optional Host header in the environment so that one script
 -- serves every route; done() prints one line "CMM_BENCH_RESULT {...}" that run.py parses,
--- which is sturdier than scraping wrk's human-readable report.
+-- which is sturdier than scraping wrk's human-readable report. CMM_BENCH_CLOSE=1 sends
+-- "Connection: close" on every request: a new (TLS) connection per request.
 
 wrk.method = "POST"
 wrk.body = os.getenv("CMM_BENCH_BODY")
@@ -16,6 +17,9 @@ wrk.headers["x-app"] = "cli"
 local host = os.getenv("CMM_BENCH_HOST")
 if host and host ~= "" then
    wrk.headers["Host"] = host
+end
+if os.getenv("CMM_BENCH_CLOSE") == "1" then
+   wrk.headers["Connection"] = "close"
 end
 
 function done(summary, latency, requests)

@@ -4,9 +4,12 @@
 
 Brings up the fake Anthropic API (TLS), the fake target (plain http) and cmm, all on loopback;
 measures throughput and latency (wrk), streaming time to first byte and event pacing, latency
-for a 2 MB body, and cmm's peak RSS against body size; prints a table of ratios and
-differences and writes the raw figures to ``<out>/<UTC timestamp>.json``. Everything it
-starts runs in its own process group and is stopped on the way out, also on Ctrl-C.
+for a 2 MB body, and cmm's peak RSS against body size; then, with a fresh cmm for each of
+--workers 0, 1 and 2 (--accept shared and reuseport), throughput, cmm's CPU time per request
+and how the requests spread over the workers (the master's status socket), with keep-alive
+and with a new connection per request. Prints a table of ratios and differences and writes
+the raw figures to ``<out>/<UTC timestamp>.json``. Everything it starts runs in its own
+process group and is stopped on the way out, also on Ctrl-C.
 
 The figures come from one run on a machine that the load generator, the fakes and cmm share,
 so only ratios and differences against the direct run mean anything. Exits 1 when the run
@@ -68,7 +71,7 @@ CLIENT_HEADERS = (
 
 @dataclass(frozen=True)
 class Plan:
-    """How much to measure; --quick shrinks everything to fit in about a minute."""
+    """How much to measure; --quick shrinks everything to fit in about a minute and a half."""
 
     wrk_seconds: int
     ttfb_requests: int
@@ -164,6 +167,24 @@ class Endpoint:
 
 
 @dataclass
+class Cmm:
+    """One running cmm (the master; twistd -n does not fork) with its own port and config dir."""
+
+    name: str  # also the name of its output file
+    process: subprocess.Popen[bytes]
+    port: int
+    config: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def control_socket(self) -> Path:
+        return self.config / "cmm.sock"
+
+
+@dataclass
 class Stack:
     """The two fakes and cmm, each in its own process group, output in files under ``work``."""
 
@@ -171,8 +192,7 @@ class Stack:
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     anthropic_port: int = 0
     target_port: int = 0
-    cmm_port: int = 0
-    cmm_pid: int = 0
+    cmm: Cmm | None = None  # the one sections 1-4 measure (cmm's default workers and accept)
 
     def log_path(self, name: str) -> Path:
         return self.work / f"{name}.out"
@@ -223,7 +243,7 @@ class Stack:
 
     def start(self) -> None:
         python = sys.executable
-        pki, config = self.work / "pki", self.work / "cmm-config"
+        pki = self.work / "pki"
         anthropic = self._spawn(
             "fake-anthropic",
             [python, "-m", "cmm.fakes", "anthropic", "--port", "0", "--cert-dir", str(pki), "--keep-requests", "0"],
@@ -233,30 +253,36 @@ class Stack:
         )
         self.anthropic_port = self._wait_listening("fake-anthropic", anthropic)
         self.target_port = self._wait_listening("fake-target", target)
-        self.cmm_port = free_port()
+        self.cmm = self.start_cmm("cmm", [])
+
+    def start_cmm(self, name: str, extra_args: list[str]) -> Cmm:
+        """Start a cmm in front of the fakes, on a port and in a config dir of its own."""
+        config, port = self.work / f"{name}-config", free_port()
         # cmm trusts the fake's test CA only through SSL_CERT_FILE, as a test would.
-        env = {**checkout_env(), "SSL_CERT_FILE": str(pki / "ca.pem")}
+        env = {**checkout_env(), "SSL_CERT_FILE": str(self.work / "pki" / "ca.pem")}
         argv = twistd_command([
             "--source", SOURCE_PREFIX, "--target", TARGET_MODEL,
-            "--port", str(self.cmm_port), "--listen", LOOPBACK, "--config-dir", str(config),
+            "--port", str(port), "--listen", LOOPBACK, "--config-dir", str(config),
             "--anthropic-ip", LOOPBACK, "--anthropic-port", str(self.anthropic_port),
             "--proxy-url", f"http://{LOOPBACK}:{self.target_port}/v1/messages",
-            "--no-hosts", "--log-file", str(config / "cmm.log"),
-        ], python)  # fmt: skip
-        cmm = self._spawn("cmm", argv, env)
-        self._wait_port("cmm", cmm, self.cmm_port)
-        self.cmm_pid = cmm.pid  # twistd -n does not fork: this is the serving process
+            "--no-hosts", "--log-file", str(config / "cmm.log"), *extra_args,
+        ], sys.executable)  # fmt: skip
+        process = self._spawn(name, argv, env)
+        self._wait_port(name, process, port)
+        return Cmm(name, process, port, config)
 
-    def stop(self) -> None:
-        """SIGTERM every process group, then SIGKILL whatever is still there after 5 s."""
-        for _, process in self.processes:
+    def stop(self, only: Cmm | None = None) -> None:
+        """SIGTERM every process group (or only that cmm's), then SIGKILL whatever is still there
+        after 5 s."""
+        processes = [p for _, p in self.processes if only is None or p is only.process]
+        for process in processes:
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         end = time.monotonic() + 5
-        for _, process in self.processes:
+        for process in processes:
             try:
                 process.wait(timeout=max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -266,11 +292,13 @@ class Stack:
                     pass
                 process.wait()
 
-    def endpoints(self) -> dict[str, dict[str, Endpoint]]:
-        """route -> {"direct": ..., "via": ...}"""
+    def endpoints(self, cmm: Cmm | None = None) -> dict[str, dict[str, Endpoint]]:
+        """route -> {"direct": ..., "via": ...}, via ``cmm`` (default: the stack's own)."""
+        cmm = cmm or self.cmm
+        assert cmm is not None
         fake_ca = ssl.create_default_context(cafile=str(self.work / "pki" / "ca.pem"))
-        cmm_ca = ssl.create_default_context(cafile=str(self.work / "cmm-config" / "ca.crt"))
-        via = Endpoint("via cmm", self.cmm_port, cmm_ca, ANTHROPIC_NAME)
+        cmm_ca = ssl.create_default_context(cafile=str(cmm.config / "ca.crt"))
+        via = Endpoint("via cmm", cmm.port, cmm_ca, ANTHROPIC_NAME)
         return {
             "routed": {"direct": Endpoint("target", self.target_port, None, None), "via": via},
             "passthrough": {"direct": Endpoint("anthropic", self.anthropic_port, fake_ca, ANTHROPIC_NAME), "via": via},
@@ -322,12 +350,15 @@ def check_reply(response: Response, route: str, via: bool, stream: bool = False)
 # -- 1. throughput and latency (wrk) ---------------------------------------------------------
 
 
-def run_wrk(endpoint: Endpoint, body: bytes, threads: int, connections: int, seconds: int) -> dict[str, Any]:
+def run_wrk(endpoint: Endpoint, body: bytes, threads: int, connections: int, seconds: int,
+            close: bool = False) -> dict[str, Any]:
+    """wrk with post.lua; ``close`` sends "Connection: close": a new connection per request."""
     argv = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
         "-s", str(WRK_SCRIPT), endpoint.url,
     ]  # fmt: skip
-    env = {**os.environ, "CMM_BENCH_BODY": body.decode(), "CMM_BENCH_HOST": endpoint.host_header or ""}
+    env = {**os.environ, "CMM_BENCH_BODY": body.decode(), "CMM_BENCH_HOST": endpoint.host_header or "",
+           "CMM_BENCH_CLOSE": "1" if close else ""}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
     result: dict[str, Any] = {"argv": argv, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
     match = re.search(r"^CMM_BENCH_RESULT (.*)$", done.stdout, re.MULTILINE)
@@ -500,6 +531,25 @@ def measure_large_body(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any
 # -- 4. peak RSS against body size ------------------------------------------------------------
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: [0] is the state (field 3)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid``: for a cmm master, its workers."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(proc_stat(int(entry.name))[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass  # gone meanwhile
+    return sorted(found)
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
     values = {}
@@ -508,6 +558,12 @@ def memory_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values
+
+
+def tree_memory_kib(pid: int) -> dict[str, Any]:
+    """VmRSS and VmHWM summed over a cmm master and its workers, and each process's own."""
+    each = {str(p): memory_kib(p) for p in [pid, *child_pids(pid)]}
+    return {key: sum(v[key] for v in each.values()) for key in ("VmRSS", "VmHWM")} | {"processes": each}
 
 
 def reset_peak(pid: int) -> bool:
@@ -520,12 +576,14 @@ def reset_peak(pid: int) -> bool:
 
 
 def measure_rss(endpoints: Routes, pid: int, plan: Plan, log: Log) -> dict[str, Any]:
-    results: dict[str, Any] = {"pid": pid, "before_kib": memory_kib(pid), "sizes": {}}
+    """Memory of the whole process tree: the workers serve, so their peaks are the ones that grow."""
+    results: dict[str, Any] = {"pid": pid, "workers": child_pids(pid), "before_kib": tree_memory_kib(pid), "sizes": {}}
     for size_mb in RSS_SIZES_MB:
         size = size_mb * MB
         log(f"RSS {size_mb} MB body x{plan.rss_requests} per route")
-        entry: dict[str, Any] = {"body_bytes": size, "peak_reset": reset_peak(pid), "errors": [], "latency_s": {}}
-        entry["start_kib"] = memory_kib(pid)
+        reset = all([reset_peak(p) for p in [pid, *child_pids(pid)]])
+        entry: dict[str, Any] = {"body_bytes": size, "peak_reset": reset, "errors": [], "latency_s": {}}
+        entry["start_kib"] = tree_memory_kib(pid)
         for route, ends in endpoints.items():
             body = large_body(ROUTE_MODELS[route], size)
             connection = ends["via"].connect(timeout=120)
@@ -543,8 +601,143 @@ def measure_rss(endpoints: Routes, pid: int, plan: Plan, log: Log) -> dict[str, 
             finally:
                 connection.close()
             del body
-        entry["after_kib"] = memory_kib(pid)
+        entry["after_kib"] = tree_memory_kib(pid)
         results["sizes"][str(size_mb)] = entry
+    return results
+
+
+# -- 5. workers and accept spread -------------------------------------------------------------
+
+# (key, label, cmm flags): each configuration gets a cmm of its own, stopped before the next.
+WORKER_CONFIGS: tuple[tuple[str, str, list[str]], ...] = (
+    ("w0", "--workers 0 (single process)", ["--workers", "0"]),
+    ("w1", "--workers 1", ["--workers", "1"]),
+    ("w2-shared", "--workers 2 --accept shared", ["--workers", "2", "--accept", "shared"]),
+    ("w2-reuseport", "--workers 2 --accept reuseport", ["--workers", "2", "--accept", "reuseport"]),
+)
+# (run name, route, Connection: close): keep-alive wrk spreads only its 8 accepts; with a new TLS
+# connection per request (as a client that does not keep connections alive) every request is one.
+SPREAD_RUNS: tuple[tuple[str, str, bool], ...] = (
+    ("routed", "routed", False),
+    ("passthrough", "passthrough", False),
+    ("routed close", "routed", True),
+)
+SPREAD_LOAD = (2, 8)  # wrk threads, connections: as section 1's c8
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cmm_status(cmm: Cmm, timeout: float = 5.0) -> dict[str, Any]:
+    """The master's live status: one JSON document on the control socket, then EOF."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(cmm.control_socket))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
+
+
+def worker_requests(status: dict[str, Any]) -> dict[str, int]:
+    """Requests per worker ("master" with --workers 0), as the master has counted them so far."""
+    workers = status.get("workers")
+    if not isinstance(workers, dict):
+        return {}
+    return {name: int(values.get("requests", 0)) for name, values in workers.items()}
+
+
+def settled_requests(cmm: Cmm, at_least: int, deadline: float = 5.0) -> dict[str, int]:
+    """Per-worker counts once the records of a run have reached the master: at least
+    ``at_least`` in all and unchanged over 0.2 s, or whatever there is after ``deadline``."""
+    end = time.monotonic() + deadline
+    counts = worker_requests(cmm_status(cmm))
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        newer = worker_requests(cmm_status(cmm))
+        if newer == counts and sum(counts.values()) >= at_least:
+            break
+        counts = newer
+    return counts
+
+
+def cpu_seconds(pid: int) -> dict[str, Any]:
+    """utime+stime of a cmm master and each of its workers, in seconds. The master's cutime and
+    cstime count too, so that a worker that died and was reaped keeps its share."""
+    stat = proc_stat(pid)
+    master = (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / CLOCK_TICKS
+    workers = {}
+    for child in child_pids(pid):
+        try:
+            fields = proc_stat(child)
+        except OSError:
+            continue
+        workers[str(child)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return {"master_s": master, "workers_s": workers, "total_s": master + sum(workers.values())}
+
+
+def wait_workers(cmm: Cmm, count: int, deadline: float = 15.0) -> list[str]:
+    """The workers that have reported to the master, once all ``count`` have (or ``deadline``
+    passed). cmm listens before its workers are up; a run that started earlier would hand all
+    its keep-alive connections to the first worker ready. A worker reports its first gauges a
+    second after it adopted the sockets."""
+    end = time.monotonic() + deadline
+    while True:
+        reported = sorted(name for name in worker_requests(cmm_status(cmm)) if name != "master")
+        if len(reported) >= count or time.monotonic() > end:
+            return reported
+        time.sleep(0.1)
+
+
+def spread_run(cmm: Cmm, ends: dict[str, Endpoint], route: str, close: bool, plan: Plan) -> dict[str, Any]:
+    """One wrk run via ``cmm``, with the requests each worker served and the CPU cmm spent."""
+    body = small_body(ROUTE_MODELS[route])
+    before = worker_requests(cmm_status(cmm))
+    received_before = fake_request_count(ends["direct"])
+    cpu_before = cpu_seconds(cmm.pid)
+    run = run_wrk(ends["via"], body, *SPREAD_LOAD, plan.wrk_seconds, close=close)
+    received_after = fake_request_count(ends["direct"])
+    if received_before is not None and received_after is not None:
+        run["upstream_received"] = received_after - received_before
+    if "error" in run:
+        return run
+    after = settled_requests(cmm, sum(before.values()) + run["requests"])
+    cpu_after = cpu_seconds(cmm.pid)  # after the master has logged the last records
+    run["worker_requests"] = {name: count - before.get(name, 0) for name, count in sorted(after.items())}
+    run["cpu_before"], run["cpu_after"] = cpu_before, cpu_after
+    run["cpu_s"] = cpu_after["total_s"] - cpu_before["total_s"]
+    run["master_cpu_s"] = cpu_after["master_s"] - cpu_before["master_s"]
+    run["workers_restarted"] = sorted(cpu_before["workers_s"]) != sorted(cpu_after["workers_s"])
+    return run
+
+
+def measure_workers(stack: Stack, plan: Plan, log: Log) -> dict[str, Any]:
+    """Each configuration of WORKER_CONFIGS in a cmm of its own: throughput, CPU, accept spread."""
+    results: dict[str, Any] = {}
+    for key, label, args in WORKER_CONFIGS:
+        entry: dict[str, Any] = {"label": label, "args": args, "runs": {}, "problems": []}
+        results[key] = entry
+        cmm = None
+        try:
+            log(f"cmm {label}: starting")
+            cmm = stack.start_cmm(f"cmm-{key}", args)
+            entry.update(port=cmm.port, pid=cmm.pid)
+            endpoints = stack.endpoints(cmm)
+            count = int(args[args.index("--workers") + 1])
+            if len(ready := wait_workers(cmm, count)) < count:
+                raise RuntimeError(f"only {len(ready)} of {count} workers reported to the master: {ready}")
+            entry["problems"] += route_check(endpoints)["problems"]
+            for name, route, close in SPREAD_RUNS:
+                log(f"wrk {name} via cmm {label} -t{SPREAD_LOAD[0]} -c{SPREAD_LOAD[1]} -d{plan.wrk_seconds}s")
+                entry["runs"][name] = spread_run(cmm, endpoints[route], route, close, plan)
+            entry["status"] = cmm_status(cmm)
+            entry["worker_pids"] = child_pids(cmm.pid)
+        except Exception as error:  # one broken configuration must not hide the others
+            entry["error"] = error_text(error)
+            log(f"cmm {label} failed: {error_text(error)}")
+        finally:
+            if cmm is not None:
+                stack.stop(cmm)
+                entry["cmm_output"] = scan_cmm_output(stack.log_path(cmm.name),
+                                                      wrk_connections=SPREAD_LOAD[1] * len(SPREAD_RUNS))
     return results
 
 
@@ -592,8 +785,12 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
         "cmm benchmark: one run on a shared machine "
         f"({os.cpu_count()} CPUs shared by wrk, the fakes and cmm).",
         "Latencies are medians unless marked; compare ratios and differences, not absolute numbers.",
-        "",
     ]
+    machine = results.get("machine", {})
+    if "load_after" in machine:  # anything else running skews the figures: say how busy the machine was
+        out.append("Load average (1, 5, 15 min) before the run: {}; after: {}.".format(
+            *(", ".join(f"{x:.2f}" for x in machine[k]) for k in ("load_before", "load_after"))))
+    out.append("")
     m = results["measurements"]
 
     if "wrk" in m:
@@ -619,7 +816,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
                     if run.get("upstream_received", run.get("requests", 0)) < run.get("requests", 0):
                         problems.append(f"wrk {route} {way} {load}: {run['requests']} responses but the "
                                         f"{route} upstream received only {run['upstream_received']} requests")
-        out.append(f"1. Throughput, small request (wrk -t2 -c8 -d{plan.wrk_seconds}s, keep-alive POST)")
+        main = results.get("cmm", {})
+        out.append(f"1. Throughput, small request (wrk -t2 -c8 -d{plan.wrk_seconds}s, keep-alive POST); "
+                   f"cmm with its defaults ({main.get('workers', '?')} workers, --accept shared)")
         out.append(table(["route", "direct req/s", "via cmm req/s", "via/direct", "errors direct", "errors via"], rows))
         out.append("")
         out.append(f"   Latency at one connection (wrk -t1 -c1 -d{plan.wrk_seconds}s --latency), ms")
@@ -691,12 +890,18 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
             for error in e["errors"][:3]:
                 problems.append(f"RSS {size_mb} MB: {error}")
         reset = all(e["peak_reset"] for e in rss["sizes"].values())
-        out.append(f"4. Peak RSS of cmm (twistd pid {rss['pid']}), {plan.rss_requests} sequential request(s) per route "
+        workers = len(rss.get("workers", []))
+        whose = f"master pid {rss['pid']} + {workers} worker(s), summed" if workers else f"twistd pid {rss['pid']}"
+        out.append(f"4. Peak RSS of cmm ({whose}), {plan.rss_requests} sequential request(s) per route "
                    "per size via cmm, model first; MiB")
         peak_note = "Peak (VmHWM) reset before each size." if reset else "Peak (VmHWM) not resettable: cumulative."
         out.append("   32 MB = 32,000,000 bytes, under cmm's default 32 MiB body limit. " + peak_note)
         out.append(table(["body", "RSS before", "RSS at start", "peak", "peak - before", "RSS after",
                           "routed ms", "passthrough ms", "errors"], rows))
+        out.append("")
+
+    if "workers" in m:
+        out.append(workers_report(m["workers"], m.get("wrk", {}), plan, problems))
         out.append("")
 
     for key in ("route_check", "cmm_output"):
@@ -706,6 +911,73 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
     out.append("Problems: " + ("none" if not problems else ""))
     out += [f"  - {p}" for p in problems]
     return "\n".join(out), problems
+
+
+def spread_cells(run: dict[str, Any]) -> tuple[str, str]:
+    """"48.2 / 51.8" (% of requests per worker) and max/min, or "-" with fewer than 2 workers."""
+    counts = list(run.get("worker_requests", {}).values())
+    total = sum(counts)
+    if len(counts) < 2 or not total:
+        return "-", "-"
+    shares = " / ".join(f"{100 * c / total:.1f}" for c in counts)
+    return shares, ("inf" if min(counts) == 0 else f"{max(counts) / min(counts):.2f}")
+
+
+def workers_report(workers: dict[str, Any], wrk: dict[str, Any], plan: Plan, problems: list[str]) -> str:
+    """Section 5's table; adds what went wrong to ``problems``."""
+    rows = []
+    for key, entry in workers.items():
+        label = entry["label"]
+        count = int(entry["args"][entry["args"].index("--workers") + 1])
+        problems += [f"{label}: {p}" for p in entry["problems"] + entry.get("cmm_output", {}).get("problems", [])]
+        if "error" in entry:
+            problems.append(f"{label}: {entry['error']}")
+        for name, route, close in SPREAD_RUNS:
+            run = entry["runs"].get(name)
+            if run is None:
+                continue
+            rps = run.get("rps")
+            direct = None if close else wrk.get(route, {}).get("c8", {}).get("direct", {}).get("rps")
+            requests = run.get("requests") or None
+            cpu = run.get("cpu_s")
+            shares, spread = spread_cells(run) if count >= 2 else ("-", "-")
+            rows.append([label, name, fmt(rps), "-" if close else fmt(ratio(rps, direct), ".2f"),
+                         fmt(ms(ratio(cpu, requests)), ".2f"), fmt(ratio(run.get("master_cpu_s"), cpu), ".0%"),
+                         fmt(ratio(cpu, run["duration_us"] / 1e6 if "duration_us" in run else None), ".2f"),
+                         shares, spread, wrk_errors(run)])
+            where = f"{label}, {name}"
+            if "error" in run:
+                problems.append(f"wrk {where}: {run['error']}")
+                continue
+            if run["error_count"]:
+                problems.append(f"wrk {where}: errors {run['errors']} in {run['requests']} requests")
+            if run.get("upstream_received", run["requests"]) < run["requests"]:
+                problems.append(f"wrk {where}: {run['requests']} responses but the {route} upstream received only "
+                                f"{run['upstream_received']} requests")
+            counted = sum(run["worker_requests"].values())
+            if counted < run["requests"]:
+                problems.append(f"{where}: the status socket counted {counted} requests, wrk completed "
+                                f"{run['requests']}")
+            served = sorted(run["worker_requests"])
+            expected = ["master"] if count == 0 else [f"worker-{i + 1}" for i in range(count)]
+            if served != expected:
+                problems.append(f"{where}: the status socket lists {served}, expected {expected}")
+            if run["workers_restarted"]:
+                problems.append(f"{where}: a worker was restarted during the run (pids "
+                                f"{sorted(run['cpu_before']['workers_s'])} -> {sorted(run['cpu_after']['workers_s'])})")
+    head = [
+        f"5. Workers and accept spread: a fresh cmm per configuration, wrk -t{SPREAD_LOAD[0]} -c{SPREAD_LOAD[1]} "
+        f"-d{plan.wrk_seconds}s, small request",
+        "   via/direct: against section 1's direct runs. \"close\": Connection: close, a new TLS connection per "
+        "request (no ratio:",
+        "   section 1 has no such direct run). CPU: utime+stime of the master and its workers (/proc) over the run, "
+        "per request;",
+        "   master: its share of that; cores: CPU seconds per second. Spread: % of requests per worker (status "
+        "socket, worker-1 / worker-2).",
+        table(["configuration", "run", "req/s", "via/direct", "CPU ms/req", "master", "cores", "spread %", "max/min",
+               "errors"], rows),
+    ]
+    return "\n".join(head)
 
 
 # -- checks around the run ----------------------------------------------------------------------
@@ -782,18 +1054,27 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, log: Log) -> None
     try:
         log("starting the fakes and cmm")
         stack.start()
-        results["ports"] = {"anthropic": stack.anthropic_port, "target": stack.target_port, "cmm": stack.cmm_port}
+        cmm = stack.cmm
+        assert cmm is not None
+        results["ports"] = {"anthropic": stack.anthropic_port, "target": stack.target_port, "cmm": cmm.port}
         endpoints = stack.endpoints()
         results["route_check"] = route_check(endpoints)
+        count = os.cpu_count() or 1  # cmm's default --workers
+        results["cmm"] = {"pid": cmm.pid, "workers": count, "reported": wait_workers(cmm, count),
+                          "worker_pids": child_pids(cmm.pid)}
+        if len(results["cmm"]["reported"]) < count:
+            results["route_check"]["problems"].append(f"cmm: only {results['cmm']['reported']} of its {count} "
+                                                      "default workers reported to the master")
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("wrk", lambda: measure_wrk(endpoints, plan, log)),
             ("streaming", lambda: measure_streaming(endpoints, plan, log)),
             ("pacing", lambda: measure_pacing(endpoints, log)),
             ("large_body", lambda: measure_large_body(endpoints, plan, log)),
-            ("rss", lambda: measure_rss(endpoints, stack.cmm_pid, plan, log)),
+            ("rss", lambda: measure_rss(endpoints, cmm.pid, plan, log)),
+            ("workers", lambda: measure_workers(stack, plan, log)),
         ]
         for name, step in steps:
-            if stack.processes[-1][1].poll() is not None:
+            if cmm.process.poll() is not None:
                 results["failed"][name] = "cmm is no longer running:\n" + stack.tail("cmm")
                 break
             try:
@@ -809,7 +1090,7 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, log: Log) -> None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark cmm against its fake upstreams, direct vs via cmm.")
-    parser.add_argument("--quick", action="store_true", help="short runs (about a minute in all)")
+    parser.add_argument("--quick", action="store_true", help="short runs (about a minute and a half in all)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="directory for the raw JSON results")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory (process output)")
     args = parser.parse_args(argv)
@@ -831,7 +1112,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(),
         "quick": args.quick,
         "plan": plan.__dict__,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                    "load_before": os.getloadavg()},
         "measurements": {},
         "failed": {},
     }
@@ -843,6 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         results["elapsed_s"] = time.monotonic() - t0
+        results["machine"]["load_after"] = os.getloadavg()
         if args.keep_work:
             print(f"bench: process output kept in {work}", file=sys.stderr)
         else:

@@ -24,8 +24,11 @@ _CANDIDATE_PATHS: dict[bytes, Endpoint] = {
 
 # The user's Anthropic credentials must never reach another provider.
 _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"proxy-authorization"})
-# Rewritten or answered by cmm itself.
-_REPLACED_HEADERS = frozenset({b"host", b"content-length", b"expect", b"accept-encoding"})
+# Rewritten or answered by cmm itself, or hop-by-hop: they concern the client's connection to
+# cmm, not cmm's pooled connection to the target (a client's "Connection: close" must not cost
+# the pool its connection).
+_REPLACED_HEADERS = frozenset({b"host", b"content-length", b"expect", b"accept-encoding", b"connection",
+                               b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
 
 
 @attrs.frozen

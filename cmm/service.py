@@ -323,6 +323,8 @@ class InterceptorService(Service):
             log.info("Request log rotated")
 
     def status(self) -> dict[str, Any]:
+        if self.context is not None:  # --workers 0: the master's own gauges
+            self.stats.gauges("master", self.context.gauges())
         return {**self._state(), **self.stats.snapshot()}
 
     def _state(self) -> dict[str, Any]:
@@ -332,7 +334,8 @@ class InterceptorService(Service):
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
             "port": config.port,
             "listen": list(config.listen),
-            "workers": config.workers,
+            "worker_count": config.workers,
+            "accept": config.accept,
             "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url}
                          for m in config.proxy.router.mappings],
             "hosts_file": str(config.hosts_file) if config.hosts_file else None,

@@ -113,3 +113,13 @@ def test_rewrite_changes_only_the_model(model: str, target: str, rest: dict) -> 
 
 def test_provider_header_is_added_before_the_blank_line() -> None:
     assert with_provider_header(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n") == b"HTTP/1.1 200 OK\r\nA: b\r\nx-cmm-provider: cliproxyapi\r\n\r\n"
+
+
+def test_hop_by_hop_headers_stay_on_the_client_side() -> None:
+    raw = (b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
+           b"Proxy-Connection: keep-alive\r\nUpgrade: h2c\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\n")
+    out = intercepted_head(head(raw), Upstream.from_url("http://h/v1/messages"), "messages", 2)
+    lowered = out.lower()
+    for name in (b"connection:", b"keep-alive:", b"te:", b"upgrade:"):
+        assert b"\r\n" + name not in lowered
+    assert b"X-Kept: 1\r\n" in out
