@@ -16,11 +16,14 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import attrs
 
 from cmm import envfile, hosts, paths
+
+if TYPE_CHECKING:  # cmm.trust loads cryptography: only setup and uninstall import it, when run
+    from cmm.trust import Machine, Report
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -72,6 +75,19 @@ def _build_parser(out: TextIO, err: TextIO) -> _ArgumentParser:
 
     setup = commands.add_parser("setup", parents=[common], help="create the local CA and server certificate")
     setup.add_argument("--force", action="store_true", help="make a new CA and server certificate")
+    setup.add_argument(
+        "--no-profile", action="store_true", help="leave shell profiles alone (only print the NODE_EXTRA_CA_CERTS line)"
+    )
+    setup.add_argument(
+        "--system-trust",
+        action="store_true",
+        help="also add the CA to the system trust store, for curl, Python and the like (needs root)",
+    )
+    uninstall = commands.add_parser(
+        "uninstall", parents=[common], help="stop cmm, remove its trust entries, profile lines and config dir"
+    )
+    uninstall.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
+    uninstall.add_argument("--pid-file", type=Path, default=None, metavar="PATH", help="default: <config dir>/cmm.pid")
 
     config = commands.add_parser("config", parents=[common], help="show or change settings in <config dir>/.env")
     actions = config.add_subparsers(dest="action", metavar="ACTION", parser_class=parser_class)
@@ -88,6 +104,8 @@ def _build_parser(out: TextIO, err: TextIO) -> _ArgumentParser:
     stop = commands.add_parser("stop", parents=[common], help="stop a running cmm and clean up /etc/hosts")
     stop.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
     stop.add_argument("--pid-file", type=Path, default=None, metavar="PATH", help="default: <config dir>/cmm.pid")
+    _add_map_parser(commands, common, parser_class)
+    _add_check_parsers(commands, common)
     return parser
 
 
@@ -204,6 +222,7 @@ class _Context:
     environ: Mapping[str, str]
     out: TextIO
     err: TextIO
+    machine: Machine | None = None  # trust's view of the computer; None: the real one
 
     def say(self, line: str = "") -> None:
         self.out.write(line + "\n")
@@ -218,26 +237,36 @@ def _config_dir(args: argparse.Namespace, ctx: _Context) -> Path:
     return given if given is not None else paths.config_dir(ctx.environ)
 
 
-_SH_SPECIAL = '\\"$`'  # what must be escaped inside "..." in sh/bash/zsh
-_FISH_SPECIAL = '\\"$'
-
-
-def _double_quoted(value: str, special: str) -> str:
-    return '"' + "".join("\\" + ch if ch in special else ch for ch in value) + '"'
-
-
 def _shell_line(shell: str, ca_cert: Path) -> tuple[str, str]:
     """The NODE_EXTRA_CA_CERTS line for the user's shell and the profile it belongs in."""
-    if shell.endswith("fish"):
-        return f"set -gx NODE_EXTRA_CA_CERTS {_double_quoted(str(ca_cert), _FISH_SPECIAL)}", "~/.config/fish/config.fish"
-    profile = {"zsh": "~/.zshrc", "bash": "~/.bashrc"}.get(Path(shell).name, "your shell profile (e.g. ~/.profile)")
-    return f"export NODE_EXTRA_CA_CERTS={_double_quoted(str(ca_cert), _SH_SPECIAL)}", profile
+    from cmm import trust
+
+    return trust.export_line(trust.syntax_of(shell), ca_cert), str(trust.default_profile(Path("~"), shell).path)
+
+
+def _machine(ctx: _Context) -> Machine:
+    from cmm import trust
+
+    return ctx.machine if ctx.machine is not None else trust.Machine.from_environ(ctx.environ)
+
+
+def _say_report(ctx: _Context, report: Report, indent: str = "") -> None:
+    for line in report.lines:
+        ctx.say(f"{indent}{line}")
+    for warning in report.warnings:
+        ctx.err.write(f"cmm: {warning}\n")
 
 
 def _setup(args: argparse.Namespace, ctx: _Context) -> int:
-    from cmm import certs  # imported here: only setup needs cryptography
+    from cmm import certs, trust  # imported here: only setup and uninstall need cryptography
 
     directory = _config_dir(args, ctx)
+    machine = _machine(ctx)
+    store, problem = trust.system_preflight(
+        certs.certificate_paths(directory).ca_cert, machine, requested=args.system_trust, force=args.force
+    )
+    if problem:
+        return ctx.fail(problem)
     try:
         result = certs.ensure_certificates(directory, force=args.force, owner=paths.invoking_user(ctx.environ))
     except PermissionError as error:
@@ -252,15 +281,32 @@ def _setup(args: argparse.Namespace, ctx: _Context) -> int:
     if not (result.created_ca or result.issued_server):
         ctx.say(f"Certificates are in place in {directory} (server certificate valid until {until}).")
         ctx.say("Use --force to make new ones.")
-    line, profile = _shell_line(ctx.environ.get("SHELL", ""), result.paths.ca_cert)
+    report = trust.setup_trust(
+        result.paths.ca_cert,
+        machine,
+        profile=not args.no_profile,
+        store=store,
+        system_requested=args.system_trust,
+        created_ca=result.created_ca,
+    )
+    line, profile = _shell_line(machine.shell, result.paths.ca_cert)
+    if report.lines:
+        ctx.say()
+        ctx.say("Trust for the CA:")
+        _say_report(ctx, report, "  ")
+    else:
+        _say_report(ctx, report)
     ctx.say()
-    ctx.say(f"Claude Code must trust the CA. Add this line to {profile}")
-    ctx.say("(cmm setup does not edit shell profiles yet):")
+    if args.no_profile:
+        ctx.say(f"Claude Code trusts the CA through NODE_EXTRA_CA_CERTS: add this line to {profile}")
+        ctx.say("(--no-profile: cmm did not) and run it in this terminal:")
+    else:
+        ctx.say("New terminals get NODE_EXTRA_CA_CERTS from your shell profile; in this one, run:")
     ctx.say()
     ctx.say(f"    {line}")
     ctx.say()
-    ctx.say("Then open a new terminal so that Claude Code sees it.")
-    return EXIT_OK
+    ctx.say("Claude Code must be started from a terminal that has it.")
+    return EXIT_FAILURE if report.failed else EXIT_OK
 
 
 def _mask(value: str) -> str:
@@ -360,10 +406,184 @@ def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT
     return EXIT_OK
 
 
+# --- cmm uninstall ------------------------------------------------------------------------------
+
+
+def _uninstall(args: argparse.Namespace, ctx: _Context) -> int:
+    """Everything cmm set up, in the order that leaves nothing half done: the running instance
+    and /etc/hosts first, then trust, and only then the folder holding the CA."""
+    from cmm import certs, trust
+
+    directory = _config_dir(args, ctx)
+    if _stop(args, ctx) != EXIT_OK:
+        return ctx.fail("nothing else was removed")
+    machine = _machine(ctx)
+    report = trust.uninstall_trust(certs.certificate_paths(directory).ca_cert, machine)
+    _say_report(ctx, report)
+    if report.failed:
+        return ctx.fail(f"{directory} was kept; fix the above and run `cmm uninstall` again")
+    try:
+        folder = trust.remove_config_dir(directory)
+    except OSError as error:
+        return ctx.fail(f"cannot remove {error.filename or directory}: {error.strerror or error}")
+    if folder.folder_removed:
+        ctx.say(f"Removed {directory} ({len(folder.removed)} files).")
+    elif folder.left:
+        names = ", ".join(entry.name for entry in folder.left)
+        ctx.say(f"Removed cmm's {len(folder.removed)} files from {directory}.")
+        ctx.err.write(f"cmm: kept {directory}: it also holds {names}, which cmm did not make\n")
+    else:
+        ctx.say(f"{directory} does not exist.")
+    syntax = trust.syntax_of(machine.shell)
+    ctx.say()
+    ctx.say(f"cmm is uninstalled. Open a new terminal, or run `{trust.unset_line(syntax)}` in this one.")
+    return EXIT_OK
+
+
+# --- cmm map: the mappings file -----------------------------------------------------------------
+
+
+def _add_map_parser(
+    commands: argparse._SubParsersAction, common: argparse.ArgumentParser, parser_class: Callable[..., _ArgumentParser]
+) -> None:
+    map_ = commands.add_parser("map", parents=[common], help="show or change mappings in <config dir>/mappings.toml")
+    actions = map_.add_subparsers(dest="action", metavar="ACTION", parser_class=parser_class)
+    actions.required = True
+    actions.add_parser("list", parents=[common], help="every mapping with its upstream and (masked) key")
+    add = actions.add_parser("add", parents=[common], help="add a mapping, or replace the one with the same source")
+    add.add_argument("source", metavar="SOURCE", help="model prefix to intercept, e.g. claude-haiku-4-5")
+    add.add_argument("target", metavar="TARGET", help="model the upstream is asked for, e.g. gemini-2.5-flash")
+    add.add_argument("--url", default=None, metavar="URL", help="upstream for this mapping (default: PROXY_URL)")
+    add.add_argument("--api-key", default=None, metavar="KEY", help="key for that upstream (default: PROXY_API_KEY)")
+    remove = actions.add_parser("remove", parents=[common], help="remove the mapping with this source")
+    remove.add_argument("source", metavar="SOURCE")
+
+
+def _lines(message: str) -> str:
+    """Each line of a multi-problem message gets the ``cmm:`` prefix, as a single one would."""
+    return message.replace("\n", "\ncmm: ")
+
+
+def _map(args: argparse.Namespace, ctx: _Context) -> int:
+    from cmm import mappings  # imported here: the other commands do not need it
+
+    directory = _config_dir(args, ctx)
+    path = mappings.mappings_file(directory)
+    try:
+        specs = mappings.load(path)
+    except mappings.MappingsError as error:
+        return ctx.fail(_lines(f"{error}\nfix {path} by hand; it was left unchanged"), EXIT_USAGE)
+    except OSError as error:
+        return ctx.fail(f"cannot read {path}: {error.strerror or error}")
+
+    def url(spec: mappings.MappingSpec) -> str:
+        return spec.url or "(PROXY_URL)"
+
+    def key(spec: mappings.MappingSpec) -> str:
+        return "(PROXY_API_KEY)" if spec.api_key is None else _mask(spec.api_key) if spec.api_key else "(no key)"
+
+    if args.action == "list":
+        if not specs:
+            ctx.say(f"No mappings in {path}; add one with `cmm map add SOURCE TARGET`.")
+        rows = [(spec.source, spec.target, url(spec), key(spec)) for spec in specs]
+        widths = [max(map(len, column)) for column in zip(*rows)]
+        for source, target, upstream, api_key in rows:
+            ctx.say(f"{source:<{widths[0]}} → {target:<{widths[1]}}  {upstream:<{widths[2]}}  key {api_key}")
+        return EXIT_OK
+
+    try:
+        if args.action == "add":
+            spec = mappings.MappingSpec(args.source, args.target, args.url, args.api_key)
+            verb = "Replaced" if any(s.source == spec.source for s in specs) else "Added"
+            new_specs = mappings.add_mapping(specs, spec)
+            message = f"{verb} {spec.source} → {spec.target} via {url(spec)} (key {key(spec)}) in {path}"
+        else:  # remove
+            new_specs = mappings.remove_mapping(specs, args.source)
+            message = f"Removed the mapping for {args.source} from {path}"
+    except mappings.MappingsError as error:
+        return ctx.fail(_lines(str(error)), EXIT_USAGE)
+    try:
+        mappings.save(path, new_specs, owner=paths.invoking_user(ctx.environ))
+    except OSError as error:
+        return ctx.fail(f"cannot write {path}: {error.strerror or error}")
+    ctx.say(message)
+    ctx.say(mappings.reload_hint(directory))
+    return EXIT_OK
+
+
+# --- cmm status, test, doctor and service: thin shells over their modules ------------------------
+
+
+def _add_check_parsers(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    status = commands.add_parser("status", parents=[common], help="is cmm running, with what; exit 1 when not")
+    status.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="S", help="for the target probe (default: 3)")
+
+    test = commands.add_parser("test", parents=[common], help="end-to-end self-test: one intercepted, one passthrough")
+    test.add_argument("--temporary", action="store_true", help="test a temporary cmm even when one is running")
+    test.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request (default: 60)")
+    temporary = test.add_argument_group("temporary cmm (when none runs, or --temporary)")
+    temporary.add_argument("--port", type=int, default=None, help="default: a free high port")
+    temporary.add_argument("--source", default=None, metavar="MODEL")
+    temporary.add_argument("--target", default=None, metavar="MODEL")
+    temporary.add_argument("--proxy-url", default=None, metavar="URL")
+    temporary.add_argument("--anthropic-ip", default=None, metavar="IP[,IP]")
+    temporary.add_argument("--anthropic-port", type=int, default=None, metavar="PORT")
+
+    doctor = commands.add_parser("doctor", parents=[common], help="check every prerequisite and say how to fix it")
+    doctor.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
+    doctor.add_argument("--port", type=int, default=443, help="the port cmm serves on (default: 443)")
+    doctor.add_argument("--timeout", type=float, default=3.0, metavar="S", help="for the target probe (default: 3)")
+
+    service = commands.add_parser(
+        "service", parents=[common], help="run cmm at boot (systemd on Linux, launchd on macOS)",
+        description="install [--print] [--unit-dir DIR] [twistd cmm options, e.g. --source M --target M] | "
+                    "uninstall | start | stop | restart | status",
+    )
+    service.add_argument("action", choices=("install", "uninstall", "start", "stop", "restart", "status"))
+    service.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help=argparse.SUPPRESS)
+
+
+def _status(args: argparse.Namespace, ctx: _Context) -> int:
+    from cmm import status
+
+    return status.run(_config_dir(args, ctx), environ=ctx.environ, hosts_file=args.hosts_file, timeout=args.timeout,
+                      write=ctx.out.write)
+
+
+def _test(args: argparse.Namespace, ctx: _Context) -> int:
+    from cmm import selftest
+
+    options = selftest.Options(temporary=args.temporary, timeout=args.timeout, port=args.port, source=args.source,
+                               target=args.target, proxy_url=args.proxy_url, anthropic_ip=args.anthropic_ip,
+                               anthropic_port=args.anthropic_port)
+    return selftest.run(_config_dir(args, ctx), options, environ=ctx.environ, write=ctx.out.write)
+
+
+def _doctor(args: argparse.Namespace, ctx: _Context) -> int:
+    from cmm import doctor
+
+    return doctor.run(_config_dir(args, ctx), environ=ctx.environ, hosts_file=args.hosts_file, port=args.port,
+                      timeout=args.timeout, write=ctx.out.write)
+
+
+def _service(args: argparse.Namespace, ctx: _Context) -> int:
+    from cmm import unit
+
+    return unit.run(args.action, args.rest, config_dir=getattr(args, "config_dir", None), environ=ctx.environ,
+                    out=ctx.out, err=ctx.err)
+
+
 _COMMANDS: Mapping[str, Callable[[argparse.Namespace, _Context], int]] = {
     "setup": _setup,
     "config": _config,
     "stop": _stop,
+    "uninstall": _uninstall,
+    "map": _map,
+    "status": _status,
+    "test": _test,
+    "doctor": _doctor,
+    "service": _service,
 }
 
 
@@ -373,12 +593,17 @@ def main(
     environ: Mapping[str, str] | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    machine: Machine | None = None,
 ) -> int:
-    """Run one ``cmm`` command; returns the exit code (the console script passes it to sys.exit)."""
+    """Run one ``cmm`` command; returns the exit code (the console script passes it to sys.exit).
+
+    ``machine`` replaces the real computer for setup and uninstall (profiles, trust store).
+    """
     ctx = _Context(
         environ=os.environ if environ is None else environ,
         out=sys.stdout if stdout is None else stdout,
         err=sys.stderr if stderr is None else stderr,
+        machine=machine,
     )
     parser = _build_parser(ctx.out, ctx.err)
     try:

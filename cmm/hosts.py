@@ -16,11 +16,9 @@ half-way cannot damage the entries before it.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
 
-from cmm.textfile import split_lines
+from cmm.textfile import rewrite_in_place, split_lines
 
 BEGIN_MARK = "# cmm-managed begin"
 END_MARK = "# cmm-managed end"
@@ -30,9 +28,6 @@ DEFAULT_ADDRESSES = ("127.0.0.1", "::1")
 # Present as the block's first line when add_block had to end the file's last line first;
 # remove_block then takes that line break away again.
 ADDED_NEWLINE_NOTE = "# (cmm ended the line above; restoring the file removes that line break)"
-
-_ENCODING = "utf-8"
-_ERRORS = "surrogateescape"
 
 
 def _content(line: str) -> str:
@@ -119,33 +114,15 @@ def add_block(
     return text + prefix + "".join(line + eol for line in body)
 
 
-def _rewrite_in_place(path: Path, transform: Callable[[str], str]) -> bool:
-    with open(path, "r+b") as handle:
-        old = handle.read()
-        new = transform(old.decode(_ENCODING, _ERRORS)).encode(_ENCODING, _ERRORS)
-        if new == old:
-            return False
-        same = 0
-        limit = min(len(old), len(new))
-        while same < limit and old[same] == new[same]:
-            same += 1
-        handle.seek(same)
-        handle.write(new[same:])
-        handle.truncate(len(new))
-        handle.flush()
-        os.fsync(handle.fileno())
-    return True
-
-
 def install(
     path: Path,
     addresses: tuple[str, ...] = DEFAULT_ADDRESSES,
     hostname: str = HOSTNAME,
 ) -> bool:
     """Add (or refresh) the block in ``path``; True if the file changed."""
-    return _rewrite_in_place(path, lambda text: add_block(text, addresses, hostname))
+    return rewrite_in_place(path, lambda text: add_block(text, addresses, hostname))
 
 
 def restore(path: Path) -> bool:
     """Remove any block, including a stale one from a killed run; True if the file changed."""
-    return _rewrite_in_place(path, remove_block)
+    return rewrite_in_place(path, remove_block)

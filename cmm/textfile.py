@@ -3,6 +3,13 @@ both must leave every line they do not own exactly as it was."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Callable
+
+_ENCODING = "utf-8"
+_ERRORS = "surrogateescape"
+
 
 def split_lines(text: str) -> list[str]:
     """Split on ``\\n`` only, keeping line ends (``str.splitlines`` also splits on \\f, \\x1c, ...)."""
@@ -11,3 +18,26 @@ def split_lines(text: str) -> list[str]:
     if parts[-1]:
         lines.append(parts[-1])
     return lines
+
+
+def rewrite_in_place(path: Path, transform: Callable[[str], str]) -> bool:
+    """Apply ``transform`` to the file's text, writing only from the first changed byte on.
+
+    In place, not by rename: /etc/hosts is a bind mount in containers (rename fails there) and
+    dotfiles may be symlinks; the file keeps its inode, mode and owner. Odd bytes survive
+    (surrogateescape). True if the file changed."""
+    with open(path, "r+b") as handle:
+        old = handle.read()
+        new = transform(old.decode(_ENCODING, _ERRORS)).encode(_ENCODING, _ERRORS)
+        if new == old:
+            return False
+        same = 0
+        limit = min(len(old), len(new))
+        while same < limit and old[same] == new[same]:
+            same += 1
+        handle.seek(same)
+        handle.write(new[same:])
+        handle.truncate(len(new))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True

@@ -10,18 +10,22 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 import pytest
 
-from cmm import cli
+from cmm import cli, trust
 from cmm.cli import StopState, main, process_alive, process_start_time, stop_process
 from cmm.hosts import BEGIN_MARK, add_block
 
 
-def run(argv: list[str], environ: dict[str, str] | None = None) -> tuple[int, str, str]:
+def run(
+    argv: list[str], environ: dict[str, str] | None = None, machine: trust.Machine | None = None
+) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = main(argv, environ=environ if environ is not None else {}, stdout=out, stderr=err)
+    code = main(argv, environ=environ if environ is not None else {}, stdout=out, stderr=err, machine=machine)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -147,9 +151,43 @@ def test_config_set_under_sudo_gives_file_to_user(tmp_path: Path) -> None:
 # --- setup ---------------------------------------------------------------------------------------
 
 
-def test_setup_creates_certificates_and_prints_export_line(tmp_path: Path) -> None:
+@attrs.define
+class Commands:
+    """A fake for every external command: records it and succeeds (or fails, for ``fail``)."""
+
+    calls: list[str] = attrs.field(factory=list)
+    fail: bool = False
+
+    def __call__(self, argv: Sequence[str]) -> trust.CommandResult:
+        self.calls.append(" ".join([Path(argv[0]).name, *argv[1:]]))
+        return trust.CommandResult(1, "", "it broke") if self.fail else trust.CommandResult(0)
+
+
+def fake_machine(
+    tmp_path: Path, *, shell: str = "/bin/zsh", debian: bool = False, is_root: bool = False
+) -> tuple[trust.Machine, Commands]:
+    """Home is tmp_path; the system root is tmp_path/root, with update-ca-certificates if ``debian``."""
+    commands = Commands()
+    (tmp_path / "root").mkdir(exist_ok=True)
+    machine = trust.Machine(
+        home=tmp_path,
+        shell=shell,
+        is_root=is_root,
+        root=tmp_path / "root",
+        platform="linux",
+        which=lambda name: f"/usr/sbin/{name}" if debian and name == "update-ca-certificates" else None,
+        run=commands,
+    )
+    return machine, commands
+
+
+MARKED = "# cmm-managed"
+
+
+def test_setup_creates_certificates_and_profile_line(tmp_path: Path) -> None:
     environ = {"HOME": str(tmp_path), "SHELL": "/bin/zsh"}
-    code, out, err = run(["setup"], environ)
+    machine, commands = fake_machine(tmp_path)
+    code, out, err = run(["setup"], environ, machine)
     assert code == 0, err
     directory = tmp_path / ".cmm"
     for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
@@ -157,32 +195,121 @@ def test_setup_creates_certificates_and_prints_export_line(tmp_path: Path) -> No
     assert stat.S_IMODE((directory / "ca.key").stat().st_mode) == 0o600
     assert "Created a local certificate authority" in out
     assert "Issued a server certificate for api.anthropic.com" in out
-    assert f'export NODE_EXTRA_CA_CERTS="{directory}/ca.crt"' in out
-    assert "~/.zshrc" in out and "new terminal" in out and "does not edit" in out
+    line = f'export NODE_EXTRA_CA_CERTS="{directory}/ca.crt"'
+    assert f"    {line}\n" in out and "in this one, run" in out
+    assert "shell profile ~/.zshrc: created it with the NODE_EXTRA_CA_CERTS line" in out  # no profile existed
+    assert (tmp_path / ".zshrc").read_text() == f"{line} {MARKED}\n"
+    assert err == "" and commands.calls == []
 
-    code, out, _ = run(["setup"], environ)
+    code, out, _ = run(["setup"], environ, machine)
     assert code == 0
     assert "Created" not in out and "Issued" not in out and "in place" in out
+    assert "~/.zshrc: NODE_EXTRA_CA_CERTS line already there" in out
 
     ca_before = (directory / "ca.crt").read_bytes()
-    code, out, _ = run(["setup", "--force"], environ)
+    code, out, _ = run(["setup", "--force"], environ, machine)
     assert code == 0 and "Created" in out
     assert (directory / "ca.crt").read_bytes() != ca_before
+    assert (tmp_path / ".zshrc").read_text() == f"{line} {MARKED}\n"  # same path, same line
+    assert commands.calls == []
+
+
+def test_setup_edits_every_existing_profile_and_leaves_conflicts(tmp_path: Path) -> None:
+    machine, _ = fake_machine(tmp_path, shell="/bin/bash")
+    (tmp_path / ".bashrc").write_text("alias ll='ls -l'\n")
+    (tmp_path / ".profile").write_text("")
+    (tmp_path / ".zshrc").write_text("export NODE_EXTRA_CA_CERTS=/etc/corp.pem\n")
+    code, out, err = run(["setup"], {"HOME": str(tmp_path)}, machine)
+    assert code == 0, err
+    line = f'export NODE_EXTRA_CA_CERTS="{tmp_path}/.cmm/ca.crt" {MARKED}\n'
+    assert (tmp_path / ".bashrc").read_text() == "alias ll='ls -l'\n" + line
+    assert (tmp_path / ".profile").read_text() == line
+    assert (tmp_path / ".zshrc").read_text() == "export NODE_EXTRA_CA_CERTS=/etc/corp.pem\n"
+    assert not (tmp_path / ".bash_profile").exists()
+    assert "~/.bashrc: added" in out and "~/.profile: added" in out and ".zshrc" not in out
+    assert err.startswith("cmm: ~/.zshrc already sets NODE_EXTRA_CA_CERTS to /etc/corp.pem")
+    assert "single file" in err and "combine" in err
+
+
+def test_setup_no_profile(tmp_path: Path) -> None:
+    machine, _ = fake_machine(tmp_path, shell="/bin/zsh")
+    code, out, _ = run(["setup", "--no-profile"], {"HOME": str(tmp_path)}, machine)
+    assert code == 0
+    assert not (tmp_path / ".zshrc").exists()
+    assert "add this line to ~/.zshrc" in out and "--no-profile" in out
+    assert f'    export NODE_EXTRA_CA_CERTS="{tmp_path}/.cmm/ca.crt"\n' in out
 
 
 def test_setup_fish_syntax(tmp_path: Path) -> None:
-    code, out, _ = run(["setup", "--config-dir", str(tmp_path)], {"SHELL": "/usr/bin/fish"})
+    machine, _ = fake_machine(tmp_path, shell="/usr/bin/fish")
+    code, out, _ = run(["setup", "--config-dir", str(tmp_path / "cfg")], {"SHELL": "/usr/bin/fish"}, machine)
     assert code == 0
-    assert f'set -gx NODE_EXTRA_CA_CERTS "{tmp_path}/ca.crt"' in out
+    assert f'    set -gx NODE_EXTRA_CA_CERTS "{tmp_path}/cfg/ca.crt"\n' in out
     assert "export " not in out
+    config_fish = tmp_path / ".config/fish/config.fish"
+    assert config_fish.read_text() == f'set -gx NODE_EXTRA_CA_CERTS "{tmp_path}/cfg/ca.crt" {MARKED}\n'
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_export_line_survives_odd_paths(tmp_path: Path) -> None:
     odd = tmp_path / 'we"ird $dir `x` \\'
     line, _ = cli._shell_line("/bin/bash", odd / "ca.crt")
-    printed = subprocess.run(["bash", "-c", f'{line}; printf %s "$NODE_EXTRA_CA_CERTS"'], capture_output=True, text=True)
+    printed = subprocess.run(
+        ["bash", "-c", f'{line}; printf %s "$NODE_EXTRA_CA_CERTS"'], capture_output=True, text=True
+    )
     assert printed.stdout == str(odd / "ca.crt")
+
+
+def test_setup_system_trust(tmp_path: Path) -> None:
+    machine, commands = fake_machine(tmp_path, debian=True, is_root=True)
+    environ = {"HOME": str(tmp_path)}
+    anchor = tmp_path / "root/usr/local/share/ca-certificates/cmm-local-ca.crt"
+    code, out, err = run(["setup", "--system-trust", "--no-profile"], environ, machine)
+    assert code == 0, err
+    assert anchor.read_bytes() == (tmp_path / ".cmm/ca.crt").read_bytes()
+    assert commands.calls == ["update-ca-certificates"]
+    assert "system trust store: added cmm's CA to update-ca-certificates" in out
+
+    code, out, _ = run(["setup", "--system-trust", "--no-profile"], environ, machine)
+    assert code == 0 and "already trusts" in out and commands.calls == ["update-ca-certificates"]
+
+    # --force makes a new CA: the store, which trusted the old one, gets the new one (no flag needed)
+    code, out, _ = run(["setup", "--force", "--no-profile"], environ, machine)
+    assert code == 0 and "replaced the old cmm CA" in out
+    assert anchor.read_bytes() == (tmp_path / ".cmm/ca.crt").read_bytes()
+    assert commands.calls == ["update-ca-certificates"] * 2
+
+    # the same as an ordinary user is refused before anything changes
+    ca_before = (tmp_path / ".cmm/ca.crt").read_bytes()
+    code, out, err = run(["setup", "--force"], environ, attrs.evolve(machine, is_root=False))
+    assert code == 1 and out == ""
+    assert "sudo cmm setup --force" in err
+    assert (tmp_path / ".cmm/ca.crt").read_bytes() == ca_before
+
+
+@pytest.mark.parametrize(
+    ("debian", "is_root", "needle"),
+    [(True, False, "--system-trust needs root: run `sudo cmm setup --system-trust`"),
+     (False, True, "no system trust store tool found")],
+)
+def test_setup_system_trust_refused_before_anything_is_made(
+    tmp_path: Path, debian: bool, is_root: bool, needle: str
+) -> None:
+    machine, commands = fake_machine(tmp_path, debian=debian, is_root=is_root)
+    code, out, err = run(["setup", "--system-trust"], {"HOME": str(tmp_path)}, machine)
+    assert code == 1 and out == ""
+    assert needle in err
+    assert not (tmp_path / ".cmm").exists() and not (tmp_path / ".zshrc").exists()
+    assert commands.calls == []
+
+
+def test_setup_system_trust_tool_failure(tmp_path: Path) -> None:
+    machine, commands = fake_machine(tmp_path, debian=True, is_root=True)
+    commands.fail = True
+    code, out, err = run(["setup", "--system-trust"], {"HOME": str(tmp_path)}, machine)
+    assert code == 1
+    assert "update-ca-certificates failed (exit status 1): it broke" in err
+    assert (tmp_path / ".cmm/ca.crt").exists() and "~/.zshrc" in out  # the rest was done
 
 
 def test_setup_passes_sudo_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,7 +325,7 @@ def test_setup_passes_sudo_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(certs, "ensure_certificates", spy)
     environ = {"SUDO_USER": "root", "HOME": str(tmp_path), "SUDO_UID": "1000", "SUDO_GID": "1001"}
-    assert run(["setup"], environ)[0] == 0
+    assert run(["setup"], environ, fake_machine(tmp_path)[0])[0] == 0
     assert seen == {"config_dir": tmp_path / ".cmm", "force": False, "owner": (1000, 1001)}
 
 
@@ -209,7 +336,7 @@ def test_setup_permission_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         raise PermissionError(13, "Permission denied", str(config_dir / "ca.key"))
 
     monkeypatch.setattr(certs, "ensure_certificates", denied)
-    code, out, err = run(["setup", "--config-dir", str(tmp_path)])
+    code, out, err = run(["setup", "--config-dir", str(tmp_path)], {}, fake_machine(tmp_path)[0])
     assert code == 1
     assert "permission denied" in err and "ca.key" in err
 
@@ -406,3 +533,93 @@ def test_stop_times_out_through_main(tmp_path: Path, hosts_file: Path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+# --- uninstall -----------------------------------------------------------------------------------
+
+
+def test_uninstall_undoes_everything(tmp_path: Path, hosts_file: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    machine, commands = fake_machine(home, debian=True, is_root=True)
+    environ = {"HOME": str(home)}
+    (home / ".bashrc").write_bytes(b"alias ll='ls -l'")  # no final line break
+    assert run(["setup", "--system-trust"], environ, machine)[0] == 0
+    anchor = home / "root/usr/local/share/ca-certificates/cmm-local-ca.crt"
+    assert anchor.exists() and MARKED in (home / ".bashrc").read_text()
+    (home / ".cmm" / ".env").write_text("PROXY_API_KEY=k\n")
+    hosts_file.write_text(add_block("127.0.0.1 localhost\n"))
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        (home / ".cmm" / "cmm.pid").write_text(str(child.pid))
+        code, out, err = run(["uninstall", "--hosts-file", str(hosts_file)], environ, machine)
+        assert code == 0, err
+        assert child.wait(timeout=5) == -15
+    finally:
+        child.kill()
+        child.wait()
+    assert f"Stopped cmm (pid {child.pid})" in out
+    assert "Removed the leftover cmm block" in out and hosts_file.read_text() == "127.0.0.1 localhost\n"
+    assert "System trust store: removed cmm's CA" in out and not anchor.exists()
+    assert commands.calls == ["update-ca-certificates"] * 2
+    assert "~/.bashrc: removed the NODE_EXTRA_CA_CERTS line" in out
+    assert (home / ".bashrc").read_bytes() == b"alias ll='ls -l'"
+    assert f"Removed {home / '.cmm'} (" in out and not (home / ".cmm").exists()
+    assert "cmm is uninstalled" in out and "unset NODE_EXTRA_CA_CERTS" in out
+    assert err == ""
+
+
+def test_uninstall_when_nothing_is_installed(tmp_path: Path, hosts_file: Path) -> None:
+    machine, commands = fake_machine(tmp_path, shell="/usr/bin/fish")
+    code, out, err = run(["uninstall", "--hosts-file", str(hosts_file)], {"HOME": str(tmp_path)}, machine)
+    assert code == 0, err
+    assert "not running" in out and "has no cmm block" in out
+    assert f"{tmp_path / '.cmm'} does not exist." in out
+    assert "set -e NODE_EXTRA_CA_CERTS" in out
+    assert commands.calls == [] and hosts_file.read_text() == "127.0.0.1 localhost\n"
+
+
+def test_uninstall_keeps_files_cmm_did_not_make(tmp_path: Path, hosts_file: Path) -> None:
+    machine, _ = fake_machine(tmp_path)
+    config = tmp_path / "somewhere"
+    assert run(["setup", "--config-dir", str(config)], {"HOME": str(tmp_path)}, machine)[0] == 0
+    (config / "my-notes.txt").write_text("precious")
+    code, out, err = run(["uninstall", "--config-dir", str(config), "--hosts-file", str(hosts_file)],
+                         {"HOME": str(tmp_path)}, machine)
+    assert code == 0
+    assert sorted(p.name for p in config.iterdir()) == ["my-notes.txt"]
+    assert "Removed cmm's 4 files" in out
+    assert f"kept {config}: it also holds my-notes.txt, which cmm did not make" in err
+    assert MARKED not in (tmp_path / ".zshrc").read_text()
+
+
+def test_uninstall_without_root_keeps_everything_while_the_store_has_the_ca(tmp_path: Path, hosts_file: Path) -> None:
+    machine, _ = fake_machine(tmp_path, debian=True, is_root=True)
+    environ = {"HOME": str(tmp_path)}
+    assert run(["setup", "--system-trust"], environ, machine)[0] == 0
+    zshrc = (tmp_path / ".zshrc").read_text()
+    code, out, err = run(["uninstall", "--hosts-file", str(hosts_file)], environ, attrs.evolve(machine, is_root=False))
+    assert code == 1
+    assert "needs root; run `sudo cmm uninstall`" in err and "was kept" in err
+    assert (tmp_path / ".cmm" / "ca.crt").exists() and (tmp_path / ".zshrc").read_text() == zshrc
+
+
+def test_uninstall_stops_when_stop_fails(tmp_path: Path, hosts_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine, _ = fake_machine(tmp_path)
+    assert run(["setup"], {"HOME": str(tmp_path)}, machine)[0] == 0
+
+    def denied(path: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cli.hosts, "restore", denied)
+    code, _, err = run(["uninstall", "--hosts-file", str(hosts_file)], {"HOME": str(tmp_path)}, machine)
+    assert code == 1
+    assert "sudo cmm stop" in err and "nothing else was removed" in err
+    assert (tmp_path / ".cmm" / "ca.crt").exists() and MARKED in (tmp_path / ".zshrc").read_text()
+
+
+def test_help_lists_uninstall() -> None:
+    code, out, _ = run(["--help"])
+    assert code == 0 and "uninstall" in out
+    code, out, _ = run(["setup", "--help"])
+    assert "--system-trust" in out and "--no-profile" in out

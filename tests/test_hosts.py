@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from cmm import hosts
+from cmm import textfile
 from cmm.hosts import (
     ADDED_NEWLINE_NOTE,
     BEGIN_MARK,
@@ -183,7 +183,7 @@ def test_writes_in_place_through_symlink(tmp_path: Path) -> None:
 
 def test_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
-    monkeypatch.setattr(hosts.os, "fsync", synced.append)
+    monkeypatch.setattr(textfile.os, "fsync", synced.append)
     path = tmp_path / "hosts"
     path.write_text("")
     install(path)

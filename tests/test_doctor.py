@@ -1,0 +1,313 @@
+"""``cmm doctor``: each check from observed values, the gathering with fakes, and the real probes in a child."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from cmm import certs, doctor, hosts
+from cmm.checkout import REPO, checkout_env
+from cmm.doctor import Check
+from cmm.status import HostsInfo, Instance, Probe, RunningState, TrustInfo
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def done(coroutine: Any) -> Any:
+    results: list[Any] = []
+    defer.ensureDeferred(coroutine).addBoth(results.append)
+    assert results, "the coroutine waited on something"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("pki")
+    certs.ensure_certificates(directory, now=NOW)
+    return directory
+
+
+def running(port: int = 443, hosts_file: Path | None = Path("/etc/hosts")) -> Instance:
+    return Instance(True, 4242, RunningState(4242, NOW, port, ("127.0.0.1", "::1"), (), hosts_file, None))
+
+
+# --- certificates --------------------------------------------------------------------------------
+
+
+def test_certificates_fine(pki: Path) -> None:
+    check = doctor.check_certificates(doctor.read_cert_files(pki), NOW)
+    assert check.ok is True and "396 days left" in check.detail
+
+
+def test_certificates_missing(tmp_path: Path) -> None:
+    check = doctor.check_certificates(doctor.read_cert_files(tmp_path), NOW)
+    assert check == Check("certificates", False, f"missing in {tmp_path}: ca.crt, ca.key, server.crt, server.key",
+                          "cmm setup")
+
+
+def test_certificates_expiring_and_expired(pki: Path) -> None:
+    files = doctor.read_cert_files(pki)
+    soon = doctor.check_certificates(files, NOW + timedelta(days=380))
+    assert soon.ok is False and "16 days left" in soon.detail and soon.fix.startswith("cmm setup")
+    gone = doctor.check_certificates(files, NOW + timedelta(days=400))
+    assert gone.ok is False and "expired" in gone.detail
+
+
+def test_certificates_server_from_another_ca(pki: Path, tmp_path: Path) -> None:
+    other = certs.make_server_certificate(certs.make_ca(NOW), NOW)
+    files = attrs.evolve(doctor.read_cert_files(pki), server_cert=other.cert_pem, server_key=other.key_pem)
+    check = doctor.check_certificates(files, NOW)
+    assert check.ok is False and "not signed by ca.crt" in check.detail
+
+
+def test_certificates_broken_ca(pki: Path) -> None:
+    files = attrs.evolve(doctor.read_cert_files(pki), ca_key=certs.make_ca(NOW).key_pem)
+    check = doctor.check_certificates(files, NOW)
+    assert check.ok is False and "cmm setup --force" in check.fix
+
+
+def test_certificates_loose_key_mode(pki: Path) -> None:
+    files = attrs.evolve(doctor.read_cert_files(pki), key_modes={"ca.key": 0o100644, "server.key": 0o100600})
+    check = doctor.check_certificates(files, NOW)
+    assert check == Check("certificates", False, "private keys readable by others: ca.key",
+                          f"chmod 600 {pki / 'ca.key'}")
+
+
+def test_name_constraint(pki: Path) -> None:
+    assert doctor.check_name_constraint((pki / "ca.crt").read_bytes()).ok is True
+    open_ca = certs.make_ca(NOW, permitted_names=None)
+    assert doctor.check_name_constraint(open_ca.cert_pem) == Check(
+        "CA scope", False, "the CA may sign certificates for any site (no name constraint)",
+        "cmm setup --force (a new, constrained CA; open a new terminal afterwards)")
+    wide = certs.make_ca(NOW, permitted_names=("api.anthropic.com", "example.com"))
+    assert doctor.check_name_constraint(wide.cert_pem).ok is False
+    assert doctor.check_name_constraint(None).ok is None
+    assert doctor.check_name_constraint(b"junk").ok is False
+
+
+# --- NODE_EXTRA_CA_CERTS ---------------------------------------------------------------------------
+
+
+def test_ca_variable(pki: Path, tmp_path: Path) -> None:
+    ca = pki / "ca.crt"
+    ca_pem = ca.read_bytes()
+    unset = doctor.check_ca_variable({"SHELL": "/bin/bash"}, ca, ca_pem)
+    assert unset.ok is False and unset.fix.startswith(f'export NODE_EXTRA_CA_CERTS="{ca}"')
+    fish = doctor.check_ca_variable({"SHELL": "/usr/bin/fish"}, ca, ca_pem)
+    assert fish.fix.startswith(f'set -gx NODE_EXTRA_CA_CERTS "{ca}"')
+    assert doctor.check_ca_variable({"SUDO_USER": "me"}, ca, ca_pem).ok is None
+    assert doctor.check_ca_variable({"NODE_EXTRA_CA_CERTS": str(ca)}, ca, ca_pem).ok is True
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(certs.make_ca(NOW).cert_pem + ca_pem)
+    assert doctor.check_ca_variable({"NODE_EXTRA_CA_CERTS": str(bundle)}, ca, ca_pem).ok is True
+    other = tmp_path / "other.pem"
+    other.write_bytes(certs.make_ca(NOW).cert_pem)
+    wrong = doctor.check_ca_variable({"NODE_EXTRA_CA_CERTS": str(other)}, ca, ca_pem)
+    assert wrong.ok is False and "does not hold cmm's CA" in wrong.detail
+    missing = doctor.check_ca_variable({"NODE_EXTRA_CA_CERTS": str(tmp_path / "nope")}, ca, ca_pem)
+    assert missing.ok is False and "cannot be read" in missing.detail
+    assert doctor.check_ca_variable({"NODE_EXTRA_CA_CERTS": str(ca)}, ca, None).ok is None
+
+
+def test_trust_check_passes_the_summary_on() -> None:
+    expected = Check("shell profiles", False, "no profile", "cmm setup")
+    assert doctor.check_trust(TrustInfo(False, "no profile", "")) == expected
+    assert doctor.check_trust(TrustInfo(True, "in ~/.zshrc")).ok is True
+
+
+# --- port, hosts, DNS, settings, target ----------------------------------------------------------
+
+
+def test_port() -> None:
+    free = doctor.check_port(443, {"127.0.0.1": False, "::1": None}, Instance(False))
+    assert free == Check("port 443", True, "free on 127.0.0.1 and ::1")
+    held = doctor.check_port(443, {"127.0.0.1": True, "::1": True}, running())
+    assert held == Check("port 443", True, "held by cmm (pid 4242)")
+    other = doctor.check_port(443, {"127.0.0.1": True, "::1": True}, Instance(False), platform="linux")
+    assert other.ok is False and other.detail == "another program listens on 127.0.0.1:443, [::1]:443"
+    assert "ss -ltnp 'sport = :443'" in other.fix
+    mac = doctor.check_port(443, {"127.0.0.1": True, "::1": False}, running(port=8443), platform="darwin")
+    assert mac.ok is False and "lsof -nP -iTCP:443" in mac.fix
+
+
+@pytest.mark.parametrize(
+    ("info", "instance", "ok", "needle"),
+    [
+        (HostsInfo(Path("/etc/hosts"), True), running(), True, "points api.anthropic.com at cmm"),
+        (HostsInfo(Path("/etc/hosts"), False), running(), False, "bypasses it"),
+        (HostsInfo(Path("/etc/hosts"), True), Instance(False), False, "left by a killed run"),
+        (HostsInfo(Path("/etc/hosts"), False), Instance(False), True, "no cmm block"),
+        (HostsInfo(None, None), running(hosts_file=None), True, "--no-hosts"),
+        (HostsInfo(Path("/etc/hosts"), None, "unreadable (Permission denied)"), Instance(False), False, "unreadable"),
+    ],
+)
+def test_hosts(info: HostsInfo, instance: Instance, ok: bool, needle: str) -> None:
+    check = doctor.check_hosts(info, instance)
+    assert check.ok is ok and needle in check.detail
+    if not ok and "killed" in check.detail:
+        assert check.fix == "sudo cmm stop"
+
+
+def test_dns() -> None:
+    assert doctor.check_dns(["160.79.104.10", "2607:6bc0::10"]) == Check(
+        "DNS", True, "api.anthropic.com is at 160.79.104.10, 2607:6bc0::10")
+    assert doctor.check_dns(["127.0.0.1", "::1"]).ok is False
+    failed = doctor.check_dns(LookupError("DNS gave no usable address for api.anthropic.com (TimeoutError)"))
+    assert failed.ok is False and failed.detail.startswith("DNS gave no usable address")
+    assert "--anthropic-ip" in failed.fix
+
+
+def test_settings(tmp_path: Path) -> None:
+    assert doctor.check_settings({}, tmp_path / ".env") == Check("settings", True, "defaults (no .env yet)")
+    bad = doctor.check_settings({"PROXY_URL": "localhost:8317", "OTHER": "x"}, tmp_path / ".env")
+    assert bad.ok is False and "PROXY_URL must be an http:// or https:// URL" in bad.detail
+
+
+def test_mappings(tmp_path: Path) -> None:
+    assert doctor._mappings_check(tmp_path) == []
+    (tmp_path / "mappings.toml").write_text('[[mapping]]\nsource = "a"\ntarget = "b"\n')
+    assert doctor._mappings_check(tmp_path) == [Check("mappings", True, f"{tmp_path / 'mappings.toml'}: 1 mapping")]
+    (tmp_path / "mappings.toml").write_text("[[mapping]]\nsource = 1\n")
+    [broken] = doctor._mappings_check(tmp_path)
+    assert broken.ok is False and "cmm map" in broken.fix
+
+
+def test_target() -> None:
+    assert doctor.check_target(Probe("http://h/m", True, "HTTP 404")).ok is True
+    down = doctor.check_target(Probe("http://h/m", False, "connection refused"))
+    assert down.ok is False and "cmm config set PROXY_URL" in down.fix
+
+
+def test_format_and_exit_code() -> None:
+    checks = [Check("a", True, "fine"), Check("bb", False, "broken", "do this"), Check("c", None, "not here")]
+    assert doctor.format_checks(checks) == textwrap.dedent("""\
+        ✓ a   fine
+        ✗ bb  broken
+              fix: do this
+        – c   not here
+
+        1 of 3 checks failed.
+    """)
+    assert doctor.exit_code(checks) == 1
+    assert doctor.exit_code([checks[0], checks[2]]) == 0
+    assert doctor.format_checks([checks[0]]).endswith("\nAll checks passed.\n")
+
+
+# --- gathering -------------------------------------------------------------------------------------
+
+
+def test_diagnose_with_fakes(pki: Path, tmp_path: Path) -> None:
+    config = tmp_path / "cfg"
+    config.mkdir()
+    for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
+        (config / name).write_bytes((pki / name).read_bytes())
+        os.chmod(config / name, 0o600)
+    (config / ".env").write_text("PROXY_URL=http://127.0.0.1:9/v1/messages\n")
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(hosts.add_block("127.0.0.1 localhost\n"))
+    asked: list[tuple[str, int]] = []
+
+    async def connect(host: str, port: int) -> bool | None:
+        asked.append((host, port))
+        return host == "127.0.0.1"
+
+    async def lookup() -> list[str]:
+        raise LookupError("DNS gave no usable address for api.anthropic.com (DNSQueryTimeoutError)")
+
+    async def probe(url: str) -> Probe:
+        return Probe(url, False, "connection refused")
+
+    checks = done(doctor.diagnose(
+        config, connect=connect, lookup=lookup, probe=probe, hosts_file=hosts_file, port=8443, now=NOW,
+        environ={"NODE_EXTRA_CA_CERTS": str(config / "ca.crt")}, find=lambda d: Instance(False),
+        trust=lambda d, e: TrustInfo(True, "in ~/.bashrc"), platform="linux",
+    ))
+    assert asked == [("127.0.0.1", 8443), ("::1", 8443)]
+    assert [(c.name, c.ok) for c in checks] == [
+        ("certificates", True), ("CA scope", True), ("shell profiles", True), ("NODE_EXTRA_CA_CERTS", True),
+        ("port 8443", False), ("hosts file", False), ("DNS", False), ("settings", True), ("target server", False),
+    ]
+    assert checks[5].fix == "sudo cmm stop"
+    assert checks[8].detail == "http://127.0.0.1:9/v1/messages does not answer (connection refused)"
+
+
+def test_diagnose_uses_the_running_instance(tmp_path: Path) -> None:
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(hosts.add_block(""))
+    instance = running(hosts_file=hosts_file)
+
+    async def connect(host: str, port: int) -> bool | None:
+        return True
+
+    async def lookup() -> list[str]:
+        return ["160.79.104.10"]
+
+    async def probe(url: str) -> Probe:
+        return Probe(url, True, "HTTP 404")
+
+    checks = done(doctor.diagnose(tmp_path, connect=connect, lookup=lookup, probe=probe, now=NOW, environ={},
+                                  find=lambda d: instance, trust=lambda d, e: None, hosts_file=tmp_path / "unused"))
+    by_name = {c.name: c for c in checks}
+    assert "shell profiles" not in by_name  # no trust information: no check
+    assert by_name["port 443"].ok is True and by_name["hosts file"].ok is True and by_name["DNS"].ok is True
+
+
+def test_real_probes_in_a_child(tmp_path: Path) -> None:
+    """port_accepts and probe_target on the real reactor, against loopback sockets only."""
+    script = textwrap.dedent("""
+        import json, socket, sys
+        from cmm import doctor, status
+        listening = socket.socket(); listening.bind(("127.0.0.1", 0)); listening.listen()
+        closed = socket.socket(); closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        open_port, closed_port = listening.getsockname()[1], closed.getsockname()[1]
+
+        async def work(reactor):
+            return [await doctor.port_accepts(reactor, "127.0.0.1", open_port),
+                    await doctor.port_accepts(reactor, "127.0.0.1", closed_port),
+                    (await status.probe_target(f"http://127.0.0.1:{closed_port}/v1/messages", reactor=reactor)).detail,
+                    (await status.probe_target(f"http://127.0.0.1:{open_port}/v1/messages", reactor=reactor,
+                                               timeout=0.5)).detail]
+
+        print(json.dumps(status.run_async(work)))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=checkout_env(),
+                            cwd=REPO, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [True, False, "connection refused", "no answer within 0.5 s"]
+
+
+def test_doctor_command_runs(tmp_path: Path) -> None:
+    """The whole command in a child; DNS is not asked (no network in tests), so only its shape is checked."""
+    script = textwrap.dedent(f"""
+        import sys
+        from cmm import cli, doctor
+        async def no_dns(reactor):
+            raise LookupError("DNS gave no usable address for api.anthropic.com (test)")
+        doctor.dns_lookup = no_dns
+        sys.exit(cli.main(["doctor", "--config-dir", {str(tmp_path)!r}, "--port", "1",
+                           "--hosts-file", {str(tmp_path / 'hosts')!r}]))
+    """)
+    env = {**checkout_env(), "HOME": str(tmp_path)}
+    env.pop("NODE_EXTRA_CA_CERTS", None)
+    env.pop("SUDO_USER", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=30)
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("✗ certificates") and "fix: cmm setup" in lines[1]
+    assert any(line.startswith("✓ port 1 ") for line in lines)
+    assert any(line.startswith("✗ NODE_EXTRA_CA_CERTS") for line in lines)
+    assert lines[-1].endswith("checks failed.")
