@@ -109,6 +109,21 @@ class RouteCounts:
     errors: int
     p50_ms: float | None = None
     p99_ms: float | None = None
+    by_status: tuple[tuple[str, int], ...] = ()  # failures by status ("-": none reached the client)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@attrs.frozen
+class WorkerCounts:
+    """One serving process's live figures (a worker, or the master with --workers 0)."""
+
+    name: str
+    requests: int
+    connections: int | None = None
+    in_flight: int | None = None  # open requests, streams included
+    upstream_idle: int | None = None
+    upstream_opened: int | None = None
 
 
 @attrs.frozen
@@ -122,6 +137,7 @@ class StatusReport:
     trust: TrustInfo | None  # None: trust checking not available
     targets: tuple[Probe, ...]
     routes: tuple[RouteCounts, ...] | None = None  # None: no live counters to be had
+    workers: tuple[WorkerCounts, ...] = ()
 
 
 # --- reading files -----------------------------------------------------------------------------
@@ -340,10 +356,27 @@ def parse_live(data: object) -> tuple[RouteCounts, ...]:
         if not isinstance(values, dict):
             continue
         errors = values.get("errors")
-        failed = sum(v for v in errors.values() if isinstance(v, int)) if isinstance(errors, dict) else 0
-        found.append(RouteCounts(str(name), int(values.get("requests") or 0), failed,
-                                 values.get("p50_ms"), values.get("p99_ms")))
+        by_status = tuple((str(k), v) for k, v in errors.items() if isinstance(v, int)) if isinstance(errors, dict) else ()
+        found.append(RouteCounts(str(name), int(values.get("requests") or 0), sum(v for _, v in by_status),
+                                 values.get("p50_ms"), values.get("p99_ms"), by_status,
+                                 int(values.get("bytes_in") or 0), int(values.get("bytes_out") or 0)))
     return tuple(found)
+
+
+def parse_workers(data: object) -> tuple[WorkerCounts, ...]:
+    """The ``workers`` of the control socket's JSON status; junk gives nothing."""
+    workers = data.get("workers") if isinstance(data, dict) else None
+    if not isinstance(workers, dict):
+        return ()
+
+    def number(values: dict, key: str) -> int | None:
+        value = values.get(key)
+        return value if isinstance(value, int) else None
+
+    return tuple(WorkerCounts(str(name), number(values, "requests") or 0, number(values, "connections"),
+                              number(values, "in_flight"), number(values, "upstream_idle"),
+                              number(values, "upstream_opened"))
+                 for name, values in sorted(workers.items()) if isinstance(values, dict))
 
 
 async def read_live(socket_path: Path, *, reactor: Any, timeout: float = 1.0) -> object | None:
@@ -421,12 +454,14 @@ async def collect(
     instance = find(config_dir)
     settings = read_settings(config_dir)
     routes: tuple[RouteCounts, ...] | None = None
+    workers: tuple[WorkerCounts, ...] = ()
     if instance.running and instance.state is not None:
         hosts_path = instance.state.hosts_file
         cert_dir = instance.state.config_dir or config_dir
         if live is not None:
             data = await live(cert_dir / CONTROL_SOCKET)
             routes = parse_live(data) if data is not None else None
+            workers = parse_workers(data) if data is not None else ()
     else:
         hosts_path, cert_dir = hosts_file, config_dir
     configured = configured_mappings(config_dir, settings)
@@ -442,6 +477,7 @@ async def collect(
         trust=trust(config_dir, environ),
         targets=tuple(probes),
         routes=routes,
+        workers=workers,
     )
 
 
@@ -506,12 +542,34 @@ def _probe_line(probe: Probe) -> str:
 def _route_line(counts: RouteCounts) -> str:
     text = f"{counts.route}: {counts.requests}"
     if counts.errors:
-        text += f" ({counts.errors} failed)"
+        statuses = ", ".join(f"{status}×{n}" for status, n in counts.by_status)
+        text += f" ({counts.errors} failed{': ' + statuses if statuses else ''})"
+    if counts.bytes_in or counts.bytes_out:
+        text += f", ↑{_size(counts.bytes_in)} ↓{_size(counts.bytes_out)}"
     if counts.p50_ms is not None:
         text += f", p50 {counts.p50_ms:g} ms"
     if counts.p99_ms is not None:
         text += f", p99 {counts.p99_ms:g} ms"
     return text
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return str(count)
+
+
+def _worker_line(worker: WorkerCounts) -> str:
+    parts = [f"{worker.name}: {worker.requests} requests"]
+    if worker.connections is not None:
+        parts.append(f"{worker.connections} connections")
+    if worker.in_flight is not None:
+        parts.append(f"{worker.in_flight} in flight")
+    if worker.upstream_idle is not None:
+        parts.append(f"{worker.upstream_idle} idle upstream connections ({worker.upstream_opened or 0} opened)")
+    return ", ".join(parts)
 
 
 def format_report(report: StatusReport) -> str:
@@ -540,6 +598,7 @@ def format_report(report: StatusReport) -> str:
         rows.extend(("requests", _route_line(r)) for r in report.routes)
         if not report.routes:
             rows.append(("requests", "none since start"))
+    rows.extend(("process", _worker_line(w)) for w in report.workers)
     rows.extend(("target", _probe_line(p)) for p in report.targets)
     rows.append(("hosts", _hosts_line(report.hosts, instance.running)))
     rows.append(("certificate", _certificate_line(report.certificate, report.now)))

@@ -164,7 +164,7 @@ def test_target_urls() -> None:
 def test_parse_live() -> None:
     data = {"routes": {"passthrough": {"requests": 5, "errors": {"502": 2, "-": 1}, "p50_ms": 12.5, "p99_ms": None},
                        "claude-haiku-4-5* → g": {"requests": 1, "errors": {}}}, "workers": {}}
-    assert status.parse_live(data) == (RouteCounts("passthrough", 5, 3, 12.5, None),
+    assert status.parse_live(data) == (RouteCounts("passthrough", 5, 3, 12.5, None, (("502", 2), ("-", 1))),
                                        RouteCounts("claude-haiku-4-5* → g", 1, 0))
     assert status.parse_live(None) == () and status.parse_live({"routes": []}) == ()
 
@@ -375,3 +375,22 @@ def test_status_command_not_running(tmp_path: Path) -> None:
     assert result.stdout.startswith(f"cmm is not running (no pid file in {tmp_path})\n")
     assert "does not answer (connection refused)" in result.stdout
     assert "⚠ " + str(tmp_path / "server.crt") + " missing: run `cmm setup`" in result.stdout
+
+
+def test_live_status_names_errors_bytes_and_workers() -> None:
+    from cmm.status import _route_line, _worker_line, parse_live, parse_workers
+
+    data = {
+        "routes": {"claude-haiku-4-5* → gemini-2.5-flash": {"requests": 7, "errors": {"502": 2, "-": 1},
+                                                            "bytes_in": 12345, "bytes_out": 2_500_000,
+                                                            "p50_ms": 12.0, "p99_ms": 80.5}},
+        "workers": {"worker-2": {"requests": 3, "connections": 1, "in_flight": 1, "upstream_idle": 2,
+                                 "upstream_opened": 4}, "worker-1": {"requests": 4}, "junk": 5},
+    }
+    [route] = parse_live(data)
+    assert _route_line(route) == ("claude-haiku-4-5* → gemini-2.5-flash: 7 (3 failed: 502×2, -×1), ↑12.3 KB ↓2.5 MB, "
+                                  "p50 12 ms, p99 80.5 ms")
+    first, second = parse_workers(data)
+    assert _worker_line(first) == "worker-1: 4 requests"
+    assert _worker_line(second) == ("worker-2: 3 requests, 1 connections, 1 in flight, "
+                                    "2 idle upstream connections (4 opened)")
