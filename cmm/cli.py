@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import attrs
 
-from cmm import envfile, hosts, paths
+from cmm import dnsflush, envfile, hosts, paths
 
 if TYPE_CHECKING:  # cmm.trust loads cryptography: only setup and uninstall import it, when run
     from cmm.trust import Machine, Report
@@ -88,6 +88,8 @@ def _build_parser(out: TextIO, err: TextIO) -> _ArgumentParser:
     )
     uninstall.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
     uninstall.add_argument("--pid-file", type=Path, default=None, metavar="PATH", help="default: <config dir>/cmm.pid")
+    uninstall.add_argument("--unit-dir", type=Path, default=None, metavar="DIR",
+                           help="where `cmm service install` put its unit (default: the platform's)")
 
     config = commands.add_parser("config", parents=[common], help="show or change settings in <config dir>/.env")
     actions = config.add_subparsers(dest="action", metavar="ACTION", parser_class=parser_class)
@@ -223,6 +225,7 @@ class _Context:
     out: TextIO
     err: TextIO
     machine: Machine | None = None  # trust's view of the computer; None: the real one
+    flush_dns: Callable[[], object] = dnsflush.flush
 
     def say(self, line: str = "") -> None:
         self.out.write(line + "\n")
@@ -401,6 +404,7 @@ def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT
         return ctx.fail(f"permission denied editing {hosts_file}; use `sudo cmm stop`")
     if changed:
         ctx.say(f"Removed the leftover cmm block from {hosts_file}.")
+        ctx.flush_dns()
     else:
         ctx.say(f"{hosts_file} has no cmm block.")
     return EXIT_OK
@@ -414,7 +418,13 @@ def _uninstall(args: argparse.Namespace, ctx: _Context) -> int:
     and /etc/hosts first, then trust, and only then the folder holding the CA."""
     from cmm import certs, trust
 
+    from cmm import unit
+
     directory = _config_dir(args, ctx)
+    manager = unit.manager_for(sys.platform, args.unit_dir)
+    if manager is not None and manager.path.exists():  # else the service manager would start cmm again
+        return ctx.fail(f"cmm runs as a boot service ({manager.path}): remove it first with "
+                        f"`sudo cmm service uninstall`; nothing was removed")
     if _stop(args, ctx) != EXIT_OK:
         return ctx.fail("nothing else was removed")
     machine = _machine(ctx)
@@ -594,16 +604,19 @@ def main(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
     machine: Machine | None = None,
+    flush_dns: Callable[[], object] | None = None,
 ) -> int:
     """Run one ``cmm`` command; returns the exit code (the console script passes it to sys.exit).
 
-    ``machine`` replaces the real computer for setup and uninstall (profiles, trust store).
+    ``machine`` replaces the real computer for setup and uninstall (profiles, trust store);
+    ``flush_dns`` the OS DNS cache flush after the hosts file changed.
     """
     ctx = _Context(
         environ=os.environ if environ is None else environ,
         out=sys.stdout if stdout is None else stdout,
         err=sys.stderr if stderr is None else stderr,
         machine=machine,
+        flush_dns=flush_dns or dnsflush.flush,
     )
     parser = _build_parser(ctx.out, ctx.err)
     try:

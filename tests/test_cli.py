@@ -623,3 +623,35 @@ def test_help_lists_uninstall() -> None:
     assert code == 0 and "uninstall" in out
     code, out, _ = run(["setup", "--help"])
     assert "--system-trust" in out and "--no-profile" in out
+
+
+def test_stop_flushes_the_dns_cache_only_when_it_removed_a_block(tmp_path: Path) -> None:
+    import io
+
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text("127.0.0.1 localhost\n# cmm-managed begin\n127.0.0.1 api.anthropic.com\n# cmm-managed end\n")
+    flushes: list[int] = []
+    args = ["stop", "--config-dir", str(tmp_path / ".cmm"), "--hosts-file", str(hosts_file)]
+    out = io.StringIO()
+    assert cli.main(args, environ={"HOME": str(tmp_path)}, stdout=out, stderr=io.StringIO(),
+                    flush_dns=lambda: flushes.append(1)) == 0
+    assert hosts_file.read_text() == "127.0.0.1 localhost\n" and flushes == [1]
+    assert cli.main(args, environ={"HOME": str(tmp_path)}, stdout=out, stderr=io.StringIO(),
+                    flush_dns=lambda: flushes.append(1)) == 0
+    assert flushes == [1]
+
+
+def test_uninstall_refuses_while_a_boot_service_is_installed(tmp_path: Path, hosts_file: Path) -> None:
+    import io
+
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "cmm.service").write_text("[Unit]\n")
+    config = tmp_path / ".cmm"
+    config.mkdir()
+    (config / "ca.crt").write_text("x")
+    err = io.StringIO()
+    code = cli.main(["uninstall", "--config-dir", str(config), "--hosts-file", str(hosts_file),
+                     "--unit-dir", str(units)], environ={"HOME": str(tmp_path)}, stdout=io.StringIO(), stderr=err)
+    assert code == 1 and "sudo cmm service uninstall" in err.getvalue()
+    assert (config / "ca.crt").exists()
