@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 from twisted.internet import defer
@@ -28,13 +28,15 @@ from cmm.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracke
 from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
 from cmm.model_finder import Found, ModelFinder
 from cmm.request_log import RequestRecord
-from cmm.router import (Endpoint, Mapping, Router, candidate_endpoint, intercepted_head, redacted_head, rewrite_model,
-                        with_provider_header)
+from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_endpoint, intercepted_head,
+                        redacted_head, rewrite_model, with_provider_header)
+from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, no_delay
 
 log = Logger()
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PROVIDER_HEADER_FIELD = tuple(PROVIDER_HEADER.rstrip(b"\r\n").split(b": ", 1))
 CONTENT_LOG_BYTES = 4096
 MiB = 1024 * 1024
 
@@ -50,6 +52,9 @@ class ProxySettings:
     idle_timeout: float = 120.0  # keep-alive idle, and silence from the client mid-body
     upstream_timeout: float = 600.0  # silence from the upstream (not total time: streams are long)
     log_content: bool = False  # log the head (credentials redacted) and the body's first bytes
+    retries: int = 3  # tries in all for an intercepted request the target answers 429
+    retry_max_delay: float = 30.0  # a longer requested wait goes to the client as retry-after instead
+    retry_body_cap: int = 4 * MiB  # larger request bodies are not kept, so not retried
 
 
 @attrs.define
@@ -379,6 +384,14 @@ class Exchange:
         self.retried = False
         self.reused = False
         self.deadline = Deadline(self.context.clock, self._timed_out)
+        settings = client.settings
+        # Intercepted requests small enough to keep can be sent again after a 429.
+        self.kept: bytearray | None = bytearray(first) if mapping is not None and settings.retries > 1 and \
+            len(first) <= settings.retry_body_cap else None
+        self.tries = 1
+        self.error_raw: bytearray | None = None  # an intercepted error response, held to be rewritten
+        self.error_body = bytearray()
+        self.waiting: Any = None  # the delayed call of a retry
 
     def start(self, fresh: bool = False) -> None:
         self.deadline.start(self.client.settings.upstream_timeout)
@@ -410,6 +423,10 @@ class Exchange:
             self.fail(HttpError(502, f"Cannot reach {self.destination.label}: {_reason(failure)}"))
 
     def send(self, data: bytes) -> None:
+        if self.kept is not None:
+            self.kept += data
+            if len(self.kept) > self.client.settings.retry_body_cap:
+                self.kept = None
         if self.connection is not None and not self.finished:
             self.connection.transport.write(data)
             self.deadline.touch()
@@ -438,18 +455,84 @@ class Exchange:
                     continue
                 self.response = response
                 self.tracker = tracker_for(response.framing, "upstream response")
-                self.response_started = True
-                self._to_client(with_provider_header(raw) if self.mapping is not None else raw)
+                if self.mapping is not None and response.status >= 400 and \
+                        response.headers.get(b"content-encoding") in (None, b"identity"):
+                    self.error_raw = bytearray(raw)  # held: it may be rewritten, or retried
+                    self.error_body = bytearray()
+                else:
+                    self.response_started = True
+                    self._to_client(with_provider_header(raw) if self.mapping is not None else raw)
             if self.tracker is None:
                 return
             progress = self.tracker.feed(data)
         except HttpError as error:
             self.fail(HttpError(502, error.message) if error.status != 502 else error)
             return
-        if progress.consumed:
-            self._to_client(data if progress.consumed == len(data) else data[: progress.consumed])
+        consumed = data if progress.consumed == len(data) else data[: progress.consumed]
+        if self.error_raw is not None:
+            self._hold_error(consumed, progress.payload)
+        elif consumed:
+            self._to_client(consumed)
         if progress.done:
-            self._finish(extra=progress.consumed < len(data))
+            if self.error_raw is not None:
+                self._error_complete(extra=progress.consumed < len(data))
+            else:
+                self._finish(extra=progress.consumed < len(data))
+
+    def _hold_error(self, raw: bytes, payload: tuple[bytes, ...]) -> None:
+        assert self.error_raw is not None
+        self.error_raw += raw
+        for piece in payload:
+            self.error_body += piece
+        if len(self.error_body) > MAX_ERROR_BODY:  # not an error document any more: pass it on as it is
+            held, self.error_raw = self.error_raw, None
+            self.response_started = True
+            head_end = held.index(b"\r\n\r\n") + 4
+            self._to_client(with_provider_header(bytes(held[:head_end])) + bytes(held[head_end:]))
+
+    def _error_complete(self, extra: bool = False, close: bool = False) -> None:
+        """A whole intercepted error: retry a 429 if allowed, else answer in Anthropic's format."""
+        assert self.response is not None and self.mapping is not None
+        body = bytes(self.error_body)
+        delay = retry_after(self.response.headers, body) if self.response.status == 429 else None
+        settings = self.client.settings
+        if (self.response.status == 429 and self.tries < settings.retries and self.kept is not None
+                and self.body_done and self.client.state == "response"
+                and (delay is None or delay <= settings.retry_max_delay)):
+            self._retry_later(1.0 if delay is None else delay, reusable=not (extra or close) and
+                              self.response.keep_alive)
+            return
+        status_line = bytes(self.error_raw[: self.error_raw.index(b"\r\n")])
+        self.error_raw = None
+        self.response_started = True
+        self._to_client(error_response_for_target(status_line, self.response.status, self.response.headers, body,
+                                                  self.mapping.upstream.url, [PROVIDER_HEADER_FIELD]))
+        self._finish(extra=extra, close=close)
+
+    def _retry_later(self, delay: float, reusable: bool) -> None:
+        log.info("{target} answered 429 (try {tries} of {limit}); trying again in {delay:g}s",
+                 target=self.mapping.upstream.url, tries=self.tries, limit=self.client.settings.retries, delay=delay)
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.handler = None
+            connection.transport.unregisterProducer()
+            self.valve.resume("backpressure")
+            self.client.transport.unregisterProducer()
+            self.client.valve.resume("backpressure")
+            if reusable:
+                self.context.pool.release(connection)
+            else:
+                connection.transport.loseConnection()
+        self.tries += 1
+        self.collector = HeadCollector(what="upstream response")
+        self.response, self.tracker, self.error_raw = None, None, None
+        self.first = bytes(self.kept or b"")
+        self.waiting = self.context.clock.callLater(delay, self._retry)
+
+    def _retry(self) -> None:
+        self.waiting = None
+        if not self.finished:
+            self.start()
 
     def upstream_lost(self, reason: Failure) -> None:
         self.connection = None
@@ -464,7 +547,10 @@ class Exchange:
             self.start(fresh=True)
             return
         if isinstance(self.tracker, CloseBody):
-            self._finish(close=True)
+            if self.error_raw is not None:
+                self._error_complete(close=True)
+            else:
+                self._finish(close=True)
         elif not self.response_started:
             self.fail(HttpError(502, f"{self.destination.label} closed the connection before responding: {_reason(reason)}"))
         else:
@@ -476,6 +562,8 @@ class Exchange:
     def client_lost(self) -> None:
         if self.finished:
             return
+        if self.waiting is not None and self.waiting.active():
+            self.waiting.cancel()
         if self.connecting is not None:
             self.finished = True
             self.connecting.cancel()

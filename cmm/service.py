@@ -71,6 +71,9 @@ class Options(usage.Options):
         ["idle-timeout", None, "120", "Seconds an idle keep-alive client connection is kept."],
         ["connect-timeout", None, "10", "Seconds to connect to an upstream."],
         ["upstream-timeout", None, "600", "Seconds of upstream silence before giving up (not total time)."],
+        ["retries", None, "3", "Tries in all for an intercepted request the target answers 429 (1: no retry)."],
+        ["retry-max-delay", None, "30", "Longest wait cmm sits out before a retry; a longer one goes to the client "
+                                        "as retry-after."],
         ["log-file", None, None, "Request log file (default: cmm.log in the config dir)."],
         ["log-max-bytes", None, "1000000", "Rotate the request log at this size."],
         ["log-backups", None, "3", "Rotated request logs to keep."],

@@ -140,6 +140,8 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         idle_timeout=_number(options.get("idle-timeout", 120), "idle-timeout"),
         upstream_timeout=_number(options.get("upstream-timeout", 600), "upstream-timeout"),
         log_content=bool(options.get("log-content")),
+        retries=int(_number(options.get("retries", 3), "retries", int)),
+        retry_max_delay=_number(options.get("retry-max-delay", 30), "retry-max-delay", minimum=-1),
     )
     listen = _addresses(str(options.get("listen") or ",".join(DEFAULT_LISTEN)), "listen", loopback_only=True)
     hosts = options.get("hosts-file")

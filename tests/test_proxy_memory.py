@@ -403,3 +403,98 @@ def test_a_connection_closed_while_connecting_reads_again_to_finish_closing(harn
     harness.send(client, post(HAIKU))
     assert client.lost
     assert not client.server.valve.paused  # else TLS shutdown waits forever for the peer
+
+
+def replies(*answers: bytes):
+    """A target that answers each request with the next of ``answers`` (the last one repeats)."""
+    queue = list(answers)
+
+    def reply(server, exchange) -> bytes:
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+    return reply
+
+
+def plain(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 %s\r\nContent-Type: text/plain\r\n%sContent-Length: %d\r\n\r\n%s" % (status, extra, len(body), body)
+
+
+OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+
+
+def test_a_429_is_retried_after_the_delay_the_target_wrote(harness: Harness) -> None:
+    limited = plain(b"429 Too Many Requests", b"quota exceeded, reset after 2s")
+    harness.upstreams["target"].reply = replies(limited, limited, OK_JSON)
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    assert client.received == b"" and len(harness.upstreams["target"].exchanges) == 1
+    harness.advance(2)
+    assert len(harness.upstreams["target"].exchanges) == 2 and client.received == b""
+    harness.advance(2)
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b'{"ok":true}'
+    first, second, third = harness.upstreams["target"].exchanges
+    assert first.raw == second.raw == third.raw  # the same request each time
+    assert harness.records[-1].status == 200 and not client.lost
+
+
+def test_retries_are_bounded_then_the_429_reaches_the_client_with_retry_after(harness: Harness) -> None:
+    harness.upstreams["target"].reply = replies(plain(b"429 Too Many Requests", b"Please retry after 3 seconds"))
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    harness.advance(3)
+    harness.advance(3)
+    [(head, body)] = responses(bytes(client.received))
+    assert len(harness.upstreams["target"].exchanges) == 3  # three tries in all (the default)
+    assert head.startswith(b"HTTP/1.1 429 ") and b"retry-after: 3\r\n" in head
+    assert b"x-cmm-provider: cliproxyapi\r\n" in head
+    error = error_of(body)
+    assert error["type"] == "rate_limit_error" and "Please retry after 3 seconds" in error["message"]
+
+
+def test_a_long_requested_wait_is_passed_on_at_once(harness: Harness) -> None:
+    harness.upstreams["target"].reply = replies(plain(b"429 Too Many Requests", b"", b"Retry-After: 120\r\n"))
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 429 ") and b"Retry-After: 120\r\n" in head
+    assert "empty body" in error_of(body)["message"]
+    assert len(harness.upstreams["target"].exchanges) == 1
+
+
+@pytest.mark.parametrize("answer, status, quoted", [
+    (plain(b"500 Internal Server Error", b"panic: runtime error: index out of range"), 500, "panic: runtime error"),
+    (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: 58\r\n\r\n"
+     b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>\n\n\n", 502, "502 Bad Gateway nginx"),
+    (plain(b"503 Service Unavailable", b""), 503, "with an empty body"),
+])
+def test_target_errors_in_other_shapes_become_anthropic_errors(harness: Harness, answer: bytes, status: int,
+                                                                quoted: str) -> None:
+    harness.upstreams["target"].reply = replies(answer)
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 %d " % status) and b"content-type: application/json\r\n" in head
+    error = error_of(body)
+    assert quoted in error["message"] and "http://127.0.0.1:8317" in error["message"]
+    assert error["type"] == ("api_error" if status != 504 else "timeout_error")
+
+
+def test_anthropic_format_errors_pass_unchanged(harness: Harness) -> None:
+    document = b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
+    harness.upstreams["target"].reply = replies(
+        b"HTTP/1.1 529 Overloaded\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(document), document))
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    [(head, body)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 529 ") and body == document
+
+
+def test_large_request_bodies_are_not_kept_for_retries() -> None:
+    harness = Harness(PKI, settings(retry_body_cap=50))
+    harness.upstreams["target"].reply = replies(plain(b"429 Too Many Requests", b"reset after 1s"))
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    [(head, _)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 429 ") and b"retry-after: 1\r\n" in head
+    assert len(harness.upstreams["target"].exchanges) == 1
