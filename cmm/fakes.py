@@ -10,7 +10,9 @@ Run one in the foreground::
     python -m cmm.fakes anthropic --port 0 --cert-dir /tmp/pki
     python -m cmm.fakes target --port 8317 [--base-path /v1/messages]
 
-Controls (any route): ``x-fake-status: 529`` (that status, Anthropic error body),
+Controls (any route): ``x-fake-status: 529`` (that status, Anthropic error body; with
+``x-fake-error-text: ...`` a plain-text body instead; with ``x-fake-status-times: N`` only the
+first N requests of the same ``x-test-id`` fail),
 ``x-fake-delay: 0.5`` (seconds before the head), ``x-fake-event-delay: 0.05``,
 ``x-fake-deltas: 50``, ``x-fake-delta-size: 1000``, ``x-fake-abort-after: 2`` (stream: N events,
 not a stream: the head and N body bytes; then abortConnection), ``x-fake-close: 1``,
@@ -140,6 +142,8 @@ class Controls:
     abort_after: int | None = None
     close: bool = False
     response_bytes: int | None = None
+    error_text: str | None = None  # with status: a plain-text body, as a non-Anthropic proxy sends
+    status_times: int | None = None  # with status: only the first N requests carrying this header fail
 
 
 def _float_header(value: str | None, default: float, high: float) -> float:
@@ -177,6 +181,8 @@ def parse_controls(request: RecordedRequest) -> Controls:
         response_bytes=_int_header(
             request.header("x-fake-response-bytes"), None, 0, _MAX_RESPONSE_BYTES
         ),
+        error_text=request.header("x-fake-error-text"),
+        status_times=_int_header(request.header("x-fake-status-times"), None, 0, 2**31),
     )
 
 
@@ -350,6 +356,8 @@ def plan_reply(
     """The pure core of a fake: request in, reply out."""
     request_id = f"req_fake_{provider}_{request_number:06d}"
     common = (("request-id", request_id), ("x-fake-provider", provider))
+    if controls.status is not None and controls.error_text is not None:
+        return Reply(controls.status, common + (("content-type", "text/plain"),), controls.error_text.encode())
     if controls.status is not None:
         return _error(controls.status, f"x-fake-status asked for {controls.status}", common)
     path = urlsplit(request.path).path
@@ -605,6 +613,13 @@ class _FakeResource(Resource):
             )
         number = self._upstream.record(recorded)
         controls = parse_controls(recorded)
+        if controls.status is not None and controls.status_times is not None:
+            key = recorded.header("x-test-id") or ""
+            failed = self._upstream.failures.get(key, 0)
+            if failed >= controls.status_times:
+                controls = attrs.evolve(controls, status=None)  # enough failures: answer normally
+            else:
+                self._upstream.failures[key] = failed + 1
         reply = plan_reply(
             recorded,
             controls,
@@ -694,6 +709,7 @@ class FakeUpstream:
     keep_requests: int | None = None  # keep only the newest N (long benchmark runs); None: all
     requests: list[RecordedRequest] = attrs.field(factory=list)
     request_count: int = 0  # every request ever received, also those no longer kept
+    failures: dict[str, int] = attrs.field(factory=dict)  # x-fake-status-times counts, per x-test-id
     _listening: IListeningPort | None = None
     _factory: _TrackingFactory | None = None
 

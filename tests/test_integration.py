@@ -1315,3 +1315,23 @@ def test_slow_reader_does_not_grow_cmm_memory(stack: Stack, model: str, provider
         body = conn.body(response)
     assert len(body) >= size
     assert while_stalled - before < 24, f"cmm grew {while_stalled - before:.1f} MiB while the client did not read"
+
+
+# -- target errors and rate limits (issue 5) ---------------------------------------------------------
+
+
+def test_target_429_with_the_delay_in_prose_is_retried_by_cmm(stack: Stack) -> None:
+    tag = new_tag()
+    started = time.monotonic()
+    response = stack.main.exchange(simple_post(SOURCE_MODEL, tag, extra=[
+        ("x-fake-status", "429"), ("x-fake-status-times", "1"), ("x-fake-error-text", "quota exceeded, reset after 1s")]))
+    assert response.status == 200 and response.header("x-cmm-provider") == "cliproxyapi"
+    assert time.monotonic() - started >= 0.9  # it honoured the delay
+    assert len(stack.target.find(tag)) == 2
+
+
+def test_target_plain_text_errors_reach_the_client_in_anthropic_format(stack: Stack) -> None:
+    response = stack.main.exchange(simple_post(SOURCE_MODEL, new_tag(), extra=[
+        ("x-fake-status", "500"), ("x-fake-error-text", "upstream gemini exploded")]))
+    error = assert_anthropic_error(response, 500, "api_error")
+    assert "upstream gemini exploded" in error["message"] and response.header("x-cmm-provider") == "cliproxyapi"
