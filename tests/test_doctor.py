@@ -9,28 +9,17 @@ import sys
 import textwrap
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
-from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from cmm import certs, doctor, hosts
 from cmm.checkout import REPO, checkout_env
 from cmm.doctor import Check
 from cmm.status import HostsInfo, Instance, Probe, RunningState, TrustInfo
+from support import done
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-
-
-def done(coroutine: Any) -> Any:
-    results: list[Any] = []
-    defer.ensureDeferred(coroutine).addBoth(results.append)
-    assert results, "the coroutine waited on something"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.fixture(scope="module")

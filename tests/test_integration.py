@@ -39,7 +39,8 @@ from typing import Any
 
 import pytest
 
-from cmm.checkout import ANNOUNCE, checkout_env, twistd_command
+from cmm.checkout import ANNOUNCE, twistd_command
+from support import HeaderLookup, process_env
 
 REPO = Path(__file__).resolve().parent.parent
 ANTHROPIC_HOST = "api.anthropic.com"
@@ -82,15 +83,7 @@ CCH_SEED = 0x4D659218E32A3268
 # -- processes --------------------------------------------------------------------------------------
 
 
-def _env(**changes: str | None) -> dict[str, str]:
-    env = checkout_env()
-    env["PYTHONUNBUFFERED"] = "1"
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
+_env = process_env
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -158,19 +151,12 @@ class Process:
 
 
 @dataclass
-class Response:
+class Response(HeaderLookup):
     status: int
     reason: str
     headers: list[tuple[str, str]]  # names lower-cased, in order
     body: bytes = b""
     interim: list[int] = field(default_factory=list)  # 1xx statuses seen before this one
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def header_all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name.lower()]
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -366,7 +352,7 @@ def new_tag() -> str:
 
 
 @dataclass
-class Seen:
+class Seen(HeaderLookup):
     """A request as a fake recorded it (header names lower-cased, in arrival order)."""
 
     method: str
@@ -374,13 +360,6 @@ class Seen:
     headers: list[tuple[str, str]]
     body: bytes
     connection: int
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def header_all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name.lower()]
 
     def json(self) -> Any:
         data = self.body

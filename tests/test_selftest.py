@@ -25,10 +25,11 @@ import attrs
 import pytest
 
 from cmm import certs, selftest
-from cmm.checkout import REPO, checkout_env, twistd_command
+from cmm.checkout import REPO, twistd_command
 from cmm.doctor import Check
 from cmm.selftest import Options, Reply, Target
 from cmm.status import Instance, MappingInfo, RunningState
+from support import process_env
 
 SOURCE = "claude-haiku-4-5"
 TARGET_MODEL = "gemini-2.5-flash"
@@ -253,14 +254,7 @@ class Stack:
 
 
 def _env(**changes: str | None) -> dict[str, str]:
-    env = {**checkout_env(), "PYTHONUNBUFFERED": "1"}
-    env.pop("NODE_EXTRA_CA_CERTS", None)
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
+    return process_env(**{"NODE_EXTRA_CA_CERTS": None, **changes})
 
 
 @pytest.fixture(scope="module")

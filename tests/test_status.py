@@ -32,6 +32,7 @@ from cmm.status import (
     StatusReport,
     TrustInfo,
 )
+from support import done
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 STATE = {
@@ -44,16 +45,6 @@ STATE = {
     "hosts_file": "/etc/hosts",
     "config_dir": "/home/me/.cmm",
 }
-
-
-def done(coroutine: Any) -> Any:
-    """The result of a coroutine whose awaits are all already fired (no reactor needed)."""
-    results: list[Any] = []
-    defer.ensureDeferred(coroutine).addBoth(results.append)
-    assert results, "the coroutine waited on something"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 # --- the state file ------------------------------------------------------------------------------
