@@ -12,6 +12,7 @@ re-sign it with :func:`resign`, or the request is no longer what Claude Code wou
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import xxhash
 
@@ -111,3 +112,43 @@ def resign(body: bytes) -> bytes:
     if match is None:
         return body
     return body[: match.start(1)] + compute(body).encode() + body[match.end(1) :]
+
+
+class Resigner:
+    """A streaming stage that re-signs a body changed by an earlier stage, in the same pass.
+
+    The hash covers the whole body, but the ``cch=`` placeholder sits in the first system block,
+    after the messages in Claude Code's key order: everything before the first ``cch=`` goes out
+    at once, everything from it on is held until the body ends, and is re-signed then if
+    ``changed()`` says an earlier stage edited the body. A copy of what went out is kept for the
+    hash. Bodies without ``cch=`` are held back not at all.
+    """
+
+    def __init__(self, changed: Callable[[], bool]) -> None:
+        self._changed = changed
+        self._body = bytearray()  # everything seen, for the hash
+        self._held_from: int | None = None
+        self._sent = 0
+
+    def feed(self, data: bytes) -> bytes:
+        self._body += data
+        if self._held_from is None:
+            found = self._body.find(_MARK, max(0, self._sent - len(_MARK) + 1))
+            if found < 0:
+                safe = max(self._sent, len(self._body) - (len(_MARK) - 1))  # a split "cc|h=" stays back
+                out = bytes(self._body[self._sent : safe])
+                self._sent = safe
+                return out
+            self._held_from = found
+            out = bytes(self._body[self._sent : found])
+            self._sent = found
+            return out
+        return b""
+
+    def finish(self) -> bytes:
+        body = bytes(self._body)
+        if self._held_from is not None and self._changed():
+            body = resign(body)
+        out = body[self._sent :]
+        self._sent = len(body)
+        return out

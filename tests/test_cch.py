@@ -59,3 +59,29 @@ def test_unsigned_members_go_with_the_right_comma() -> None:
     first = cch.signing_form(b'{"max_tokens":5,"model":"m","fallbacks":["a"],"x":1,"fallback_credit_token":"t"}')
     assert first == b'{"model":"","x":1}'
     assert cch.resign(b'{"no":"signature"}') == b'{"no":"signature"}'
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED))
+@given(splits=st.lists(st.integers(min_value=0, max_value=800), max_size=8), changed=st.booleans())
+def test_resigner_streams_up_to_the_placeholder_and_signs_at_the_end(name: str, splits: list[int],
+                                                                      changed: bool) -> None:
+    original = vector(name)
+    edited = original.replace(b'"stream":true', b'"stream":    1') if changed else original
+    stage = cch.Resigner(lambda: changed)
+    out = b""
+    start = 0
+    for point in sorted(set(splits)) + [len(edited)]:
+        piece = stage.feed(edited[start:point])
+        if b"cch=" not in edited[:point]:
+            assert len(out + piece) >= max(0, point - 3)  # nothing before the placeholder waits
+        out += piece
+        start = point
+    out += stage.finish()
+    assert len(out) == len(edited)
+    assert cch.is_valid(out)
+    assert (out == edited) == (not changed or cch.compute(edited) == cch.current(edited))
+
+
+def test_resigner_passes_unsigned_bodies_through() -> None:
+    stage = cch.Resigner(lambda: True)
+    assert stage.feed(b'{"a":') + stage.feed(b'"cc') + stage.feed(b'x"}') + stage.finish() == b'{"a":"ccx"}'
