@@ -19,6 +19,26 @@ not a stream: the head and N body bytes; then abortConnection), ``x-fake-close: 
 ``x-fake-response-bytes: N``. Malformed values are ignored, out-of-range ones clamped.
 Gzip/deflate request bodies are decoded before the JSON is read (recorded as received).
 
+Thinking. A messages request that enables thinking (``"thinking": {"type": "enabled", ...}``, as
+Claude Code sends, or ``"adaptive"``) gets a ``thinking`` block before the text block (streamed
+as ``thinking_delta`` x 2 then one ``signature_delta``), unless its last message is an assistant
+message being continued (a prefill: thinking can only open a turn). Each fake signs its thinking
+with an HMAC keyed by its provider name (:func:`thinking_signature`, :func:`verify_signature`):
+the fake Anthropic's signatures are plain base64, every other fake's start with ``tgt-``.
+Controls: ``x-fake-thinking: 1`` / ``0`` (thinking block whatever the request says, or never),
+``x-fake-redacted: 1`` (a ``redacted_thinking`` block after the thinking block, its ``data`` made
+by :func:`redacted_data`), ``x-fake-tool-use: NAME`` (a ``tool_use`` block for tool NAME after
+the text, ``stop_reason: "tool_use"``), so multi-turn tool loops can be simulated.
+
+Strict mode (the fake Anthropic's default; ``--strict/--no-strict``) checks every messages and
+count_tokens body as Anthropic does, with Anthropic's error messages (400
+``invalid_request_error``): each ``thinking`` block in ``messages`` must carry a signature this
+fake made for exactly that text, each ``redacted_thinking`` block ``data`` this fake made; with
+thinking enabled, a last assistant message holding a ``tool_use`` block must start with a
+thinking or redacted_thinking block; no message may have empty content except a final assistant
+one (:func:`strict_violation`). The fake target is lenient by default: it answers whatever
+signatures it gets, and records them.
+
 Besides the Anthropic routes, ``GET /_fake/requests`` answers what a fake has recorded (JSON,
 bodies base64) so tests can inspect a fake running in another process; those control requests
 are not recorded themselves.
@@ -29,10 +49,13 @@ from __future__ import annotations
 import argparse
 import base64
 import fcntl
+import hashlib
+import hmac
 import ipaddress
 import itertools
 import json
 import math
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -86,6 +109,11 @@ _MAX_DELAY = 600.0
 _MAX_DELTAS = 1_000_000
 _MAX_DELTA_SIZE = 16 * 1024 * 1024
 _MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+
+ANTHROPIC_PROVIDER = "anthropic"
+TARGET_SIGNATURE_PREFIX = "tgt-"  # starts the signatures of every fake but the Anthropic one
+THINKING_TYPES = ("enabled", "adaptive")  # the values of ``thinking.type`` that turn thinking on
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 # -- values and pure helpers ------------------------------------------------------------------
@@ -144,6 +172,9 @@ class Controls:
     response_bytes: int | None = None
     error_text: str | None = None  # with status: a plain-text body, as a non-Anthropic proxy sends
     status_times: int | None = None  # with status: only the first N requests carrying this header fail
+    thinking: bool | None = None  # x-fake-thinking: force a thinking block on/off; None: as asked
+    redacted: bool = False  # x-fake-redacted: a redacted_thinking block after the thinking one
+    tool_use: str | None = None  # x-fake-tool-use: end with a tool_use block for this tool
 
 
 def _float_header(value: str | None, default: float, high: float) -> float:
@@ -166,10 +197,20 @@ def _int_header(value: str | None, default: int | None, low: int, high: int) -> 
     return min(max(number, low), high)
 
 
+def _bool_header(value: str | None) -> bool | None:
+    value = (value or "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def parse_controls(request: RecordedRequest) -> Controls:
     """Never fails: a malformed control header is ignored, an out-of-range one clamped."""
     status = _int_header(request.header("x-fake-status"), None, 0, 999)
     close = (request.header("x-fake-close") or "").strip().lower()
+    tool = (request.header("x-fake-tool-use") or "").strip()
     return Controls(
         status=status if status is not None and 400 <= status <= 599 else None,
         delay=_float_header(request.header("x-fake-delay"), 0.0, _MAX_DELAY),
@@ -183,6 +224,9 @@ def parse_controls(request: RecordedRequest) -> Controls:
         ),
         error_text=request.header("x-fake-error-text"),
         status_times=_int_header(request.header("x-fake-status-times"), None, 0, 2**31),
+        thinking=_bool_header(request.header("x-fake-thinking")),
+        redacted=_bool_header(request.header("x-fake-redacted")) is True,
+        tool_use=tool if _TOOL_NAME.fullmatch(tool) else None,
     )
 
 
@@ -222,6 +266,131 @@ def delta_texts(provider: str, deltas: int, delta_size: int | None) -> Iterator[
         yield "".join(itertools.islice(source, delta_size))
 
 
+def _signature_prefix(provider: str) -> str:
+    return "" if provider == ANTHROPIC_PROVIDER else TARGET_SIGNATURE_PREFIX
+
+
+def _mac(provider: str, purpose: bytes, data: bytes) -> bytes:
+    key = hashlib.sha256(b"cmm fake signing key\0" + provider.encode()).digest()
+    return hmac.new(key, purpose + b"\0" + data, hashlib.sha256).digest()
+
+
+def thinking_signature(provider: str, text: str) -> str:
+    """The signature the fake named ``provider`` puts on a thinking block with this text.
+
+    Base64 of an HMAC over the text, keyed by the provider name (so any process can check it);
+    fakes other than the Anthropic one prefix theirs with :data:`TARGET_SIGNATURE_PREFIX`.
+    """
+    mac = _mac(provider, b"thinking", text.encode("utf-8", "surrogatepass"))
+    return _signature_prefix(provider) + base64.b64encode(mac).decode("ascii")
+
+
+def verify_signature(provider: str, text: object, signature: object) -> bool:
+    """Whether ``signature`` is the one the fake ``provider`` made for exactly ``text``."""
+    if not isinstance(text, str) or not isinstance(signature, str):
+        return False
+    expected = thinking_signature(provider, text).encode()
+    return hmac.compare_digest(signature.encode("utf-8", "surrogatepass"), expected)
+
+
+def redacted_data(provider: str, secret: str) -> str:
+    """The opaque ``data`` of a ``redacted_thinking`` block: base64 of ``secret`` and its HMAC."""
+    payload = secret.encode("utf-8", "surrogatepass")
+    blob = payload + _mac(provider, b"redacted", payload)
+    return _signature_prefix(provider) + base64.b64encode(blob).decode("ascii")
+
+
+def verify_redacted(provider: str, data: object) -> bool:
+    """Whether ``data`` is a ``redacted_thinking`` payload the fake ``provider`` made."""
+    prefix = _signature_prefix(provider)
+    if not isinstance(data, str) or not data.startswith(prefix) or not data.isascii():
+        return False
+    try:
+        blob = base64.b64decode(data[len(prefix) :], validate=True)
+    except ValueError:
+        return False
+    payload, mac = blob[:-32], blob[-32:]
+    return len(blob) >= 32 and hmac.compare_digest(mac, _mac(provider, b"redacted", payload))
+
+
+def thinking_text(provider: str, message_id: str) -> str:
+    """The thinking of one reply: distinct per reply, so each signature is too."""
+    return f"{provider} thinks about {message_id}"
+
+
+def thinking_enabled(payload: dict[str, Any]) -> bool:
+    """Whether a messages request turns extended thinking on."""
+    thinking = payload.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in THINKING_TYPES
+
+
+def _block_type(block: object) -> object:
+    return block.get("type") if isinstance(block, dict) else None
+
+
+def strict_violation(payload: dict[str, Any], provider: str = ANTHROPIC_PROVIDER) -> str | None:
+    """What Anthropic would reject in this request's ``messages`` (its 400 message), or None.
+
+    Thinking signatures and redacted data must be ``provider``'s own for exactly that block; with
+    thinking enabled, a last assistant message that holds a ``tool_use`` block must start with a
+    thinking block; only a final assistant message may have empty content.
+    """
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return None
+    last_assistant: int | None = None
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        is_final_assistant = n == len(messages) - 1 and message.get("role") == "assistant"
+        if content in ([], "") and not is_final_assistant:
+            return (
+                f"messages.{n}: all messages must have non-empty content except for the "
+                "optional final assistant message"
+            )
+        if message.get("role") == "assistant":
+            last_assistant = n
+        if not isinstance(content, list):
+            continue
+        for m, block in enumerate(content):
+            kind = _block_type(block)
+            if kind == "thinking":
+                if "signature" not in block:
+                    return f"messages.{n}.content.{m}.thinking.signature: Field required"
+                if not verify_signature(provider, block.get("thinking"), block["signature"]):
+                    return f"messages.{n}.content.{m}: Invalid `signature` in `thinking` block"
+            elif kind == "redacted_thinking":
+                if "data" not in block:
+                    return f"messages.{n}.content.{m}.redacted_thinking.data: Field required"
+                if not verify_redacted(provider, block["data"]):
+                    return f"messages.{n}.content.{m}: Invalid `data` in `redacted_thinking` block"
+    if last_assistant is not None and thinking_enabled(payload):
+        content = messages[last_assistant]["content"]
+        if isinstance(content, list) and any(_block_type(b) == "tool_use" for b in content):
+            first = _block_type(content[0])
+            if first not in ("thinking", "redacted_thinking"):
+                return (
+                    f"messages.{last_assistant}.content.0.type: Expected `thinking` or "
+                    f"`redacted_thinking`, but found `{first}`. When `thinking` is enabled, a "
+                    "final `assistant` message must start with a thinking block (preceeding the "
+                    "lastmost set of `tool_use` and `tool_result` blocks). We recommend you "
+                    "include thinking blocks from previous turns. To avoid this requirement, "
+                    "disable `thinking`. Please consult our documentation at "
+                    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+                )
+    return None
+
+
+def _tool_use_block(provider: str, message_id: str, name: str) -> dict[str, Any]:
+    return {
+        "type": "tool_use",
+        "id": message_id.replace("msg_", "toolu_", 1),
+        "name": name,
+        "input": {"provider": provider},
+    }
+
+
 def sse_event(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + _json(data) + b"\n\n"
 
@@ -234,8 +403,16 @@ def sse_events(
     input_tokens: int,
     deltas: int = 3,
     delta_size: int | None = None,
+    thinking: bool = False,
+    redacted: bool = False,
+    tool_use: str | None = None,
 ) -> Iterator[bytes]:
-    """A streamed reply in Anthropic's exact event order, generated lazily (it may be huge)."""
+    """A streamed reply in Anthropic's exact event order, generated lazily (it may be huge).
+
+    Blocks in order: ``thinking`` (if asked; ``thinking_delta`` x 2, one ``signature_delta``),
+    ``redacted_thinking`` (with thinking, if asked), the text, ``tool_use`` (if a name is given).
+    ``ping`` follows the first ``content_block_start``.
+    """
     yield sse_event(
         "message_start",
         {
@@ -252,26 +429,57 @@ def sse_events(
             },
         },
     )
-    yield sse_event(
-        "content_block_start",
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-    )
-    yield sse_event("ping", {"type": "ping"})
-    for text in delta_texts(provider, deltas, delta_size):
+    index = 0
+
+    def start(block: dict[str, Any]) -> Iterator[bytes]:
         yield sse_event(
-            "content_block_delta",
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": text},
-            },
+            "content_block_start",
+            {"type": "content_block_start", "index": index, "content_block": block},
         )
-    yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        if index == 0:
+            yield sse_event("ping", {"type": "ping"})
+
+    def delta(delta: dict[str, Any]) -> bytes:
+        return sse_event(
+            "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+        )
+
+    def stop() -> bytes:
+        return sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    if thinking:
+        text = thinking_text(provider, message_id)
+        yield from start({"type": "thinking", "thinking": "", "signature": ""})
+        head, _, rest = text.partition(" ")
+        for piece in (head, " " + rest):
+            yield delta({"type": "thinking_delta", "thinking": piece})
+        signature = thinking_signature(provider, text)
+        yield delta({"type": "signature_delta", "signature": signature})
+        yield stop()
+        index += 1
+        if redacted:
+            data = redacted_data(provider, f"redacted thinking of {message_id}")
+            yield from start({"type": "redacted_thinking", "data": data})
+            yield stop()
+            index += 1
+    yield from start({"type": "text", "text": ""})
+    for text in delta_texts(provider, deltas, delta_size):
+        yield delta({"type": "text_delta", "text": text})
+    yield stop()
+    if tool_use is not None:
+        index += 1
+        block = _tool_use_block(provider, message_id, tool_use)
+        yield from start({**block, "input": {}})
+        yield delta({"type": "input_json_delta", "partial_json": _json(block["input"]).decode()})
+        yield stop()
     yield sse_event(
         "message_delta",
         {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {
+                "stop_reason": "end_turn" if tool_use is None else "tool_use",
+                "stop_sequence": None,
+            },
             "usage": {"output_tokens": max(deltas, 1)},
         },
     )
@@ -279,9 +487,31 @@ def sse_events(
 
 
 def message_json(
-    *, message_id: str, model: str, provider: str, input_tokens: int, pad_to: int | None = None
+    *,
+    message_id: str,
+    model: str,
+    provider: str,
+    input_tokens: int,
+    pad_to: int | None = None,
+    thinking: bool = False,
+    redacted: bool = False,
+    tool_use: str | None = None,
 ) -> bytes:
-    """A non-streamed ``message``; ``pad_to`` pads the text so the body is about that size."""
+    """A non-streamed ``message``; ``pad_to`` pads the text so the body is about that size.
+
+    The blocks are those of :func:`sse_events` with the same arguments.
+    """
+    before: list[dict[str, Any]] = []
+    after: list[dict[str, Any]] = []
+    if thinking:
+        thought = thinking_text(provider, message_id)
+        signature = thinking_signature(provider, thought)
+        before.append({"type": "thinking", "thinking": thought, "signature": signature})
+        if redacted:
+            data = redacted_data(provider, f"redacted thinking of {message_id}")
+            before.append({"type": "redacted_thinking", "data": data})
+    if tool_use is not None:
+        after.append(_tool_use_block(provider, message_id, tool_use))
 
     def build(text: str) -> bytes:
         return _json(
@@ -290,8 +520,8 @@ def message_json(
                 "type": "message",
                 "role": "assistant",
                 "model": model,
-                "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn",
+                "content": [*before, {"type": "text", "text": text}, *after],
+                "stop_reason": "end_turn" if tool_use is None else "tool_use",
                 "stop_sequence": None,
                 "usage": {"input_tokens": input_tokens, "output_tokens": 5},
             }
@@ -352,8 +582,9 @@ def plan_reply(
     provider: str,
     base_path: str,
     request_number: int,
+    strict: bool = False,
 ) -> Reply:
-    """The pure core of a fake: request in, reply out."""
+    """The pure core of a fake: request in, reply out (``strict``: see :func:`strict_violation`)."""
     request_id = f"req_fake_{provider}_{request_number:06d}"
     common = (("request-id", request_id), ("x-fake-provider", provider))
     if controls.status is not None and controls.error_text is not None:
@@ -372,6 +603,10 @@ def plan_reply(
         return _error(400, f"request body is not valid JSON: {e}", common)
     if not isinstance(payload, dict):
         return _error(400, "request body must be a JSON object", common)
+    if strict:
+        violation = strict_violation(payload, provider)
+        if violation is not None:
+            return _error(400, violation, common)
     input_tokens = len(request.body) // 4
     if path.endswith("/count_tokens"):
         return Reply(
@@ -383,6 +618,17 @@ def plan_reply(
     if not isinstance(model, str) or not model:
         return _error(400, "model: Field required", common)
     message_id = f"msg_fake_{provider}_{request_number:06d}"
+    thinking = controls.thinking
+    if thinking is None:
+        messages = payload.get("messages")
+        prefill = (
+            isinstance(messages, list)
+            and bool(messages)
+            and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "assistant"
+        )
+        thinking = thinking_enabled(payload) and not prefill
+    blocks = {"thinking": thinking, "redacted": controls.redacted, "tool_use": controls.tool_use}
     if payload.get("stream") is True:
         events = sse_events(
             message_id=message_id,
@@ -391,6 +637,7 @@ def plan_reply(
             input_tokens=input_tokens,
             deltas=controls.deltas,
             delta_size=controls.delta_size,
+            **blocks,
         )
         headers = common + (
             ("content-type", "text/event-stream; charset=utf-8"),
@@ -403,6 +650,7 @@ def plan_reply(
         provider=provider,
         input_tokens=input_tokens,
         pad_to=controls.response_bytes,
+        **blocks,
     )
     return Reply(200, common + (("content-type", "application/json"),), body)
 
@@ -626,6 +874,7 @@ class _FakeResource(Resource):
             provider=self._upstream.provider,
             base_path=self._upstream.base_path,
             request_number=number,
+            strict=self._upstream.strict,
         )
         if controls.delay > 0:
             call = self._upstream.clock.callLater(
@@ -710,6 +959,7 @@ class FakeUpstream:
     requests: list[RecordedRequest] = attrs.field(factory=list)
     request_count: int = 0  # every request ever received, also those no longer kept
     failures: dict[str, int] = attrs.field(factory=dict)  # x-fake-status-times counts, per x-test-id
+    strict: bool = False  # check thinking signatures and the other rules (strict_violation)
     _listening: IListeningPort | None = None
     _factory: _TrackingFactory | None = None
 
@@ -753,10 +1003,15 @@ def _start(
     interface: str,
     tls_cert_dir: Path | None,
     keep_requests: int | None,
+    strict: bool,
 ) -> FakeUpstream:
     check_loopback(interface)
     upstream = FakeUpstream(
-        provider=provider, base_path=base_path, clock=reactor, keep_requests=keep_requests
+        provider=provider,
+        base_path=base_path,
+        clock=reactor,
+        keep_requests=keep_requests,
+        strict=strict,
     )
     factory = _TrackingFactory(_QuietSite(_FakeResource(upstream)))
     if tls_cert_dir is not None:
@@ -777,16 +1032,18 @@ def start_fake_anthropic(
     port: int = 0,
     interface: str = "127.0.0.1",
     keep_requests: int | None = None,
+    strict: bool = True,
 ) -> FakeUpstream:
     """A fake api.anthropic.com over TLS (test PKI in ``cert_dir``, made if missing)."""
     return _start(
         reactor,
-        provider="anthropic",
+        provider=ANTHROPIC_PROVIDER,
         base_path=ANTHROPIC_PATH,
         port=port,
         interface=interface,
         tls_cert_dir=Path(cert_dir),
         keep_requests=keep_requests,
+        strict=strict,
     )
 
 
@@ -799,6 +1056,7 @@ def start_fake_target(
     base_path: str = ANTHROPIC_PATH,
     provider: str = "target",
     keep_requests: int | None = None,
+    strict: bool = False,
 ) -> FakeUpstream:
     """A fake CLIProxyAPI: Anthropic-compatible, plain http unless ``tls_cert_dir`` is given."""
     return _start(
@@ -809,6 +1067,7 @@ def start_fake_target(
         interface=interface,
         tls_cert_dir=Path(tls_cert_dir) if tls_cert_dir is not None else None,
         keep_requests=keep_requests,
+        strict=strict,
     )
 
 
@@ -823,6 +1082,12 @@ def _parser() -> argparse.ArgumentParser:
     anthropic.add_argument("--cert-dir", type=Path, required=True)
     anthropic.add_argument("--interface", default="127.0.0.1")
     anthropic.add_argument("--keep-requests", type=int, default=None, metavar="N")
+    anthropic.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reject thinking blocks this fake did not sign, as Anthropic does (default: on)",
+    )
     target = sub.add_parser("target", help="fake CLIProxyAPI (plain http unless --tls-cert-dir)")
     target.add_argument("--port", type=int, default=0)
     target.add_argument("--interface", default="127.0.0.1")
@@ -835,6 +1100,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="remember only the newest N requests (long benchmark runs)",
+    )
+    target.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="reject thinking blocks this fake did not sign (default: off, answer anything)",
     )
     return parser
 
@@ -857,6 +1128,7 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
                 port=args.port,
                 interface=args.interface,
                 keep_requests=args.keep_requests,
+                strict=args.strict,
             )
         else:
             fake = start_fake_target(
@@ -867,6 +1139,7 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
                 base_path=args.base_path,
                 provider=args.provider,
                 keep_requests=args.keep_requests,
+                strict=args.strict,
             )
     except Exception as e:  # a port in use, unreadable certificates, ...
         print(f"cmm.fakes: cannot start: {e}", file=sys.stderr)

@@ -490,3 +490,398 @@ def test_make_test_pki_idempotent(tmp_path: Path) -> None:
     for name in ("api.anthropic.com", "localhost"):
         PolicyBuilder().store(Store([ca])).build_server_verifier(DNSName(name)).verify(leaf, [])
     assert oct((tmp_path / fakes.TEST_SERVER_KEY_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+# -- thinking, signatures and strict mode ---------------------------------------------------------
+
+THINKING = {"budget_tokens": 31999, "type": "enabled", "display": "omitted"}
+SSE_THINKING_ORDER = [
+    "message_start",
+    "content_block_start",  # thinking, index 0
+    "ping",
+    "content_block_delta",  # thinking_delta
+    "content_block_delta",  # thinking_delta
+    "content_block_delta",  # signature_delta
+    "content_block_stop",
+    "content_block_start",  # text, index 1
+    "content_block_delta",
+    "content_block_delta",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+]
+
+
+def tool_use_error(n: int, found: str) -> str:
+    return (
+        f"messages.{n}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+        f"`{found}`. When `thinking` is enabled, a final `assistant` message must start with a "
+        "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks). We "
+        "recommend you include thinking blocks from previous turns. To avoid this requirement, "
+        "disable `thinking`. Please consult our documentation at "
+        "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+    )
+
+
+def plan(
+    body: dict,
+    *headers: tuple[str, str],
+    provider: str = "anthropic",
+    strict: bool = True,
+    path: str = "/v1/messages",
+    number: int = 1,
+) -> fakes.Reply:
+    request = RecordedRequest("POST", path, headers, json.dumps(body).encode())
+    return fakes.plan_reply(
+        request,
+        parse_controls(request),
+        provider=provider,
+        base_path=fakes.ANTHROPIC_PATH,
+        request_number=number,
+        strict=strict,
+    )
+
+
+def error_of(reply: fakes.Reply) -> dict:
+    assert reply.status == 400 and reply.events is None
+    body = json.loads(reply.body)
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    return body["error"]
+
+
+def sse_data(payload: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for event in payload.decode().split("\n\n"):
+        if event:
+            kind, data = event.split("\n")
+            out.append((kind[len("event: ") :], json.loads(data[len("data: ") :])))
+    return out
+
+
+def streamed_content(events: list[tuple[str, dict]]) -> list[dict]:
+    """The content blocks a client assembles from a stream (as the SDKs do)."""
+    blocks: list[dict] = []
+    partial: dict[int, str] = {}
+    for kind, data in events:
+        if kind == "content_block_start":
+            assert data["index"] == len(blocks)
+            blocks.append(dict(data["content_block"]))
+        elif kind == "content_block_delta":
+            block, delta = blocks[data["index"]], data["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] += delta["signature"]
+            else:
+                assert delta["type"] == "input_json_delta"
+                partial[data["index"]] = partial.get(data["index"], "") + delta["partial_json"]
+    for index, text in partial.items():
+        blocks[index]["input"] = json.loads(text)
+    return blocks
+
+
+def conversation(*assistant_turns: list[dict], tool_result: bool = True) -> dict:
+    """user, then for each assistant turn: the turn and a user message (a tool_result if asked)."""
+    messages: list[dict] = [{"role": "user", "content": "hi"}]
+    for turn in assistant_turns:
+        messages.append({"role": "assistant", "content": turn})
+        tool_ids = [b["id"] for b in turn if b.get("type") == "tool_use"]
+        if tool_result and tool_ids:
+            messages.append(
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": i, "content": "ok"} for i in tool_ids
+                    ],
+                }
+            )
+        else:
+            messages.append({"role": "user", "content": "go on"})
+    return {"model": "claude-opus-4-6", "thinking": THINKING, "messages": messages}
+
+
+def test_signature_helpers() -> None:
+    signature = fakes.thinking_signature("anthropic", "let me think")
+    assert signature == fakes.thinking_signature("anthropic", "let me think")  # stateless
+    assert fakes.verify_signature("anthropic", "let me think", signature)
+    assert not fakes.verify_signature("anthropic", "let me think!", signature)
+    assert not fakes.verify_signature("anthropic", "let me think", signature[:-2] + "xx")
+    assert not fakes.verify_signature("anthropic", "let me think", None)
+    assert not fakes.verify_signature("anthropic", None, signature)
+    assert not fakes.verify_signature("anthropic", "let me think", "é" + signature)
+    target = fakes.thinking_signature("target", "let me think")
+    assert target.startswith("tgt-") and not signature.startswith("tgt-")
+    assert fakes.verify_signature("target", "let me think", target)
+    assert not fakes.verify_signature("anthropic", "let me think", target)
+    assert not fakes.verify_signature("target", "let me think", signature)
+    assert fakes.thinking_signature("cliproxyapi", "let me think") != target  # keyed by provider
+    data = fakes.redacted_data("anthropic", "secret")
+    assert fakes.verify_redacted("anthropic", data)
+    assert not fakes.verify_redacted("target", data)
+    assert fakes.verify_redacted("target", fakes.redacted_data("target", "secret"))
+    for bad in (data[:-4], "tgt-" + data, "!!!", "", "é", None, signature):
+        assert not fakes.verify_redacted("anthropic", bad), bad
+
+
+def test_thinking_only_when_enabled_or_forced() -> None:
+    def types(body: dict, *headers: tuple[str, str]) -> list[str]:
+        reply = plan(body, *headers)
+        assert reply.status == 200, reply.body
+        return [b["type"] for b in json.loads(reply.body)["content"]]
+
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert types(plain) == ["text"]
+    assert types({**plain, "thinking": {"type": "disabled"}}) == ["text"]
+    assert types({**plain, "thinking": THINKING}) == ["thinking", "text"]
+    assert types({**plain, "thinking": {"type": "adaptive"}}) == ["thinking", "text"]
+    assert types(plain, ("x-fake-thinking", "1")) == ["thinking", "text"]
+    assert types({**plain, "thinking": THINKING}, ("x-fake-thinking", "0")) == ["text"]
+    # Continuing a final assistant message (a prefill): thinking can only open a turn.
+    prefill = {
+        **plain,
+        "thinking": THINKING,
+        "messages": plain["messages"] + [{"role": "assistant", "content": "Su"}],
+    }
+    assert types(prefill) == ["text"]
+    assert types(prefill, ("x-fake-thinking", "yes")) == ["thinking", "text"]
+    assert types({**plain, "thinking": THINKING}, ("x-fake-redacted", "1")) == [
+        "thinking",
+        "redacted_thinking",
+        "text",
+    ]
+    assert types(plain, ("x-fake-redacted", "1")) == ["text"]  # redacted only with thinking
+    assert types(plain, ("x-fake-tool-use", "Bash")) == ["text", "tool_use"]
+    assert types({**plain, "thinking": THINKING}, ("x-fake-tool-use", "Bash")) == [
+        "thinking",
+        "text",
+        "tool_use",
+    ]
+
+
+def test_non_streaming_thinking_blocks_are_signed() -> None:
+    body = {
+        "model": "claude-opus-4-6",
+        "thinking": THINKING,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    reply = plan(body, ("x-fake-tool-use", "Read"), ("x-fake-redacted", "1"), number=7)
+    message = json.loads(reply.body)
+    thinking, redacted, text, tool = message["content"]
+    assert list(thinking) == ["type", "thinking", "signature"]  # Claude Code's key order
+    assert thinking["thinking"]
+    assert fakes.verify_signature("anthropic", thinking["thinking"], thinking["signature"])
+    assert not thinking["signature"].startswith("tgt-")
+    assert fakes.verify_redacted("anthropic", redacted["data"])
+    assert text == {"type": "text", "text": "hello from anthropic"}
+    assert tool == {
+        "type": "tool_use",
+        "id": "toolu_fake_anthropic_000007",
+        "name": "Read",
+        "input": {"provider": "anthropic"},
+    }
+    assert message["stop_reason"] == "tool_use"
+    other = json.loads(plan(body, number=8).body)["content"][0]
+    assert other["thinking"] != thinking["thinking"] and other["signature"] != thinking["signature"]
+    # The target signs its own way, and only it can verify that.
+    tgt = json.loads(plan(body, provider="target", strict=False).body)["content"][0]
+    assert tgt["signature"].startswith("tgt-")
+    assert fakes.verify_signature("target", tgt["thinking"], tgt["signature"])
+    assert not fakes.verify_signature("anthropic", tgt["thinking"], tgt["signature"])
+    # pad_to still pads the text block.
+    padded = plan(body, ("x-fake-response-bytes", "5000"))
+    assert abs(len(padded.body) - 5000) < 10
+    assert json.loads(padded.body)["content"][0]["type"] == "thinking"
+
+
+def test_streaming_event_order_with_thinking() -> None:
+    body = {"model": "m", "stream": True, "thinking": THINKING}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    events = sse_data(b"".join(plan(body).events))
+    assert [kind for kind, _ in events] == SSE_THINKING_ORDER
+    assert events[1][1]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
+    assert [d["delta"]["type"] for _, d in events[3:6]] == [
+        "thinking_delta",
+        "thinking_delta",
+        "signature_delta",
+    ]
+    assert events[6][1]["index"] == 0 and events[7][1]["index"] == 1
+    assert events[7][1]["content_block"] == {"type": "text", "text": ""}
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
+    thinking, text = streamed_content(events)
+    assert fakes.verify_signature("anthropic", thinking["thinking"], thinking["signature"])
+    assert text["text"] == "hello from anthropic"
+    # The same blocks as the non-streamed reply to the same request.
+    assert [thinking, text] == json.loads(plan({**body, "stream": False}).body)["content"]
+    # Without thinking, the stream is exactly what it was.
+    no_thinking = sse_data(b"".join(plan({**body, "thinking": {"type": "disabled"}}).events))
+    assert [kind for kind, _ in no_thinking] == SSE_ORDER
+
+
+def test_streaming_tool_use_and_redacted() -> None:
+    body = {"model": "m", "stream": True, "thinking": THINKING}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    headers = (("x-fake-tool-use", "Bash"), ("x-fake-redacted", "1"))
+    events = sse_data(b"".join(plan(body, *headers, provider="target").events))
+    assert [kind for kind, _ in events].count("ping") == 1 and events[2][0] == "ping"
+    thinking, redacted, text, tool = streamed_content(events)
+    assert fakes.verify_signature("target", thinking["thinking"], thinking["signature"])
+    assert fakes.verify_redacted("target", redacted["data"]) and redacted["data"].startswith("tgt-")
+    assert text["text"] == "hello from target"
+    assert tool == {
+        "type": "tool_use",
+        "id": "toolu_fake_target_000001",
+        "name": "Bash",
+        "input": {"provider": "target"},
+    }
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    assert parse_controls(request_with(("x-fake-tool-use", "bad name!"))).tool_use is None
+    assert parse_controls(request_with(("x-fake-thinking", "maybe"))).thinking is None
+
+
+def test_strict_accepts_its_own_blocks_in_a_tool_loop() -> None:
+    """Two Anthropic turns with thinking and tool use, every block sent back: all accepted."""
+    body = conversation()
+    for n in range(1, 4):
+        reply = plan(body, ("x-fake-tool-use", "Bash"), ("x-fake-redacted", "1"), number=n)
+        assert reply.status == 200, reply.body
+        turns = [m["content"] for m in body["messages"] if m["role"] == "assistant"]
+        body = conversation(*turns, json.loads(reply.body)["content"])
+    assert plan(body, path="/v1/messages/count_tokens").status == 200
+
+
+def test_strict_rejects_foreign_or_altered_signatures() -> None:
+    ours = json.loads(plan(conversation(), ("x-fake-tool-use", "Bash")).body)["content"]
+    theirs = json.loads(
+        plan(conversation(), ("x-fake-tool-use", "Bash"), provider="target").body
+    )["content"]
+    message = "messages.1.content.0: Invalid `signature` in `thinking` block"
+    for path in ("/v1/messages", "/v1/messages/count_tokens?beta=true"):
+        assert error_of(plan(conversation(theirs), path=path))["message"] == message
+    altered = [{**ours[0], "thinking": ours[0]["thinking"] + " "}, *ours[1:]]
+    assert error_of(plan(conversation(altered)))["message"] == message
+    # The index names the offending block, in an older turn too.
+    text_only = [{"type": "text", "text": "x"}]
+    assert error_of(plan(conversation(text_only, [ours[1], theirs[0]], ours)))["message"] == (
+        "messages.3.content.1: Invalid `signature` in `thinking` block"
+    )
+    unsigned = [{"type": "thinking", "thinking": "hmm"}, *ours[1:]]
+    assert error_of(plan(conversation(unsigned)))["message"] == (
+        "messages.1.content.0.thinking.signature: Field required"
+    )
+    foreign_data = fakes.redacted_data("target", "x")
+    redacted = [{"type": "redacted_thinking", "data": foreign_data}, *ours[1:]]
+    assert error_of(plan(conversation(redacted)))["message"] == (
+        "messages.1.content.0: Invalid `data` in `redacted_thinking` block"
+    )
+    # The exact body, as Anthropic sends it.
+    assert json.loads(plan(conversation(theirs)).body) == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": message},
+    }
+    # Lenient fakes answer anything, and strict ones accept their own.
+    assert plan(conversation(theirs), strict=False).status == 200
+    assert plan(conversation(ours), provider="target", strict=False).status == 200
+    assert plan(conversation(theirs), provider="target", strict=True).status == 200
+    assert plan(conversation(ours), provider="target", strict=True).status == 400
+
+
+def test_strict_last_assistant_tool_use_needs_thinking_first() -> None:
+    ours = json.loads(plan(conversation(), ("x-fake-tool-use", "Bash")).body)["content"]
+    thinking, text, tool = ours
+    assert error_of(plan(conversation([text, tool])))["message"] == tool_use_error(1, "text")
+    assert error_of(plan(conversation([tool])))["message"] == tool_use_error(1, "tool_use")
+    assert error_of(plan(conversation([text, thinking, tool])))["message"] == (
+        tool_use_error(1, "text")
+    )
+    redacted = {"type": "redacted_thinking", "data": fakes.redacted_data("anthropic", "r")}
+    assert plan(conversation([redacted, text, tool])).status == 200
+    # Only the last assistant turn must keep its thinking; older ones may lose it.
+    assert plan(conversation([text, tool], ours)).status == 200
+    assert error_of(plan(conversation(ours, [text, tool])))["message"] == tool_use_error(3, "text")
+    # Without thinking, or without tool use in the last turn, there is no such rule.
+    no_thinking = {**conversation([text, tool]), "thinking": {"type": "disabled"}}
+    assert plan(no_thinking).status == 200
+    assert plan(conversation([text])).status == 200
+    assert plan(conversation([text, tool]), strict=False).status == 200
+
+
+def test_strict_empty_content() -> None:
+    body = conversation([{"type": "text", "text": "x"}])
+    body["messages"][1]["content"] = []
+    assert error_of(plan(body))["message"] == (
+        "messages.1: all messages must have non-empty content except for the optional final "
+        "assistant message"
+    )
+    body["messages"][1]["content"] = ""
+    assert error_of(plan(body))["message"].startswith("messages.1: all messages must have")
+    body["messages"][1]["content"] = [{"type": "text", "text": "x"}]
+    body["messages"][2]["content"] = []
+    assert error_of(plan(body))["message"].startswith("messages.2: all messages")
+    final = {"model": "m"}
+    final["messages"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}]
+    assert plan(final).status == 200  # the optional final assistant message
+    assert plan({**final, "messages": [{"role": "user", "content": []}]}).status == 400
+    assert plan({"model": "m", "messages": "not a list"}).status == 200  # not this fake's business
+
+
+def test_alternating_providers_need_foreign_blocks_removed() -> None:
+    """A session alternating Anthropic and the target, as cmm must make it work."""
+    anthropic_turn = json.loads(plan(conversation(), ("x-fake-tool-use", "Bash")).body)["content"]
+    target_reply = plan(
+        conversation(anthropic_turn), ("x-fake-tool-use", "Read"), provider="target", strict=False
+    )
+    target_turn = json.loads(target_reply.body)["content"]
+    history = conversation(anthropic_turn, target_turn)
+    assert plan(history, provider="target", strict=False).status == 200  # the target takes anything
+    assert error_of(plan(history))["message"] == (
+        "messages.3.content.0: Invalid `signature` in `thinking` block"
+    )
+    # Dropping the target's thinking leaves its tool_use turn, the last one, without thinking.
+    dropped = conversation(anthropic_turn, target_turn[1:])
+    assert error_of(plan(dropped))["message"] == tool_use_error(3, "text")
+    # A later Anthropic turn makes the target's turn an older one: then it may lose its thinking.
+    text_turn = [{"type": "text", "text": "x"}]
+    later = json.loads(plan(conversation(anthropic_turn, target_turn[1:], text_turn)).body)
+    assert later["content"][0]["type"] == "thinking"
+
+
+def test_cli_strict_defaults() -> None:
+    parser = fakes._parser()
+    assert parser.parse_args(["anthropic", "--cert-dir", "x"]).strict is True
+    assert parser.parse_args(["anthropic", "--cert-dir", "x", "--no-strict"]).strict is False
+    assert parser.parse_args(["target"]).strict is False
+    assert parser.parse_args(["target", "--strict"]).strict is True
+
+
+def test_thinking_over_sockets(anthropic: FakeProcess, target: FakeProcess, pki: Path) -> None:
+    """Real sockets: the strict Anthropic fake signs, verifies, and rejects the target's blocks."""
+    conn = tls_connection(anthropic.port, make_test_pki(pki))
+    gzipped = gzip.compress(json.dumps({**conversation(), "stream": True}).encode())
+    headers = {"content-encoding": "gzip", "x-fake-tool-use": "Bash"}
+    response, payload = post(conn, "/v1/messages?beta=true", gzipped, headers)
+    assert response.status == 200
+    events = sse_data(payload)
+    ours = streamed_content(events)
+    assert [b["type"] for b in ours] == ["thinking", "text", "tool_use"]
+    assert fakes.verify_signature("anthropic", ours[0]["thinking"], ours[0]["signature"])
+    response, payload = post(conn, "/v1/messages", conversation(ours))
+    assert response.status == 200, payload
+
+    plain = http.client.HTTPConnection("127.0.0.1", target.port, timeout=10)
+    response, payload = post(plain, "/v1/messages", conversation(ours), {"x-fake-tool-use": "Read"})
+    theirs = json.loads(payload)["content"]
+    assert response.status == 200 and theirs[0]["signature"].startswith("tgt-")
+    response, payload = post(conn, "/v1/messages", conversation(ours, theirs))
+    assert response.status == 400
+    assert json.loads(payload) == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "messages.3.content.0: Invalid `signature` in `thinking` block",
+        },
+    }
+    conn.close()
+    plain.close()
