@@ -9,6 +9,7 @@ bodies flows through as it arrives.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable
@@ -29,8 +30,10 @@ from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_reques
 from cmm.model_finder import Found, ModelFinder
 from cmm.request_log import RequestRecord
 from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_endpoint, intercepted_head,
-                        redacted_head, rewrite_model, with_provider_header)
+                        redacted_head, rewrite_model, with_content_length, with_provider_header)
 from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
+from cmm.thinking import Neutraliser, SseMarker, Unmarker, mark_message
+from cmm.cch import Resigner
 from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, no_delay
 
 log = Logger()
@@ -186,6 +189,7 @@ class ClientConnection(Protocol):
         self.content = None
         self.sniffed_raw: list[bytes] = []
         self.sniffed_payload: list[bytes] = []
+        self.stages: list[Any] = []
         self.decoder: BodyDecoder | None = None
         codings = [c.decode("latin-1") for c in head.headers.tokens(b"content-encoding")]
         if self.endpoint is not None and unsupported(codings):
@@ -231,10 +235,14 @@ class ClientConnection(Protocol):
         """Route decided: borrow an upstream connection and send what is in hand."""
         assert self.head is not None
         model = result.model if isinstance(result, Found) else None
+        self.stages = self._stages_for(mapping)
         if mapping is not None:
             assert isinstance(result, Found) and self.endpoint is not None
             first = self._intercepted_start(result, mapping, self.endpoint, body_done)
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
+        elif self.stages:
+            first = self.head.raw + self._staged(b"".join(self.sniffed_payload), body_done)
+            destination = self.settings.anthropic
         else:
             first = self.head.raw + b"".join(self.sniffed_raw)
             destination = self.settings.anthropic
@@ -248,11 +256,34 @@ class ClientConnection(Protocol):
         self.exchange = Exchange(self, destination, model, mapping, first, body_done)
         self.exchange.start()
 
+    def _stages_for(self, mapping: Mapping | None) -> list[Any]:
+        """Edits a messages body gets on its way, all keeping its length (so its framing):
+        the target gets its own thinking signatures back unmarked; Anthropic gets the target's
+        thinking blocks blanked out and, if that changed the body, the cch hash re-signed.
+
+        A passthrough body that is compressed or chunked goes as it came (Claude Code sends
+        neither with thinking blocks of another provider's: see the README's limits).
+        """
+        if self.endpoint is None or self.head is None:
+            return []
+        if mapping is not None:
+            return [Unmarker()]
+        if self.decoder is None and self.head.framing.kind == "length":
+            neutraliser = Neutraliser()
+            return [neutraliser, Resigner(lambda: neutraliser.changed)]
+        return []
+
+    def _staged(self, data: bytes, done: bool) -> bytes:
+        for stage in self.stages:
+            data = stage.feed(data) + (stage.finish() if done else b"")
+        return data
+
     def _intercepted_start(self, found: Found, mapping: Mapping, endpoint: Endpoint, body_done: bool) -> bytes:
         assert self.head is not None
         payload = rewrite_model(b"".join(self.sniffed_payload), found.start, found.end, mapping.target)
+        payload = self._staged(payload, body_done)
         if self.head.framing.kind == "length" and self.decoder is None:
-            length = self.head.framing.length + len(payload) - sum(len(p) for p in self.sniffed_payload)
+            length = self.head.framing.length + len(json.dumps(mapping.target)) - (found.end - found.start)
             return intercepted_head(self.head, mapping.upstream, endpoint, length) + payload
         # Chunked, or decoded from a Content-Encoding (its length is unknown until the end).
         tail = LAST_CHUNK if body_done else b""
@@ -280,7 +311,10 @@ class ClientConnection(Protocol):
     def _body_bytes(self, data: bytes) -> None:
         assert self.exchange is not None
         raw, payload, done, rest = self._track(data)
-        if self.exchange.rechunk:
+        if self.stages:
+            body = self._staged(b"".join(self._decoded(payload, done)), done)
+            out = encode_chunk(body) + (LAST_CHUNK if done else b"") if self.exchange.rechunk else body
+        elif self.exchange.rechunk:
             pieces = self._decoded(payload, done)
             out = b"".join(encode_chunk(piece) for piece in pieces) + (LAST_CHUNK if done else b"")
         else:
@@ -389,6 +423,9 @@ class Exchange:
         self.kept: bytearray | None = bytearray(first) if mapping is not None and settings.retries > 1 and \
             len(first) <= settings.retry_body_cap else None
         self.tries = 1
+        self.marker: SseMarker | None = None  # an intercepted stream whose signatures get marked
+        self.held_head: bytes | None = None  # an intercepted JSON message, held to be marked
+        self.held_body = bytearray()
         self.error_raw: bytearray | None = None  # an intercepted error response, held to be rewritten
         self.error_body = bytearray()
         self.waiting: Any = None  # the delayed call of a retry
@@ -455,10 +492,20 @@ class Exchange:
                     continue
                 self.response = response
                 self.tracker = tracker_for(response.framing, "upstream response")
-                if self.mapping is not None and response.status >= 400 and \
-                        response.headers.get(b"content-encoding") in (None, b"identity"):
+                plain = response.headers.get(b"content-encoding") in (None, b"identity")
+                if self.mapping is not None and response.status >= 400 and plain:
                     self.error_raw = bytearray(raw)  # held: it may be rewritten, or retried
                     self.error_body = bytearray()
+                elif self.mapping is not None and response.status < 300 and plain and \
+                        self.client.endpoint == "messages" and response.framing.kind in ("length", "chunked"):
+                    # The target's thinking signatures get marked, so that cmm knows them later.
+                    if response.framing.kind == "length":
+                        self.held_head = with_provider_header(raw)
+                        self.held_body = bytearray()
+                    else:
+                        self.marker = SseMarker()
+                        self.response_started = True
+                        self._to_client(with_provider_header(raw))
                 else:
                     self.response_started = True
                     self._to_client(with_provider_header(raw) if self.mapping is not None else raw)
@@ -471,6 +518,19 @@ class Exchange:
         consumed = data if progress.consumed == len(data) else data[: progress.consumed]
         if self.error_raw is not None:
             self._hold_error(consumed, progress.payload)
+        elif self.marker is not None:
+            out = b"".join(encode_chunk(self.marker.feed(piece)) for piece in progress.payload)
+            if progress.done:
+                out += encode_chunk(self.marker.finish()) + LAST_CHUNK
+            if out:
+                self._to_client(out)
+        elif self.held_head is not None:
+            for piece in progress.payload:
+                self.held_body += piece
+            if progress.done:
+                body = mark_message(bytes(self.held_body))
+                self.response_started = True
+                self._to_client(with_content_length(self.held_head, len(body)) + body)
         elif consumed:
             self._to_client(consumed)
         if progress.done:

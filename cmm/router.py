@@ -147,6 +147,12 @@ def redacted_head(head: RequestHead) -> str:
     return "\n".join(lines)
 
 
+def with_content_length(response_head: bytes, length: int) -> bytes:
+    """The head with its Content-Length set to ``length`` (a body cmm rewrote)."""
+    lines = [line for line in response_head[:-4].split(b"\r\n") if not line.lower().startswith(b"content-length:")]
+    return b"\r\n".join(lines + [b"Content-Length: %d" % length]) + b"\r\n\r\n"
+
+
 def with_provider_header(response_head: bytes) -> bytes:
     """Mark an intercepted response so users can tell who answered."""
     return response_head[:-2] + PROVIDER_HEADER + b"\r\n"

@@ -4,10 +4,12 @@ timeouts, with scripted upstreams and a fake clock."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from twisted.internet.error import ConnectionRefusedError
 
+from cmm import cch
 from cmm.framing import LAST_CHUNK, encode_chunk
 from memory_harness import Harness, make_pki, ok_reply, responses, settings
 
@@ -498,3 +500,66 @@ def test_large_request_bodies_are_not_kept_for_retries() -> None:
     [(head, _)] = responses(bytes(client.received))
     assert head.startswith(b"HTTP/1.1 429 ") and b"retry-after: 1\r\n" in head
     assert len(harness.upstreams["target"].exchanges) == 1
+
+
+# -- thinking blocks across providers ------------------------------------------------------------------
+
+VECTOR = (Path(__file__).resolve().parents[2] / "shared" / "vectors" / "cch-2.json").read_bytes()
+
+
+def sse(*events: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"".join(encode_chunk(e) for e in events) + LAST_CHUNK
+
+
+def test_target_signatures_are_marked_in_streams_and_messages(harness: Harness) -> None:
+    signature = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,' \
+                b'"delta":{"type":"signature_delta","signature":"tgt-abc"}}\n\n'
+    text = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,' \
+           b'"delta":{"type":"text_delta","text":"hi"}}\n\n'
+    harness.upstreams["target"].reply = replies(sse(signature, text))
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    received = bytes(client.received)
+    assert b'"signature":"cmm1.tgt-abc"' in received and text in received
+    message = b'{"type":"message","content":[{"type":"thinking","thinking":"t","signature":"tgt-xyz"},' \
+              b'{"type":"text","text":"hi"}]}'
+    harness.upstreams["target"].reply = replies(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(message), message))
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    [(head, body)] = responses(bytes(client.received))
+    assert json.loads(body)["content"][0]["signature"] == "cmm1.tgt-xyz"
+    assert b"Content-Length: %d\r\n" % len(body) in head and b"x-cmm-provider: cliproxyapi\r\n" in head
+
+
+def test_marked_blocks_never_reach_anthropic_and_the_hash_is_re_signed(harness: Harness) -> None:
+    body = cch.resign(VECTOR.replace(b"claude-haiku-4-5-20251001", b"claude-opus-4-6")
+                      .replace(b'"signature":"EqQBCkYIBxgCKkBsig"', b'"signature":"cmm1.tgt-EqQBCkYIBx"'))
+    assert cch.is_valid(body)
+    client, _ = harness.client()
+    harness.send(client, post(body))
+    [exchange] = harness.upstreams["anthropic"].exchanges
+    assert len(exchange.body) == len(body) and b"cmm1." not in exchange.body
+    sent = json.loads(exchange.body)
+    assert [block["type"] for block in sent["messages"][1]["content"]] == ["tool_use"]  # the thinking went
+    assert cch.is_valid(exchange.body) and cch.current(exchange.body) != cch.current(body)
+
+
+def test_anthropic_bodies_without_foreign_blocks_pass_byte_for_byte(harness: Harness) -> None:
+    body = VECTOR.replace(b"claude-haiku-4-5-20251001", b"claude-opus-4-6")
+    client, _ = harness.client()
+    request = post(body)
+    harness.send(client, request)
+    assert harness.upstreams["anthropic"].exchanges[0].raw == request
+
+
+def test_the_target_gets_its_own_signatures_back_unmarked(harness: Harness) -> None:
+    body = VECTOR.replace(b'"signature":"EqQBCkYIBxgCKkBsig"', b'"signature":"cmm1.tgt-EqQBCkYIBx"')
+    client, _ = harness.client()
+    harness.send(client, post(body))
+    [exchange] = harness.upstreams["target"].exchanges
+    sent = json.loads(exchange.body)
+    assert sent["messages"][1]["content"][0]["signature"] == "tgt-EqQBCkYIBx"
+    assert sent["model"] == "gemini-2.5-flash"
+    assert len(exchange.body) == len(body) - len(b"claude-haiku-4-5-20251001") + len(b"gemini-2.5-flash")
