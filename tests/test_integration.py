@@ -1314,3 +1314,52 @@ def test_target_plain_text_errors_reach_the_client_in_anthropic_format(stack: St
         ("x-fake-status", "500"), ("x-fake-error-text", "upstream gemini exploded")]))
     error = assert_anthropic_error(response, 500, "api_error")
     assert "upstream gemini exploded" in error["message"] and response.header("x-cmm-provider") == "cliproxyapi"
+
+
+# -- a session that alternates providers, against the strict fake Anthropic (issue 5) -------------------
+
+THINKING = {"budget_tokens": 31999, "type": "enabled", "display": "omitted"}
+
+
+def turn(stack: Stack, model: str, messages: list[dict[str, Any]], tool: str | None = None) -> tuple[Response, str]:
+    tag = new_tag()
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": 32000, "thinking": THINKING},
+                      separators=(",", ":")).encode()
+    extra = [("x-fake-tool-use", tool)] if tool else []
+    return stack.main.exchange(simple_post(model, tag, body=body, extra=extra)), tag
+
+
+def test_a_session_alternating_providers_keeps_both_happy(stack: Stack) -> None:
+    from cmm.fakes import verify_signature
+
+    history: list[dict[str, Any]] = [{"role": "user", "content": "plan the change"}]
+    # 1. The mapped model thinks; its signature comes back marked.
+    response, _ = turn(stack, SOURCE_MODEL, history)
+    assert response.status == 200 and response.header("x-fake-provider") == "target"
+    target_blocks = response.json()["content"]
+    assert target_blocks[0]["type"] == "thinking" and target_blocks[0]["signature"].startswith("cmm1.")
+    history += [{"role": "assistant", "content": target_blocks}, {"role": "user", "content": "now do it"}]
+    # 2. Anthropic gets the history: the target's block must not reach it (it would answer 400).
+    response, tag = turn(stack, PASS_MODEL, history, tool="Read")
+    assert response.status == 200, response.body
+    [seen] = stack.anthropic.find(tag)
+    assert "cmm1." not in seen.body.decode() and len(seen.body) == int(seen.header("content-length"))
+    anthropic_blocks = response.json()["content"]
+    assert [b["type"] for b in anthropic_blocks] == ["thinking", "text", "tool_use"]
+    history += [{"role": "assistant", "content": anthropic_blocks},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": anthropic_blocks[2]["id"],
+                                              "content": "file contents"}]}]
+    # 3. The tool loop goes on at Anthropic: its own thinking block must arrive byte for byte.
+    response, tag = turn(stack, PASS_MODEL, history)
+    assert response.status == 200, response.body
+    [seen] = stack.anthropic.find(tag)
+    assert json.dumps(anthropic_blocks[0], separators=(",", ":")) in seen.body.decode()
+    history += [{"role": "assistant", "content": response.json()["content"]}, {"role": "user", "content": "thanks"}]
+    # 4. Back to the mapped model: it gets its own signature unmarked, Anthropic's untouched.
+    response, tag = turn(stack, SOURCE_MODEL, history)
+    assert response.status == 200
+    [seen] = stack.target.find(tag)
+    sent = json.loads(seen.body)
+    first = sent["messages"][1]["content"][0]
+    assert verify_signature("target", first["thinking"], first["signature"])
+    assert sent["messages"][3]["content"][0] == anthropic_blocks[0]
