@@ -30,7 +30,8 @@ from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_reques
 from cmm.model_finder import Found, ModelFinder
 from cmm.request_log import RequestRecord
 from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_endpoint, intercepted_head,
-                        redacted_head, rewrite_model, with_content_length, with_provider_header)
+                        redacted_head, rewrite_model, with_connection_close, with_content_length,
+                        with_provider_header)
 from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.thinking import Neutraliser, SseMarker, Unmarker, mark_message
 from cmm.cch import Resigner
@@ -41,7 +42,11 @@ log = Logger()
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PROVIDER_HEADER_FIELD = tuple(PROVIDER_HEADER.rstrip(b"\r\n").split(b": ", 1))
 CONTENT_LOG_BYTES = 4096
+# Passthrough bodies up to this size are checked for the target's thinking blocks; the cch
+# re-signing keeps a copy of the body, so larger ones (far beyond any Claude Code session) pass
+# as they came.
 MiB = 1024 * 1024
+NEUTRALISE_MAX = 8 * MiB
 
 
 @attrs.frozen
@@ -268,7 +273,7 @@ class ClientConnection(Protocol):
             return []
         if mapping is not None:
             return [Unmarker()]
-        if self.decoder is None and self.head.framing.kind == "length":
+        if self.decoder is None and self.head.framing.kind == "length" and self.head.framing.length <= NEUTRALISE_MAX:
             neutraliser = Neutraliser()
             return [neutraliser, Resigner(lambda: neutraliser.changed)]
         return []
@@ -500,15 +505,15 @@ class Exchange:
                         self.client.endpoint == "messages" and response.framing.kind in ("length", "chunked"):
                     # The target's thinking signatures get marked, so that cmm knows them later.
                     if response.framing.kind == "length":
-                        self.held_head = with_provider_header(raw)
+                        self.held_head = self._intercepted_head(raw)
                         self.held_body = bytearray()
                     else:
                         self.marker = SseMarker()
                         self.response_started = True
-                        self._to_client(with_provider_header(raw))
+                        self._to_client(self._intercepted_head(raw))
                 else:
                     self.response_started = True
-                    self._to_client(with_provider_header(raw) if self.mapping is not None else raw)
+                    self._to_client(self._intercepted_head(raw) if self.mapping is not None else raw)
             if self.tracker is None:
                 return
             progress = self.tracker.feed(data)
@@ -539,6 +544,15 @@ class Exchange:
             else:
                 self._finish(extra=progress.consumed < len(data))
 
+    def _intercepted_head(self, raw: bytes) -> bytes:
+        """The target's response head as the client gets it: marked as intercepted, and saying
+        ``Connection: close`` when the client asked for that (the target, which cmm keeps
+        pooled, was not told to close)."""
+        head = with_provider_header(raw)
+        if self.client.head is not None and not self.client.head.keep_alive:
+            head = with_connection_close(head)
+        return head
+
     def _hold_error(self, raw: bytes, payload: tuple[bytes, ...]) -> None:
         assert self.error_raw is not None
         self.error_raw += raw
@@ -548,7 +562,7 @@ class Exchange:
             held, self.error_raw = self.error_raw, None
             self.response_started = True
             head_end = held.index(b"\r\n\r\n") + 4
-            self._to_client(with_provider_header(bytes(held[:head_end])) + bytes(held[head_end:]))
+            self._to_client(self._intercepted_head(bytes(held[:head_end])) + bytes(held[head_end:]))
 
     def _error_complete(self, extra: bool = False, close: bool = False) -> None:
         """A whole intercepted error: retry a 429 if allowed, else answer in Anthropic's format."""
@@ -565,8 +579,9 @@ class Exchange:
         status_line = bytes(self.error_raw[: self.error_raw.index(b"\r\n")])
         self.error_raw = None
         self.response_started = True
+        extra = [PROVIDER_HEADER_FIELD] + ([(b"Connection", b"close")] if not self.client.head.keep_alive else [])
         self._to_client(error_response_for_target(status_line, self.response.status, self.response.headers, body,
-                                                  self.mapping.upstream.url, [PROVIDER_HEADER_FIELD]))
+                                                  self.mapping.upstream.url, extra))
         self._finish(extra=extra, close=close)
 
     def _retry_later(self, delay: float, reusable: bool) -> None:

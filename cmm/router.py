@@ -153,6 +153,12 @@ def with_content_length(response_head: bytes, length: int) -> bytes:
     return b"\r\n".join(lines + [b"Content-Length: %d" % length]) + b"\r\n\r\n"
 
 
+def with_connection_close(response_head: bytes) -> bytes:
+    """The head with ``Connection: close`` (in place of any other Connection field)."""
+    lines = [line for line in response_head[:-4].split(b"\r\n") if not line.lower().startswith(b"connection:")]
+    return b"\r\n".join(lines + [b"Connection: close"]) + b"\r\n\r\n"
+
+
 def with_provider_header(response_head: bytes) -> bytes:
     """Mark an intercepted response so users can tell who answered."""
     return response_head[:-2] + PROVIDER_HEADER + b"\r\n"

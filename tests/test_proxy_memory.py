@@ -563,3 +563,12 @@ def test_the_target_gets_its_own_signatures_back_unmarked(harness: Harness) -> N
     assert sent["messages"][1]["content"][0]["signature"] == "tgt-EqQBCkYIBx"
     assert sent["model"] == "gemini-2.5-flash"
     assert len(exchange.body) == len(body) - len(b"claude-haiku-4-5-20251001") + len(b"gemini-2.5-flash")
+
+
+def test_a_client_that_asked_to_close_is_told_so_by_intercepted_responses(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU, extra=b"Connection: close\r\n"))
+    [(head, _)] = responses(bytes(client.received))
+    assert b"Connection: close\r\n" in head and client.lost
+    assert b"connection" not in harness.upstreams["target"].exchanges[0].head.lower()
+    assert harness.pool.idle_count() == 1  # the target connection stays pooled
