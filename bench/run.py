@@ -19,6 +19,7 @@ found problems (errors, misrouted replies, batched events), listed under the tab
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
@@ -502,30 +503,56 @@ def measure_pacing(endpoints: Routes, log: Log) -> dict[str, Any]:
 # -- 3. a 2 MB body -----------------------------------------------------------------------------
 
 
+def with_foreign_thinking(body: bytes) -> bytes:
+    """The body with a thinking block the target signed (as cmm marked it) in the assistant turn:
+    on its way to Anthropic cmm must blank it and re-sign (the strict fake rejects it otherwise)."""
+    block = {"type": "thinking", "thinking": "Let me look at the file. " * 40, "signature": "cmm1.tgt-" + "A" * 300}
+    old = b'{"role":"assistant","content":"Please paste it."}'
+    new = json.dumps({"role": "assistant", "content": [block, {"type": "text", "text": "Please paste it."}]},
+                     separators=(",", ":")).encode()
+    assert old in body
+    return body.replace(old, new, 1)
+
+
+def large_body_kinds(route: str) -> list[tuple[str, bytes, tuple[tuple[str, str], ...], bool]]:
+    """(kind, body, extra headers, has a direct run) for the 2 MB measurements."""
+    body = large_body(ROUTE_MODELS[route], LARGE_BODY_BYTES)
+    kinds = [("plain", body, (), True), ("gzip", gzip.compress(body), (("content-encoding", "gzip"),), True)]
+    if route == "passthrough":  # no direct run: the fake Anthropic rightly refuses the foreign block
+        kinds.append(("foreign thinking", with_foreign_thinking(body), (), False))
+    return kinds
+
+
 def measure_large_body(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any]:
     results: dict[str, Any] = {"body_bytes": LARGE_BODY_BYTES}
     for route, ends in endpoints.items():
-        body = large_body(ROUTE_MODELS[route], LARGE_BODY_BYTES)
-        for way in ("direct", "via"):
-            log(f"2 MB body {route} {way} x{plan.large_requests}")
-            entry: dict[str, Any] = {"latency_s": [], "errors": []}
-            connection = ends[way].connect(timeout=60)
-            try:
-                for i in range(plan.large_requests + 1):  # the first warms up
-                    try:
-                        response = connection.request("POST", "/v1/messages", ends[way].headers(), body)
-                        if problem := check_reply(response, route, way == "via"):
-                            raise ValueError(problem)
-                        if i >= 1:
-                            entry["latency_s"].append(response.finished - response.started)
-                    except (OSError, ValueError) as error:
-                        entry["errors"].append(error_text(error))
-                        connection.close()
-            finally:
-                connection.close()
-            entry["median_s"] = median(entry["latency_s"])
-            results.setdefault(route, {})[way] = entry
+        for kind, body, extra, has_direct in large_body_kinds(route):
+            for way in ("direct", "via") if has_direct else ("via",):
+                entry = _large_body_runs(ends[way], route, way, kind, body, extra, plan, log)
+                results.setdefault(route, {}).setdefault(kind, {})[way] = entry
     return results
+
+
+def _large_body_runs(end: Any, route: str, way: str, kind: str, body: bytes, extra: tuple[tuple[str, str], ...],
+                     plan: Plan, log: Log) -> dict[str, Any]:
+    log(f"2 MB body ({kind}) {route} {way} x{plan.large_requests}")
+    entry: dict[str, Any] = {"latency_s": [], "errors": [], "bytes": len(body)}
+    connection = end.connect(timeout=60)
+    try:
+        for i in range(plan.large_requests + 1):  # the first warms up
+            try:
+                response = connection.request("POST", "/v1/messages", end.headers(extra), body)
+                if problem := check_reply(response, route, way == "via"):
+                    raise ValueError(problem)
+                if i >= 1:
+                    entry["latency_s"].append(response.finished - response.started)
+            except (OSError, ValueError) as error:
+                entry["errors"].append(error_text(error))
+                connection.close()
+    finally:
+        connection.close()
+    entry["median_s"] = median(entry["latency_s"])
+    return entry
 
 
 # -- 4. peak RSS against body size ------------------------------------------------------------
@@ -862,19 +889,26 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
     if "large_body" in m:
         rows = []
         for route in ROUTE_MODELS:
-            ways = m["large_body"][route]
-            d, v = ms(ways["direct"]["median_s"]), ms(ways["via"]["median_s"])
-            samples = [x * 1000 for x in ways["via"]["latency_s"]]
-            rows.append([route, fmt(d, ".1f"), fmt(v, ".1f"), fmt(diff(v, d), "+.1f"), fmt(ratio(v, d), ".2f"),
-                         fmt(min(samples, default=None), ".1f"), fmt(max(samples, default=None), ".1f"),
-                         f"{len(ways['direct']['errors'])} / {len(ways['via']['errors'])}"])
-            for way in ("direct", "via"):
-                for error in ways[way]["errors"][:3]:
-                    problems.append(f"2 MB body {route} {way}: {error}")
-        out.append(f"3. 2 MB body (2,000,000 bytes, model first), {plan.large_requests} sequential requests, "
-                   "request start to last response byte, ms")
-        out.append(table(["route", "direct median", "via median", "added", "via/direct", "via min", "via max",
-                          "errors d / v"], rows))
+            plain_direct = ms(m["large_body"][route]["plain"]["direct"]["median_s"])
+            for kind, ways in m["large_body"][route].items():
+                d = ms(ways["direct"]["median_s"]) if "direct" in ways else None
+                v = ms(ways["via"]["median_s"])
+                against = d if d is not None else plain_direct  # foreign blocks: against the plain direct run
+                samples = [x * 1000 for x in ways["via"]["latency_s"]]
+                errors = f"{len(ways['direct']['errors']) if 'direct' in ways else '-'} / {len(ways['via']['errors'])}"
+                rows.append([route, kind, f"{ways['via']['bytes']:,}", fmt(d, ".1f"), fmt(v, ".1f"),
+                             fmt(diff(v, against), "+.1f"), fmt(ratio(v, against), ".2f"),
+                             fmt(min(samples, default=None), ".1f"), fmt(max(samples, default=None), ".1f"), errors])
+                for way in ("direct", "via"):
+                    for error in ways.get(way, {}).get("errors", [])[:3]:
+                        problems.append(f"2 MB body ({kind}) {route} {way}: {error}")
+        out.append(f"3. 2 MB body (2,000,000 bytes decoded, model first), {plan.large_requests} sequential requests, "
+                   "request start to last response byte, ms. gzip: the same body compressed (cmm decodes it to find "
+                   "the model). foreign thinking: a thinking block signed by the target, which cmm blanks and "
+                   "re-signs on its way to Anthropic (no direct run: the fake rightly refuses it; compared with the "
+                   "plain direct run)")
+        out.append(table(["route", "body", "bytes sent", "direct median", "via median", "added", "via/direct",
+                          "via min", "via max", "errors d / v"], rows))
         out.append("")
 
     if "rss" in m:
