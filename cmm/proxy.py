@@ -29,7 +29,7 @@ from cmm.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracke
 from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
 from cmm.model_finder import Found, ModelFinder
 from cmm.request_log import RequestRecord
-from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_endpoint, intercepted_head,
+from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_endpoint, decoded_head, intercepted_head,
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
@@ -195,6 +195,9 @@ class ClientConnection(Protocol):
         self.sniffed_raw: list[bytes] = []
         self.sniffed_payload: list[bytes] = []
         self.stages: list[Any] = []
+        self.neutraliser: Neutraliser | None = None
+        self.held_raw: list[bytes] = []
+        self.held_out = bytearray()
         self.decoder: BodyDecoder | None = None
         codings = [c.decode("latin-1") for c in head.headers.tokens(b"content-encoding")]
         if self.endpoint is not None and unsupported(codings):
@@ -245,6 +248,12 @@ class ClientConnection(Protocol):
             assert isinstance(result, Found) and self.endpoint is not None
             first = self._intercepted_start(result, mapping, self.endpoint, body_done)
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
+        elif self.stages and self.decoder is not None:
+            # Compressed: held whole (Claude Code's are small) until it is known whether it changes.
+            self.held_raw = list(self.sniffed_raw)
+            self.held_out = bytearray(self._staged(b"".join(self.sniffed_payload), body_done))
+            first = self._release_held() if body_done else b""
+            destination = self.settings.anthropic
         elif self.stages:
             first = self.head.raw + self._staged(b"".join(self.sniffed_payload), body_done)
             destination = self.settings.anthropic
@@ -266,17 +275,26 @@ class ClientConnection(Protocol):
         the target gets its own thinking signatures back unmarked; Anthropic gets the target's
         thinking blocks blanked out and, if that changed the body, the cch hash re-signed.
 
-        A passthrough body that is compressed or chunked goes as it came (Claude Code sends
-        neither with thinking blocks of another provider's: see the README's limits).
+        A compressed passthrough body is held whole and decoded for this (see ``_release_held``);
+        a chunked one goes as it came (Claude Code does not send chunked bodies).
         """
         if self.endpoint is None or self.head is None:
             return []
         if mapping is not None:
             return [Unmarker()]
-        if self.decoder is None and self.head.framing.kind == "length" and self.head.framing.length <= NEUTRALISE_MAX:
+        if self.head.framing.kind == "length" and self.head.framing.length <= NEUTRALISE_MAX:
             neutraliser = Neutraliser()
+            self.neutraliser = neutraliser
             return [neutraliser, Resigner(lambda: neutraliser.changed)]
         return []
+
+    def _release_held(self) -> bytes:
+        """A whole compressed passthrough body: as it came if nothing in it changed, else decoded
+        (Anthropic takes plain bodies; re-compressing 2 MB would cost ~14 ms for nothing)."""
+        assert self.head is not None
+        if self.neutraliser is not None and self.neutraliser.changed:
+            return decoded_head(self.head, len(self.held_out)) + bytes(self.held_out)
+        return self.head.raw + b"".join(self.held_raw)
 
     def _staged(self, data: bytes, done: bool) -> bytes:
         for stage in self.stages:
@@ -316,7 +334,11 @@ class ClientConnection(Protocol):
     def _body_bytes(self, data: bytes) -> None:
         assert self.exchange is not None
         raw, payload, done, rest = self._track(data)
-        if self.stages:
+        if self.stages and self.decoder is not None and self.exchange.mapping is None:
+            self.held_raw.append(raw)
+            self.held_out += self._staged(b"".join(self._decoded(payload, done)), done)
+            out = self._release_held() if done else b""
+        elif self.stages:
             body = self._staged(b"".join(self._decoded(payload, done)), done)
             out = encode_chunk(body) + (LAST_CHUNK if done else b"") if self.exchange.rechunk else body
         elif self.exchange.rechunk:

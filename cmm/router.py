@@ -133,6 +133,16 @@ def intercepted_head(head: RequestHead, upstream: Upstream, endpoint: Endpoint, 
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+def decoded_head(head: RequestHead, length: int) -> bytes:
+    """A passthrough head for a body cmm had to decode to edit: no Content-Encoding, the new
+    length; every other field as it came."""
+    lines = [head.raw.split(b"\r\n", 1)[0]]
+    lines += [name + b": " + value for name, value in head.headers.fields
+              if name.lower() not in (b"content-encoding", b"content-length")]
+    lines.append(b"Content-Length: %d" % length)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
 def rewrite_model(prefix: bytes, start: int, end: int, target: str) -> bytes:
     """Replace the model's JSON string token in the buffered start of a body."""
     return prefix[:start] + json.dumps(target).encode() + prefix[end:]

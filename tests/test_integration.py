@@ -1363,3 +1363,19 @@ def test_a_session_alternating_providers_keeps_both_happy(stack: Stack) -> None:
     first = sent["messages"][1]["content"][0]
     assert verify_signature("target", first["thinking"], first["signature"])
     assert sent["messages"][3]["content"][0] == anthropic_blocks[0]
+
+
+def test_a_gzipped_turn_with_a_foreign_block_is_accepted_by_anthropic(stack: Stack) -> None:
+    """Claude Code gzips its bodies when it trusts cmm through the system store."""
+    response, _ = turn(stack, SOURCE_MODEL, [{"role": "user", "content": "plan"}])
+    blocks = response.json()["content"]
+    assert blocks[0]["signature"].startswith("cmm1.")
+    history = [{"role": "user", "content": "plan"}, {"role": "assistant", "content": blocks},
+               {"role": "user", "content": "go on"}]
+    tag = new_tag()
+    body = gzip.compress(json.dumps({"model": PASS_MODEL, "messages": history, "max_tokens": 100, "thinking": THINKING},
+                                    separators=(",", ":")).encode())
+    response = stack.main.exchange(simple_post(PASS_MODEL, tag, body=body, extra=[("Content-Encoding", "gzip")]))
+    assert response.status == 200, response.body
+    [seen] = stack.anthropic.find(tag)
+    assert seen.header("content-encoding") is None and b"cmm1." not in seen.body

@@ -572,3 +572,16 @@ def test_a_client_that_asked_to_close_is_told_so_by_intercepted_responses(harnes
     assert b"Connection: close\r\n" in head and client.lost
     assert b"connection" not in harness.upstreams["target"].exchanges[0].head.lower()
     assert harness.pool.idle_count() == 1  # the target connection stays pooled
+
+
+def test_compressed_bodies_with_foreign_blocks_reach_anthropic_decoded_blanked_and_re_signed(harness: Harness) -> None:
+    import gzip
+
+    body = cch.resign(VECTOR.replace(b"claude-haiku-4-5-20251001", b"claude-opus-4-6")
+                      .replace(b'"signature":"EqQBCkYIBxgCKkBsig"', b'"signature":"cmm1.tgt-EqQBCkYIBx"'))
+    client, _ = harness.client()
+    harness.send(client, compressed_post(gzip.compress(body), b"gzip"))
+    [exchange] = harness.upstreams["anthropic"].exchanges
+    assert b"content-encoding" not in exchange.head.lower()
+    assert b"Content-Length: %d\r\n" % len(body) in exchange.head
+    assert b"cmm1." not in exchange.body and cch.is_valid(exchange.body) and len(exchange.body) == len(body)
