@@ -124,8 +124,10 @@ class Resigner:
     hash. Bodies without ``cch=`` are held back not at all.
     """
 
-    def __init__(self, changed: Callable[[], bool]) -> None:
+    def __init__(self, changed: Callable[[], bool], edit_held: Callable[[bytes], bytes] | None = None) -> None:
+        """``edit_held`` may change the held tail (same length) before it is signed."""
         self._changed = changed
+        self._edit_held = edit_held
         self._body = bytearray()  # everything seen, for the hash
         self._held_from: int | None = None
         self._sent = 0
@@ -147,6 +149,9 @@ class Resigner:
 
     def finish(self) -> bytes:
         body = bytes(self._body)
+        if self._held_from is not None and self._edit_held is not None:
+            tail = self._edit_held(body[self._held_from :])
+            body = body[: self._held_from] + tail
         if self._held_from is not None and self._changed():
             body = resign(body)
         out = body[self._sent :]

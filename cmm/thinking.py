@@ -284,7 +284,7 @@ class _Scanner:
                 stack.append(_BLOCK)
                 fast = _FAST_TYPE.match(data, pos)
                 if fast is not None and fast.group(1) not in _FIELD_FOR:  # text, tool_use, ...
-                    self._decided = True
+                    self._decided, self._type = True, fast.group(1)
                     self._on_element(pos)
                     self._state, self._in_string, self._depth, self._skip_block = "skip", False, 1, True
                     return fast.end()
@@ -295,6 +295,7 @@ class _Scanner:
                     return pos + 1
                 self._type, self._state = fast.group(1), "after"
                 return fast.end()
+            self._type = None
             self._on_element(pos)
         elif kind == _MESSAGES:
             self._message_index += 1
@@ -533,6 +534,7 @@ class Neutraliser(_Scanner):
     def __init__(self) -> None:
         super().__init__()
         self.removed: list[Removed] = []
+        self.tool_use_messages: set[int] = set()  # messages with a tool_use block
         self._kept = False  # an element of the current content array stays
         self._foreign_pending = False  # the previous element was marked and nothing stays yet
         self._block_len = 0  # that element's length
@@ -541,6 +543,8 @@ class Neutraliser(_Scanner):
         self._kept = self._foreign_pending = False
 
     def _on_element(self, pos: int) -> None:
+        if self._type == b"tool_use":
+            self.tool_use_messages.add(self._message_index)
         self._release(pos)
         self._kept = True
 
@@ -548,7 +552,16 @@ class Neutraliser(_Scanner):
         if self._sink == _PASS:  # else the comma before it is held already
             self._hold(pos)
 
+    @property
+    def foreign_tool_turn(self) -> bool:
+        """The final assistant turn uses a tool and lost its leading thinking block (it was the
+        target's): with thinking on, Anthropic requires that turn to start with one."""
+        last = self._message_index
+        return any(Removed(m, 0) in self.removed for m in self.tool_use_messages if m >= last - 1)
+
     def _on_decided(self, pos: int, field: tuple[int, int] | None) -> None:
+        if self._type == b"tool_use":
+            self.tool_use_messages.add(self._message_index)
         if field is None or not field[1]:
             self._release(pos)
             self._kept = True

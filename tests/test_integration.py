@@ -1379,3 +1379,27 @@ def test_a_gzipped_turn_with_a_foreign_block_is_accepted_by_anthropic(stack: Sta
     assert response.status == 200, response.body
     [seen] = stack.anthropic.find(tag)
     assert seen.header("content-encoding") is None and b"cmm1." not in seen.body
+
+
+def test_a_tool_loop_the_target_started_can_be_continued_at_anthropic(stack: Stack) -> None:
+    """The target's turn ends in tool_use; Anthropic gets the tool result. Its thinking block must
+    go, and with thinking on Anthropic requires one there: cmm turns thinking off for this turn."""
+    signed = ('{"type":"text","text":"x-anthropic-billing-header: cc_version=2.1.330.a1b; cc_entrypoint=sdk-cli; '
+              'cch=00000; cc_prompt_id=00000000-0000-4000-8000-000000000001;"}')
+    response, _ = turn(stack, SOURCE_MODEL, [{"role": "user", "content": "read it"}], tool="Read")
+    blocks = response.json()["content"]
+    assert [b["type"] for b in blocks] == ["thinking", "text", "tool_use"]
+    history = [{"role": "user", "content": "read it"}, {"role": "assistant", "content": blocks},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": blocks[2]["id"], "content": "ok"}]}]
+    body = ('{"model":"%s","messages":%s,"system":[%s],"tools":[],"max_tokens":32000,"thinking":%s,"stream":false}' % (
+        PASS_MODEL, json.dumps(history, separators=(",", ":")), signed,
+        json.dumps(THINKING, separators=(",", ":")))).encode()
+    from cmm import cch
+
+    body = cch.resign(body)
+    tag = new_tag()
+    response = stack.main.exchange(simple_post(PASS_MODEL, tag, body=body))
+    assert response.status == 200, response.body
+    [seen] = stack.anthropic.find(tag)
+    sent = json.loads(seen.body)
+    assert "thinking" not in sent and cch.is_valid(seen.body) and len(seen.body) == len(body)

@@ -655,3 +655,53 @@ def test_speed(capsys: pytest.CaptureFixture) -> None:
         lines.append(f"  (json.loads of the same body: {(time.perf_counter() - began) * 1e3:.1f} ms)")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_foreign_tool_turn_is_only_the_final_tool_use_turn_that_lost_its_first_block() -> None:
+    import json as _json
+
+    def run(history: list) -> Neutraliser:
+        body = _json.dumps({"model": "m", "messages": history}, separators=(",", ":")).encode()
+        neutraliser = Neutraliser()
+        neutraliser.feed(body)
+        neutraliser.finish()
+        return neutraliser
+
+    foreign = {"type": "thinking", "thinking": "t", "signature": "cmm1.tgt-x"}
+    own = {"type": "thinking", "thinking": "t", "signature": "anthropic-sig"}
+    tool = {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]}
+    user = {"role": "user", "content": "hi"}
+    assert run([user, {"role": "assistant", "content": [foreign, tool]}, result]).foreign_tool_turn
+    assert not run([user, {"role": "assistant", "content": [own, tool]}, result]).foreign_tool_turn
+    assert not run([user, {"role": "assistant", "content": [foreign, {"type": "text", "text": "x"}]}, user]).foreign_tool_turn
+    earlier = [user, {"role": "assistant", "content": [foreign, tool]}, result,
+               {"role": "assistant", "content": [own, {"type": "text", "text": "done"}]}, user]
+    assert not run(earlier).foreign_tool_turn  # an older tool turn: Anthropic only checks the final one
+
+
+def test_thinking_off_blanks_the_top_level_member_only() -> None:
+    from cmm.proxy import thinking_off_if
+
+    class Foreign:
+        foreign_tool_turn = True
+
+    tail = b'cch=12345;"}],"tools":[{"input_schema":{"properties":{"thinking":{"type":"string"}}}}],' \
+           b'"max_tokens":32000,"thinking":{"budget_tokens":31999,"type":"enabled","display":"omitted"},"stream":true}'
+    out = thinking_off_if(Foreign(), tail)
+    assert len(out) == len(tail) and b'"type":"enabled"' not in out and b'"thinking":{"type":"string"}' in out
+    prefix = b'{"system":[{"type":"text","text":"x '
+    assert _json_ok(prefix + tail) and _json_ok(prefix + out)
+    assert "thinking" not in __import__("json").loads(prefix + out)
+    last = b'"max_tokens":1,"thinking":{"type":"enabled","budget_tokens":1}}'
+    assert thinking_off_if(Foreign(), last) == b'"max_tokens":1' + b" " * (len(last) - 15) + b"}"
+
+
+def _json_ok(data: bytes) -> bool:
+    import json as _json
+
+    try:
+        _json.loads(data)
+    except ValueError:
+        return False
+    return True
