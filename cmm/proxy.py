@@ -3,15 +3,16 @@
 One ``ClientConnection`` per accepted (TLS) connection, one ``Exchange`` per request on it. The
 pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``); this module only
 moves bytes between transports, with backpressure in both directions and a deadline for every
-wait. Only the request head and the body bytes up to the model are ever held; the rest of both
-bodies flows through as it arrives.
+wait. What is held is bounded and small in practice: the request head, the body bytes up to the
+model, the thinking block being examined (``cmm.thinking``), a signed body's tail from its ``cch``
+placeholder on, a compressed passthrough body that may need editing, and a target's error or
+JSON message that gets rewritten. Everything else flows through as it arrives.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cmm.cch import Resigner
 from cmm.decoding import BodyDecoder, unsupported
 from cmm.errors import HttpError, error_response
 from cmm.flow import Deadline, Valve
@@ -34,8 +36,7 @@ from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_en
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.thinking import Neutraliser, SseMarker, Unmarker, mark_message
-from cmm.cch import Resigner
+from cmm.thinking import Neutraliser, SseMarker, Unmarker, mark_message, thinking_off_if
 from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, no_delay
 
 log = Logger()
@@ -43,10 +44,10 @@ log = Logger()
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PROVIDER_HEADER_FIELD = tuple(PROVIDER_HEADER.rstrip(b"\r\n").split(b": ", 1))
 CONTENT_LOG_BYTES = 4096
+MiB = 1024 * 1024
 # Passthrough bodies up to this size are checked for the target's thinking blocks; the cch
 # re-signing keeps a copy of the body, so larger ones (far beyond any Claude Code session) pass
 # as they came.
-MiB = 1024 * 1024
 NEUTRALISE_MAX = 8 * MiB
 
 
@@ -107,26 +108,6 @@ class ProxyContext:
             "upstream_idle": self.pool.idle_count(),
             "upstream_opened": self.pool.opened,
         }
-
-
-_THINKING_ON = re.compile(rb'"thinking":\{[^{}]*"type":"(?:enabled|adaptive)"[^{}]*\},?')
-
-
-def thinking_off_if(neutraliser: Neutraliser, tail: bytes) -> bytes:
-    """Turn thinking off for a request whose final tool-use turn was the target's: Anthropic
-    would refuse it otherwise ("a final assistant message must start with a thinking block").
-    The top-level ``thinking`` member (after the messages and the ``cch`` placeholder in Claude
-    Code's order, so inside the held tail) is blanked, same length; the hash is re-signed."""
-    if not neutraliser.foreign_tool_turn:
-        return tail
-    found = list(_THINKING_ON.finditer(tail))
-    if not found:
-        return tail
-    start, end = found[-1].span()
-    if not found[-1].group(0).endswith(b","):  # the last member: its comma goes before it
-        comma = tail.rfind(b",", 0, start)
-        start = comma if comma >= 0 and not tail[comma + 1 : start].strip() else start
-    return tail[:start] + b" " * (end - start) + tail[end:]
 
 
 class ClientConnection(Protocol):

@@ -779,3 +779,23 @@ class SseMarker:
         rest = bytes(self._buf)
         self._buf.clear()
         return rest
+
+
+_THINKING_ON = re.compile(rb'"thinking":\{[^{}]*"type":"(?:enabled|adaptive)"[^{}]*\},?')
+
+
+def thinking_off_if(neutraliser: Neutraliser, tail: bytes) -> bytes:
+    """Turn thinking off for a request whose final tool-use turn was the target's: Anthropic
+    would refuse it otherwise ("a final assistant message must start with a thinking block").
+    The top-level ``thinking`` member (after the messages and the ``cch`` placeholder in Claude
+    Code's order, so inside the held tail) is blanked, same length; the hash is re-signed."""
+    if not neutraliser.foreign_tool_turn:
+        return tail
+    found = list(_THINKING_ON.finditer(tail))
+    if not found:
+        return tail
+    start, end = found[-1].span()
+    if not found[-1].group(0).endswith(b","):  # the last member: its comma goes before it
+        comma = tail.rfind(b",", 0, start)
+        start = comma if comma >= 0 and not tail[comma + 1 : start].strip() else start
+    return tail[:start] + b" " * (end - start) + tail[end:]

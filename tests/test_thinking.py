@@ -681,7 +681,7 @@ def test_foreign_tool_turn_is_only_the_final_tool_use_turn_that_lost_its_first_b
 
 
 def test_thinking_off_blanks_the_top_level_member_only() -> None:
-    from cmm.proxy import thinking_off_if
+    from cmm.thinking import thinking_off_if
 
     class Foreign:
         foreign_tool_turn = True
