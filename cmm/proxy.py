@@ -340,6 +340,9 @@ class ClientConnection(Protocol):
             self.held_raw.append(raw)
             self.held_out += self._staged(b"".join(self._decoded(payload, done)), done)
             out = self._release_held() if done else b""
+            if not done and len(self.held_out) > NEUTRALISE_MAX and not self.neutraliser.changed:
+                # It decodes past what is checked: send what came as it came, the rest as it comes.
+                out, self.stages, self.held_out = self.head.raw + b"".join(self.held_raw), [], bytearray()
         elif self.stages:
             body = self._staged(b"".join(self._decoded(payload, done)), done)
             out = encode_chunk(body) + (LAST_CHUNK if done else b"") if self.exchange.rechunk else body

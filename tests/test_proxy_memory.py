@@ -585,3 +585,22 @@ def test_compressed_bodies_with_foreign_blocks_reach_anthropic_decoded_blanked_a
     assert b"content-encoding" not in exchange.head.lower()
     assert b"Content-Length: %d\r\n" % len(body) in exchange.head
     assert b"cmm1." not in exchange.body and cch.is_valid(exchange.body) and len(exchange.body) == len(body)
+
+
+def test_a_compressed_body_that_decodes_too_large_to_check_goes_as_it_came(harness: Harness, monkeypatch) -> None:
+    import gzip
+
+    import cmm.proxy
+
+    monkeypatch.setattr(cmm.proxy, "NEUTRALISE_MAX", 2000)
+    body = json.dumps({"model": "claude-opus-4-6", "messages": [{"role": "user", "content": "x" * 50_000}]}).encode()
+    compressed = gzip.compress(body)
+    request = compressed_post(compressed, b"gzip")
+    head_end = request.index(b"\r\n\r\n") + 4
+    client, _ = harness.client()
+    harness.send(client, request[: head_end + 40])  # the model: routed, held
+    harness.send(client, request[head_end + 40 : -10])  # decodes past the limit: released as it came
+    assert client.server.stages == []
+    harness.send(client, request[-10:])
+    [exchange] = harness.upstreams["anthropic"].exchanges
+    assert exchange.raw == request
