@@ -593,13 +593,14 @@ def test_a_compressed_body_that_decodes_too_large_to_check_goes_as_it_came(harne
     import cmm.proxy
 
     monkeypatch.setattr(cmm.proxy, "NEUTRALISE_MAX", 2000)
-    body = json.dumps({"model": "claude-opus-4-6", "messages": [{"role": "user", "content": "x" * 50_000}]}).encode()
+    text = "".join(f"{n:08x}" for n in range(6000))  # compresses little, so it decodes as it arrives
+    body = json.dumps({"model": "claude-opus-4-6", "messages": [{"role": "user", "content": text}]}).encode()
     compressed = gzip.compress(body)
     request = compressed_post(compressed, b"gzip")
     head_end = request.index(b"\r\n\r\n") + 4
     client, _ = harness.client()
-    harness.send(client, request[: head_end + 40])  # the model: routed, held
-    harness.send(client, request[head_end + 40 : -10])  # decodes past the limit: released as it came
+    harness.send(client, request[: head_end + 2000])  # the model: routed, held
+    harness.send(client, request[head_end + 2000 : -10])  # decodes past the limit: released as it came
     assert client.server.stages == []
     harness.send(client, request[-10:])
     [exchange] = harness.upstreams["anthropic"].exchanges
