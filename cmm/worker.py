@@ -168,10 +168,22 @@ def drop_privileges(uid: int, gid: int) -> None:
     import encodings.idna  # noqa: F401  (host names in TLS options, imported lazily otherwise)
 
     os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    if os.geteuid() != uid or uid != 0 and os.geteuid() == 0:
+    if hasattr(os, "setresuid"):  # Linux
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    else:  # macOS: as root, setuid/setgid set the real, effective and saved ids alike
+        os.setgid(gid)
+        os.setuid(uid)
+    if os.geteuid() != uid or os.getuid() != uid or (uid != 0 and _can_regain_root()):
         raise SystemExit(f"cmm worker: could not drop privileges to uid {uid}")
+
+
+def _can_regain_root() -> bool:
+    try:
+        os.seteuid(0)
+    except PermissionError:
+        return False
+    return True
 
 
 def parse_user(text: str) -> tuple[int, int]:

@@ -285,3 +285,21 @@ def test_workers_exit_when_the_master_is_killed(stack: Stack) -> None:
                    for pid in workers)
 
     wait_until(gone, timeout=10, what="workers to exit after the master's death")
+
+
+def test_drop_privileges_is_for_good() -> None:
+    """In a child: after the drop the worker cannot become root again (both code paths)."""
+    import sys as _sys
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")  # CI runs as root; a developer may not
+    import subprocess
+
+    script = ("import os, sys; from cmm import worker; hide = sys.argv[1] == 'mac'\n"
+              "if hide: del os.setresuid, os.setresgid\n"
+              "worker.drop_privileges(65534, 65534)\n"
+              "print(os.getuid(), os.geteuid(), os.getgid(), worker._can_regain_root())")
+    for flavour in ("linux", "mac"):
+        done = subprocess.run([_sys.executable, "-c", script, flavour], capture_output=True, text=True, env=_env(),
+                              cwd="/")
+        assert done.stdout.split() == ["65534", "65534", "65534", "False"], done.stderr
