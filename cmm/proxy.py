@@ -560,7 +560,12 @@ class Exchange:
             for piece in progress.payload:
                 self.held_body += piece
             if progress.done:
-                body = mark_message(bytes(self.held_body))
+                body = bytes(self.held_body)
+                if b"event-stream" in (self.response.headers.get(b"content-type") or b""):
+                    marker = SseMarker()  # a stream with a Content-Length: held whole, marked alike
+                    body = marker.feed(body) + marker.finish()
+                else:
+                    body = mark_message(body)
                 self.response_started = True
                 self._to_client(with_content_length(self.held_head, len(body)) + body)
         elif consumed:

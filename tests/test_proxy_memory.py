@@ -605,3 +605,14 @@ def test_a_compressed_body_that_decodes_too_large_to_check_goes_as_it_came(harne
     harness.send(client, request[-10:])
     [exchange] = harness.upstreams["anthropic"].exchanges
     assert exchange.raw == request
+
+
+def test_a_stream_sent_with_content_length_is_marked_too(harness: Harness) -> None:
+    events = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+              b'"delta":{"type":"signature_delta","signature":"tgt-abc"}}\n\n')
+    harness.upstreams["target"].reply = replies(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s" % (len(events), events))
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    [(head, body)] = responses(bytes(client.received))
+    assert b'"signature":"cmm1.tgt-abc"' in body and b"Content-Length: %d\r\n" % len(body) in head
