@@ -36,7 +36,7 @@ from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_en
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.thinking import Neutraliser, SseMarker, Unmarker, mark_message, thinking_off_if
+from cmm.thinking import Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message, thinking_off_if
 from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, no_delay
 
 log = Logger()
@@ -246,6 +246,8 @@ class ClientConnection(Protocol):
         assert self.head is not None
         model = result.model if isinstance(result, Found) else None
         self.stages = self._stages_for(mapping)
+        if self.stages and body_done and cannot_hold_a_mark(b"".join(self.sniffed_payload)):
+            self.stages = []  # the whole body is in hand and has nothing to edit: no scan
         if mapping is not None:
             assert isinstance(result, Found) and self.endpoint is not None
             first = self._intercepted_start(result, mapping, self.endpoint, body_done)

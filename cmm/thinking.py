@@ -648,8 +648,23 @@ def unmark(body: bytes) -> bytes:
 
 
 def mark_message(body: bytes) -> bytes:
-    """A complete JSON message response with the target's signatures marked (longer by the marks)."""
+    """A complete JSON message response with the target's signatures marked (longer by the marks).
+
+    A message without thinking blocks is returned as it is without a scan: both block types
+    spell "thinking" in their type, unless written with ``\\u`` escapes.
+    """
+    if b"thinking" not in body and b"\\u" not in body:
+        return body
     return _run(_Marker(), body)
+
+
+_ESCAPED_MARK_CHAR = re.compile(rb"\\u00(?:63|6[dD]|31|2[eE])")  # c, m, 1 or . spelled as an escape
+
+
+def cannot_hold_a_mark(body: bytes) -> bool:
+    """True when no signature in ``body`` can carry :data:`MARK`: then every request transform
+    here is the identity, and a whole body in hand need not be scanned at all."""
+    return MARK not in body and _ESCAPED_MARK_CHAR.search(body) is None
 
 
 # -- SSE ---------------------------------------------------------------------------------------------

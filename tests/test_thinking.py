@@ -705,3 +705,18 @@ def _json_ok(data: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_bodies_that_cannot_hold_a_mark_need_no_scan() -> None:
+    from cmm.thinking import cannot_hold_a_mark, mark_message, neutralise, unmark
+
+    plain = b'{"messages":[{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"sig"}]}]}'
+    assert cannot_hold_a_mark(plain) and neutralise(plain) == plain and unmark(plain) == plain
+    assert cannot_hold_a_mark(b'{"text":"\\u001b[31mred\\u001b[0m"}')  # control escapes are common and harmless
+    marked = plain.replace(b'"sig"', b'"cmm1.sig"')
+    escaped = plain.replace(b'"sig"', b'"\\u0063mm1.sig"')
+    assert not cannot_hold_a_mark(marked) and not cannot_hold_a_mark(escaped)
+    assert neutralise(escaped) != escaped  # the scan really was needed
+    no_thinking = b'{"content":[{"type":"text","text":"hi"}],"model":"x"}'
+    assert mark_message(no_thinking) is no_thinking
+    assert b"cmm1." in mark_message(b'{"content":[{"type":"thinking","thinking":"t","signature":"s"}]}')
