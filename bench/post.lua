@@ -36,3 +36,17 @@ function done(summary, latency, requests)
       e.connect, e.read, e.write, e.status, e.timeout,
       latency.min, latency.mean, latency.max, table.concat(p, ",")))
 end
+
+-- CMM_BENCH_DELAY_MS: each connection pauses that long before each request, to pace the rate
+-- (Debian's wrk has no -R). wrk takes whole milliseconds, so a fractional pause is rounded up
+-- or down at random in proportion: on average it is the one asked for.
+local pause = tonumber(os.getenv("CMM_BENCH_DELAY_MS") or "")
+if pause and pause > 0 then
+   function delay()
+      local whole = math.floor(pause)
+      if math.random() < pause - whole then
+         return whole + 1
+      end
+      return whole
+   end
+end

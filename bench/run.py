@@ -1,6 +1,7 @@
 """Benchmark cmm against its fake upstreams: direct versus through cmm, in one run.
 
     python bench/run.py [--quick] [--out bench/results]
+    python bench/run.py [--only] [--scaling] [--streams N[,N...]] [--soak SECONDS]
 
 Brings up the fake Anthropic API (TLS), the fake target (plain http) and cmm, all on loopback;
 measures throughput and latency (wrk), streaming time to first byte and event pacing, latency
@@ -14,16 +15,23 @@ process group and is stopped on the way out, also on Ctrl-C.
 The figures come from one run on a machine that the load generator, the fakes and cmm share,
 so only ratios and differences against the direct run mean anything. Exits 1 when the run
 found problems (errors, misrouted replies, batched events), listed under the table.
+
+Opt-in, after the default sections (or alone with --only), on the same cmm: --scaling, routed
+req/s direct and via cmm at 1 to 64 connections; --streams, cmm's memory per open stream with
+N concurrent routed streams and that all of them complete; --soak, a long run at about half
+the peak routed rate, with cmm's RSS sampled every 10 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gzip
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -32,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -352,14 +361,15 @@ def check_reply(response: Response, route: str, via: bool, stream: bool = False)
 
 
 def run_wrk(endpoint: Endpoint, body: bytes, threads: int, connections: int, seconds: int,
-            close: bool = False) -> dict[str, Any]:
-    """wrk with post.lua; ``close`` sends "Connection: close": a new connection per request."""
+            close: bool = False, delay_ms: float = 0.0) -> dict[str, Any]:
+    """wrk with post.lua; ``close`` sends "Connection: close": a new connection per request;
+    ``delay_ms``: each connection pauses that long before each request (to pace the rate)."""
     argv = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
         "-s", str(WRK_SCRIPT), endpoint.url,
     ]  # fmt: skip
     env = {**os.environ, "CMM_BENCH_BODY": body.decode(), "CMM_BENCH_HOST": endpoint.host_header or "",
-           "CMM_BENCH_CLOSE": "1" if close else ""}
+           "CMM_BENCH_CLOSE": "1" if close else "", "CMM_BENCH_DELAY_MS": f"{delay_ms:.3f}" if delay_ms else ""}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
     result: dict[str, Any] = {"argv": argv, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
     match = re.search(r"^CMM_BENCH_RESULT (.*)$", done.stdout, re.MULTILINE)
@@ -768,6 +778,370 @@ def measure_workers(stack: Stack, plan: Plan, log: Log) -> dict[str, Any]:
     return results
 
 
+# -- 6. opt-in: scaling, open streams, soak ----------------------------------------------------
+
+# Not part of the default run (they take long or need many file descriptors); each has a flag.
+
+SCALING_CONNECTIONS = (1, 4, 16, 64)
+SCALING_SECONDS = 3
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Which opt-in measurements to run: --scaling, --streams N[,N...], --soak SECONDS."""
+
+    scaling: bool = False
+    streams: tuple[int, ...] = ()
+    soak_seconds: int = 0
+    only: bool = False  # skip sections 1-5
+
+    @property
+    def any(self) -> bool:
+        return self.scaling or bool(self.streams) or self.soak_seconds > 0
+
+    def wrk_connections(self) -> int:
+        """How many wrk connections these runs cut at their ends (for scan_cmm_output)."""
+        scaling = sum(SCALING_CONNECTIONS) if self.scaling else 0
+        soak = (2 + SOAK_CALIBRATIONS) * SOAK_LOAD[1] if self.soak_seconds else 0  # peak, calibrations, soak
+        return scaling + soak
+
+
+def measure_scaling(endpoints: Routes, log: Log) -> dict[str, Any]:
+    """Small routed requests at 1 to 64 connections, direct and via cmm: how the cost grows with
+    concurrency (a ratio that falls as connections rise points at per-connection cost in cmm)."""
+    ends = endpoints["routed"]
+    body = small_body(ROUTED_MODEL)
+    results: dict[str, Any] = {"seconds": SCALING_SECONDS, "runs": {}}
+    for connections in SCALING_CONNECTIONS:
+        threads = min(2, connections)
+        for way in ("direct", "via"):
+            log(f"scaling routed {way} -t{threads} -c{connections} -d{SCALING_SECONDS}s")
+            before = fake_request_count(ends["direct"])
+            run = run_wrk(ends[way], body, threads, connections, SCALING_SECONDS)
+            after = fake_request_count(ends["direct"])
+            if before is not None and after is not None:
+                run["upstream_received"] = after - before
+            results["runs"].setdefault(str(connections), {})[way] = run
+    return results
+
+
+# Each stream: message_start at once, then STREAM_DELTAS deltas STREAM_EVENT_DELAY s apart, so it
+# stays open ~20 s: long enough for 2,000 to be open at the same time on this machine.
+STREAM_DELTAS = 40
+STREAM_EVENT_DELAY = 0.5
+STREAM_OPENING = 50  # TLS handshakes in flight at once: 2,000 at once only measure a handshake storm
+STREAM_END = b'data: {"type":"message_stop"}'
+FD_MARGIN = 64  # descriptors a process needs besides those of the streams
+
+
+def stream_counts(text: str) -> tuple[int, ...]:
+    """--streams: "2000" or "10,100,1000,2000"."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or a comma-separated list of numbers: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"stream counts must be at least 1: {text!r}")
+    return tuple(sorted(set(counts)))  # smallest first: memory a larger run leaves behind would hide a smaller one's
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit, before the stack starts so the fakes and cmm inherit
+    it too (each open stream costs cmm two descriptors, the fake one). Returns (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def check_fd_limit(streams: int) -> str | None:
+    """Why ``streams`` connections cannot stay open under this limit, or None. This process needs
+    one descriptor per stream; cmm, which inherits the limit, two (client and upstream), and one
+    worker may end up with all of them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * streams + FD_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < need:
+        return (f"--streams {streams} needs {need} file descriptors but RLIMIT_NOFILE is {soft} (hard {hard}); "
+                f"raise the hard limit (ulimit -Hn {need * 3}, as root) and run again")
+    return None
+
+
+def open_files_limit(pid: int) -> str | None:
+    """The 'Max open files' soft limit of a process, as /proc shows it."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return line.split()[3]
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class StreamCounts:
+    """What the concurrent streams have got to, shared by their tasks (one event loop)."""
+
+    streaming: int = 0  # first event (message_start) received
+    finished: int = 0  # read to the end with message_stop
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    all_streaming: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def stream_request(endpoint: Endpoint) -> bytes:
+    body = small_body(ROUTED_MODEL, stream=True)
+    extra = (("x-fake-deltas", str(STREAM_DELTAS)), ("x-fake-event-delay", str(STREAM_EVENT_DELAY)),
+             ("connection", "close"))
+    lines = ["POST /v1/messages HTTP/1.1", *(f"{k}: {v}" for k, v in endpoint.headers(extra)),
+             f"content-length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def read_until(reader: asyncio.StreamReader, buffer: bytearray, marker: bytes) -> None:
+    """Read into ``buffer`` until ``marker`` is in it; searching only the new tail keeps it linear."""
+    while marker not in buffer[-(len(marker) + 65536):]:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise ConnectionError(f"closed by cmm before {marker[:40]!r}")
+        buffer += chunk
+
+
+async def one_stream(endpoint: Endpoint, request: bytes, gate: asyncio.Semaphore, total: int,
+                     counts: StreamCounts) -> None:
+    """One routed stream via cmm: open it (at most STREAM_OPENING at a time), note its first event,
+    then read it to message_stop and the end of the chunked body (or cmm's close)."""
+    writer = None
+    try:
+        async with gate:
+            reader, writer = await asyncio.open_connection(LOOPBACK, endpoint.port, ssl=endpoint.tls,
+                                                           server_hostname=ANTHROPIC_NAME, limit=1 << 20)
+            writer.write(request)
+            await writer.drain()
+        buffer = bytearray()
+        await read_until(reader, buffer, b"event: message_start")
+        head = bytes(buffer[:buffer.find(b"\r\n\r\n")]).lower()
+        if not head.startswith(b"http/1.1 200") or b"x-fake-provider: target" not in head:
+            raise ValueError(f"unexpected reply head {head[:200]!r}")
+        counts.streaming += 1
+        if counts.streaming == total:
+            counts.all_streaming.set()
+        await read_until(reader, buffer, STREAM_END)
+        while not buffer.endswith(b"\r\n0\r\n\r\n") and (chunk := await reader.read(65536)):
+            buffer += chunk  # the rest of the last event and the end of the chunked body
+        counts.finished += 1
+    except (OSError, ValueError, ssl.SSLError, asyncio.IncompleteReadError) as error:
+        counts.failed += 1
+        counts.errors.append(error_text(error))
+        if counts.streaming + counts.failed >= total:
+            counts.all_streaming.set()  # no more will start: stop waiting
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def hold_streams(endpoint: Endpoint, total: int, pid: int, log: Log) -> dict[str, Any]:
+    """Open ``total`` streams at once, read cmm's RSS when all are streaming, then finish them."""
+    counts = StreamCounts()
+    gate = asyncio.Semaphore(STREAM_OPENING)
+    request = stream_request(endpoint)
+    hold = STREAM_DELTAS * STREAM_EVENT_DELAY
+    entry: dict[str, Any] = {"streams": total, "idle_kib": tree_memory_kib(pid)}
+    started = time.monotonic()
+    tasks = [asyncio.create_task(one_stream(endpoint, request, gate, total, counts)) for _ in range(total)]
+    try:
+        await asyncio.wait_for(counts.all_streaming.wait(), timeout=hold + 60)
+    except asyncio.TimeoutError:
+        pass
+    entry["open_s"] = time.monotonic() - started
+    entry["open_kib"] = tree_memory_kib(pid)
+    entry["streaming_at_read"] = counts.streaming
+    entry["open_at_read"] = counts.streaming - counts.finished
+    log(f"streams x{total}: {counts.streaming} streaming after {entry['open_s']:.1f} s "
+        f"({entry['open_at_read']} open), RSS {entry['open_kib']['VmRSS'] / 1024:.1f} MiB")
+    done, pending = await asyncio.wait(tasks, timeout=hold + 120)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    entry["all_s"] = time.monotonic() - started
+    entry.update(finished=counts.finished, failed=counts.failed, timed_out=len(pending), errors=counts.errors[:50],
+                 error_count=len(counts.errors))
+    entry["after_kib"] = tree_memory_kib(pid)
+    return entry
+
+
+def measure_streams(endpoints: Routes, pid: int, sizes: tuple[int, ...], log: Log) -> dict[str, Any]:
+    """Memory per open stream: cmm's RSS (master + workers) with N routed streams open, over the
+    idle RSS just before; then every stream must still finish with message_stop."""
+    results: dict[str, Any] = {"deltas": STREAM_DELTAS, "event_delay_s": STREAM_EVENT_DELAY,
+                               "opening": STREAM_OPENING, "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+                               "cmm_open_files": {str(p): open_files_limit(p) for p in [pid, *child_pids(pid)]},
+                               "sizes": {}}
+    for total in sizes:
+        if problem := check_fd_limit(total):
+            raise RuntimeError(problem)
+        log(f"streams x{total} via cmm (routed, {STREAM_DELTAS} deltas {STREAM_EVENT_DELAY} s apart)")
+        results["sizes"][str(total)] = asyncio.run(hold_streams(endpoints["routed"]["via"], total, pid, log))
+        time.sleep(1)  # let cmm drop the closed connections before the next idle reading
+    return results
+
+
+SOAK_LOAD = (2, 8)  # wrk threads, connections: the peak run and the paced soak alike
+SOAK_SAMPLE_S = 10
+SOAK_CALIBRATIONS = 3  # 3 s paced runs at most, to find the pause that gives half the peak rate
+
+
+def soak_delay_ms(peak: dict[str, Any], trial: dict[str, Any], first_delay: float) -> float:
+    """Per-request pause (post.lua's delay()) that should bring 8 connections to half the peak rate:
+    each connection makes one request per latency + delay, so take the latency the trial run at
+    ``first_delay`` implies and pause for what is left of connections / target."""
+    target = peak["rps"] / 2
+    per_request_s = SOAK_LOAD[1] / trial["rps"]
+    latency_s = max(0.0, per_request_s - first_delay / 1000)
+    return max(0.0, (SOAK_LOAD[1] / target - latency_s) * 1000)
+
+
+def run_wrk_sampled(endpoint: Endpoint, body: bytes, seconds: int, delay_ms: float, pid: int,
+                    log: Log) -> tuple[dict[str, Any], list[tuple[float, int]]]:
+    """A paced wrk run of ``seconds`` while sampling cmm's RSS every SOAK_SAMPLE_S (first at 2 s)."""
+    samples: list[tuple[float, int]] = []
+    result: dict[str, Any] = {}
+    started = time.monotonic()
+
+    def sample() -> None:
+        samples.append((time.monotonic() - started, tree_memory_kib(pid)["VmRSS"]))
+
+    def sampler() -> None:
+        next_at = 2.0
+        while not stop.wait(max(0.0, next_at - (time.monotonic() - started))):
+            sample()
+            log(f"soak {samples[-1][0]:.0f} s: cmm RSS {samples[-1][1] / 1024:.1f} MiB")
+            next_at = (int(next_at) // SOAK_SAMPLE_S + 1) * SOAK_SAMPLE_S
+
+    stop = threading.Event()
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
+    try:
+        result = run_wrk(endpoint, body, *SOAK_LOAD, seconds, delay_ms=delay_ms)
+    finally:
+        stop.set()
+        thread.join()
+    sample()  # the end: wrk has stopped, nothing in flight
+    return result, samples
+
+
+def measure_soak(endpoints: Routes, pid: int, seconds: int, log: Log) -> dict[str, Any]:
+    """The peak routed rate, then a long run at about half of it (wrk -R is not in Debian's wrk:
+    post.lua pauses between requests instead): errors, the rate achieved, and cmm's RSS growth."""
+    ends = endpoints["routed"]
+    body = small_body(ROUTED_MODEL)
+    log(f"soak: peak rate, wrk routed via -t{SOAK_LOAD[0]} -c{SOAK_LOAD[1]} -d3s")
+    peak = run_wrk(ends["via"], body, *SOAK_LOAD, 3)
+    if "error" in peak:
+        return {"peak": peak, "error": f"peak run failed: {peak['error']}"}
+    delay, trials = SOAK_LOAD[1] / (peak["rps"] / 2) * 1000, []
+    for _ in range(SOAK_CALIBRATIONS):  # wrk's timers are coarse: correct the pause until it hits the rate
+        log(f"soak: calibrating the pause, {delay:.1f} ms per request per connection, 3 s")
+        trial = run_wrk(ends["via"], body, *SOAK_LOAD, 3, delay_ms=delay)
+        trials.append(trial | {"delay_ms": delay})
+        if "error" in trial or not trial["rps"] or abs(trial["rps"] / (peak["rps"] / 2) - 1) < 0.05:
+            break
+        delay = soak_delay_ms(peak, trial, delay)
+    log(f"soak: {seconds} s at ~{peak['rps'] / 2:.0f} req/s (pause {delay:.1f} ms)")
+    before = fake_request_count(ends["direct"])
+    idle = tree_memory_kib(pid)["VmRSS"]
+    run, samples = run_wrk_sampled(ends["via"], body, seconds, delay, pid, log)
+    after = fake_request_count(ends["direct"])
+    if before is not None and after is not None:
+        run["upstream_received"] = after - before
+    return {"peak": peak, "trials": trials, "delay_ms": delay, "target_rps": peak["rps"] / 2, "seconds": seconds,
+            "run": run, "idle_kib": idle, "rss_samples": samples}
+
+
+# -- the opt-in reports --
+
+
+def scaling_report(scaling: dict[str, Any], problems: list[str]) -> str:
+    rows = []
+    for connections, ways in scaling["runs"].items():
+        d, v = ways["direct"], ways["via"]
+        rows.append([connections, fmt(d.get("rps")), fmt(v.get("rps")), fmt(ratio(v.get("rps"), d.get("rps")), ".2f"),
+                     fmt(percentile_ms(d, 50), ".2f"), fmt(percentile_ms(v, 50), ".2f"), wrk_errors(d), wrk_errors(v)])
+        for way, run in ways.items():
+            problems += wrk_problems(run, f"scaling c{connections} {way}", "routed")
+    return "\n".join([
+        f"6. Scaling: small routed request, wrk -t(min(2, c)) -c(c) -d{scaling['seconds']}s, keep-alive",
+        table(["connections", "direct req/s", "via req/s", "via/direct", "direct p50 ms", "via p50 ms",
+               "errors direct", "errors via"], rows),
+    ])
+
+
+def wrk_problems(run: dict[str, Any], where: str, route: str) -> list[str]:
+    if "error" in run:
+        return [f"wrk {where}: {run['error']}"]
+    found = []
+    if run["error_count"]:
+        found.append(f"wrk {where}: errors {run['errors']} in {run['requests']} requests")
+    if run.get("upstream_received", run["requests"]) < run["requests"]:
+        found.append(f"wrk {where}: {run['requests']} responses but the {route} upstream received only "
+                     f"{run['upstream_received']} requests")
+    return found
+
+
+def streams_report(streams: dict[str, Any], problems: list[str]) -> str:
+    rows = []
+    for total, e in streams["sizes"].items():
+        n = int(total)
+        idle, held = e["idle_kib"]["VmRSS"], e["open_kib"]["VmRSS"]
+        rows.append([total, f"{e['open_s']:.1f}", str(e["open_at_read"]), f"{idle / 1024:.1f}", f"{held / 1024:.1f}",
+                     f"{(held - idle) / n:.1f}", f"{e['after_kib']['VmRSS'] / 1024:.1f}",
+                     f"{e['finished']} / {n}", str(e["failed"] + e["timed_out"])])
+        if e["open_at_read"] < n:
+            problems.append(f"streams x{total}: only {e['open_at_read']} of {n} open when RSS was read "
+                            f"({e['streaming_at_read']} had started, in {e['open_s']:.1f} s)")
+        if e["finished"] < n:
+            problems.append(f"streams x{total}: {e['finished']} of {n} completed with message_stop "
+                            f"({e['failed']} failed, {e['timed_out']} timed out); e.g. {e['errors'][:2]}")
+    limits = ", ".join(f"{v}" for v in streams["cmm_open_files"].values())
+    return "\n".join([
+        f"7. Concurrent open streams via cmm (routed; {streams['deltas']} deltas {streams['event_delay_s']} s apart, "
+        f"at most {streams['opening']} handshakes at a time). RSS: master + workers, MiB;",
+        f"   KiB/stream = (RSS with all open - idle RSS before) / streams. Open-files limit of cmm's processes: "
+        f"{limits}.",
+        table(["streams", "opened in s", "open at read", "idle RSS", "RSS all open", "KiB/stream", "RSS after",
+               "message_stop", "failed"], rows),
+    ])
+
+
+def soak_report(soak: dict[str, Any], problems: list[str]) -> str:
+    if "error" in soak:
+        problems.append(f"soak: {soak['error']}")
+        return f"8. Soak: {soak['error']}"
+    run = soak["run"]
+    problems += wrk_problems(run, "soak", "routed")
+    samples = soak["rss_samples"]
+    start, end = samples[0][1], samples[-1][1]
+    growth = 100 * (end - start) / start
+    peak_rss = max(s[1] for s in samples)
+    row = [f"{soak['seconds']} s", fmt(soak["peak"]["rps"]), fmt(soak["target_rps"]), fmt(run.get("rps")),
+           fmt(ratio(run.get("rps"), soak["peak"]["rps"]), ".2f"), str(run.get("requests", "n/a")), wrk_errors(run),
+           f"{soak['idle_kib'] / 1024:.1f}", f"{start / 1024:.1f}", f"{end / 1024:.1f}", f"{peak_rss / 1024:.1f}",
+           f"{growth:+.1f}%"]
+    if growth >= 5:
+        problems.append(f"soak: cmm's RSS grew {growth:.1f}% ({start / 1024:.1f} -> {end / 1024:.1f} MiB)")
+    cells = [f"{t:.0f}s:{kib / 1024:.1f}" for t, kib in samples[:-1]] + [f"end:{end / 1024:.1f}"]
+    trace = "\n     ".join("  ".join(cells[i:i + 10]) for i in range(0, len(cells), 10))  # 10 a line
+    return "\n".join([
+        f"8. Soak: small routed request via cmm at about half the peak rate (peak: wrk -t{SOAK_LOAD[0]} "
+        f"-c{SOAK_LOAD[1]} -d3s; soak: the same connections, each pausing {soak['delay_ms']:.1f} ms",
+        "   between requests (post.lua's delay(); Debian's wrk has no -R), calibrated by "
+        f"{len(soak['trials'])} 3 s run(s)). "
+        f"RSS: master + workers, MiB; start = {samples[0][0]:.0f} s into the run, end = after it.",
+        table(["duration", "peak req/s", "target req/s", "achieved req/s", "of peak", "requests", "errors",
+               "idle RSS", "RSS start", "RSS end", "RSS max", "growth"], [row]),
+        f"   RSS samples (s: MiB):\n     {trace}",
+    ])
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -942,6 +1316,11 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
         problems += results.get(key, {}).get("problems", [])
     for name, error in results.get("failed", {}).items():
         problems.append(f"{name} failed: {error}")
+    for key, section in (("scaling", scaling_report), ("streams", streams_report), ("soak", soak_report)):
+        if key in m:
+            out.append(section(m[key], problems))
+            out.append("")
+
     out.append("Problems: " + ("none" if not problems else ""))
     out += [f"  - {p}" for p in problems]
     return "\n".join(out), problems
@@ -1083,8 +1462,9 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_all(stack: Stack, results: dict[str, Any], plan: Plan, log: Log) -> None:
-    """Start the stack, run every measurement into ``results``, and always stop the stack."""
+def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, log: Log) -> None:
+    """Start the stack, run every measurement into ``results``, and always stop the stack.
+    With ``extras.only`` just the opt-in measurements that ``extras`` asks for."""
     try:
         log("starting the fakes and cmm")
         stack.start()
@@ -1107,6 +1487,14 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, log: Log) -> None
             ("rss", lambda: measure_rss(endpoints, cmm.pid, plan, log)),
             ("workers", lambda: measure_workers(stack, plan, log)),
         ]
+        if extras.only:
+            steps = []
+        if extras.scaling:
+            steps.append(("scaling", lambda: measure_scaling(endpoints, log)))
+        if extras.streams:
+            steps.append(("streams", lambda: measure_streams(endpoints, cmm.pid, extras.streams, log)))
+        if extras.soak_seconds:
+            steps.append(("soak", lambda: measure_soak(endpoints, cmm.pid, extras.soak_seconds, log)))
         for name, step in steps:
             if cmm.process.poll() is not None:
                 results["failed"][name] = "cmm is no longer running:\n" + stack.tail("cmm")
@@ -1118,8 +1506,11 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, log: Log) -> None
                 log(f"{name} failed: {error_text(error)}")
     finally:
         log("stopping")
+        if stack.cmm is not None:  # cmm first: requests it still has in flight must not meet dead fakes
+            stack.stop(stack.cmm)
         stack.stop()
-        results["cmm_output"] = scan_cmm_output(stack.log_path("cmm"), wrk_connections=2 * (8 + 1))
+        cut = 0 if extras.only else 2 * (8 + 1)  # section 1's wrk runs via cmm
+        results["cmm_output"] = scan_cmm_output(stack.log_path("cmm"), wrk_connections=cut + extras.wrk_connections())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1127,7 +1518,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (about a minute and a half in all)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="directory for the raw JSON results")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory (process output)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="opt-in: routed req/s direct and via cmm at 1, 4, 16 and 64 connections")
+    parser.add_argument("--streams", type=stream_counts, default=(), metavar="N[,N...]",
+                        help="opt-in: cmm's memory per open stream with N concurrent routed streams (e.g. 2000 or "
+                             "10,100,1000,2000), and that all complete")
+    parser.add_argument("--soak", type=int, default=0, metavar="SECONDS",
+                        help="opt-in: run at about half the peak routed rate for SECONDS; errors and RSS growth")
+    parser.add_argument("--only", action="store_true", help="run only the opt-in measurements asked for")
     args = parser.parse_args(argv)
+    extras = Extras(args.scaling, args.streams, args.soak, args.only)
+    if args.only and not extras.any:
+        parser.error("--only needs at least one of --scaling, --streams, --soak")
+    if args.soak < 0:
+        parser.error("--soak needs a number of seconds (at least 1)")
 
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed; install it with: apt-get install -y wrk", file=sys.stderr)
@@ -1140,11 +1544,19 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    if extras.streams:
+        raise_fd_limit()  # before the stack starts: cmm and the fakes inherit it
+        if problem := check_fd_limit(max(extras.streams)):
+            print(f"bench: {problem}", file=sys.stderr)
+            return 2
+
     work = Path(tempfile.mkdtemp(prefix="cmm-bench-"))
     stack = Stack(work)
     results: dict[str, Any] = {
         "started": started.isoformat(),
         "quick": args.quick,
+        "extras": {"scaling": extras.scaling, "streams": list(extras.streams), "soak_s": extras.soak_seconds,
+                   "only": extras.only},
         "plan": plan.__dict__,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "load_before": os.getloadavg()},
@@ -1153,7 +1565,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         with terminate_as_interrupt():
-            run_all(stack, results, plan, log)
+            run_all(stack, results, plan, extras, log)
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
