@@ -621,17 +621,7 @@ class Exchange:
     def _retry_later(self, delay: float, reusable: bool) -> None:
         log.info("{target} answered 429 (try {tries} of {limit}); trying again in {delay:g}s",
                  target=self.mapping.upstream.url, tries=self.tries, limit=self.client.settings.retries, delay=delay)
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            connection.handler = None
-            connection.transport.unregisterProducer()
-            self.valve.resume("backpressure")
-            self.client.transport.unregisterProducer()
-            self.client.valve.resume("backpressure")
-            if reusable:
-                self.context.pool.release(connection)
-            else:
-                connection.transport.loseConnection()
+        self._detach("release" if reusable else "close")
         self.tries += 1
         self.collector = HeadCollector(what="upstream response")
         self.response, self.tracker, self.error_raw = None, None, None
@@ -650,8 +640,7 @@ class Exchange:
         if not self.response_started and self.reused and self.replayable and not self.retried:
             # A pooled connection closed under us before answering: the whole request is in hand.
             self.retried = True
-            self.client.transport.unregisterProducer()
-            self.client.valve.resume("backpressure")
+            self._detach("close")  # the connection is gone already: this undoes the client side
             self.collector = HeadCollector(what="upstream response")
             self.start(fresh=True)
             return
@@ -709,20 +698,7 @@ class Exchange:
              client_reusable: bool = False) -> None:
         self.finished = True
         self.deadline.cancel()
-        connection, self.connection = self.connection, None
-        self.client.valve.resume("backpressure")
-        if connection is not None:
-            connection.handler = None
-            connection.transport.unregisterProducer()
-            self.valve.resume("backpressure")
-            if upstream_reusable:
-                self.context.pool.release(connection)
-            elif abort:
-                connection.transport.abortConnection()
-            else:
-                connection.transport.loseConnection()
-        if self.client.state != "closed":
-            self.client.transport.unregisterProducer()
+        self._detach("release" if upstream_reusable else "abort" if abort else "close")
         self.context.record(self.client._record(status, error, self.bytes_out, self.model, self.mapping))
         if self.client.state == "closed":
             self.client.exchange = None
@@ -734,6 +710,25 @@ class Exchange:
             self.client.transport.abortConnection()
             return
         self.client.exchange_done(reusable=client_reusable and error is None)
+
+    def _detach(self, dispose: str) -> None:
+        """Undo what ``_connected`` joined (handler, producers both ways, backpressure pauses)
+        and dispose of the upstream connection: "release" to the pool, "close" or "abort"."""
+        connection, self.connection = self.connection, None
+        self.client.valve.resume("backpressure")
+        if self.client.state != "closed":
+            self.client.transport.unregisterProducer()
+        if connection is None:
+            return
+        connection.handler = None
+        connection.transport.unregisterProducer()
+        self.valve.resume("backpressure")
+        if dispose == "release":
+            self.context.pool.release(connection)
+        elif dispose == "abort":
+            connection.transport.abortConnection()
+        else:
+            connection.transport.loseConnection()
 
     def _timed_out(self) -> None:
         connecting, self.connecting = self.connecting, None

@@ -159,14 +159,19 @@ def redacted_head(head: RequestHead) -> str:
 
 def with_content_length(response_head: bytes, length: int) -> bytes:
     """The head with its Content-Length set to ``length`` (a body cmm rewrote)."""
-    lines = [line for line in response_head[:-4].split(b"\r\n") if not line.lower().startswith(b"content-length:")]
-    return b"\r\n".join(lines + [b"Content-Length: %d" % length]) + b"\r\n\r\n"
+    return _with_field(response_head, b"Content-Length", b"%d" % length)
+
+
+def _with_field(head: bytes, name: bytes, value: bytes) -> bytes:
+    """The head with exactly one ``name`` field, set to ``value`` and placed last."""
+    prefix = name.lower() + b":"
+    lines = [line for line in head[:-4].split(b"\r\n") if not line.lower().startswith(prefix)]
+    return b"\r\n".join(lines + [name + b": " + value]) + b"\r\n\r\n"
 
 
 def with_connection_close(response_head: bytes) -> bytes:
     """The head with ``Connection: close`` (in place of any other Connection field)."""
-    lines = [line for line in response_head[:-4].split(b"\r\n") if not line.lower().startswith(b"connection:")]
-    return b"\r\n".join(lines + [b"Connection: close"]) + b"\r\n\r\n"
+    return _with_field(response_head, b"Connection", b"close")
 
 
 def with_provider_header(response_head: bytes) -> bytes:
