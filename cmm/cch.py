@@ -120,40 +120,43 @@ class Resigner:
     The hash covers the whole body, but the ``cch=`` placeholder sits in the first system block,
     after the messages in Claude Code's key order: everything before the first ``cch=`` goes out
     at once, everything from it on is held until the body ends, and is re-signed then if
-    ``changed()`` says an earlier stage edited the body. A copy of what went out is kept for the
-    hash. Bodies without ``cch=`` are held back not at all.
+    ``changed()`` says an earlier stage edited the body. What went out is kept for the hash, by
+    reference: the pieces pass through uncopied, so a body that needs no re-signing costs a
+    ``find`` per piece. Bodies without ``cch=`` are held back not at all.
     """
 
     def __init__(self, changed: Callable[[], bool], edit_held: Callable[[bytes], bytes] | None = None) -> None:
         """``edit_held`` may change the held tail (same length) before it is signed."""
         self._changed = changed
         self._edit_held = edit_held
-        self._body = bytearray()  # everything seen, for the hash
-        self._held_from: int | None = None
-        self._sent = 0
+        self._sent: list[bytes] = []  # what went out, for the hash
+        self._held: list[bytes] | None = None  # from the first ``cch=`` on
+        self._carry = b""  # the end of what came that may begin a ``cch=`` split across pieces
 
     def feed(self, data: bytes) -> bytes:
-        self._body += data
-        if self._held_from is None:
-            found = self._body.find(_MARK, max(0, self._sent - len(_MARK) + 1))
-            if found < 0:
-                safe = max(self._sent, len(self._body) - (len(_MARK) - 1))  # a split "cc|h=" stays back
-                out = bytes(self._body[self._sent : safe])
-                self._sent = safe
-                return out
-            self._held_from = found
-            out = bytes(self._body[self._sent : found])
-            self._sent = found
-            return out
-        return b""
+        if self._held is not None:
+            self._held.append(bytes(data))
+            return b""
+        text = self._carry + data if self._carry else bytes(data)
+        found = text.find(_MARK)
+        if found >= 0:
+            self._carry, self._held = b"", [text[found:]]
+            out = text[:found]
+        else:
+            keep = next((k for k in range(len(_MARK) - 1, 0, -1) if text.endswith(_MARK[:k])), 0)
+            self._carry, out = (text[-keep:], text[:-keep]) if keep else (b"", text)
+        self._sent.append(out)
+        return out
 
     def finish(self) -> bytes:
-        body = bytes(self._body)
-        if self._held_from is not None and self._edit_held is not None:
-            tail = self._edit_held(body[self._held_from :])
-            body = body[: self._held_from] + tail
-        if self._held_from is not None and self._changed():
-            body = resign(body)
-        out = body[self._sent :]
-        self._sent = len(body)
-        return out
+        if self._held is None:
+            out, self._carry = self._carry, b""
+            return out
+        tail = b"".join(self._held)
+        if self._edit_held is not None:
+            tail = self._edit_held(tail)
+        if self._changed():
+            prefix = b"".join(self._sent)
+            tail = resign(prefix + tail)[len(prefix) :]
+        self._sent, self._held = [], []
+        return tail

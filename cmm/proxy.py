@@ -46,8 +46,8 @@ PROVIDER_HEADER_FIELD = tuple(PROVIDER_HEADER.rstrip(b"\r\n").split(b": ", 1))
 CONTENT_LOG_BYTES = 4096
 MiB = 1024 * 1024
 # Passthrough bodies up to this size are checked for the target's thinking blocks; the cch
-# re-signing keeps a copy of the body, so larger ones (far beyond any Claude Code session) pass
-# as they came.
+# re-signing keeps the body's pieces for the hash, so larger ones (far beyond any Claude Code
+# session) pass as they came.
 NEUTRALISE_MAX = 8 * MiB
 
 
