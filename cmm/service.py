@@ -24,7 +24,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from cmm import certs, dnsflush, envfile, hosts, mappings, paths
@@ -35,7 +34,7 @@ from cmm.resolve import AddressBook
 from cmm.serving import build_context
 from cmm.settings import ConfigError, ServeConfig, build_config
 from cmm.stats import LiveStats
-from cmm.tls import ReloadableServerTLS, server_options
+from cmm.tls import ReloadableServerTLS, server_factory, server_options
 from cmm.wire import WorkerConfig
 
 log = Logger()
@@ -254,8 +253,7 @@ class InterceptorService(Service):
             self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
                                          lambda record: self.record(record, "master"))
             self.tls = ReloadableServerTLS(server_options(self.worker_config.cert_pem, self.worker_config.key_pem))
-            factory = TLSMemoryBIOFactory(self.tls, False, ProxyFactory(self.context))
-            factory.noisy = False
+            factory = server_factory(self.tls, ProxyFactory(self.context))
             for sock in self.sockets:
                 self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
         else:

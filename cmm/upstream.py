@@ -19,11 +19,13 @@ from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.python.failure import Failure
+
+from cmm.tls import DirectTLSEndpoint
 
 ANTHROPIC_HOST = "api.anthropic.com"
 
@@ -201,7 +203,7 @@ class Connector:
             return defer.ensureDeferred(self._connect_anthropic(destination))
         endpoint = HostnameEndpoint(self.reactor, destination.host, destination.port, timeout=self.connect_timeout)
         if destination.scheme == "https":
-            endpoint = wrapClientTLS(
+            endpoint = DirectTLSEndpoint(
                 optionsForClientTLS(destination.host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"]),
                 endpoint,
             )
@@ -217,7 +219,7 @@ class Connector:
         failure: Exception | None = None
         for address in addresses:
             kind = TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6 else TCP4ClientEndpoint
-            endpoint = wrapClientTLS(
+            endpoint = DirectTLSEndpoint(
                 self.anthropic_tls, kind(self.reactor, address, destination.port, timeout=self.connect_timeout)
             )
             try:

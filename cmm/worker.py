@@ -21,7 +21,6 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from cmm import wire
@@ -29,7 +28,7 @@ from cmm.proxy import ProxyContext, ProxyFactory
 from cmm.request_log import RequestRecord
 from cmm.resolve import AddressBook
 from cmm.serving import build_context
-from cmm.tls import ReloadableServerTLS, server_options
+from cmm.tls import ReloadableServerTLS, server_factory, server_options
 
 log = Logger()
 
@@ -77,8 +76,7 @@ class WorkerControl(LineReceiver):
                 addresses.addresses = list(config.anthropic_addresses)
             self.context = build_context(config.proxy, addresses, config.connect_timeout, self.reactor, self.send_record)
             self.tls = ReloadableServerTLS(options)
-            factory = TLSMemoryBIOFactory(self.tls, False, ProxyFactory(self.context))
-            factory.noisy = False
+            factory = server_factory(self.tls, ProxyFactory(self.context))
             for fd, family in self.fds:
                 self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
             if self.user is not None:

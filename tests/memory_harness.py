@@ -19,7 +19,7 @@ from cmm.framing import tracker_for
 from cmm.http_head import HeadCollector, parse_request_head
 from cmm.proxy import ProxyContext, ProxyFactory, ProxySettings
 from cmm.router import Mapping, Router, Upstream
-from cmm.tls import server_options
+from cmm.tls import server_factory, server_options
 from cmm.upstream import Destination, Pool, UpstreamConnection
 
 NOW = datetime(2026, 11, 24, tzinfo=timezone.utc)
@@ -139,8 +139,8 @@ class Harness:
     def __attrs_post_init__(self) -> None:
         self.pool = Pool(self._connect, self.clock)
         context = ProxyContext(self.settings, self.pool, self.clock, self.records.append, wall_clock=lambda: 0.0)
-        self.factory = TLSMemoryBIOFactory(server_options(self.pki.server.cert_pem, self.pki.server.key_pem), False,
-                                           ProxyFactory(context), clock=self.clock)
+        self.factory = server_factory(server_options(self.pki.server.cert_pem, self.pki.server.key_pem),
+                                      ProxyFactory(context))
 
     def _connect(self, destination: Destination) -> defer.Deferred[UpstreamConnection]:
         upstream = self.upstreams["anthropic" if destination.anthropic else "target"]
