@@ -85,3 +85,22 @@ def test_resigner_streams_up_to_the_placeholder_and_signs_at_the_end(name: str, 
 def test_resigner_passes_unsigned_bodies_through() -> None:
     stage = cch.Resigner(lambda: True)
     assert stage.feed(b'{"a":') + stage.feed(b'"cc') + stage.feed(b'x"}') + stage.finish() == b'{"a":"ccx"}'
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED))
+def test_resigner_finds_a_placeholder_split_anywhere(name: str) -> None:
+    edited = vector(name).replace(b'"stream":true', b'"stream":    1')
+    at = edited.index(b"cch=")
+    for split in range(at - 1, at + 6):
+        stage = cch.Resigner(lambda: True)
+        first = stage.feed(edited[:split])
+        assert first == edited[: min(split, at)][: len(first)] and len(first) >= min(split, at) - 3
+        out = first + stage.feed(edited[split:]) + stage.finish()
+        assert len(out) == len(edited) and cch.is_valid(out), split
+
+
+def test_resigner_passes_pieces_on_uncopied() -> None:
+    """A piece with no placeholder in it goes on as the same object: no copy per piece."""
+    stage = cch.Resigner(lambda: False)
+    piece = b'{"messages":[{"role":"user","content":"' + b"x" * 65536
+    assert stage.feed(piece) is piece
