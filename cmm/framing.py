@@ -18,6 +18,7 @@ from cmm.http_head import Framing
 MAX_CHUNK_LINE = 4096
 MAX_TRAILER_BYTES = 64 * 1024
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_PLAIN_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")  # no extension, no whitespace
 
 
 @attrs.frozen
@@ -102,6 +103,17 @@ class ChunkedBody(BodyTracker):
         payload: list[bytes] = []
         size = len(data)
         while pos < size and not self.done:
+            if self._state == "size" and not self._line:
+                # A whole chunk in hand with a plain size line (an SSE event per chunk, as
+                # servers send them) is taken in one step; anything else goes the long way.
+                head = _PLAIN_SIZE_LINE.match(data, pos)
+                if head is not None:
+                    start = head.end()
+                    end = start + int(head.group(1), 16)
+                    if start < end and data[end : end + 2] == b"\r\n":
+                        payload.append(data[start:end])
+                        pos = end + 2
+                        continue
             if self._state == "data":
                 take = min(self._remaining, size - pos)
                 payload.append(data[pos : pos + take])
