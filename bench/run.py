@@ -2,6 +2,7 @@
 
     python bench/run.py [--quick] [--out bench/results]
     python bench/run.py [--only] [--scaling] [--streams N[,N...]] [--soak SECONDS]
+    python bench/run.py --full      # every row of the targets table (about 20 minutes)
 
 Brings up the fake Anthropic API (TLS), the fake target (plain http) and cmm, all on loopback;
 measures throughput and latency (wrk), streaming time to first byte and event pacing, latency
@@ -17,9 +18,11 @@ so only ratios and differences against the direct run mean anything. Exits 1 whe
 found problems (errors, misrouted replies, batched events), listed under the table.
 
 Opt-in, after the default sections (or alone with --only), on the same cmm: --scaling, routed
-req/s direct and via cmm at 1 to 64 connections; --streams, cmm's memory per open stream with
+req/s direct and via cmm at 1 to 64 connections and latency against body size from 1 KB to
+32 MB on both routes; --streams, cmm's memory per open stream with
 N concurrent routed streams and that all of them complete; --soak, a long run at about half
-the peak routed rate, with cmm's RSS sampled every 10 s.
+the peak routed rate, with cmm's RSS sampled every 10 s. The table ends with the targets of
+issue 7, each with its figure, the direct run beside it and whether it was met.
 """
 
 from __future__ import annotations
@@ -203,6 +206,9 @@ class Stack:
     anthropic_port: int = 0
     target_port: int = 0
     cmm: Cmm | None = None  # the one sections 1-4 measure (cmm's default workers and accept)
+
+    def pid_of(self, name: str) -> int:
+        return next(process.pid for each, process in self.processes if each == name)
 
     def log_path(self, name: str) -> Path:
         return self.work / f"{name}.out"
@@ -396,7 +402,9 @@ def fake_request_count(endpoint: Endpoint) -> int | None:
         return None
 
 
-def measure_wrk(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any]:
+def measure_wrk(endpoints: Routes, plan: Plan, log: Log, cpu_of: dict[str, Callable[[], float]]) -> dict[str, Any]:
+    """``cpu_of``: CPU seconds so far of whoever serves each way ("via": cmm's master and workers,
+    else the route's fake), read around each run for the CPU time per request."""
     results: dict[str, Any] = {}
     for route, ends in endpoints.items():
         body = small_body(ROUTE_MODELS[route])
@@ -405,12 +413,23 @@ def measure_wrk(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any]:
             for way in ("direct", "via"):
                 log(f"wrk {route} {way} -t{threads} -c{connections} -d{plan.wrk_seconds}s")
                 before = fake_request_count(upstream)
+                cpu = cpu_of["via" if way == "via" else route]
+                cpu_before = cpu()
                 run = run_wrk(ends[way], body, threads, connections, plan.wrk_seconds)
+                cpu_used = cpu() - cpu_before
                 after = fake_request_count(upstream)
                 if before is not None and after is not None:
                     run["upstream_received"] = after - before  # control requests are not counted
+                if run.get("requests"):
+                    run["server_cpu_ms_per_request"] = 1000 * cpu_used / run["requests"]
                 results.setdefault(route, {}).setdefault(load, {})[way] = run
     return results
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (a fake), in seconds."""
+    stat = proc_stat(pid)
+    return (int(stat[11]) + int(stat[12])) / CLOCK_TICKS
 
 
 # -- 2. streaming: time to first event, and pacing -------------------------------------------
@@ -546,10 +565,17 @@ def measure_large_body(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any
 def _large_body_runs(end: Any, route: str, way: str, kind: str, body: bytes, extra: tuple[tuple[str, str], ...],
                      plan: Plan, log: Log) -> dict[str, Any]:
     log(f"2 MB body ({kind}) {route} {way} x{plan.large_requests}")
+    return timed_requests(end, route, way, body, extra, plan.large_requests)
+
+
+def timed_requests(end: Endpoint, route: str, way: str, body: bytes, extra: tuple[tuple[str, str], ...],
+                   count: int) -> dict[str, Any]:
+    """``count`` sequential POSTs of ``body`` on one connection after a warm-up: latency from the
+    first request byte to the last response byte, and the errors (the connection is then renewed)."""
     entry: dict[str, Any] = {"latency_s": [], "errors": [], "bytes": len(body)}
-    connection = end.connect(timeout=60)
+    connection = end.connect(timeout=120)
     try:
-        for i in range(plan.large_requests + 1):  # the first warms up
+        for i in range(count + 1):  # the first warms up
             try:
                 response = connection.request("POST", "/v1/messages", end.headers(extra), body)
                 if problem := check_reply(response, route, way == "via"):
@@ -782,6 +808,8 @@ def measure_workers(stack: Stack, plan: Plan, log: Log) -> dict[str, Any]:
 
 # Not part of the default run (they take long or need many file descriptors); each has a flag.
 
+FULL_STREAMS = (10, 100, 1000, 2000)
+FULL_SOAK_S = 600
 SCALING_CONNECTIONS = (1, 4, 16, 64)
 SCALING_SECONDS = 3
 
@@ -822,6 +850,25 @@ def measure_scaling(endpoints: Routes, log: Log) -> dict[str, Any]:
             if before is not None and after is not None:
                 run["upstream_received"] = after - before
             results["runs"].setdefault(str(connections), {})[way] = run
+    results["sizes"] = measure_sizes(endpoints, log)
+    return results
+
+
+# Body sizes for latency against size, with the requests timed at each (after one warm-up).
+SCALING_SIZES: tuple[tuple[int, int], ...] = ((1_000, 10), (64_000, 10), (1 * MB, 5), (8 * MB, 3), (32 * MB, 3))
+
+
+def measure_sizes(endpoints: Routes, log: Log) -> dict[str, Any]:
+    """Latency against body size, 1 KB to 32 MB, each route direct and via cmm: how the cost
+    per byte grows (the thinking-block scan covers passthrough bodies up to 8 MiB)."""
+    results: dict[str, Any] = {}
+    for size, count in SCALING_SIZES:
+        for route, ends in endpoints.items():
+            body = large_body(ROUTE_MODELS[route], size)
+            for way in ("direct", "via"):
+                log(f"body size {size:,} bytes {route} {way} x{count}")
+                entry = timed_requests(ends[way], route, way, body, (), count)
+                results.setdefault(str(size), {}).setdefault(route, {})[way] = entry
     return results
 
 
@@ -1068,10 +1115,23 @@ def scaling_report(scaling: dict[str, Any], problems: list[str]) -> str:
                      fmt(percentile_ms(d, 50), ".2f"), fmt(percentile_ms(v, 50), ".2f"), wrk_errors(d), wrk_errors(v)])
         for way, run in ways.items():
             problems += wrk_problems(run, f"scaling c{connections} {way}", "routed")
+    size_rows = []
+    for size, routes in scaling.get("sizes", {}).items():
+        for route, ways in routes.items():
+            d, v = ms(ways["direct"]["median_s"]), ms(ways["via"]["median_s"])
+            size_rows.append([f"{int(size):,}", route, fmt(d, ".1f"), fmt(v, ".1f"), fmt(diff(v, d), "+.1f"),
+                              fmt(ratio(v, d), ".2f"), f"{len(ways['direct']['errors'])} / {len(ways['via']['errors'])}"])
+            for way in ("direct", "via"):
+                for error in ways[way]["errors"][:3]:
+                    problems.append(f"body size {size} {route} {way}: {error}")
     return "\n".join([
         f"6. Scaling: small routed request, wrk -t(min(2, c)) -c(c) -d{scaling['seconds']}s, keep-alive",
         table(["connections", "direct req/s", "via req/s", "via/direct", "direct p50 ms", "via p50 ms",
                "errors direct", "errors via"], rows),
+        "",
+        "   Latency against body size (model first; sequential requests on one connection after a warm-up: "
+        + ", ".join(f"{count} at {size:,} B" for size, count in SCALING_SIZES) + "), median ms",
+        table(["body bytes", "route", "direct", "via", "added", "via/direct", "errors d / v"], size_rows),
     ])
 
 
@@ -1199,6 +1259,7 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
         for route, loads in m["wrk"].items():
             d, v = loads["c8"]["direct"], loads["c8"]["via"]
             rows.append([route, fmt(d.get("rps")), fmt(v.get("rps")), fmt(ratio(v.get("rps"), d.get("rps")), ".2f"),
+                         fmt(d.get("server_cpu_ms_per_request"), ".2f"), fmt(v.get("server_cpu_ms_per_request"), ".2f"),
                          wrk_errors(d), wrk_errors(v)])
             d1, v1 = loads["c1"]["direct"], loads["c1"]["via"]
             p = {(w, q): percentile_ms(r, q) for w, r in (("d", d1), ("v", v1)) for q in (50, 99)}
@@ -1220,7 +1281,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
         main = results.get("cmm", {})
         out.append(f"1. Throughput, small request (wrk -t2 -c8 -d{plan.wrk_seconds}s, keep-alive POST); "
                    f"cmm with its defaults ({main.get('workers', '?')} workers, --accept shared)")
-        out.append(table(["route", "direct req/s", "via cmm req/s", "via/direct", "errors direct", "errors via"], rows))
+        out.append("   CPU ms/request: the fake's own for direct, cmm's (master + workers) for via.")
+        out.append(table(["route", "direct req/s", "via cmm req/s", "via/direct", "fake CPU ms/req", "cmm CPU ms/req",
+                          "errors direct", "errors via"], rows))
         out.append("")
         out.append(f"   Latency at one connection (wrk -t1 -c1 -d{plan.wrk_seconds}s --latency), ms")
         out.append(table(["route", "direct p50", "via p50", "added p50", "direct p99", "via p99", "added p99",
@@ -1293,7 +1356,8 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
             peak = e["after_kib"]["VmHWM"]
             lat = {r: ms(median(v)) for r, v in e["latency_s"].items()}
             rows.append([f"{size_mb} MB", f"{base / 1024:.1f}", f"{e['start_kib']['VmRSS'] / 1024:.1f}",
-                         f"{peak / 1024:.1f}", f"{(peak - base) / 1024:+.1f}", f"{e['after_kib']['VmRSS'] / 1024:.1f}",
+                         f"{peak / 1024:.1f}", f"{(peak - base) / 1024:+.1f}",
+                         f"{(peak - e['start_kib']['VmRSS']) / 1024:+.1f}", f"{e['after_kib']['VmRSS'] / 1024:.1f}",
                          fmt(lat.get("routed"), ".0f"), fmt(lat.get("passthrough"), ".0f"), str(len(e["errors"]))])
             for error in e["errors"][:3]:
                 problems.append(f"RSS {size_mb} MB: {error}")
@@ -1304,7 +1368,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
                    "per size via cmm, model first; MiB")
         peak_note = "Peak (VmHWM) reset before each size." if reset else "Peak (VmHWM) not resettable: cumulative."
         out.append("   32 MB = 32,000,000 bytes, under cmm's default 32 MiB body limit. " + peak_note)
-        out.append(table(["body", "RSS before", "RSS at start", "peak", "peak - before", "RSS after",
+        out.append("   added = peak - RSS at start: what a body of that size costs; peak - before also counts what "
+                   "earlier sizes left allocated.")
+        out.append(table(["body", "RSS before", "RSS at start", "peak", "peak - before", "added", "RSS after",
                           "routed ms", "passthrough ms", "errors"], rows))
         out.append("")
 
@@ -1321,9 +1387,73 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
             out.append(section(m[key], problems))
             out.append("")
 
+    out.append(targets_report(m))
+    out.append("")
     out.append("Problems: " + ("none" if not problems else ""))
     out += [f"  - {p}" for p in problems]
     return "\n".join(out), problems
+
+
+def verdict(met: bool | None) -> str:
+    return "not run" if met is None else ("met" if met else "NOT MET")
+
+
+def targets_report(m: dict[str, Any]) -> str:
+    """The performance targets (issue 7), each with this run's figure and the direct run beside it."""
+    rows: list[list[str]] = []
+    floors = {"routed": 0.35, "passthrough": 0.45}
+    for route, floor in floors.items():
+        c8 = m.get("wrk", {}).get(route, {}).get("c8", {})
+        r = ratio(c8.get("via", {}).get("rps"), c8.get("direct", {}).get("rps"))
+        rows.append([f"small {route} request, req/s via / direct (c8)", f">= {floor}", fmt(r, ".2f"),
+                     f"{fmt(c8.get('direct', {}).get('rps'), '.0f')} req/s", verdict(None if r is None else r >= floor)])
+    for route in floors:
+        ways = m.get("large_body", {}).get(route, {}).get("plain", {})
+        d, v = (ms(ways.get(w, {}).get("median_s")) for w in ("direct", "via"))
+        added = diff(v, d)
+        rows.append([f"added latency, 2 MB body, {route}", "<= 5 ms", fmt(added, "+.1f", " ms"), fmt(d, ".1f", " ms"),
+                     verdict(None if added is None else added <= 5)])
+    for route in floors:
+        ways = m.get("streaming", {}).get(route, {})
+        d, v = (ms(ways.get(w, {}).get("median_s")) for w in ("direct", "via"))
+        added = diff(v, d)
+        pacing = m.get("pacing", {}).get(route, {}).get("via", {})
+        gap, expected = ms(pacing.get("min_gap_s")), 1000 * m.get("pacing", {}).get("event_delay_s", 0)
+        batched = None if gap is None else gap < expected * 0.5
+        rows.append([f"added time to first SSE event, p50, {route}", "<= 1 ms, never batched",
+                     fmt(added, "+.2f", " ms") + ("" if batched is None else ", batched" if batched else ", not batched"),
+                     fmt(d, ".2f", " ms"), verdict(None if added is None else added <= 1 and not batched)])
+    sizes = m.get("streams", {}).get("sizes", {})
+    if sizes:
+        total = max(sizes, key=int)
+        e = sizes[total]
+        per = (e["open_kib"]["VmRSS"] - e["idle_kib"]["VmRSS"]) * 1024 / 1000 / int(total)
+        complete = e["finished"] == int(total)
+        rows.append([f"{int(total):,} concurrent open streams", "all complete, <= 50 KB each",
+                     f"{e['finished']:,} complete, {per:.1f} KB each", "-", verdict(complete and per <= 50)])
+    else:
+        rows.append(["2,000 concurrent open streams", "all complete, <= 50 KB each", "n/a", "-", verdict(None)])
+    rss = m.get("rss", {}).get("sizes", {})
+    if rss:
+        added = {size: (e["after_kib"]["VmHWM"] - e["start_kib"]["VmRSS"]) * 1024 / MB for size, e in rss.items()}
+        figure = " / ".join(f"{size} MB adds {value:.1f}" for size, value in added.items())
+        largest = max(added, key=int)
+        rows.append(["memory against body size (model first)", f"flat: {largest} MB adds <= 8 MB", figure + " MB", "-",
+                     verdict(added[largest] <= 8)])
+    soak = m.get("soak", {})
+    if soak.get("rss_samples") and "run" in soak:
+        samples, run = soak["rss_samples"], soak["run"]
+        growth = 100 * (samples[-1][1] - samples[0][1]) / samples[0][1]
+        errors = run.get("error_count", 1) if "error" not in run else 1
+        rows.append([f"soak at half the peak rate, {soak['seconds']} s", "600 s, no errors, RSS growth < 5 %",
+                     f"{errors} errors, {growth:+.1f} %", f"{fmt(soak['peak']['rps'], '.0f')} req/s peak",
+                     verdict(soak["seconds"] >= 600 and errors == 0 and growth < 5)])
+    else:
+        rows.append(["10-minute soak at half the peak rate", "no errors, RSS growth < 5 %", "n/a", "-", verdict(None)])
+    return "\n".join([
+        "Targets (issue 7); each figure against the direct run of this same run (--full runs every row)",
+        table(["measure", "target", "this run", "direct", "verdict"], rows),
+    ])
 
 
 def spread_cells(run: dict[str, Any]) -> tuple[str, str]:
@@ -1480,7 +1610,11 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             results["route_check"]["problems"].append(f"cmm: only {results['cmm']['reported']} of its {count} "
                                                       "default workers reported to the master")
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-            ("wrk", lambda: measure_wrk(endpoints, plan, log)),
+            ("wrk", lambda: measure_wrk(endpoints, plan, log, {
+                "via": lambda: cpu_seconds(cmm.pid)["total_s"],
+                "routed": lambda: process_cpu_seconds(stack.pid_of("fake-target")),
+                "passthrough": lambda: process_cpu_seconds(stack.pid_of("fake-anthropic")),
+            })),
             ("streaming", lambda: measure_streaming(endpoints, plan, log)),
             ("pacing", lambda: measure_pacing(endpoints, log)),
             ("large_body", lambda: measure_large_body(endpoints, plan, log)),
@@ -1526,7 +1660,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=int, default=0, metavar="SECONDS",
                         help="opt-in: run at about half the peak routed rate for SECONDS; errors and RSS growth")
     parser.add_argument("--only", action="store_true", help="run only the opt-in measurements asked for")
+    parser.add_argument("--full", action="store_true",
+                        help=f"every measurement: the default sections, --scaling, --streams "
+                             f"{','.join(map(str, FULL_STREAMS))} and --soak {FULL_SOAK_S} (about 20 minutes)")
     args = parser.parse_args(argv)
+    if args.full:
+        args.scaling, args.streams, args.soak = True, args.streams or FULL_STREAMS, args.soak or FULL_SOAK_S
     extras = Extras(args.scaling, args.streams, args.soak, args.only)
     if args.only and not extras.any:
         parser.error("--only needs at least one of --scaling, --streams, --soak")
