@@ -553,7 +553,7 @@ class Exchange:
         if self.error_raw is not None:
             self._hold_error(consumed, progress.payload)
         elif self.marker is not None:
-            out = b"".join(encode_chunk(self.marker.feed(piece)) for piece in progress.payload)
+            out = encode_chunk(self.marker.feed(b"".join(progress.payload)))  # one chunk for what came at once
             if progress.done:
                 out += encode_chunk(self.marker.finish()) + LAST_CHUNK
             if out:
