@@ -6,7 +6,8 @@
 
 Brings up the fake Anthropic API (TLS), the fake target (plain http) and cmm, all on loopback;
 measures throughput and latency (wrk), streaming time to first byte and event pacing, latency
-for a 2 MB body, and cmm's peak RSS against body size; then, with a fresh cmm for each of
+for a 2 MB body (and what each of cmm's stages costs on it alone: bench/components.py), and
+cmm's peak RSS against body size; then, with a fresh cmm for each of
 --workers 0, 1 and 2 (--accept shared and reuseport), throughput, cmm's CPU time per request
 and how the requests spread over the workers (the master's status socket), with keep-alive
 and with a new connection per request. Prints a table of ratios and differences and writes
@@ -52,7 +53,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from components import ROUTE_STAGES, component_costs
 from httpclient import Connection, Response
+from plot import missing_dependency, plot
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
 from cmm.checkout import checkout_env, twistd_command  # noqa: E402
@@ -1348,6 +1351,17 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
                           "via min", "via max", "errors d / v"], rows))
         out.append("")
 
+    if "components" in m:
+        costs = m["components"]
+        rows = [[name.removesuffix("_s").replace("_", " "), fmt(ms(seconds), ".2f")] for name, seconds in costs.items()]
+        floors = ", ".join(f"{route} {sum(costs[k] for k in keys) * 1000:.1f} ms ({' + '.join(k[:-2] for k in keys)})"
+                           for route, keys in ROUTE_STAGES.items())
+        out.append("   Where a 2 MB body's time goes in cmm: each stage alone, in the benchmark's process, 16 KiB "
+                   "pieces, best of 5 (bench/components.py), ms")
+        out.append(table(["stage", "ms per 2 MB"], rows))
+        out.append(f"   Sum of the stages a body goes through (a floor for the added latency above): {floors}")
+        out.append("")
+
     if "rss" in m:
         rss = m["rss"]
         base = rss["before_kib"]["VmRSS"]
@@ -1411,8 +1425,10 @@ def targets_report(m: dict[str, Any]) -> str:
         ways = m.get("large_body", {}).get(route, {}).get("plain", {})
         d, v = (ms(ways.get(w, {}).get("median_s")) for w in ("direct", "via"))
         added = diff(v, d)
-        rows.append([f"added latency, 2 MB body, {route}", "<= 5 ms", fmt(added, "+.1f", " ms"), fmt(d, ".1f", " ms"),
-                     verdict(None if added is None else added <= 5)])
+        costs = m.get("components")
+        floor = f" (stages alone: {sum(costs[k] for k in ROUTE_STAGES[route]) * 1000:.1f} ms)" if costs else ""
+        rows.append([f"added latency, 2 MB body, {route}", "<= 5 ms", fmt(added, "+.1f", " ms") + floor,
+                     fmt(d, ".1f", " ms"), verdict(None if added is None else added <= 5)])
     for route in floors:
         ways = m.get("streaming", {}).get(route, {})
         d, v = (ms(ways.get(w, {}).get("median_s")) for w in ("direct", "via"))
@@ -1619,6 +1635,7 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             ("pacing", lambda: measure_pacing(endpoints, log)),
             ("large_body", lambda: measure_large_body(endpoints, plan, log)),
             ("rss", lambda: measure_rss(endpoints, cmm.pid, plan, log)),
+            ("components", lambda: component_costs(large_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES))),
             ("workers", lambda: measure_workers(stack, plan, log)),
         ]
         if extras.only:
@@ -1723,6 +1740,11 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(text)
     print(f"\nRaw results: {path}   (run took {results['elapsed_s']:.0f} s)")
+    if {"scaling", "streams"} & results["measurements"].keys():
+        if reason := missing_dependency():
+            print(reason)
+        elif plot(results["measurements"], path.with_suffix(".png")):
+            print(f"Plot: {path.with_suffix('.png')}")
     return 1 if problems else 0
 
 
