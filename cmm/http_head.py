@@ -25,6 +25,10 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?\Z")
+# A field section with nothing to refuse, checked and split in C; anything else goes line by
+# line, which says what is wrong.
+_PLAIN_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_PLAIN_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r\n")
 
 FramingKind = Literal["none", "length", "chunked", "close"]
 
@@ -46,10 +50,20 @@ class Headers:
     """Header fields in arrival order, names as sent; look-ups ignore case."""
 
     fields: tuple[tuple[bytes, bytes], ...]
+    # Lower-cased name -> values: a request's head is looked up a dozen times on its way.
+    _by_name: dict[bytes, tuple[bytes, ...]] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        names = [key.lower() for key, _ in self.fields]
+        by_name = {name: (value,) for name, (_, value) in zip(names, self.fields)}
+        if len(by_name) < len(names):  # a repeated name: its values in order
+            by_name = {}
+            for name, (_, value) in zip(names, self.fields):
+                by_name[name] = by_name.get(name, ()) + (value,)
+        object.__setattr__(self, "_by_name", by_name)
 
     def get_all(self, name: bytes) -> list[bytes]:
-        wanted = name.lower()
-        return [value for key, value in self.fields if key.lower() == wanted]
+        return list(self._by_name.get(name.lower(), ()))
 
     def get(self, name: bytes) -> bytes | None:
         values = self.get_all(name)
@@ -158,7 +172,15 @@ class HeadCollector:
         return head, rest
 
 
-def _parse_fields(lines: list[bytes], max_headers: int, what: str) -> Headers:
+def _parse_fields(raw: bytes, max_headers: int, what: str) -> Headers:
+    """The fields of a complete head (start line included in ``raw``)."""
+    section = raw[raw.index(b"\r\n") + 2 : -2]  # every field line with its CRLF
+    if _PLAIN_FIELDS.fullmatch(section) is not None:
+        fields = _PLAIN_FIELD.findall(section)
+        if len(fields) > max_headers:
+            raise HttpError(431, f"Too many header fields in {what} head (limit {max_headers})")
+        return Headers(tuple(fields))
+    lines = raw[:-4].split(b"\r\n")[1:]
     if len(lines) > max_headers:
         raise HttpError(431, f"Too many header fields in {what} head (limit {max_headers})")
     fields = []
@@ -176,9 +198,8 @@ def _parse_fields(lines: list[bytes], max_headers: int, what: str) -> Headers:
     return Headers(tuple(fields))
 
 
-def _split(raw: bytes) -> tuple[bytes, list[bytes]]:
-    lines = raw[:-4].split(b"\r\n")
-    return lines[0], lines[1:]
+def _start_line(raw: bytes) -> bytes:
+    return raw[: raw.index(b"\r\n")]
 
 
 def _content_length(headers: Headers, what: str) -> int | None:
@@ -194,8 +215,7 @@ def _content_length(headers: Headers, what: str) -> int | None:
 
 def parse_request_head(raw: bytes, max_headers: int = MAX_HEADERS) -> RequestHead:
     """Parse a complete head from HeadCollector; raise HttpError for anything ambiguous."""
-    request_line, lines = _split(raw)
-    parts = request_line.split(b" ")
+    parts = _start_line(raw).split(b" ")
     if len(parts) != 3:
         raise HttpError(400, "Malformed request line")
     method, target, version = parts
@@ -203,7 +223,7 @@ def parse_request_head(raw: bytes, max_headers: int = MAX_HEADERS) -> RequestHea
         raise HttpError(400, "Malformed request line")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpError(400, f"Unsupported HTTP version {version[:20]!r}: HTTP/1.1 only")
-    headers = _parse_fields(lines, max_headers, "request")
+    headers = _parse_fields(raw, max_headers, "request")
     length = _content_length(headers, "request")
     codings = headers.tokens(b"transfer-encoding")
     if headers.get_all(b"transfer-encoding"):
@@ -223,14 +243,13 @@ def parse_request_head(raw: bytes, max_headers: int = MAX_HEADERS) -> RequestHea
 
 def parse_response_head(raw: bytes, request_method: bytes, max_headers: int = MAX_HEADERS) -> ResponseHead:
     """Parse an upstream's head; HttpError(502) for anything cmm cannot frame safely."""
-    status_line, lines = _split(raw)
-    match = _STATUS_LINE.match(status_line)
+    match = _STATUS_LINE.match(_start_line(raw))
     if match is None:
         raise HttpError(502, "Upstream sent a malformed status line")
     version = b"HTTP/1." + match.group(1)
     status = int(match.group(2))
     try:
-        headers = _parse_fields(lines, max_headers, "upstream response")
+        headers = _parse_fields(raw, max_headers, "upstream response")
         length = _content_length(headers, "upstream response")
     except HttpError as error:
         raise HttpError(502, error.message) from None
