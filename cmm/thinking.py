@@ -30,8 +30,10 @@ Blocks may have any key order, whitespace and string escapes; Claude Code's form
 (``{"type":"thinking","thinking":"...","signature":"..."}``) is decided after its first member
 or at its signature. Duplicate keys in a block: the first ``type``, ``signature`` or ``data``
 counts. Skipping runs in C: a regular expression jumps over runs between brackets (short strings
-included), ``bytes.find`` over long strings; Claude Code's spelling of messages, blocks and keys
-is matched in one step. The SSE marker parses only events that can carry a signature.
+included), another from quote to quote in long strings; Claude Code's spelling of messages,
+blocks and keys is matched in one step, and a block in that spelling that ends in the piece at
+hand is decided whole, without the general walk. The SSE marker parses only events that can
+carry a signature.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ _FAST_MESSAGE = re.compile(rb'\{"role":"[a-z]{1,16}","content":\[')
 _FAST_TYPE = re.compile(rb'\{"type":"([a-z_]{1,32})"')
 _FAST_KEY = re.compile(rb'"([A-Za-z_]{1,32})":')
 _WINDOW, _WINDOW_MAX = 1024, 256 * 1024
+# A quote not behind exactly one backslash: the search jumps from quote to quote in C.
+_QUOTE_CANDIDATE = re.compile(rb'"(?<![^\\]\\")')
 _SCALAR_END = re.compile(rb"[,}\] \t\r\n]")
 _ESCAPES = {  # the byte an escape letter stands for, \uXXXX aside
     0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09,
@@ -105,6 +109,76 @@ def _replacement(size: int) -> bytes:
         if size >= len(block):
             return block + b" " * (size - len(block))
     return b" " * size  # unreachable: a marked block is at least 39 bytes long
+
+
+def _closing_quote(data: bytes, pos: int) -> int:
+    """Just past the closing quote of a string whose raw content goes on at ``pos`` (not inside
+    an escape); -1 if it does not close in ``data``.
+
+    A regular expression jumps (in C) to the next quote not behind exactly one backslash; behind
+    a longer run of backslashes, a quote closes the string if the run is even. Where such runs
+    are dense (JSON in a string in a string), :func:`_flattened_quote` takes over.
+    """
+    quote = data.find(b'"', pos)  # at memchr speed: often the closing quote already
+    if quote < 0:
+        return -1
+    if quote == pos or data[quote - 1] != 0x5C:
+        return quote + 1
+    for _ in range(4):
+        found = _QUOTE_CANDIDATE.search(data, quote)
+        if found is None:
+            return -1
+        quote = back = found.start()
+        while back > pos and data[back - 1] == 0x5C:  # a run never crosses a quote
+            back -= 1
+        if (quote - back) % 2 == 0:
+            return quote + 1
+        quote += 1
+    return _flattened_quote(data, quote)
+
+
+def _flattened_quote(data: bytes, pos: int) -> int:
+    """:func:`_closing_quote` at any escape density: growing windows are flattened (escaped
+    backslashes and quotes replaced, in C) so that the next quote left is the closing one."""
+    size, width = len(data), _WINDOW
+    while True:
+        stop = min(size, pos + width)
+        back = stop
+        while back > pos and data[back - 1] == 0x5C:
+            back -= 1
+        if (stop - back) % 2 and stop < size:
+            stop += 1  # never cut an escape in two
+        quote = data[pos:stop].replace(b"\\\\", b"__").replace(b'\\"', b"__").find(b'"')
+        if quote >= 0:
+            return pos + quote + 1
+        if stop == size:
+            return -1
+        pos, width = stop, min(2 * width, _WINDOW_MAX)
+
+
+def _value_end(data: bytes, pos: int) -> int:
+    """Just past the bracket that closes the container open at ``pos``; -1 if not in ``data``.
+
+    The same walk as :meth:`_Scanner._skip`, for a value that is whole in the piece.
+    """
+    size, depth = len(data), 1
+    while True:
+        pos = _SKIP_RUN.match(data, pos).end()
+        if pos >= size:
+            return -1
+        byte = data[pos]
+        if byte == _QUOTE:
+            pos = _closing_quote(data, pos + 1)
+            if pos < 0:
+                return -1
+            continue
+        pos += 1
+        if byte in (_LBRACE, _LBRACKET):
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return pos
 
 
 @attrs.frozen
@@ -217,6 +291,9 @@ class _Scanner:
     def _release(self, pos: int) -> None:
         """Send what is held (edited or not) and pass from ``pos`` on."""
         if self._sink == _HOLD:
+            if not self._held:  # all held bytes are in this piece, unedited: they just pass
+                self._sink = _PASS
+                return
             self._switch(pos, _PASS)
             self._out.append(bytes(self._held))
             self._held.clear()
@@ -279,37 +356,21 @@ class _Scanner:
             return pos + 1
         kind, key = stack[-1], self._key
         if kind == _CONTENT:
-            self._element_index += 1
             if byte == _LBRACE:
-                stack.append(_BLOCK)
-                fast = _FAST_TYPE.match(data, pos)
-                if fast is not None and fast.group(1) not in _FIELD_FOR:  # text, tool_use, ...
-                    self._decided, self._type = True, fast.group(1)
-                    self._on_element(pos)
-                    self._state, self._in_string, self._depth, self._skip_block = "skip", False, 1, True
-                    return fast.end()
-                self._type, self._fields, self._decided = None, {}, False
-                self._on_block_start(pos)
-                if fast is None:
-                    self._state = "key-or-end"
-                    return pos + 1
-                self._type, self._state = fast.group(1), "after"
-                return fast.end()
+                return self._blocks(data, pos)
+            self._element_index += 1
             self._type = None
             self._on_element(pos)
         elif kind == _MESSAGES:
+            fast = _FAST_MESSAGE.match(data, pos) if byte == _LBRACE else None
+            if fast is not None:
+                pos = self._open_message(fast)
+                return self._blocks(data, pos) if data[pos : pos + 1] == b"{" else pos
             self._message_index += 1
             if byte == _LBRACE:
                 stack.append(_MESSAGE)
-                fast = _FAST_MESSAGE.match(data, pos)
-                if fast is None:
-                    self._state = "key-or-end"
-                    return pos + 1
-                stack.append(_CONTENT)
-                self._element_index = -1
-                self._on_content_start()
-                self._state = "elem-or-end"
-                return fast.end()
+                self._state = "key-or-end"
+                return pos + 1
         elif byte == _LBRACKET and key == b"content" and (
             kind == _MESSAGE or (kind == _ROOT and self._response)
         ):
@@ -342,6 +403,103 @@ class _Scanner:
         else:
             return self._give_up(pos)
         return pos + 1
+
+    def _open_message(self, fast: re.Match[bytes]) -> int:
+        """A message in Claude Code's spelling, read up to its content array at once."""
+        self._message_index += 1
+        self._stack += (_MESSAGE, _CONTENT)
+        self._element_index = -1
+        self._on_content_start()
+        self._state = "elem-or-end"
+        return fast.end()
+
+    def _blocks(self, data: bytes, pos: int) -> int:
+        """Content elements from the ``{`` at ``pos`` on, and on into the next messages.
+
+        While each block is in Claude Code's spelling and ends in this piece, it is decided at
+        once (:meth:`_whole_block`) and the walk steps over ``,`` and ``]},{"role":...[`` to the
+        next one, calling the hooks as the general walk would; anything else is left to it.
+        """
+        while True:
+            end = self._whole_block(data, pos)
+            if end < 0:
+                return self._open_block(data, pos)
+            pos, ahead = end, data[end : end + 2]
+            if ahead == b",{":
+                self._on_comma(pos)
+                pos += 1
+                continue
+            if ahead != b"]}":
+                return pos
+            pos = self._close(pos)  # the content array
+            if self._stack[-1] != _MESSAGE:
+                return pos
+            pos = self._close(pos)  # its message
+            fast = _FAST_MESSAGE.match(data, pos + 1) if data[pos : pos + 1] == b"," else None
+            if fast is None:
+                return pos
+            pos = self._open_message(fast)
+            if data[pos : pos + 1] != b"{":
+                return pos
+
+    def _whole_block(self, data: bytes, pos: int) -> int:
+        """Decide a block in Claude Code's spelling that ends in this piece; -1 for any other.
+
+        A thinking block ``{"type":"thinking","thinking":"...","signature":"..."}`` is judged by
+        its signature (plain, without escapes); any other type is skipped to its end. The hooks
+        get the same calls, at the same offsets, as the general walk would make.
+        """
+        fast = _FAST_TYPE.match(data, pos)
+        if fast is None:
+            return -1
+        kind, start = fast.group(1), fast.end()
+        if kind == b"thinking":
+            if not data.startswith(b',"thinking":"', start):
+                return -1
+            text_end = _closing_quote(data, start + 13)
+            if text_end < 0 or not data.startswith(b',"signature":"', text_end):
+                return -1
+            quote = text_end + 13  # the signature's opening quote
+            close = data.find(b'"', quote + 1)
+            if close < 0 or data[close + 1 : close + 2] != b"}" or data.find(b"\\", quote + 1, close) >= 0:
+                return -1
+            self._element_index += 1
+            self._type, self._fields, self._decided = kind, {}, False
+            self._on_block_start(pos)
+            mark = len(MARK) if data.startswith(MARK, quote + 1, close) else 0
+            self._fields[b"signature"] = (self._consumed + quote, mark)
+            self._decide(close + 1)
+            end = close + 2
+        elif kind in _FIELD_FOR:
+            return -1
+        else:
+            end = _value_end(data, start)
+            if end < 0:
+                return -1
+            self._element_index += 1
+            self._decided, self._type = True, kind
+            self._on_element(pos)
+        self._on_block_end(end)
+        self._state = "after"
+        return end
+
+    def _open_block(self, data: bytes, pos: int) -> int:
+        """A content block that :meth:`_whole_block` could not decide: walk into it."""
+        self._element_index += 1
+        self._stack.append(_BLOCK)
+        fast = _FAST_TYPE.match(data, pos)
+        if fast is not None and fast.group(1) not in _FIELD_FOR:  # text, tool_use, ...
+            self._decided, self._type = True, fast.group(1)
+            self._on_element(pos)
+            self._state, self._in_string, self._depth, self._skip_block = "skip", False, 1, True
+            return fast.end()
+        self._type, self._fields, self._decided = None, {}, False
+        self._on_block_start(pos)
+        if fast is None:
+            self._state = "key-or-end"
+            return pos + 1
+        self._type, self._state = fast.group(1), "after"
+        return fast.end()
 
     def _close(self, pos: int) -> int:
         """A container of interest ends with the byte at ``pos``."""
@@ -376,37 +534,21 @@ class _Scanner:
     # -- strings and skipping ----------------------------------------------------------------------
 
     def _string_end(self, data: bytes, pos: int) -> tuple[int, bool]:
-        """Advance through a string's raw content; True once its closing quote is consumed.
-
-        ``find`` jumps to the next quote at memchr speed; if that quote is escaped (code in a
-        tool result), growing windows are flattened — escaped backslashes and quotes replaced —
-        so that the next quote left is the closing one. Both run in C at any escape density.
-        """
+        """Advance through a string's raw content; True once its closing quote is consumed."""
         size = len(data)
         if self._escape:
             if pos >= size:
                 return pos, False
             pos += 1
             self._escape = False
-        quote = data.find(b'"', pos)
-        if quote >= 0 and (quote == pos or data[quote - 1] != 0x5C):
-            return quote + 1, True
-        width = _WINDOW
-        while True:
-            stop = min(size, pos + width)
-            back = stop
-            while back > pos and data[back - 1] == 0x5C:
-                back -= 1
-            if (stop - back) % 2 and stop < size:
-                stop += 1  # never cut an escape in two
-            flat = data[pos:stop].replace(b"\\\\", b"__").replace(b'\\"', b"__")
-            quote = flat.find(b'"')
-            if quote >= 0:
-                return pos + quote + 1, True
-            if stop == size:
-                self._escape = flat.endswith(b"\\")
-                return size, False
-            pos, width = stop, min(2 * width, _WINDOW_MAX)
+        end = _closing_quote(data, pos)
+        if end >= 0:
+            return end, True
+        back = size
+        while back > pos and data[back - 1] == 0x5C:
+            back -= 1
+        self._escape = (size - back) % 2 == 1  # the piece ends inside an escape
+        return size, False
 
     def _keep(self, data: bytes, start: int, stop: int, limit: int) -> None:
         room = limit - len(self._token)

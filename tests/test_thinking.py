@@ -247,6 +247,41 @@ def test_byte_by_byte_equals_one_shot(document: dict, style) -> None:
 
 
 @FAST
+@given(bodies(), splits)
+def test_whole_blocks_decided_at_once_match_the_general_walk(document: dict, points: list[int]) -> None:
+    """Claude Code's spelling, blocks whole in a piece: decided at once; split, or spelled with
+    whitespace, they take the general walk. The edits must correspond."""
+    compact = serialise(document, None)
+    spaced = json.dumps(document, indent=1, ensure_ascii=False).encode()  # never the fast path
+    for kind in (Neutraliser, Unmarker):
+        whole, split, other = kind(), kind(), kind()
+        out = run_split(whole, compact, [])
+        assert out == run_split(split, compact, points + list(range(0, len(compact), 5)))
+        assert json.loads(out) == json.loads(run_split(other, spaced, points))
+        assert whole.changed == split.changed == other.changed
+        if kind is Neutraliser:
+            assert whole.removed == split.removed == other.removed
+            assert whole.tool_use_messages == split.tool_use_messages == other.tool_use_messages
+
+
+def test_claude_code_blocks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block of a Claude Code session in one piece is decided without the general walk."""
+    body = claude_code_body(100_000, 2)
+    walked: list[int] = []
+    general = thinking._Scanner._open_block
+    monkeypatch.setattr(
+        thinking._Scanner, "_open_block", lambda self, data, pos: walked.append(pos) or general(self, data, pos)
+    )
+    for kind in (Neutraliser, Unmarker):
+        transform = kind()
+        out = run_split(transform, body, [])
+        assert not walked and transform.changed
+        assert out == run_split(kind(), body, list(range(0, len(body), 4096)))
+        assert walked  # blocks cut by a piece boundary take the general walk
+        walked.clear()
+
+
+@FAST
 @given(messages(), st.integers(0, 5), splits, splits)
 def test_the_same_history_is_edited_the_same_way_every_turn(msgs: list, cut: int, a: list, b: list) -> None:
     """A later turn repeats the earlier messages: their edited bytes must not change."""
@@ -369,6 +404,17 @@ def test_long_strings_full_of_escapes(text: str, thought: str, marked: bool, sty
     assert parsed == expected_neutral(document, parsed)
     unmarked = run_split(Unmarker(), body, points)
     assert json.loads(unmarked) == expected_unmarked(document)
+
+
+@FAST
+@given(st.lists(st.sampled_from(["a", "\\\\", '\\"', "\\n", "\\u0022", "\u00e9", '\\\\\\"']), max_size=80))
+def test_closing_quote_at_any_escape_density(parts: list[str]) -> None:
+    """Quotes behind runs of backslashes: the candidate search, and the flattening past four."""
+    raw = "".join(parts).encode()
+    data = b'"' + raw + b'","x":"' + raw + b'"'
+    assert thinking._closing_quote(data, 1) == len(raw) + 2
+    assert thinking._closing_quote(data[: len(raw) + 1], 1) == -1
+    assert json.loads(data[: len(raw) + 2]) == json.loads(b'"' + raw + b'"')
 
 
 @st.composite
