@@ -270,9 +270,10 @@ class ClientConnection(Protocol):
         self.sniffed_raw, self.sniffed_payload = [], []
         self.pending = rest + self.pending
         self.state = "connecting"
-        self.valve.pause("connecting")
         self.exchange = Exchange(self, destination, model, mapping, first, body_done)
         self.exchange.start()
+        if self.state == "connecting":  # no pooled connection at hand: hold the client back meanwhile
+            self.valve.pause("connecting")
 
     def _stages_for(self, mapping: Mapping | None) -> list[Any]:
         """Edits a messages body gets on its way, all keeping its length (so its framing):
