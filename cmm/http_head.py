@@ -20,7 +20,6 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
@@ -157,7 +156,7 @@ class HeadCollector:
             searched_from = 0
         end = self._buffer.find(b"\r\n\r\n", searched_from)
         head_end = len(self._buffer) if end < 0 else end + 4
-        if _BARE_LF.search(self._buffer, max(0, searched_from - 1), head_end) is not None:
+        if _has_bare_lf(self._buffer, max(0, searched_from - 1), head_end):
             raise HttpError(400, f"Malformed {self._what} head: bare LF line ending (CRLF required)")
         if end < 0:
             if len(self._buffer) > self._limit:
@@ -170,6 +169,11 @@ class HeadCollector:
         rest = bytes(self._buffer[end:])
         self._buffer.clear()
         return head, rest
+
+
+def _has_bare_lf(data: bytearray, start: int, end: int) -> bool:
+    """A LF in ``data[start:end]`` without its CR: every LF counted against every CRLF, in C."""
+    return data.count(b"\n", start, end) > data.count(b"\r\n", max(0, start - 1), end)
 
 
 def _parse_fields(raw: bytes, max_headers: int, what: str) -> Headers:
