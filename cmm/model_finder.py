@@ -25,6 +25,8 @@ _WS = re.compile(rb"[ \t\r\n]*")
 _STRING_STOP = re.compile(rb'["\\]')
 _STRUCTURE = re.compile(rb'["\[\]{}]')
 _SCALAR_END = re.compile(rb"[,}\] \t\r\n]")
+# Claude Code's spelling: the body opens with a model name needing no escapes.
+_MODEL_FIRST = re.compile(rb'\{"model":"([\x20\x21\x23-\x5b\x5d-\x7e]{0,%d})"' % MAX_MODEL_BYTES)
 
 
 @attrs.frozen
@@ -67,6 +69,9 @@ class ModelFinder:
     def feed(self, data: bytes) -> Result | None:
         if self.result is not None:
             return self.result
+        if self.consumed == 0 and (first := _MODEL_FIRST.match(data)) is not None:  # decided at once
+            self.consumed = len(data)
+            return self._decide(Found(first.group(1).decode("ascii"), first.start(1) - 1, first.end(1) + 1))
         base = self.consumed
         self.consumed += len(data)
         pos, size = 0, len(data)

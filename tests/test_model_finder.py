@@ -122,3 +122,15 @@ def test_real_claude_code_bodies(name: str) -> None:
     assert isinstance(result, Found)
     assert result.model == json.loads(body)["model"]
     assert result.start == len(b'{"model":')
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
+       st.integers(min_value=1, max_value=60))
+def test_claude_code_spelling_is_decided_at_once_as_the_general_walk_would(model: str, split: int) -> None:
+    """A body opening with ``{"model":"..."`` is decided from its first piece; the same model,
+    quotes and offsets as when the opening comes in pieces (the general walk)."""
+    body = b'{"model":' + json.dumps(model).encode() + b',"messages":[]}'
+    whole = ModelFinder().feed(body)
+    finder = ModelFinder()
+    pieces = finder.feed(body[:split]) or finder.feed(body[split:]) or finder.finish()
+    assert whole == pieces == Found(model, 9, 9 + len(json.dumps(model)))
