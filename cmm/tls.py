@@ -18,8 +18,8 @@ class DirectTLSFactory(TLSMemoryBIOFactory):
 
     Twisted's default TLS transport holds writes under 64 KB until the next reactor turn and
     copies them twice to batch them. cmm writes what it reads, in pieces as large as the reads
-    came, and an SSE event must leave when it arrives: the batching only delayed events and
-    copied bodies (measured in bench/run.py, section 2 and 3).
+    came, and an SSE event must leave when it arrives: the batching could only delay events and
+    copy bodies.
     """
 
     protocol = TLSMemoryBIOProtocol
