@@ -37,7 +37,7 @@ from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_en
                         with_provider_header)
 from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.thinking import Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message, thinking_off_if
-from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, no_delay
+from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, tune
 
 log = Logger()
 
@@ -125,7 +125,7 @@ class ClientConnection(Protocol):
     # Twisted interface
 
     def connectionMade(self) -> None:
-        no_delay(self.transport)
+        tune(self.transport)
         self.valve = Valve(self.transport)
         self.deadline = Deadline(self.context.clock, self._timed_out)
         self.context.connections.add(self)
@@ -454,9 +454,11 @@ class Exchange:
         self.reused = False
         self.deadline = Deadline(self.context.clock, self._timed_out)
         settings = client.settings
-        # Intercepted requests small enough to keep can be sent again after a 429.
-        self.kept: bytearray | None = bytearray(first) if mapping is not None and settings.retries > 1 and \
+        # Intercepted requests small enough to keep can be sent again after a 429: what was sent
+        # is kept by reference, so a body is not copied for a retry that seldom comes.
+        self.kept: list[bytes] | None = [first] if mapping is not None and settings.retries > 1 and \
             len(first) <= settings.retry_body_cap else None
+        self.kept_size = len(first)
         self.tries = 1
         self.marker: SseMarker | None = None  # an intercepted stream whose signatures get marked
         self.held_head: bytes | None = None  # an intercepted JSON message, held to be marked
@@ -496,8 +498,9 @@ class Exchange:
 
     def send(self, data: bytes) -> None:
         if self.kept is not None:
-            self.kept += data
-            if len(self.kept) > self.client.settings.retry_body_cap:
+            self.kept.append(data)
+            self.kept_size += len(data)
+            if self.kept_size > self.client.settings.retry_body_cap:
                 self.kept = None
         if self.connection is not None and not self.finished:
             self.connection.transport.write(data)
@@ -626,7 +629,7 @@ class Exchange:
         self.tries += 1
         self.collector = HeadCollector(what="upstream response")
         self.response, self.tracker, self.error_raw = None, None, None
-        self.first = bytes(self.kept or b"")
+        self.first = b"".join(self.kept or ())
         self.waiting = self.context.clock.callLater(delay, self._retry)
 
     def _retry(self) -> None:

@@ -44,13 +44,25 @@ class Destination:
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
-def no_delay(transport: object) -> None:
-    """Switch Nagle's algorithm off: a splice writes each SSE event or body piece the moment it
+# Read and buffer up to this much per connection before pausing the other side (Twisted's
+# default is 64 KiB): a 2 MB body then moves in fewer reads, pauses and resumes, for about 15%
+# less CPU (bench/run.py section 3); an SSE stream never comes near it.
+SPLICE_BUFFER = 256 * 1024
+
+
+def tune(transport: object) -> None:
+    """Socket settings for one side of a splice (TLS wrappers are seen through to TCP).
+
+    Nagle's algorithm goes: a splice writes each SSE event or body piece the moment it
     arrives, and Nagle would hold a small write back until the peer's delayed ACK (~40 ms),
-    batching events and stalling uploads. TLS wrappers pass the call to the TCP transport."""
+    batching events and stalling uploads. Reads and the write buffer grow to SPLICE_BUFFER.
+    """
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
         set_no_delay(True)
+    tcp = getattr(transport, "transport", transport)  # under TLS, the TCP transport
+    if hasattr(tcp, "bufferSize"):
+        tcp.bufferSize = SPLICE_BUFFER
 
 
 class UpstreamHandler(TypingProtocol):
@@ -68,7 +80,7 @@ class UpstreamConnection(Protocol):
         self.on_lost: Callable[[UpstreamConnection], None] | None = None
 
     def connectionMade(self) -> None:
-        no_delay(self.transport)
+        tune(self.transport)
         self.connected_now = True
 
     def dataReceived(self, data: bytes) -> None:
