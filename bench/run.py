@@ -55,7 +55,7 @@ from typing import Any
 
 from components import ROUTE_STAGES, component_costs
 from httpclient import Connection, Response
-from plot import missing_dependency, plot
+from plot import kb_per_stream, missing_dependency, plot
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
 from cmm.checkout import checkout_env, twistd_command  # noqa: E402
@@ -1443,10 +1443,7 @@ def targets_report(m: dict[str, Any]) -> str:
     if sizes:
         total = max(sizes, key=int)
         e = sizes[total]
-        # Against the idle RSS before the first (smallest) run: memory earlier runs left
-        # allocated and this one reused is counted as this run's, the conservative reading.
-        idle = sizes[min(sizes, key=int)]["idle_kib"]["VmRSS"]
-        per = (e["open_kib"]["VmRSS"] - idle) * 1024 / 1000 / int(total)
+        per = kb_per_stream(sizes, total)
         complete = e["finished"] == int(total)
         rows.append([f"{int(total):,} concurrent open streams", "all complete, <= 50 KB each",
                      f"{e['finished']:,} complete, {per:.1f} KB each", "-", verdict(complete and per <= 50)])
