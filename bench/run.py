@@ -405,7 +405,10 @@ def fake_request_count(endpoint: Endpoint) -> int | None:
         return None
 
 
-def measure_wrk(endpoints: Routes, plan: Plan, log: Log, cpu_of: dict[str, Callable[[], float]]) -> dict[str, Any]:
+CpuOf = dict[str, Callable[[], float]]  # "via", "routed", "passthrough" -> CPU seconds so far
+
+
+def measure_wrk(endpoints: Routes, plan: Plan, log: Log, cpu_of: CpuOf) -> dict[str, Any]:
     """``cpu_of``: CPU seconds so far of whoever serves each way ("via": cmm's master and workers,
     else the route's fake), read around each run for the CPU time per request."""
     results: dict[str, Any] = {}
@@ -555,20 +558,19 @@ def large_body_kinds(route: str) -> list[tuple[str, bytes, tuple[tuple[str, str]
     return kinds
 
 
-def measure_large_body(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any]:
+def measure_large_body(endpoints: Routes, plan: Plan, log: Log, cpu_of: CpuOf) -> dict[str, Any]:
+    """``cpu_of`` as for :func:`measure_wrk`: the CPU time per request of whoever serves."""
     results: dict[str, Any] = {"body_bytes": LARGE_BODY_BYTES}
     for route, ends in endpoints.items():
         for kind, body, extra, has_direct in large_body_kinds(route):
             for way in ("direct", "via") if has_direct else ("via",):
-                entry = _large_body_runs(ends[way], route, way, kind, body, extra, plan, log)
+                log(f"2 MB body ({kind}) {route} {way} x{plan.large_requests}")
+                cpu = cpu_of["via" if way == "via" else route]
+                cpu_before = cpu()
+                entry = timed_requests(ends[way], route, way, body, extra, plan.large_requests)
+                entry["server_cpu_ms_per_request"] = 1000 * (cpu() - cpu_before) / (plan.large_requests + 1)
                 results.setdefault(route, {}).setdefault(kind, {})[way] = entry
     return results
-
-
-def _large_body_runs(end: Any, route: str, way: str, kind: str, body: bytes, extra: tuple[tuple[str, str], ...],
-                     plan: Plan, log: Log) -> dict[str, Any]:
-    log(f"2 MB body ({kind}) {route} {way} x{plan.large_requests}")
-    return timed_requests(end, route, way, body, extra, plan.large_requests)
 
 
 def timed_requests(end: Endpoint, route: str, way: str, body: bytes, extra: tuple[tuple[str, str], ...],
@@ -1338,7 +1340,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
                 errors = f"{len(ways['direct']['errors']) if 'direct' in ways else '-'} / {len(ways['via']['errors'])}"
                 rows.append([route, kind, f"{ways['via']['bytes']:,}", fmt(d, ".1f"), fmt(v, ".1f"),
                              fmt(diff(v, against), "+.1f"), fmt(ratio(v, against), ".2f"),
-                             fmt(min(samples, default=None), ".1f"), fmt(max(samples, default=None), ".1f"), errors])
+                             fmt(min(samples, default=None), ".1f"), fmt(max(samples, default=None), ".1f"),
+                             fmt(ways.get("direct", {}).get("server_cpu_ms_per_request"), ".1f"),
+                             fmt(ways["via"].get("server_cpu_ms_per_request"), ".1f"), errors])
                 for way in ("direct", "via"):
                     for error in ways.get(way, {}).get("errors", [])[:3]:
                         problems.append(f"2 MB body ({kind}) {route} {way}: {error}")
@@ -1347,8 +1351,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
                    "the model). foreign thinking: a thinking block signed by the target, which cmm blanks and "
                    "re-signs on its way to Anthropic (no direct run: the fake rightly refuses it; compared with the "
                    "plain direct run)")
+        out.append("   CPU ms/request: the fake's own for direct, cmm's (master + workers) for via.")
         out.append(table(["route", "body", "bytes sent", "direct median", "via median", "added", "via/direct",
-                          "via min", "via max", "errors d / v"], rows))
+                          "via min", "via max", "fake CPU ms/req", "cmm CPU ms/req", "errors d / v"], rows))
         out.append("")
 
     if "components" in m:
@@ -1625,15 +1630,16 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
         if len(results["cmm"]["reported"]) < count:
             results["route_check"]["problems"].append(f"cmm: only {results['cmm']['reported']} of its {count} "
                                                       "default workers reported to the master")
+        cpu_of: CpuOf = {
+            "via": lambda: cpu_seconds(cmm.pid)["total_s"],
+            "routed": lambda: process_cpu_seconds(stack.pid_of("fake-target")),
+            "passthrough": lambda: process_cpu_seconds(stack.pid_of("fake-anthropic")),
+        }
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-            ("wrk", lambda: measure_wrk(endpoints, plan, log, {
-                "via": lambda: cpu_seconds(cmm.pid)["total_s"],
-                "routed": lambda: process_cpu_seconds(stack.pid_of("fake-target")),
-                "passthrough": lambda: process_cpu_seconds(stack.pid_of("fake-anthropic")),
-            })),
+            ("wrk", lambda: measure_wrk(endpoints, plan, log, cpu_of)),
             ("streaming", lambda: measure_streaming(endpoints, plan, log)),
             ("pacing", lambda: measure_pacing(endpoints, log)),
-            ("large_body", lambda: measure_large_body(endpoints, plan, log)),
+            ("large_body", lambda: measure_large_body(endpoints, plan, log, cpu_of)),
             ("rss", lambda: measure_rss(endpoints, cmm.pid, plan, log)),
             ("components", lambda: component_costs(large_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES))),
             ("workers", lambda: measure_workers(stack, plan, log)),
