@@ -149,6 +149,9 @@ class Resigner:
         return out
 
     def finish(self) -> bytes:
+        """The rest, re-signed if need be; the pieces kept for the hash are let go (the stage
+        lives on with its connection while a long answer streams back)."""
+        sent, self._sent = self._sent, []
         if self._held is None:
             out, self._carry = self._carry, b""
             return out
@@ -156,7 +159,7 @@ class Resigner:
         if self._edit_held is not None:
             tail = self._edit_held(tail)
         if self._changed():
-            prefix = b"".join(self._sent)
+            prefix = b"".join(sent)
             tail = resign(prefix + tail)[len(prefix) :]
-        self._sent, self._held = [], []
+        self._held = []
         return tail

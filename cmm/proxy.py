@@ -297,9 +297,10 @@ class ClientConnection(Protocol):
         """A whole compressed passthrough body: as it came if nothing in it changed, else decoded
         (Anthropic takes plain bodies; re-compressing 2 MB would cost ~14 ms for nothing)."""
         assert self.head is not None
+        held_raw, held_out, self.held_raw, self.held_out = self.held_raw, self.held_out, [], bytearray()
         if self.neutraliser is not None and self.neutraliser.changed:
-            return decoded_head(self.head, len(self.held_out)) + bytes(self.held_out)
-        return self.head.raw + b"".join(self.held_raw)
+            return decoded_head(self.head, len(held_out)) + bytes(held_out)
+        return self.head.raw + b"".join(held_raw)
 
     def _staged(self, data: bytes, done: bool) -> bytes:
         for stage in self.stages:
@@ -345,7 +346,8 @@ class ClientConnection(Protocol):
             out = self._release_held() if done else b""
             if not done and len(self.held_out) > NEUTRALISE_MAX and not self.neutraliser.changed:
                 # It decodes past what is checked: send what came as it came, the rest as it comes.
-                out, self.stages, self.held_out = self.head.raw + b"".join(self.held_raw), [], bytearray()
+                out, self.stages = self.head.raw + b"".join(self.held_raw), []
+                self.held_raw, self.held_out = [], bytearray()
         elif self.stages:
             body = self._staged(b"".join(self._decoded(payload, done)), done)
             out = encode_chunk(body) + (LAST_CHUNK if done else b"") if self.exchange.rechunk else body
@@ -547,6 +549,8 @@ class Exchange:
                 else:
                     self.response_started = True
                     self._to_client(self._intercepted_head(raw) if self.mapping is not None else raw)
+                if response.status != 429:
+                    self.kept = None  # no retry to come: let the request go while the answer streams
             if self.tracker is None:
                 return
             progress = self.tracker.feed(data)

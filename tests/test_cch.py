@@ -104,3 +104,11 @@ def test_resigner_passes_pieces_on_uncopied() -> None:
     stage = cch.Resigner(lambda: False)
     piece = b'{"messages":[{"role":"user","content":"' + b"x" * 65536
     assert stage.feed(piece) is piece
+
+
+def test_resigner_lets_go_of_the_body_when_it_ends() -> None:
+    """The stage outlives the request body (the answer may stream for minutes): nothing kept."""
+    edited = vector(sorted(SIGNED)[0]).replace(b'"stream":true', b'"stream":    1')
+    stage = cch.Resigner(lambda: True)
+    out = stage.feed(edited[:100]) + stage.feed(edited[100:]) + stage.finish()
+    assert cch.is_valid(out) and stage._sent == [] and stage._held == []

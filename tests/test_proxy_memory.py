@@ -616,3 +616,27 @@ def test_a_stream_sent_with_content_length_is_marked_too(harness: Harness) -> No
     harness.send(client, post(HAIKU))
     [(head, body)] = responses(bytes(client.received))
     assert b'"signature":"cmm1.tgt-abc"' in body and b"Content-Length: %d\r\n" % len(body) in head
+
+
+def test_an_intercepted_request_is_let_go_once_the_answer_is_not_a_429(harness: Harness) -> None:
+    """Kept for a retry while a 429 may come; once a stream starts it may last minutes, and the
+    request it answers is not held meanwhile."""
+    harness.upstreams["target"].reply = lambda server, exchange: (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    exchange = client.server.exchange
+    assert exchange is not None and exchange.kept is None and exchange.response.status == 200
+    server = harness.upstreams["target"].servers[0]
+    server.transport.write(encode_chunk(b"event: ping\ndata: {}\n\n") + LAST_CHUNK)
+    harness.flush()
+    assert b"event: ping" in bytes(client.received) and harness.records[-1].status == 200
+
+
+def test_a_429_keeps_the_request_for_its_retry(harness: Harness) -> None:
+    limited = plain(b"429 Too Many Requests", b"quota exceeded, reset after 2s")
+    harness.upstreams["target"].reply = replies(limited, OK_JSON)
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    exchange = client.server.exchange
+    assert exchange is not None and b"".join(exchange.kept or ()) == harness.upstreams["target"].exchanges[0].raw
