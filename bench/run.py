@@ -479,23 +479,8 @@ def measure_streaming(endpoints: Routes, plan: Plan, log: Log) -> dict[str, Any]
         body = small_body(ROUTE_MODELS[route], stream=True)
         for way in ("direct", "via"):
             log(f"streaming TTFB {route} {way} x{plan.ttfb_requests}")
-            entry: dict[str, Any] = {"ttfb_s": [], "errors": []}
-            connection = ends[way].connect(timeout=30)
-            try:
-                for i in range(plan.ttfb_requests + 3):  # the first 3 warm up the connection
-                    arrivals = Arrivals()
-                    try:
-                        response = connection.request("POST", "/v1/messages", ends[way].headers(), body, arrivals)
-                        if problem := check_reply(response, route, way == "via", stream=True):
-                            raise ValueError(problem)
-                        if i >= 3:
-                            entry["ttfb_s"].append(first_event_time(response, arrivals))
-                    except (OSError, ValueError) as error:
-                        entry["errors"].append(error_text(error))
-                        connection.close()
-            finally:
-                connection.close()
-            entry["median_s"] = median(entry["ttfb_s"])
+            entry = timed_requests(ends[way], route, way, body, plan.ttfb_requests, warmups=3, stream=True,
+                                   figure=first_event_time, key="ttfb_s", timeout=30)
             results.setdefault(route, {})[way] = entry
     return results
 
@@ -567,32 +552,42 @@ def measure_large_body(endpoints: Routes, plan: Plan, log: Log, cpu_of: CpuOf) -
                 log(f"2 MB body ({kind}) {route} {way} x{plan.large_requests}")
                 cpu = cpu_of["via" if way == "via" else route]
                 cpu_before = cpu()
-                entry = timed_requests(ends[way], route, way, body, extra, plan.large_requests)
+                entry = timed_requests(ends[way], route, way, body, plan.large_requests, extra=extra)
                 entry["server_cpu_ms_per_request"] = 1000 * (cpu() - cpu_before) / (plan.large_requests + 1)
                 results.setdefault(route, {}).setdefault(kind, {})[way] = entry
     return results
 
 
-def timed_requests(end: Endpoint, route: str, way: str, body: bytes, extra: tuple[tuple[str, str], ...],
-                   count: int) -> dict[str, Any]:
-    """``count`` sequential POSTs of ``body`` on one connection after a warm-up: latency from the
-    first request byte to the last response byte, and the errors (the connection is then renewed)."""
-    entry: dict[str, Any] = {"latency_s": [], "errors": [], "bytes": len(body)}
-    connection = end.connect(timeout=120)
+def total_time(response: Response, arrivals: Arrivals) -> float:
+    """From the first request byte to the last response byte."""
+    return response.finished - response.started
+
+
+def timed_requests(end: Endpoint, route: str, way: str, body: bytes, count: int, *,
+                   extra: tuple[tuple[str, str], ...] = (), warmups: int = 1, stream: bool = False,
+                   figure: Callable[[Response, Arrivals], float] = total_time, key: str = "latency_s",
+                   timeout: float = 120) -> dict[str, Any]:
+    """``count`` sequential POSTs of ``body`` on one connection after ``warmups`` more: each
+    reply checked, ``figure`` of each kept under ``key``, and the errors (the connection is then
+    renewed). Streamed replies have their pieces' arrival times recorded for ``figure``."""
+    entry: dict[str, Any] = {key: [], "errors": [], "bytes": len(body)}
+    connection = end.connect(timeout=timeout)
     try:
-        for i in range(count + 1):  # the first warms up
+        for i in range(count + warmups):
+            arrivals = Arrivals()
             try:
-                response = connection.request("POST", "/v1/messages", end.headers(extra), body)
-                if problem := check_reply(response, route, way == "via"):
+                response = connection.request("POST", "/v1/messages", end.headers(extra), body,
+                                              arrivals if stream else None)
+                if problem := check_reply(response, route, way == "via", stream=stream):
                     raise ValueError(problem)
-                if i >= 1:
-                    entry["latency_s"].append(response.finished - response.started)
+                if i >= warmups:
+                    entry[key].append(figure(response, arrivals))
             except (OSError, ValueError) as error:
                 entry["errors"].append(error_text(error))
                 connection.close()
     finally:
         connection.close()
-    entry["median_s"] = median(entry["latency_s"])
+    entry["median_s"] = median(entry[key])
     return entry
 
 
@@ -872,7 +867,7 @@ def measure_sizes(endpoints: Routes, log: Log) -> dict[str, Any]:
             body = large_body(ROUTE_MODELS[route], size)
             for way in ("direct", "via"):
                 log(f"body size {size:,} bytes {route} {way} x{count}")
-                entry = timed_requests(ends[way], route, way, body, (), count)
+                entry = timed_requests(ends[way], route, way, body, count)
                 results.setdefault(str(size), {}).setdefault(route, {})[way] = entry
     return results
 
