@@ -42,3 +42,9 @@ class HeaderLookup:
 
     def header_all(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k == name.lower()]
+
+
+# Pieces that make a text file awkward for the in-place line edits (cmm.textfile): every line
+# break str.splitlines knows besides "\n", blanks, a comment sign, non-ASCII and a byte that was
+# not UTF-8 (surrogate-escaped, as read from such a file). Mixed with each edit's own lines.
+AWKWARD_TEXT_PIECES = [" ", "#", "\n", "\r\n", "\r", "\t", "\x0c", "\u2028", "\x1c", "é", "\udcff"]

@@ -24,6 +24,8 @@ from cmm.hosts import (
     restore,
 )
 
+from support import AWKWARD_TEXT_PIECES
+
 BLOCK = f"{BEGIN_MARK}\n127.0.0.1 api.anthropic.com\n::1 api.anthropic.com\n{END_MARK}\n"
 
 # Line fragments that make collisions with the markers and odd line ends likely.
@@ -34,17 +36,7 @@ _pieces = st.sampled_from(
         ADDED_NEWLINE_NOTE,
         "127.0.0.1 localhost",
         "::1 ip6-localhost",
-        " ",
-        "#",
-        "\n",
-        "\r\n",
-        "\r",
-        "\t",
-        "\x0c",
-        "\u2028",
-        "\x1c",
-        "é",
-        "\udcff",  # a surrogate-escaped byte, as read from a non-UTF-8 file
+        *AWKWARD_TEXT_PIECES,
     ]
 )
 texts = st.one_of(

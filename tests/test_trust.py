@@ -39,6 +39,8 @@ from cmm.trust import (
     remove_line,
 )
 
+from support import AWKWARD_TEXT_PIECES
+
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 CA = Path("/home/me/.cmm/ca.crt")
 POSIX_LINE = f'export NODE_EXTRA_CA_CERTS="{CA}" {MARKER}'
@@ -56,16 +58,7 @@ _pieces = st.sampled_from(
         f"# {MARKER}",
         MARKER,
         "alias ll='ls -l'",
-        " ",
-        "#",
-        "\n",
-        "\r\n",
-        "\r",
-        "\t",
-        "\x0c",
-        "\u2028",
-        "é",
-        "\udcff",  # a surrogate-escaped byte, as read from a non-UTF-8 file
+        *AWKWARD_TEXT_PIECES,
     ]
 )
 texts = st.one_of(st.text(), st.lists(st.one_of(_pieces, st.text(max_size=5)), max_size=12).map("".join))
