@@ -649,20 +649,9 @@ def measure_rss(endpoints: Routes, pid: int, plan: Plan, log: Log) -> dict[str, 
         entry["start_kib"] = tree_memory_kib(pid)
         for route, ends in endpoints.items():
             body = large_body(ROUTE_MODELS[route], size)
-            connection = ends["via"].connect(timeout=120)
-            entry["latency_s"][route] = []
-            try:
-                for _ in range(plan.rss_requests):
-                    try:
-                        response = connection.request("POST", "/v1/messages", ends["via"].headers(), body)
-                        if problem := check_reply(response, route, True):
-                            raise ValueError(problem)
-                        entry["latency_s"][route].append(response.finished - response.started)
-                    except (OSError, ValueError) as error:
-                        entry["errors"].append(f"{route}: {error_text(error)}")
-                        connection.close()
-            finally:
-                connection.close()
+            run = timed_requests(ends["via"], route, "via", body, plan.rss_requests, warmups=0)
+            entry["latency_s"][route] = run["latency_s"]
+            entry["errors"] += [f"{route}: {error}" for error in run["errors"]]
             del body
         entry["after_kib"] = tree_memory_kib(pid)
         results["sizes"][str(size_mb)] = entry
