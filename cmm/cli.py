@@ -333,6 +333,8 @@ def _config(args: argparse.Namespace, ctx: _Context) -> int:
         text = envfile.load_text(path)
     except PermissionError:
         return ctx.fail(f"permission denied reading {path}")
+    except OSError as error:  # a folder in its place, an unreadable disk
+        return ctx.fail(f"cannot read {path}: {error.strerror or error}")
     values = envfile.parse_env(text)
 
     if args.action == "list":
@@ -369,6 +371,8 @@ def _config(args: argparse.Namespace, ctx: _Context) -> int:
         envfile.save_text(path, new_text, owner=paths.invoking_user(ctx.environ))
     except PermissionError:
         return ctx.fail(f"permission denied writing {path}")
+    except OSError as error:  # no such folder, a file where the folder should be, a full disk
+        return ctx.fail(f"cannot write {path}: {error.strerror or error}")
     ctx.say(message)
     return EXIT_OK
 
@@ -624,3 +628,7 @@ def main(
     except _Exit as done:
         return done.status
     return _COMMANDS[args.command](args, ctx)
+
+
+if __name__ == "__main__":  # ``python -m cmm.cli``, the same as the console script
+    sys.exit(main())
