@@ -242,10 +242,14 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         cmm("stop none", "stop")
         each_command("none")
 
-        running = start(twistd, "cmm1", user_env)
+        running = start(twistd, "cmm1", dict(user_env, **sudo))  # sudo twistd -n cmm
         wait_for("cmm1", "/etc/hosts: api.anthropic.com")
         report["pid"] = running.pid
-        each_command("running")
+        each_command("running")  # cmm test has written to the request log by now
+        report["owners_while_running"] = {
+            path.name: [path.lstat().st_uid, path.lstat().st_gid]
+            for path in (home / ".cmm" / name for name in ("cmm.pid", "cmm.state.json", "cmm.sock", "cmm.log"))
+            if path.exists()}
         if store:
             cmm("running sudo setup system trust", "setup", "--system-trust", extra=sudo)
             report["anchors_after_setup"] = sorted(path.name for path in (work / "anchors").iterdir())
@@ -268,7 +272,7 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         report["unit_left"] = (units / "cmm.service").exists()
         report["systemctl"] = (work / "systemctl.log").read_text().splitlines()
 
-        running = start(twistd, "cmm2", user_env)
+        running = start(twistd, "cmm2", dict(user_env, **sudo))
         wait_for("cmm2", "/etc/hosts: api.anthropic.com")
         report["pid2"] = running.pid
         cmm("running sudo uninstall", "uninstall", "--unit-dir", str(units), extra=sudo)
@@ -445,6 +449,9 @@ def test_what_the_commands_did_to_the_machine(commands: dict) -> None:
     assert commands["profile_after_setup"] == f'export NODE_EXTRA_CA_CERTS="{home}/.cmm/ca.crt" # cmm-managed\n'
     # `sudo cmm setup` leaves the user's files to the user.
     assert commands["owners_after_setup"] == [[65534, 65534]]
+    # So do the files `sudo twistd cmm` makes there: `cmm status` and `cmm test` work without sudo.
+    assert commands["owners_while_running"] == {name: [65534, 65534] for name in
+                                                ("cmm.pid", "cmm.state.json", "cmm.sock", "cmm.log")}
     assert commands["exit_after_stop"] == -15 and commands["hosts_restored_by_stop"] is True
     assert "Environment=SUDO_USER=cmmuser SUDO_UID=65534 SUDO_GID=65534\n" in commands["unit"]
     assert f" cmm --config-dir {home}/.cmm --anthropic-ip 127.0.0.1 --anthropic-port 8443\n" in commands["unit"]
