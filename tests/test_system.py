@@ -272,6 +272,17 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         report["unit_left"] = (units / "cmm.service").exists()
         report["systemctl"] = (work / "systemctl.log").read_text().splitlines()
 
+        # kill -9 leaves the hosts block behind with nothing serving: Claude Code reaches nothing.
+        killed = start(twistd, "cmm-killed", dict(user_env, **sudo))
+        wait_for("cmm-killed", "/etc/hosts: api.anthropic.com")
+        report["killed_pid"] = killed.pid
+        killed.kill()
+        killed.wait()
+        cmm("killed status", "status")
+        cmm("killed test", "test", "--anthropic-ip", "127.0.0.1", "--anthropic-port", "8443", "--timeout", "10")
+        cmm("killed sudo stop", "stop", extra=sudo)
+        report["hosts_restored_after_kill"] = scratch.read_bytes() == original
+
         running = start(twistd, "cmm2", dict(user_env, **sudo))
         wait_for("cmm2", "/etc/hosts: api.anthropic.com")
         report["pid2"] = running.pid
@@ -389,6 +400,13 @@ EXPECTED = {
     "stopped sudo uninstall with a service": (1, ["err:cmm: cmm runs as a boot service ({units}/cmm.service)",
                                                   "err:nothing was removed"]),
     "stopped sudo service uninstall": (0, ["$ systemctl disable --now cmm.service", "Removed {units}/cmm.service"]),
+    "killed status": (1, ["cmm is not running (pid {killed_pid} from a previous run is gone)",
+                          "⚠ /etc/hosts still points api.anthropic.com at 127.0.0.1 (left by a killed run)"]),
+    "killed test": (1, ["Testing a temporary cmm at 127.0.0.1:",
+                        "✗ hosts file   /etc/hosts points api.anthropic.com at 127.0.0.1 but cmm is not running",
+                        "fix: sudo cmm stop", INTERCEPTED, PASSED_THROUGH, "1 of 4 checks failed."]),
+    "killed sudo stop": (0, ["cmm is not running (stale pid file {home}/.cmm/cmm.pid named pid {killed_pid}).",
+                             "Removed the leftover cmm block from /etc/hosts."]),
     "running sudo uninstall": (0, ["Stopped cmm (pid {pid2}).",
                                    "Shell profile ~/.bashrc: removed the NODE_EXTRA_CA_CERTS line.",
                                    "Removed {home}/.cmm (", "cmm is uninstalled."]),
@@ -459,6 +477,7 @@ def test_what_the_commands_did_to_the_machine(commands: dict) -> None:
                                      "stop cmm.service", "start cmm.service", "restart cmm.service",
                                      "disable --now cmm.service", "daemon-reload"]
     assert commands["unit_left"] is False
+    assert commands["hosts_restored_after_kill"] is True
     assert commands["exit_after_uninstall"] == -15 and commands["hosts_restored_by_uninstall"] is True
     assert commands["profile_after_uninstall"] == "" and commands["config_dir_left"] is False
     if commands["system_store"]:
