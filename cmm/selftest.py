@@ -29,7 +29,7 @@ import attrs
 from zope.interface import implementer
 
 from cmm import certs, hosts, paths, status
-from cmm.doctor import Check, check_hosts, exit_code, format_checks
+from cmm.doctor import Check, exit_code, format_checks
 from cmm.status import Instance, RunningState
 
 PROVIDER = "cliproxyapi"
@@ -521,6 +521,8 @@ def run(
                 checks.append(Check("certificates", False, f"none in {config_dir}: the test used throwaway ones",
                                     "cmm setup"))
             if not instance.running:  # a block left by a killed cmm sends Claude Code to nothing at all
+                from cmm.doctor import check_hosts
+
                 left = check_hosts(status.read_hosts(hosts_file), instance)
                 if left.ok is False:
                     checks.append(left)

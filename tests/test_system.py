@@ -3,9 +3,9 @@ path, and every ``cmm`` command as a subprocess, inside a private network + moun
 machine's own /etc/hosts, ports, routes, trust store and shell profiles are never touched.
 
 Inside the namespace (``unshare --net --mount``) only a loopback interface exists, and
-/etc/hosts (and for the commands /etc/resolv.conf, /etc/passwd and the trust store's folders) are
-bind mounts of scratch files. A driver runs there and reports what it saw as JSON; the tests
-assert on the report. Both are skipped, with the reason, where namespaces cannot be made.
+/etc/hosts (and for the commands more: see CLI_DRIVER) is a bind mount of a scratch file. A driver
+runs there and reports what it saw as JSON; the tests assert on the report. They are skipped, with
+the reason, where namespaces cannot be made.
 """
 
 from __future__ import annotations
@@ -136,9 +136,12 @@ DRIVER = PRELUDE + textwrap.dedent(r'''
 ''')
 
 
-# Every `cmm` command as a subprocess, the way a user types it: with HOME a scratch home (so the
-# profile `cmm setup` edits is a scratch file) and the system trust store's folders covered by
-# scratch copies (so `--system-trust` and `uninstall` run the real update-ca-certificates on them).
+# Every `cmm` command as a subprocess, the way README.md has people type it: as the user (uid
+# 65534, "cmmuser", home /home/cmmuser) or under sudo (root with SUDO_*), against the real twistd
+# started the sudo way, and with none running. Scratch folders cover /home, /root (where Python
+# may live), the trust store's folders (so `--system-trust` and `uninstall` run the real
+# update-ca-certificates on copies) and /etc/passwd, /etc/resolv.conf, /etc/hosts; a fake name
+# server answers for api.anthropic.com and a fake systemctl writes down what it was asked.
 DNS_SERVER = textwrap.dedent("""
     import sys
     from twisted.internet import reactor
@@ -151,10 +154,27 @@ DNS_SERVER = textwrap.dedent("""
 """)
 
 CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
-    home = work / "home"
-    home.mkdir()
-    units = work / "units"
-    units.mkdir()
+    # The user, uid 65534, runs cmm as themselves with their home in /home/cmmuser, and reaches the
+    # checkout (/home/src) and this Python: scratch folders go over /home (and /root, where Python
+    # lives under it), so nothing of the real ones is seen or changed.
+    cover = work / "home-cover"
+    for name in ("cmmuser", "src", "units", "bin"):
+        (cover / name).mkdir(parents=True)
+    cover.chmod(0o755)
+    subprocess.run(["mount", "--bind", repo, str(cover / "src")], check=True)
+    python_home = Path(sys.prefix).resolve()
+    if Path("/root") in python_home.parents:
+        top = python_home.relative_to("/root").parts[0]
+        (work / "python").mkdir()
+        subprocess.run(["mount", "--bind", f"/root/{top}", str(work / "python")], check=True)
+        (work / "root-cover" / top).mkdir(parents=True)
+        (work / "root-cover").chmod(0o755)
+        subprocess.run(["mount", "--bind", str(work / "root-cover"), "/root"], check=True)
+        subprocess.run(["mount", "--bind", str(work / "python"), f"/root/{top}"], check=True)
+    subprocess.run(["mount", "--rbind", str(cover), "/home"], check=True)  # with /home/src
+    home, units, src = Path("/home/cmmuser"), Path("/home/units"), "/home/src"
+    os.chown(home, 65534, 65534)
+    shutil.copy(work / "pki" / "ca.pem", "/home/anthropic-ca.pem")  # the fake Anthropic's CA
     anchors = Path("/usr/local/share/ca-certificates")
     store = shutil.which("update-ca-certificates") is not None and anchors.is_dir()
     if store:
@@ -173,32 +193,34 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
     subprocess.run(["mount", "--bind", str(work / "resolv.conf"), "/etc/resolv.conf"], check=True)
     fakes.append(start(["-c", DNS_SERVER, str(work / "dns-hosts")], "dns"))
     wait_for("dns", "listening on")
-    # sudo's view: root, with the invoking user in SUDO_*; that user (uid 65534) owns the scratch home.
+    # sudo's view: root, with the user in SUDO_* (and HOME root's own, where nothing may land).
     passwd = work / "passwd"
     passwd.write_text(Path("/etc/passwd").read_text() + f"cmmuser:x:65534:65534:cmm test:{home}:/bin/bash\n")
     subprocess.run(["mount", "--bind", str(passwd), "/etc/passwd"], check=True)
-    os.chown(home, 65534, 65534)
     (work / "root-home").mkdir()
     user_env = {"PATH": os.environ["PATH"], "HOME": str(home), "SHELL": "/bin/bash", "LANG": "C.UTF-8",
-                "PYTHONPATH": repo, "SSL_CERT_FILE": str(work / "pki" / "ca.pem")}
+                "PYTHONPATH": src, "SSL_CERT_FILE": "/home/anthropic-ca.pem"}
     sudo = {"HOME": str(work / "root-home"), "SHELL": "/bin/sh", "SUDO_USER": "cmmuser", "SUDO_UID": "65534",
             "SUDO_GID": "65534"}
     # Every service command gets a systemctl that only writes down how it was called.
-    (work / "bin").mkdir()
-    (work / "bin" / "systemctl").write_text(
-        f"#!/bin/sh\necho \"$*\" >> {work / 'systemctl.log'}\n"
+    systemctl_log = Path("/home/systemctl.log")
+    systemctl_log.write_text("")
+    systemctl_log.chmod(0o666)
+    Path("/home/bin/systemctl").write_text(
+        f"#!/bin/sh\necho \"$*\" >> {systemctl_log}\n"
         "[ \"$1\" = status ] && echo '* cmm.service - active (running)'\nexit 0\n")
-    (work / "bin" / "systemctl").chmod(0o755)
-    (work / "systemctl.log").write_text("")
-    fake_systemctl = {"PATH": f"{work / 'bin'}:{os.environ['PATH']}"}
+    Path("/home/bin/systemctl").chmod(0o755)
+    fake_systemctl = {"PATH": f"/home/bin:{os.environ['PATH']}"}
     systemd = dict(sudo, **fake_systemctl)
     ca = home / ".cmm" / "ca.crt"
     runs = report["runs"] = []
 
-    def cmm(label, *args, extra=None):
+    def cmm(label, *args, extra=None):  # as the user, unless under sudo
+        environ = dict(user_env, **(extra or {}))
+        user = [] if "SUDO_USER" in environ else ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "cmm.cli", *args], env=dict(user_env, **(extra or {})),
-                              cwd=repo, capture_output=True, text=True, timeout=60)
+        done = subprocess.run([*user, sys.executable, "-m", "cmm.cli", *args], env=environ, cwd=src,
+                              capture_output=True, text=True, timeout=60)
         runs.append({"label": label, "argv": list(args), "code": done.returncode, "out": done.stdout,
                      "err": done.stderr, "seconds": round(time.monotonic() - started, 2)})
 
@@ -239,6 +261,7 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         cmm("config set url", "config", "set", "PROXY_URL", "http://127.0.0.1:8317/v1/messages")
         cmm("config set source", "config", "set", "DEFAULT_SOURCE_MODEL", "claude-haiku-4-5")
         cmm("config set target", "config", "set", "DEFAULT_TARGET_MODEL", "gemini-2.5-flash")
+        report["env_owner"] = [(home / ".cmm" / ".env").stat().st_uid, (home / ".cmm" / ".env").stat().st_gid]
         cmm("stop none", "stop")
         each_command("none")
 
@@ -270,7 +293,7 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         cmm("stopped sudo uninstall with a service", "uninstall", "--unit-dir", str(units), extra=systemd)
         cmm("stopped sudo service uninstall", "service", "uninstall", "--unit-dir", str(units), extra=systemd)
         report["unit_left"] = (units / "cmm.service").exists()
-        report["systemctl"] = (work / "systemctl.log").read_text().splitlines()
+        report["systemctl"] = systemctl_log.read_text().splitlines()
 
         # kill -9 leaves the hosts block behind with nothing serving: Claude Code reaches nothing.
         killed = start(twistd, "cmm-killed", dict(user_env, **sudo))
@@ -295,6 +318,9 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
             report["anchors_after_uninstall"] = sorted(path.name for path in (work / "anchors").iterdir())
         cmm("uninstall again", "uninstall", "--unit-dir", str(units))
         report["root_home_after"] = sorted(path.name for path in (work / "root-home").iterdir())
+    except Exception:  # the commands run so far tell what went wrong
+        import traceback
+        report["driver_error"] = traceback.format_exc()
     finally:
         for process in fakes:
             process.terminate()
@@ -338,7 +364,10 @@ def commands(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One run of every command (the driver takes about 15 s); the tests below judge its report."""
     if NAMESPACE_PROBLEM is not None:
         pytest.skip(NAMESPACE_PROBLEM)
-    return run_driver(CLI_DRIVER, tmp_path_factory.mktemp("commands"))
+    report = run_driver(CLI_DRIVER, tmp_path_factory.mktemp("commands"))
+    assert "driver_error" not in report, report["driver_error"] + "\n".join(
+        f"cmm {' '.join(run['argv'])} -> {run['code']}\n{run['out']}{run['err']}" for run in report["runs"])
+    return report
 
 
 # label -> (exit code, pieces of output); "err:" marks a piece that must be on stderr, the rest on
@@ -467,6 +496,7 @@ def test_what_the_commands_did_to_the_machine(commands: dict) -> None:
     assert commands["profile_after_setup"] == f'export NODE_EXTRA_CA_CERTS="{home}/.cmm/ca.crt" # cmm-managed\n'
     # `sudo cmm setup` leaves the user's files to the user.
     assert commands["owners_after_setup"] == [[65534, 65534]]
+    assert commands["env_owner"] == [65534, 65534]  # the commands without sudo ran as the user
     # So do the files `sudo twistd cmm` makes there: `cmm status` and `cmm test` work without sudo.
     assert commands["owners_while_running"] == {name: [65534, 65534] for name in
                                                 ("cmm.pid", "cmm.state.json", "cmm.sock", "cmm.log")}
