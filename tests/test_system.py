@@ -276,6 +276,12 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         if store:
             cmm("running sudo setup system trust", "setup", "--system-trust", extra=sudo)
             report["anchors_after_setup"] = sorted(path.name for path in (work / "anchors").iterdir())
+        # What needs root says so to the user, and leaves everything as it was.
+        cmm("running user stop", "stop")
+        cmm("running user uninstall", "uninstall", "--unit-dir", str(units))
+        cmm("running user service install", "service", "install", "--unit-dir", str(units))
+        if store:
+            cmm("running user setup system trust", "setup", "--system-trust")
         cmm("running sudo service install", "service", "install", "--unit-dir", str(units),
             "--anthropic-ip", "127.0.0.1", extra=systemd)
         cmm("running sudo stop", "stop", extra=sudo)
@@ -416,6 +422,11 @@ EXPECTED = {
     "running test": (0, ["Testing the running cmm (pid {pid}) at 127.0.0.1:443",
                          "✓ name lookup  api.anthropic.com resolves to ::1, 127.0.0.1 (cmm)",
                          INTERCEPTED, PASSED_THROUGH, "All checks passed."]),
+    "running user stop": (1, ["err:cmm: permission denied stopping the process named in {home}/.cmm/cmm.pid; "
+                              "use `sudo cmm stop`"]),
+    "running user uninstall": (1, ["err:cmm: permission denied stopping", "err:cmm: nothing else was removed"]),
+    "running user service install": (1, ["err:cmm: `cmm service install` changes {units} and the systemd services, "
+                                         "which needs root"]),
     "running sudo service install": (1, ["err:cmm: a cmm started by hand is running (pid {pid})"]),
     "running sudo stop": (0, ["Stopped cmm (pid {pid}).", "/etc/hosts has no cmm block."]),
     "stopped status": (1, ["cmm is not running (no pid file in {home}/.cmm)"]),
@@ -443,6 +454,7 @@ EXPECTED = {
                             "{home}/.cmm does not exist.", "cmm is uninstalled."]),
 }
 STORE_EXPECTED = {
+    "running user setup system trust": (1, ["err:cmm: --system-trust needs root: run `sudo cmm setup --system-trust`"]),
     "running sudo setup system trust": (0, ["system trust store: added cmm's CA to update-ca-certificates"]),
 }
 DOCTOR_EXPECTED = {
