@@ -293,12 +293,13 @@ class AddressBook:
 
     def current(self) -> defer.Deferred[list[str]]:
         """Known addresses at once (refreshing them in the background once their TTL is over);
-        with none, the lookup under way if there is one, else Unresolved at once."""
+        with none, Unresolved at once. Only a book used without :meth:`start` waits for its lookup
+        under way: a started one has had its wait for DNS before serving."""
         if self.resolve is not None and self._waiters is None and self._now() >= self.expires:
             self._start_lookup()
         if self.addresses:
             return defer.succeed(list(self.addresses))
-        if self._waiters is not None:
+        if self._waiters is not None and not self._started:
             waiter: defer.Deferred[list[str]] = defer.Deferred()
             self._waiters.append(waiter)
             return waiter

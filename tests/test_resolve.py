@@ -25,6 +25,7 @@ from cmm.resolve import AddressBook, Answer, QuietResolver, Unresolved, format_c
 
 HOST = b"api.anthropic.com"
 TWISTED_NOISE = re.compile(r"Starting protocol|Stopping protocol|Port \d+ Closed|starting on \d+|Resolver added")
+DNS_NOISE = re.compile(r"DNSDatagramProtocol|UDP Port|Resolver added")  # in twistd's log, beside other ports
 
 
 class Records(common.ResolverBase):
@@ -214,7 +215,8 @@ def test_address_book_from_a_real_server(reactor: SelectReactor, answering: int,
     changes: list[list[str]] = []
     book = AddressBook.from_dns(reactor, servers=(("127.0.0.1", answering),), cache=cache, on_change=changes.append)
     book.start()
-    assert spin(reactor, book.current()) == ["160.79.104.10", "2607:6bc0::10"]
+    spin(reactor, book.ready(5))
+    assert book.current().result == ["160.79.104.10", "2607:6bc0::10"]
     assert changes == [["160.79.104.10", "2607:6bc0::10"]]
     assert parse_cache(cache.read_text()) == ["160.79.104.10", "2607:6bc0::10"]
     book.stop()
@@ -320,12 +322,15 @@ def test_no_cache_and_no_dns_is_a_clear_error_at_once() -> None:
     book, lookups, clock = book_for(MemoryCache(None))
     book.start()
     ready = book.ready(resolve.START_WAIT)
-    waiting = book.current()  # the first lookup is under way: worth waiting for
     clock.advance(resolve.START_WAIT)
-    assert ready.called and not waiting.called  # the master serves anyway after 1.5 s
+    assert ready.called  # the master serves anyway after 1.5 s
+    early = book.current()  # and a request gets its answer at once, while the first lookup goes on
+    assert early.result.check(Unresolved) and "DNS has not answered for api.anthropic.com yet" in str(early.result.value)
+    early.addErrback(lambda f: None)
     lookups.fail()
-    failure = waiting.result
-    waiting.addErrback(lambda f: None)
+    after = book.current()
+    failure = after.result
+    after.addErrback(lambda f: None)
     assert failure.check(Unresolved)
     message = failure.getErrorMessage()
     assert message.startswith("DNS gave no usable address for api.anthropic.com (no answer from the name servers)")
@@ -410,3 +415,108 @@ def test_parse_servers() -> None:
 def test_parse_servers_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         resolve.parse_servers(text)
+
+
+# --- twistd cmm with DNS down ----------------------------------------------------------------------
+
+
+def start_cmm(tmp_path: Path, dns_server: tuple[str, int], cache: list[str] | None, workers: int) -> tuple[Any, int]:
+    """``twistd -n cmm`` asking only ``dns_server``; returns the process and its port."""
+    from cmm import certs
+    from cmm.checkout import twistd_command
+    from support import process_env
+    from test_integration import Process, _free_port
+
+    config_dir = tmp_path / "cfg"
+    config_dir.mkdir()
+    certs.ensure_certificates(config_dir)  # made beforehand: what is timed is the wait for DNS alone
+    if cache is not None:
+        (config_dir / resolve.CACHE_FILE).write_text(format_cache(cache, 0))
+    port = _free_port()
+    argv = twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--config-dir", str(config_dir), "--no-hosts",
+                           "--workers", str(workers), "--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
+                           "--dns-server", "{}:{}".format(*dns_server)])
+    return Process("cmm", argv, process_env(HOME=str(tmp_path)), tmp_path / "cmm.out"), port
+
+
+def time_to_serve(process: Any, port: int) -> float:
+    """Seconds from the start of the service (its first log line of its own) to serving."""
+    process.wait_for(r"cmm: claude-haiku-4-5\* → gemini-2.5-flash")
+    started = time.monotonic()
+    process.wait_for(rf"cmm serving on port {port}\b")
+    return time.monotonic() - started
+
+
+def test_dns_down_with_a_cache_serves_at_once(tmp_path: Path, silent: socket.socket) -> None:
+    process, port = start_cmm(tmp_path, silent.getsockname(), ["192.0.2.1"], workers=0)
+    try:
+        assert time_to_serve(process, port) < 0.5
+        assert "using 192.0.2.1 from anthropic-ip.cache until DNS answers" in process.output()
+        deadline = time.monotonic() + 10
+        while len(queries_received(silent)) < 2 and time.monotonic() < deadline:  # still asking in the background
+            time.sleep(0.05)
+        assert time.monotonic() < deadline
+    finally:
+        process.stop()
+    assert not DNS_NOISE.search(process.output()), process.output()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_no_cache_and_no_dns_serves_after_the_short_wait_with_a_clear_502(tmp_path: Path, silent: socket.socket,
+                                                                         workers: int) -> None:
+    from test_integration import Conn, assert_anthropic_error, new_tag, simple_post
+
+    process, port = start_cmm(tmp_path, silent.getsockname(), None, workers=workers)
+    try:
+        waited = time_to_serve(process, port)
+        assert resolve.START_WAIT - 0.2 < waited < resolve.START_WAIT + 1.5
+        assert "No address for api.anthropic.com yet: DNS has not answered within 1.5 s" in process.output()
+        with Conn(port, tmp_path / "cfg" / "ca.crt") as conn:
+            asked = time.monotonic()
+            conn.send(simple_post("claude-opus-4-6", new_tag()))
+            response = conn.response("POST")
+            assert time.monotonic() - asked < 1.0  # not kept waiting for DNS
+        error = assert_anthropic_error(response, 502, "api_error", contains="api.anthropic.com")
+        assert "--anthropic-ip" in error["message"]
+        process.wait_for(r"no address is cached: requests passed through to Anthropic get a 502", timeout=10)
+    finally:
+        process.stop()
+    assert not DNS_NOISE.search(process.output()), process.output()
+
+
+def test_new_addresses_reach_the_workers(tmp_path: Path) -> None:
+    """The master's book tells the service, which sends the workers a config with the new addresses."""
+    import attrs
+
+    from cmm.service import InterceptorService
+    from cmm.settings import build_config
+    from cmm.wire import WorkerConfig
+
+    config = build_config({"source": "a", "target": "b"}, {}, tmp_path)
+    sent: list[WorkerConfig] = []
+
+    @attrs.define
+    class Supervisor:
+        def reload(self, worker_config: WorkerConfig) -> None:
+            sent.append(worker_config)
+
+    service = InterceptorService(config, reactor=Clock(), install_signals=False)
+    service.worker_config = WorkerConfig(proxy=config.proxy, cert_pem=b"c", key_pem=b"k", anthropic_addresses=(),
+                                         resolve=True, connect_timeout=1.0)
+    service.supervisor = Supervisor()  # type: ignore[assignment]
+    book, lookups, _ = book_for(on_change=service._addresses_changed)
+    book.start()
+    lookups.answer("192.0.2.1", "2001:db8::1")
+    assert [c.anthropic_addresses for c in sent] == [("192.0.2.1", "2001:db8::1")]
+    assert service.worker_config.anthropic_addresses == ("192.0.2.1", "2001:db8::1")
+
+
+def test_dns_server_option() -> None:
+    from cmm.settings import ConfigError, build_config
+
+    options = {"source": "a", "target": "b"}
+    assert build_config(options, {}, Path("/tmp")).dns_servers == ()
+    assert build_config({**options, "dns-server": "127.0.0.1:5353"}, {}, Path("/tmp")).dns_servers == (
+        ("127.0.0.1", 5353),)
+    with pytest.raises(ConfigError, match=r"^--dns-server: 'ns.example' is not an IP address"):
+        build_config({**options, "dns-server": "ns.example"}, {}, Path("/tmp"))
