@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet import defer
 from twisted.internet.selectreactor import SelectReactor
@@ -486,8 +487,6 @@ def test_no_cache_and_no_dns_serves_after_the_short_wait_with_a_clear_502(tmp_pa
 
 def test_new_addresses_reach_the_workers(tmp_path: Path) -> None:
     """The master's book tells the service, which sends the workers a config with the new addresses."""
-    import attrs
-
     from cmm.service import InterceptorService
     from cmm.settings import build_config
     from cmm.wire import WorkerConfig
@@ -520,3 +519,24 @@ def test_dns_server_option() -> None:
         ("127.0.0.1", 5353),)
     with pytest.raises(ConfigError, match=r"^--dns-server: 'ns.example' is not an IP address"):
         build_config({**options, "dns-server": "ns.example"}, {}, Path("/tmp"))
+
+
+def test_a_worker_takes_the_addresses_each_config_brings(tmp_path: Path) -> None:
+    from cmm import certs
+    from cmm.settings import build_config
+    from cmm.wire import WorkerConfig
+    from cmm.worker import WorkerControl
+
+    paths = certs.ensure_certificates(tmp_path).paths
+    config = build_config({"source": "a", "target": "b"}, {}, tmp_path)
+    worker_config = WorkerConfig(proxy=config.proxy, cert_pem=paths.server_cert.read_bytes(),
+                                 key_pem=paths.server_key.read_bytes(), anthropic_addresses=(), resolve=True,
+                                 connect_timeout=1.0)
+    worker = WorkerControl(Clock(), fds=[], grace=1.0)
+    worker.configure(worker_config)  # the master had no address yet
+    assert worker.addresses is not None
+    first = worker.addresses.current()
+    assert first.result.check(Unresolved)
+    first.addErrback(lambda f: None)
+    worker.configure(attrs.evolve(worker_config, anthropic_addresses=("192.0.2.1",)))
+    assert worker.addresses.current().result == ["192.0.2.1"]
