@@ -544,6 +544,8 @@ def _add_check_parsers(commands: argparse._SubParsersAction, common: argparse.Ar
     doctor.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
     doctor.add_argument("--port", type=int, default=443, help="the port cmm serves on (default: 443)")
     doctor.add_argument("--timeout", type=float, default=3.0, metavar="S", help="for the target probe (default: 3)")
+    doctor.add_argument("--dns-server", type=_dns_servers, default=(), metavar="IP[:PORT][,...]",
+                        help="name servers to ask for api.anthropic.com (default: those in resolv.conf)")
 
     service = commands.add_parser(
         "service", parents=[common], help="run cmm at boot (systemd on Linux, launchd on macOS)",
@@ -574,7 +576,16 @@ def _doctor(args: argparse.Namespace, ctx: _Context) -> int:
     from cmm import doctor
 
     return doctor.run(_config_dir(args, ctx), environ=ctx.environ, hosts_file=args.hosts_file, port=args.port,
-                      timeout=args.timeout, write=ctx.out.write)
+                      timeout=args.timeout, write=ctx.out.write, dns_servers=args.dns_server)
+
+
+def _dns_servers(text: str) -> tuple[tuple[str, int], ...]:
+    from cmm import resolve
+
+    try:
+        return resolve.parse_servers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _service(args: argparse.Namespace, ctx: _Context) -> int:

@@ -18,13 +18,12 @@ from typing import Any
 import attrs
 from cryptography import x509
 
-from cmm import certs, envfile, hosts, paths, status
+from cmm import certs, envfile, hosts, paths, resolve, status
 from cmm.resolve import usable_addresses
 from cmm.status import HostsInfo, Instance, Probe, TrustInfo
 
 ANTHROPIC_HOST = hosts.HOSTNAME
 CONNECT_TIMEOUT = 1.0
-DNS_TIMEOUTS = (1, 3)  # seconds per attempt; twisted.names' default waits up to a minute
 
 
 @attrs.frozen
@@ -193,7 +192,8 @@ def check_dns(answer: Sequence[str] | BaseException, hostname: str = ANTHROPIC_H
     if isinstance(answer, BaseException):
         reason = str(answer) if hostname in str(answer) else f"no usable address for {hostname}: {answer!r}"
         return Check(name, False, reason,
-                     "check the network and /etc/resolv.conf, or give cmm the addresses with --anthropic-ip")
+                     "check the network and /etc/resolv.conf (or name a server with --dns-server), or give cmm the "
+                     "addresses with --anthropic-ip")
     usable = usable_addresses(answer)
     if not usable:
         return Check(name, False, f"DNS answers {hostname} with loopback addresses only",
@@ -244,13 +244,10 @@ async def port_accepts(reactor: Any, host: str, port: int, timeout: float = CONN
     return True
 
 
-async def dns_lookup(reactor: Any) -> list[str]:
-    from twisted.names import client
-
-    from cmm import resolve
-
-    resolver = client.Resolver(resolv=str(resolve.resolv_conf()), reactor=reactor, timeout=DNS_TIMEOUTS)
-    return await resolve.lookup(resolver)
+async def dns_lookup(reactor: Any, servers: resolve.Servers = ()) -> list[str]:
+    """The addresses cmm would use, asked as cmm asks: ``servers``, else those in resolv.conf."""
+    answer = await resolve.lookup(resolve.QuietResolver(reactor=reactor, servers=servers))
+    return list(answer.addresses)
 
 
 async def diagnose(
@@ -356,14 +353,14 @@ def exit_code(checks: Sequence[Check]) -> int:
 
 
 def run(config_dir: Path, *, environ: Mapping[str, str], hosts_file: Path, port: int, timeout: float,
-        write: Callable[[str], object]) -> int:
+        write: Callable[[str], object], dns_servers: resolve.Servers = ()) -> int:
     """``cmm doctor`` on the real reactor."""
 
     async def work(reactor: Any) -> list[Check]:
         return await diagnose(
             config_dir,
             connect=lambda host, p: port_accepts(reactor, host, p),
-            lookup=lambda: dns_lookup(reactor),
+            lookup=lambda: dns_lookup(reactor, dns_servers),
             probe=lambda url: status.probe_target(url, reactor=reactor, timeout=timeout),
             environ=environ,
             hosts_file=hosts_file,

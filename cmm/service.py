@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
-from cmm import certs, dnsflush, envfile, hosts, mappings, paths
+from cmm import certs, dnsflush, envfile, hosts, mappings, paths, resolve
 from cmm.master import Supervisor, bind
 from cmm.proxy import ProxyContext, ProxyFactory
 from cmm.request_log import RequestLog, RequestRecord
@@ -60,6 +60,8 @@ class Options(usage.Options):
         ["listen", None, None, "Comma-separated loopback addresses to serve on (default: 127.0.0.1,::1)."],
         ["config-dir", None, None, "Certificates, .env, mappings.toml and logs (default: ~/.cmm of SUDO_USER)."],
         ["anthropic-ip", None, None, "Comma-separated real addresses of api.anthropic.com; skips DNS."],
+        ["dns-server", None, None, "Comma-separated name servers (IP, IP:PORT or [IPv6]:PORT) to ask for the real "
+                                   "addresses of api.anthropic.com (default: those in resolv.conf)."],
         ["anthropic-port", None, "443", "Port of the real API (for tests)."],
         ["hosts-file", None, "/etc/hosts", "Hosts file that gets the cmm block while running."],
         ["workers", None, str(os.cpu_count() or 1), "Worker processes; 0 serves inside the master."],
@@ -225,7 +227,9 @@ class InterceptorService(Service):
         if config.anthropic_ips:
             self.addresses = AddressBook.fixed(list(config.anthropic_ips))
         else:
-            self.addresses = AddressBook.from_dns(self.reactor, cache=config.config_dir / "anthropic-ip.cache")
+            self.addresses = AddressBook.from_dns(self.reactor, servers=config.dns_servers,
+                                                  cache=config.config_dir / resolve.CACHE_FILE,
+                                                  on_change=self._addresses_changed)
         self._write_files()
         self._listen_control()
         if self.install_signals:
@@ -234,20 +238,29 @@ class InterceptorService(Service):
         for mapping in config.proxy.router.mappings:
             log.info("cmm: {source}* → {target} at {url}", source=mapping.source, target=mapping.target,
                      url=mapping.upstream.url)
-        # Learn the real addresses before the hosts file points the name at us.
-        resolved = self.addresses.current()
-        resolved.addCallbacks(
-            lambda found: log.info("api.anthropic.com is at {addresses}", addresses=", ".join(found)),
-            lambda failure: log.error("Cannot resolve api.anthropic.com yet ({why}); passthrough requests will "
-                                      "retry", why=failure.getErrorMessage()),
-        )
-        resolved.addBoth(lambda _: self._serve())
+        # Learn the real addresses before the hosts file points the name at us: from the cache at
+        # once, else from DNS if it answers soon. DNS down must not keep intercepted models from
+        # being served; the book keeps asking in the background and tells _addresses_changed.
+        self.addresses.start()
+        self.addresses.ready(resolve.START_WAIT).addBoth(lambda _: self._serve())
+
+    def _addresses_changed(self, addresses: list[str]) -> None:
+        """DNS gave new addresses: the workers get them (in the master, the context asks the book)."""
+        if self.worker_config is None:
+            return
+        self.worker_config = attrs.evolve(self.worker_config, anthropic_addresses=tuple(addresses))
+        if self.supervisor is not None:
+            self.supervisor.reload(self.worker_config)
 
     def _serve(self) -> None:
         if not self.running:
             return
         config = self.config
         assert self.worker_config is not None and self.addresses is not None
+        if not self.addresses.addresses and not self.addresses.failures:  # a failure has said so already
+            log.error("No address for api.anthropic.com yet: DNS has not answered within {wait} s and none is "
+                      "cached. Serving anyway: requests passed through to Anthropic get a 502 until DNS answers; "
+                      "or restart cmm with --anthropic-ip and the API's addresses", wait=resolve.START_WAIT)
         self.worker_config = attrs.evolve(self.worker_config, anthropic_addresses=tuple(self.addresses.addresses))
         if config.workers == 0:
             self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
@@ -376,6 +389,8 @@ class InterceptorService(Service):
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         Service.stopService(self)
+        if self.addresses is not None:
+            self.addresses.stop()
         for port in self.ports:
             yield port.stopListening()
         self.ports.clear()
