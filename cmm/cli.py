@@ -272,6 +272,8 @@ def _setup(args: argparse.Namespace, ctx: _Context) -> int:
         return ctx.fail(problem)
     try:
         result = certs.ensure_certificates(directory, force=args.force, owner=paths.invoking_user(ctx.environ))
+    except certs.CertificateError as error:  # a CA cmm will not use, a linked folder or file
+        return ctx.fail(str(error))
     except PermissionError as error:
         return ctx.fail(f"permission denied writing {error.filename or directory}: {error.strerror}")
     except OSError as error:

@@ -99,25 +99,36 @@ def check_certificates(files: CertFiles, now: datetime, warn_days: int = status.
                              f"({days} days left)")
 
 
-def check_name_constraint(ca_pem: bytes | None, hostname: str = ANTHROPIC_HOST) -> Check:
-    """The CA may vouch only for api.anthropic.com, so a stolen key cannot impersonate other sites."""
+def check_name_constraint(ca_pem: bytes | None) -> Check:
+    """The CA may vouch only for api.anthropic.com and for no IP address, so a stolen key cannot
+    impersonate other sites; the verdict is :func:`certs.has_cmm_constraint`'s, which cmm itself
+    applies before using or installing a CA, and the detail says what differs."""
     name = "CA scope"
     fix = "cmm setup --force (a new, constrained CA; open a new terminal afterwards)"
     if ca_pem is None:
         return Check(name, None, "no CA yet")
     try:
         cert = x509.load_pem_x509_certificate(ca_pem)
-        extension = cert.extensions.get_extension_for_class(x509.NameConstraints)
     except ValueError:
         return Check(name, False, "ca.crt is not a PEM certificate", fix)
+    if certs.has_cmm_constraint(cert):
+        return Check(name, True, f"the CA can only vouch for {ANTHROPIC_HOST}, and for no IP address")
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.NameConstraints)
     except x509.ExtensionNotFound:
         return Check(name, False, "the CA may sign certificates for any site (no name constraint)", fix)
-    permitted = extension.value.permitted_subtrees or []
-    dns = [entry.value for entry in permitted if isinstance(entry, x509.DNSName)]
-    if not extension.critical or not dns or any(value != hostname for value in dns):
-        return Check(name, False, f"the CA's name constraint is not limited to {hostname} ({', '.join(dns) or 'none'})",
-                     fix)
-    return Check(name, True, f"the CA can only vouch for {hostname}")
+    except ValueError:
+        return Check(name, False, "the CA's extensions cannot be read", fix)
+    dns = [entry.value for entry in extension.value.permitted_subtrees or [] if isinstance(entry, x509.DNSName)]
+    if not extension.critical:
+        detail = "the CA's name constraint is not marked critical, so some clients may ignore it"
+    elif dns != [ANTHROPIC_HOST]:
+        detail = f"the CA's name constraint is not limited to {ANTHROPIC_HOST} ({', '.join(dns) or 'none'})"
+    elif not extension.value.excluded_subtrees:
+        detail = "the CA may sign certificates for IP addresses (made by an older cmm); cmm refuses to use it"
+    else:
+        detail = "the CA's name constraint differs from the one cmm makes; cmm refuses to use it"
+    return Check(name, False, detail, fix)
 
 
 def check_ca_variable(environ: Mapping[str, str], ca_cert: Path, ca_pem: bytes | None,

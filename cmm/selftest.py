@@ -375,8 +375,8 @@ class TemporaryInterceptor:
     """A ``twistd -n cmm`` child on a high port with its own config dir, stopped on exit.
 
     Its config dir is a fresh temporary one so that the user's pid and state files are never
-    touched; the user's certificates are linked in (not copied) so that the test proves the CA
-    Claude Code trusts.
+    touched; the user's certificates are copied in (the same bytes) so that the test proves the
+    CA Claude Code trusts.
     """
 
     config_dir: Path
@@ -411,7 +411,7 @@ class TemporaryInterceptor:
             self.__exit__(None, None, None)
             raise
         assert self.plan is not None
-        ca_dir = self.config_dir if self.has_user_certificates else self.workdir  # the user's, when linked
+        ca_dir = self.config_dir if self.has_user_certificates else self.workdir  # the user's, when copied
         return Target("127.0.0.1", self.port, certs.certificate_paths(ca_dir).ca_cert, self.plan.sources)
 
     def __exit__(self, *exc: object) -> None:
@@ -432,7 +432,9 @@ class TemporaryInterceptor:
         names = [p.name for p in attrs.astuple(certs.certificate_paths(self.config_dir))]
         if not self.has_user_certificates:
             names = []
-        for name in (*names, paths.ENV_FILE_NAME, "mappings.toml"):
+        for name in names:  # copied: cmm does not follow links among its certificates
+            shutil.copy(self.config_dir / name, self.workdir / name)
+        for name in (paths.ENV_FILE_NAME, "mappings.toml"):
             if (self.config_dir / name).exists():
                 (self.workdir / name).symlink_to(self.config_dir / name)
 

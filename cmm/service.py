@@ -184,7 +184,10 @@ class InterceptorService(Service):
 
     def privilegedStartService(self) -> None:
         config = self.config
-        self.worker_config = self._worker_config(config)
+        try:
+            self.worker_config = self._worker_config(config)
+        except certs.CertificateError as error:  # e.g. a CA without cmm's name constraint: never served
+            raise SystemExit(f"cmm: {error}") from None
         self.request_log = RequestLog.to_file(config.log_file, config.log_max_bytes, config.log_backups,
                                               console=self.console or sys.__stdout__, json=config.log_format == "json")
         self._give_to_user(config.log_file)
@@ -213,8 +216,8 @@ class InterceptorService(Service):
         known = self.addresses.addresses if self.addresses is not None else []
         return WorkerConfig(
             proxy=config.proxy,
-            cert_pem=result.paths.server_cert.read_bytes(),
-            key_pem=result.paths.server_key.read_bytes(),
+            cert_pem=result.server.cert_pem,
+            key_pem=result.server.key_pem,
             anthropic_addresses=tuple(config.anthropic_ips or known),
             resolve=not config.anthropic_ips,
             connect_timeout=config.connect_timeout,

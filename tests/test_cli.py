@@ -312,6 +312,26 @@ def test_setup_system_trust_tool_failure(tmp_path: Path) -> None:
     assert (tmp_path / ".cmm/ca.crt").exists() and "~/.zshrc" in out  # the rest was done
 
 
+def test_setup_refuses_a_ca_without_cmms_constraint(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from cryptography import x509
+
+    from cmm import certs
+
+    machine, commands = fake_machine(tmp_path, debian=True, is_root=True)
+    old = certs.make_ca(datetime.now(timezone.utc), excluded_networks=())
+    (tmp_path / ".cmm").mkdir()
+    (tmp_path / ".cmm/ca.crt").write_bytes(old.cert_pem)
+    (tmp_path / ".cmm/ca.key").write_bytes(old.key_pem)
+    code, out, err = run(["setup", "--system-trust", "--no-profile"], {"HOME": str(tmp_path)}, machine)
+    assert code == 1 and "cmm setup --force" in err
+    assert commands.calls == [] and not (tmp_path / "root/usr/local/share/ca-certificates").exists()
+    code, out, err = run(["setup", "--force", "--system-trust", "--no-profile"], {"HOME": str(tmp_path)}, machine)
+    assert code == 0, err
+    assert certs.has_cmm_constraint(x509.load_pem_x509_certificate((tmp_path / ".cmm/ca.crt").read_bytes()))
+
+
 def test_setup_passes_sudo_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cmm import certs
 

@@ -90,6 +90,13 @@ def test_name_constraint(pki: Path) -> None:
         "cmm setup --force (a new, constrained CA; open a new terminal afterwards)")
     wide = certs.make_ca(NOW, permitted_names=("api.anthropic.com", "example.com"))
     assert doctor.check_name_constraint(wide.cert_pem).ok is False
+    old = certs.make_ca(NOW, excluded_networks=())
+    assert doctor.check_name_constraint(old.cert_pem) == Check(
+        "CA scope", False,
+        "the CA may sign certificates for IP addresses (made by an older cmm); cmm refuses to use it",
+        "cmm setup --force (a new, constrained CA; open a new terminal afterwards)")
+    v4_only = certs.make_ca(NOW, excluded_networks=("0.0.0.0/0",))
+    assert doctor.check_name_constraint(v4_only.cert_pem).ok is False
     assert doctor.check_name_constraint(None).ok is None
     assert doctor.check_name_constraint(b"junk").ok is False
 
