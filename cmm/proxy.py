@@ -446,7 +446,7 @@ class Exchange:
         self.rechunk = mapping is not None and (client.decoder is not None or client.head.framing.kind == "chunked")
         self.connection: UpstreamConnection | None = None
         self.connecting: defer.Deferred | None = None
-        self.collector = HeadCollector(what="upstream response")
+        self.collector = HeadCollector(what="upstream response", response=True)
         self.response: ResponseHead | None = None
         self.tracker: BodyTracker | None = None
         self.response_started = False  # a byte of the final response reached the client
@@ -528,7 +528,7 @@ class Exchange:
                     raise HttpError(502, "Upstream switched protocols; cmm proxies HTTP/1.1 only")
                 if response.interim:
                     self._to_client(raw)
-                    self.collector = HeadCollector(what="upstream response")
+                    self.collector = HeadCollector(what="upstream response", response=True)
                     continue
                 self.response = response
                 self.tracker = tracker_for(response.framing, "upstream response")
@@ -631,7 +631,7 @@ class Exchange:
                  target=self.mapping.upstream.url, tries=self.tries, limit=self.client.settings.retries, delay=delay)
         self._detach("release" if reusable else "close")
         self.tries += 1
-        self.collector = HeadCollector(what="upstream response")
+        self.collector = HeadCollector(what="upstream response", response=True)
         self.response, self.tracker, self.error_raw = None, None, None
         self.first = b"".join(self.kept or ())
         self.waiting = self.context.clock.callLater(delay, self._retry)
@@ -649,7 +649,7 @@ class Exchange:
             # A pooled connection closed under us before answering: the whole request is in hand.
             self.retried = True
             self._detach("close")  # the connection is gone already: this undoes the client side
-            self.collector = HeadCollector(what="upstream response")
+            self.collector = HeadCollector(what="upstream response", response=True)
             self.start(fresh=True)
             return
         if isinstance(self.tracker, CloseBody):
