@@ -22,9 +22,8 @@ MAX_HEADERS = 100
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # one tchar (RFC 9110 section 5.6.2), for building patterns
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what a field value may not hold
 _TOKEN = re.compile(TOKEN + rb"+\Z")
-_BAD_VALUE = BAD_VALUE
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
-_NOT_TCHAR = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+_NOT_TCHAR = re.compile(b"[^" + TOKEN[1:-1] + b"]")
 _NOT_TARGET = re.compile(rb"[^\x21-\x7e]")
 _RESPONSE_START = b"HTTP/1."
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
@@ -187,7 +186,6 @@ class HeadCollector:
         self._buffer.clear()
         return head, rest
 
-
     def _refuse(self, status: int, message: str) -> HttpError:
         """A client's mistake has its own status; whatever an upstream gets wrong is a 502."""
         return HttpError(status if self._request else 502, message)
@@ -212,7 +210,7 @@ class HeadCollector:
                 return
             at = bad.start()
             part = "target" if self._target_from else "method"
-            if buffer[at] != 0x20 or at == (self._target_from or 0):
+            if buffer[at] != 0x20 or at == self._target_from:  # not a SP, or an empty method or target
                 shown = bytes(buffer[at : at + 1])
                 raise HttpError(400, f"Malformed request line: byte {shown!r} in the {part} (not an HTTP/1.1 request)")
             self._checked = at + 1
@@ -247,7 +245,7 @@ def _parse_fields(raw: bytes, max_headers: int, what: str) -> Headers:
             shown = name[:40].decode("ascii", "backslashreplace")
             raise HttpError(400, f"Malformed {what} head: invalid header name {shown!r}")
         value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
+        if BAD_VALUE.search(value):
             raise HttpError(400, f"Malformed {what} head: control character in header {name.decode()}")
         fields.append((name, value))
     return Headers(tuple(fields))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
@@ -12,7 +14,6 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
-
 
 # Seconds a connection cmm closes may wait for the peer's close_notify (or its FIN) before it is
 # cut: a peer that never answers would otherwise keep the socket, and its descriptor, for ever.
@@ -32,7 +33,7 @@ class ClosingTLSProtocol(TLSMemoryBIOProtocol):
     def loseConnection(self) -> None:
         super().loseConnection()
         if self.connected and self._close_timer is None:
-            self._close_timer = self.factory._clock.callLater(self.factory.close_timeout, self._close_timed_out)
+            self._close_timer = self.factory.close_timer(self._close_timed_out)
 
     def _close_timed_out(self) -> None:
         self._close_timer = None
@@ -62,6 +63,9 @@ class DirectTLSFactory(TLSMemoryBIOFactory):
                  clock: IReactorTime | None = None, close_timeout: float = CLOSE_TIMEOUT) -> None:
         super().__init__(contextFactory, isClient, wrappedFactory, clock)
         self.close_timeout = close_timeout
+
+    def close_timer(self, expired: Callable[[], None]) -> IDelayedCall:
+        return self._clock.callLater(self.close_timeout, expired)
 
 
 def server_factory(options: IOpenSSLContextFactory, wrapped: IProtocolFactory,

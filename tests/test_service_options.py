@@ -49,6 +49,6 @@ def test_help_lists_the_interface_options() -> None:
 
 
 def test_the_connection_cap_reaches_the_serving_settings(tmp_path: Path) -> None:
-    config = parse(["--config-dir", str(tmp_path), "--source", "a", "--target", "b", "--max-connections", "200"], {}).config
-    assert config.proxy.max_connections == 200
-    assert parse(["--config-dir", str(tmp_path), "--source", "a", "--target", "b"], {}).config.proxy.max_connections == 1024
+    base = ["--config-dir", str(tmp_path), "--source", "a", "--target", "b"]
+    assert parse([*base, "--max-connections", "200"], {}).config.proxy.max_connections == 200
+    assert parse(base, {}).config.proxy.max_connections == 1024
