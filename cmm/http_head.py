@@ -26,6 +26,8 @@ _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 _NOT_TCHAR = re.compile(b"[^" + TOKEN[1:-1] + b"]")
 _NOT_TARGET = re.compile(rb"[^\x21-\x7e]")
 _RESPONSE_START = b"HTTP/1."
+_DIGIT = frozenset(b"0123456789")
+_VERSION_SHAPE = (*({c} for c in b"HTTP/"), _DIGIT, {ord(".")}, _DIGIT, {ord("\r")})
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?\Z")
 # A field section with nothing to refuse, checked and split in C; anything else goes line by
@@ -154,8 +156,9 @@ class HeadCollector:
         self._buffer = bytearray()
         self._request = not response
         self._start_ok = False  # the start line's beginning was checked and is plausible
+        self._part = "method"  # of the request line, being checked
+        self._part_from = 0  # where that part starts in the buffer
         self._checked = 0  # bytes of the buffer found plausible so far
-        self._target_from = 0  # where the request target starts; 0 while in the method
 
     @property
     def pending(self) -> int:
@@ -202,22 +205,28 @@ class HeadCollector:
             return
         if buffer == b"\r":  # maybe the first half of an empty line
             return
-        while True:
-            pattern = _NOT_TCHAR if not self._target_from else _NOT_TARGET
+        while not self._start_ok:
+            if self._part == "version":  # HTTP/ DIGIT . DIGIT CR; which version is parse_request_head's call
+                seen = buffer[self._part_from : self._part_from + len(_VERSION_SHAPE)]
+                for offset, (byte, allowed) in enumerate(zip(seen, _VERSION_SHAPE)):
+                    if byte not in allowed:
+                        raise self._bad_start(self._part_from + offset)
+                self._start_ok = len(seen) == len(_VERSION_SHAPE)
+                return
+            pattern = _NOT_TCHAR if self._part == "method" else _NOT_TARGET
             bad = pattern.search(buffer, self._checked)
             if bad is None:
                 self._checked = len(buffer)
                 return
             at = bad.start()
-            part = "target" if self._target_from else "method"
-            if buffer[at] != 0x20 or at == self._target_from:  # not a SP, or an empty method or target
-                shown = bytes(buffer[at : at + 1])
-                raise HttpError(400, f"Malformed request line: byte {shown!r} in the {part} (not an HTTP/1.1 request)")
-            self._checked = at + 1
-            if self._target_from:
-                self._start_ok = True
-                return
-            self._target_from = at + 1
+            if buffer[at] != 0x20 or at == self._part_from:  # not a SP, or an empty method or target
+                raise self._bad_start(at)
+            self._part = "target" if self._part == "method" else "version"
+            self._part_from = self._checked = at + 1
+
+    def _bad_start(self, at: int) -> HttpError:
+        shown = bytes(self._buffer[at : at + 1])
+        return HttpError(400, f"Malformed request line: byte {shown!r} in the {self._part} (not an HTTP/1.1 request)")
 
 
 def _has_bare_lf(data: bytearray, start: int, end: int) -> bool:

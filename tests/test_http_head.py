@@ -230,6 +230,10 @@ CLIENT_HELLO = bytes.fromhex("160301007801000074030300") + bytes(range(14, 127))
     (b"GET /a\x00b", "target"),
     (b"GET /\xc3\xa9 ", "target"),
     (b"GET /\r\n", "target"),
+    (b"GET / \x16\x03", "version"),
+    (b"GET / HTTP/1.1 ", "version"),
+    (b"GET / http/1.1", "version"),
+    (b"GET / HTTP/11", "version"),
 ])
 def test_bytes_that_cannot_begin_a_request_line_are_refused_at_once(start: bytes, part: str) -> None:
     assert len(CLIENT_HELLO) == 125 and b"\n" not in CLIENT_HELLO
@@ -240,7 +244,8 @@ def test_bytes_that_cannot_begin_a_request_line_are_refused_at_once(start: bytes
 
 
 @pytest.mark.parametrize("start", [b"", b"\r", b"\r\n", b"\r\n\r", b"POST", b"POST ", b"POST /v1/messages",
-                                   b"POST /v1/messages ", b"POST /v1/messages \x00"])
+                                   b"POST /v1/messages ", b"POST /v1/messages HTTP/1", b"GET / HTTP/2.0\r",
+                                   b"GET / HTTP/1.1\r\nX-Odd: \x00\x16"])
 def test_a_plausible_start_waits_for_more(start: bytes) -> None:
     assert HeadCollector().feed(start) is None
 
