@@ -72,6 +72,9 @@ class Options(usage.Options):
         ["idle-timeout", None, "120", "Seconds an idle keep-alive client connection is kept."],
         ["connect-timeout", None, "10", "Seconds to connect to an upstream."],
         ["upstream-timeout", None, "600", "Seconds of upstream silence before giving up (not total time)."],
+        ["max-connections", None, "1024", "Client connections each serving process holds at once; beyond it the "
+                                          "longest-idle keep-alive one is closed, or, if none is idle, the new one "
+                                          "refused."],
         ["retries", None, "3", "Tries in all for an intercepted request the target answers 429 (1: no retry)."],
         ["retry-max-delay", None, "30", "Longest wait cmm sits out before a retry; a longer one goes to the client "
                                         "as retry-after."],

@@ -144,6 +144,7 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         log_content=bool(options.get("log-content")),
         retries=int(_number(options.get("retries", 3), "retries", int)),
         retry_max_delay=_number(options.get("retry-max-delay", 30), "retry-max-delay", minimum=-1),
+        max_connections=int(_number(options.get("max-connections", 1024), "max-connections", int)),
     )
     listen = _addresses(str(options.get("listen") or ",".join(DEFAULT_LISTEN)), "listen", loopback_only=True)
     hosts = options.get("hosts-file")
