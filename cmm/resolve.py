@@ -106,6 +106,8 @@ class AddressBook:
     addresses: list[str] = attrs.field(factory=list)
     cache: Path | None = None
     expires: float = math.inf
+    load_cache: Callable[[], str] | None = None  # instead of reading ``cache`` (e.g. as another user)
+    save_cache: Callable[[str], None] | None = None  # instead of writing ``cache``
     _waiters: list[defer.Deferred[list[str]]] | None = None
 
     @classmethod
@@ -113,9 +115,12 @@ class AddressBook:
         return cls(resolve=None, addresses=list(addresses))
 
     @classmethod
-    def from_dns(cls, reactor: IReactorTime, cache: Path | None = None, resolv: Path | None = None) -> AddressBook:
+    def from_dns(cls, reactor: IReactorTime, cache: Path | None = None, resolv: Path | None = None,
+                 load_cache: Callable[[], str] | None = None,
+                 save_cache: Callable[[str], None] | None = None) -> AddressBook:
         resolver = client.Resolver(resolv=str(resolv or resolv_conf()), reactor=reactor)
-        return cls(resolve=lambda: defer.ensureDeferred(lookup(resolver)), clock=reactor, cache=cache)
+        return cls(resolve=lambda: defer.ensureDeferred(lookup(resolver)), clock=reactor, cache=cache,
+                   load_cache=load_cache, save_cache=save_cache)
 
     def _now(self) -> float:
         return self.clock.seconds() if self.clock is not None else 0.0
@@ -161,17 +166,22 @@ class AddressBook:
             waiter.callback(list(self.addresses))
 
     def _cached(self) -> list[str]:
-        if self.cache is None:
+        if self.cache is None and self.load_cache is None:
             return []
         try:
-            return parse_cache(self.cache.read_text())
-        except OSError:
+            return parse_cache(self.load_cache() if self.load_cache is not None else self.cache.read_text())
+        except (OSError, UnicodeDecodeError):
             return []
 
     def _save(self) -> None:
-        if self.cache is None:
+        if self.cache is None and self.save_cache is None:
             return
+        text = format_cache(self.addresses, time.time())
         try:
-            self.cache.write_text(format_cache(self.addresses, time.time()))
+            if self.save_cache is not None:
+                self.save_cache(text)
+            else:
+                self.cache.write_text(text)
         except OSError as error:
-            log.warn("Cannot save {path}: {why}", path=str(self.cache), why=error.strerror)
+            log.warn("Cannot save the address cache {path}: {why}", path=str(error.filename or self.cache),
+                     why=error.strerror)
