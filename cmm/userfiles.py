@@ -137,9 +137,16 @@ def _open(name: str | Path, flags: int, mode: int = FILE_MODE, dir_fd: int | Non
     try:
         return os.open(name, flags | _NOFOLLOW, mode, dir_fd=dir_fd)
     except OSError as error:
-        if error.errno == errno.ELOOP:
+        if error.errno == errno.ELOOP or (error.errno == errno.ENOTDIR and _is_link(name, dir_fd)):
             raise OSError(errno.ELOOP, "is a symbolic link; cmm does not follow links there", str(name)) from None
         raise
+
+
+def _is_link(name: str | Path, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def read_file(path: Path) -> bytes:
@@ -294,10 +301,11 @@ class UserDir:
 
     def bind_unix(self, name: str, mode: int = FILE_MODE) -> socket.socket:
         """A Unix socket bound at ``name`` as the owner, with ``mode`` from the start; one left
-        behind by a killed run is replaced (only a socket: any other file there is an error)."""
+        behind by a killed run, or a link, is replaced (any other file there is an error)."""
         with self.acting() as fd:
             try:
-                if stat.S_ISSOCK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                kind = stat.S_IFMT(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+                if kind in (stat.S_IFSOCK, stat.S_IFLNK):
                     os.unlink(name, dir_fd=fd)
             except FileNotFoundError:
                 pass

@@ -26,6 +26,15 @@ from cmm.hosts import BEGIN_MARK, add_block
 STAND_IN = [sys.executable, "-c", "import time; time.sleep(60)  # stands in for twistd", "-n", "cmm"]
 
 
+def start_stand_in() -> subprocess.Popen[bytes]:
+    child = subprocess.Popen(STAND_IN)
+    deadline = time.monotonic() + 10
+    while not cli.is_cmm_process(child.pid):  # until it has exec'd
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.01)
+    return child
+
+
 def run(
     argv: list[str], environ: dict[str, str] | None = None, machine: trust.Machine | None = None
 ) -> tuple[int, str, str]:
@@ -353,7 +362,7 @@ def hosts_file(tmp_path: Path) -> Path:
 
 def test_stop_terminates_process_and_removes_stale_block(tmp_path: Path, hosts_file: Path) -> None:
     hosts_file.write_text(add_block("127.0.0.1 localhost\n"))
-    child = subprocess.Popen(STAND_IN)
+    child = start_stand_in()
     try:
         (tmp_path / "cmm.pid").write_text(f"{child.pid}\n")
         started = time.monotonic()
@@ -424,7 +433,7 @@ def test_stop_signal_permission_error(tmp_path: Path, hosts_file: Path, monkeypa
             raise PermissionError(1, "Operation not permitted")
         real_kill(pid, sig)
 
-    child = subprocess.Popen(STAND_IN)
+    child = start_stand_in()
     try:
         monkeypatch.setattr(cli.os, "kill", refuse_term)
         (tmp_path / "cmm.pid").write_text(str(child.pid))
@@ -551,7 +560,7 @@ def test_uninstall_undoes_everything(tmp_path: Path, hosts_file: Path) -> None:
     assert anchor.exists() and MARKED in (home / ".bashrc").read_text()
     (home / ".cmm" / ".env").write_text("PROXY_API_KEY=k\n")
     hosts_file.write_text(add_block("127.0.0.1 localhost\n"))
-    child = subprocess.Popen(STAND_IN)
+    child = start_stand_in()
     try:
         (home / ".cmm" / "cmm.pid").write_text(str(child.pid))
         code, out, err = run(["uninstall", "--hosts-file", str(hosts_file)], environ, machine)

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from cmm import certs, hosts, status
 from cmm.checkout import REPO, checkout_env
+from cmm.cli import is_cmm_process
 from cmm.status import (
     CertInfo,
     HostsInfo,
@@ -357,6 +358,10 @@ def test_status_command_running(tmp_path: Path, fake_target: Any, request: pytes
     _, port = fake_target
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # stands in for twistd", "cmm"])
     request.addfinalizer(lambda: (process.kill(), process.wait()))
+    deadline = time.monotonic() + 10
+    while not is_cmm_process(process.pid):  # until it has exec'd
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     closed = _free_port()
     config = tmp_path / "cfg"
     config.mkdir()
