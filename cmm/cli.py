@@ -447,7 +447,10 @@ def _config(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT) -> int:
-    pid_file = args.pid_file if args.pid_file is not None else paths.pid_file(_config_dir(args, ctx))
+    if args.pid_file is not None:  # named by whoever runs cmm (e.g. /var/run, a link to /run): its folder is resolved
+        pid_file = Path(os.path.realpath(args.pid_file.parent)) / args.pid_file.name
+    else:
+        pid_file = paths.pid_file(_config_dir(args, ctx))
     try:
         result = stop_process(pid_file, timeout=timeout, environ=ctx.environ)
     except PermissionError:

@@ -21,7 +21,6 @@ from cmm.userfiles import UserDir
 
 FILE_NAME = ".env"
 ENV_MODE = 0o600
-DIR_MODE = 0o700
 
 
 @attrs.frozen

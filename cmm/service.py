@@ -23,9 +23,8 @@ from typing import Any, Callable, Mapping as MappingType
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet import tcp, unix
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
@@ -212,8 +211,8 @@ class InterceptorService(Service):
         try:
             if self.user_dir is None:
                 self.user_dir = open_user_dir(config.config_dir, self.environ)
-            log_dir = self.user_dir if config.log_file.parent == self.user_dir.path else \
-                open_user_dir(config.log_file.parent, self.environ)
+            log_parent = Path(os.path.abspath(config.log_file.parent))
+            log_dir = self.user_dir if log_parent == self.user_dir.path else open_user_dir(log_parent, self.environ)
             self.worker_config = self._worker_config(config)
             self.request_log = RequestLog.to_file(config.log_file, config.log_max_bytes, config.log_backups,
                                                   console=self.console or sys.__stdout__,
@@ -476,7 +475,9 @@ def ensure_certificates(directory: UserDir, force: bool = False) -> certs.Ensure
     read still imports). The paths in the result are those in ``directory``.
     """
     names = [path.name for path in attrs.astuple(certs.certificate_paths(Path(".")), recurse=False)]
-    with tempfile.TemporaryDirectory(prefix="cmm-certs.") as staging:
+    # Root stages in /tmp, whose sticky bit keeps others from renaming the folder away (a TMPDIR
+    # kept from the user's environment might not).
+    with tempfile.TemporaryDirectory(prefix="cmm-certs.", dir="/tmp" if os.geteuid() == 0 else None) as staging:
         for name in names:
             try:
                 data = directory.read_bytes(name)

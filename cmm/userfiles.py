@@ -270,10 +270,15 @@ class UserDir:
 
     def open_file(self, name: str, flags: int, mode: int = FILE_MODE) -> int:
         """An fd of the regular file ``name`` opened as the owner (created ``mode`` with O_CREAT);
-        a file of the owner's with a looser mode is tightened to ``mode``."""
+        a file of the owner's with a looser mode is tightened to ``mode``.  A file with other hard
+        links is refused: it may be another file's second name."""
         with self.acting() as fd:
             handle = _open(name, flags | os.O_NONBLOCK, mode, dir_fd=fd)
             info = _regular(handle, str(self.file(name)))
+            if info.st_nlink > 1:
+                os.close(handle)
+                raise OSError(errno.EMLINK, "has other hard links; cmm writes only a file of its own there",
+                              str(self.file(name)))
             if stat.S_IMODE(info.st_mode) & ~mode and info.st_uid == os.geteuid():
                 os.fchmod(handle, mode)
             os.set_blocking(handle, True)

@@ -516,3 +516,22 @@ def test_sudo_twistd_refuses_a_linked_log_and_creates_nothing_through_it(tmp_pat
         process.wait()
     assert "cmm.log" in out.read_text() and "symbolic link" in out.read_text()
     assert not planted.exists()
+
+
+def test_a_hard_link_is_not_opened_for_the_log(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    folder = UserDir.open(tmp_path / "cfg")
+    os.link(target, folder.path / "cmm.log")  # root may link anything; a user only their own files
+    with pytest.raises(OSError, match="hard links"):
+        RequestLog.to_file(folder.path / "cmm.log", console=None, directory=folder)
+    assert untouched(target)
+
+
+def test_stop_with_a_pid_file_in_a_linked_system_folder(tmp_path: Path) -> None:
+    """`--pid-file /var/run/cmm.pid`, /var/run being a link to /run: the folder is resolved."""
+    (tmp_path / "run").mkdir(mode=0o755)
+    (tmp_path / "var-run").symlink_to(tmp_path / "run")
+    (tmp_path / "run" / "cmm.pid").write_text("0\n")
+    code, out, err = main(["stop", "--pid-file", str(tmp_path / "var-run" / "cmm.pid"),
+                           "--hosts-file", str(tmp_path / "hosts")], {})
+    assert code == 0 and "no usable process id" in out, err
