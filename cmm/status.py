@@ -228,7 +228,7 @@ def find_instance(
 def read_certificate(config_dir: Path) -> CertInfo:
     path = certs.certificate_paths(config_dir).server_cert
     try:
-        return CertInfo(path, certs.server_not_after(path.read_bytes()))
+        return CertInfo(path, certs.server_not_after(userfiles.read_file(path)))
     except FileNotFoundError:
         return CertInfo(path, None, "missing")
     except OSError as error:

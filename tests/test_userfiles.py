@@ -535,3 +535,11 @@ def test_stop_with_a_pid_file_in_a_linked_system_folder(tmp_path: Path) -> None:
     code, out, err = main(["stop", "--pid-file", str(tmp_path / "var-run" / "cmm.pid"),
                            "--hosts-file", str(tmp_path / "hosts")], {})
     assert code == 0 and "no usable process id" in out, err
+
+
+def test_status_reads_no_certificate_through_a_link(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    (tmp_path / "cfg").mkdir(mode=0o700)
+    (tmp_path / "cfg" / "server.crt").symlink_to(target)
+    info = status.read_certificate(tmp_path / "cfg")
+    assert info.not_after is None and "symbolic link" in info.problem
