@@ -134,12 +134,21 @@ def _regular(fd: int, name: str) -> os.stat_result:
 
 def _open(name: str | Path, flags: int, mode: int = FILE_MODE, dir_fd: int | None = None) -> int:
     """``os.open`` that never follows a final symbolic link and says so plainly."""
+    if dir_fd is not None:
+        _plain(str(name))
     try:
         return os.open(name, flags | _NOFOLLOW, mode, dir_fd=dir_fd)
     except OSError as error:
         if error.errno == errno.ELOOP or (error.errno == errno.ENOTDIR and _is_link(name, dir_fd)):
             raise OSError(errno.ELOOP, "is a symbolic link; cmm does not follow links there", str(name)) from None
         raise
+
+
+def _plain(name: str) -> str:
+    """``name`` itself, when it names an entry of the directory and nothing beyond it."""
+    if os.sep in name or name in ("", ".", ".."):
+        raise ValueError(f"{name!r} is not a file name inside the directory")
+    return name
 
 
 def _is_link(name: str | Path, dir_fd: int | None) -> bool:
@@ -241,6 +250,7 @@ class UserDir:
 
     def read_bytes(self, name: str) -> bytes:
         """The regular file ``name`` (FileNotFoundError when missing), read as the owner."""
+        _plain(name)
         with self.acting() as fd:
             handle = _open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=fd)
             _regular(handle, str(self.file(name)))
@@ -253,6 +263,7 @@ class UserDir:
         The temporary has its final mode before it holds any data; a link at ``name`` is replaced,
         never followed.
         """
+        _plain(name)
         with self.acting() as fd:
             temporary = f".{name.lstrip('.')}.{secrets.token_hex(6)}.tmp"
             handle = _open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, dir_fd=fd)
@@ -272,6 +283,7 @@ class UserDir:
         """An fd of the regular file ``name`` opened as the owner (created ``mode`` with O_CREAT);
         a file of the owner's with a looser mode is tightened to ``mode``.  A file with other hard
         links is refused: it may be another file's second name."""
+        _plain(name)
         with self.acting() as fd:
             handle = _open(name, flags | os.O_NONBLOCK, mode, dir_fd=fd)
             info = _regular(handle, str(self.file(name)))
@@ -286,6 +298,7 @@ class UserDir:
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` (a link itself, never its target); False when there was none."""
+        _plain(name)
         with self.acting() as fd:
             try:
                 os.unlink(name, dir_fd=fd)
@@ -294,6 +307,7 @@ class UserDir:
             return True
 
     def lstat(self, name: str) -> os.stat_result:
+        _plain(name)
         with self.acting() as fd:
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
@@ -307,6 +321,7 @@ class UserDir:
     def bind_unix(self, name: str, mode: int = FILE_MODE) -> socket.socket:
         """A Unix socket bound at ``name`` as the owner, with ``mode`` from the start; one left
         behind by a killed run, or a link, is replaced (any other file there is an error)."""
+        _plain(name)
         with self.acting() as fd:
             try:
                 kind = stat.S_IFMT(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)

@@ -543,3 +543,11 @@ def test_status_reads_no_certificate_through_a_link(tmp_path: Path) -> None:
     (tmp_path / "cfg" / "server.crt").symlink_to(target)
     info = status.read_certificate(tmp_path / "cfg")
     assert info.not_after is None and "symbolic link" in info.problem
+
+
+def test_only_plain_names_inside_the_directory(tmp_path: Path) -> None:
+    folder = UserDir.open(tmp_path / "cfg")
+    for name in ("../escape", "a/b", "..", ""):
+        with pytest.raises(ValueError, match="not a file name"):
+            folder.write_bytes(name, b"x")
+    assert not (tmp_path / "escape").exists()
