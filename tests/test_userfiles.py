@@ -27,7 +27,7 @@ from cmm.checkout import REPO, twistd_command
 from cmm.request_log import RequestLog, RequestRecord
 from cmm.service import InterceptorService, Options, ensure_certificates
 from cmm.userfiles import Identity, UnsafeDirectory, UserDir, directory_problem, read_file, running_as
-from tests.support import process_env
+from support import process_env
 
 USER = 65534
 GROUP = 65534
