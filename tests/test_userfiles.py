@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.python import usage
 
 from cmm import cli, paths, status, trust
 from cmm.checkout import REPO, twistd_command
 from cmm.request_log import RequestLog, RequestRecord
+from cmm.resolve import AddressBook, Answer
 from cmm.service import InterceptorService, Options, ensure_certificates
 from cmm.userfiles import Identity, UnsafeDirectory, UserDir, directory_problem, read_file, running_as
 from support import process_env
@@ -551,3 +554,22 @@ def test_only_plain_names_inside_the_directory(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="not a file name"):
             folder.write_bytes(name, b"x")
     assert not (tmp_path / "escape").exists()
+
+
+def test_address_book_uses_the_injected_cache_callables() -> None:
+    saved: list[str] = []
+    answers: list[defer.Deferred[Answer]] = []
+
+    def resolve() -> defer.Deferred[Answer]:
+        answers.append(defer.Deferred())
+        return answers[-1]
+
+    book = AddressBook(resolve=resolve, clock=Clock(), load_cache=lambda: "# cached\n192.0.2.7\n",
+                       save_cache=saved.append)
+    waiting = book.current()
+    answers[0].errback(LookupError("DNS down"))
+    assert waiting.result == ["192.0.2.7"]  # from load_cache, no file involved
+    book.expires = 0
+    book.current()
+    answers[1].callback(Answer(("192.0.2.1",), 300))
+    assert len(saved) == 1 and saved[0].endswith("192.0.2.1\n")
