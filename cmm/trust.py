@@ -30,6 +30,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cmm import certs, paths
 from cmm.textfile import rewrite_in_place, split_lines
+from cmm.userfiles import UserDir
 
 VARIABLE = "NODE_EXTRA_CA_CERTS"
 MARKER = "# cmm-managed"
@@ -949,28 +951,32 @@ class RemovedFolder:
     folder_removed: bool
 
 
-def remove_config_dir(directory: Path) -> RemovedFolder:
+def remove_config_dir(directory: Path | UserDir) -> RemovedFolder:
     """Delete the files cmm makes in ``directory``, then the folder if nothing else is in it.
 
     Only cmm's own file names are deleted (never a subfolder, never an unknown file), so a
-    ``--config-dir`` pointed at the wrong folder cannot cost the user anything else.
+    ``--config-dir`` pointed at the wrong folder cannot cost the user anything else.  The files
+    are removed as the folder's owner, by name inside the folder opened without following links
+    (a link is removed itself, never its target); an unsafe folder raises UnsafeDirectory.
     """
-    removed: list[Path] = []
-    left: list[Path] = []
     try:
-        entries = sorted(directory.iterdir())
+        folder = directory if isinstance(directory, UserDir) else UserDir.open(directory, create=False)
     except FileNotFoundError:
         return RemovedFolder((), (), False)
-    for entry in entries:
-        if is_own_file(entry.name) and (entry.is_symlink() or entry.is_file()):
-            entry.unlink()
-            removed.append(entry)
-        else:
-            left.append(entry)
+    removed: list[Path] = []
+    left: list[Path] = []
+    with folder.acting() as fd:
+        for name in sorted(os.listdir(fd)):
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if is_own_file(name) and (stat.S_ISLNK(info.st_mode) or stat.S_ISREG(info.st_mode)):
+                os.unlink(name, dir_fd=fd)
+                removed.append(folder.file(name))
+            else:
+                left.append(folder.file(name))
     if left:
         return RemovedFolder(tuple(removed), tuple(left), False)
     try:
-        directory.rmdir()
+        folder.path.rmdir()  # rmdir never follows a link, and only an empty folder goes
     except OSError:
         return RemovedFolder(tuple(removed), (), False)
     return RemovedFolder(tuple(removed), (), True)
