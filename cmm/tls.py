@@ -20,24 +20,46 @@ from zope.interface import implementer
 CLOSE_TIMEOUT = 5.0
 
 
+def unsent_bytes(transport: object) -> int:
+    """Bytes a TCP transport still holds for its peer (0 for a transport that does not say)."""
+    buffered = getattr(transport, "dataBuffer", b"")
+    offset = getattr(transport, "offset", 0)
+    pending = getattr(transport, "_tempDataLen", 0)
+    try:
+        return max(0, len(buffered) - offset) + pending
+    except TypeError:
+        return 0
+
+
 class ClosingTLSProtocol(TLSMemoryBIOProtocol):
     """TLS that ends a close it started within ``factory.close_timeout`` seconds.
 
     A TLS close sends close_notify and waits for the peer's: Twisted has no limit on that wait.
     The timer counts from ``loseConnection``, so it also covers a peer that stopped reading the
-    last response.
+    last response; a peer still taking that response's last bytes, however slowly, gets another
+    period each time the bytes cmm has yet to send went down.
     """
 
     _close_timer: IDelayedCall | None = None
+    _unsent_at_arming: int = 0
 
     def loseConnection(self) -> None:
         super().loseConnection()
         if self.connected and self._close_timer is None:
-            self._close_timer = self.factory.close_timer(self._close_timed_out)
+            self._arm_close_timer()
+
+    def _arm_close_timer(self) -> None:
+        self._unsent_at_arming = unsent_bytes(self.transport)
+        self._close_timer = self.factory.close_timer(self._close_timed_out)
 
     def _close_timed_out(self) -> None:
         self._close_timer = None
-        if self.connected:
+        if not self.connected:
+            return
+        unsent = unsent_bytes(self.transport)
+        if 0 < unsent < self._unsent_at_arming:
+            self._arm_close_timer()  # still reading: not stuck
+        else:
             self.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:

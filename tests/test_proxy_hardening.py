@@ -169,6 +169,42 @@ def test_a_close_the_peer_never_answers_ends_within_the_close_timeout(harness: H
     assert client.lost
 
 
+def test_a_peer_still_taking_the_last_bytes_is_not_cut(harness: Harness) -> None:
+    client, _ = harness.client()
+    client.tls.dataReceived = lambda data: None
+    underlying = client.server.transport.transport
+    underlying.dataBuffer, underlying.offset = b"x" * 3000, 0  # what cmm will have yet to send
+    harness.advance(120.5)  # idle timeout: cmm closes
+    for _ in range(2):  # a slow reader: a third of it goes out per period
+        harness.advance(CLOSE_TIMEOUT - 1)
+        underlying.offset += 1000
+        harness.advance(1.5)
+        assert not client.lost
+    harness.advance(CLOSE_TIMEOUT + 1)  # no progress in a whole period: cut
+    assert client.lost
+
+
+def test_a_peer_that_stopped_reading_is_cut_although_bytes_wait_for_it(harness: Harness) -> None:
+    client, _ = harness.client()
+    client.tls.dataReceived = lambda data: None
+    underlying = client.server.transport.transport
+    underlying.dataBuffer, underlying.offset = b"x" * 3000, 0
+    harness.advance(120.5)
+    harness.advance(CLOSE_TIMEOUT + 0.5)
+    assert client.lost
+
+
+def test_unsent_bytes_of_a_real_tcp_transport() -> None:
+    from twisted.internet import abstract
+
+    from cmm.tls import unsent_bytes
+
+    transport = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
+    transport.dataBuffer, transport.offset, transport._tempDataLen = b"abcdef", 2, 5
+    assert unsent_bytes(transport) == 9
+    assert unsent_bytes(object()) == 0
+
+
 # -- the connection cap -------------------------------------------------------------------------------
 
 def test_a_new_connection_closes_the_longest_idle_one_when_the_cap_is_reached() -> None:
