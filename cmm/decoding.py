@@ -20,7 +20,7 @@ from cmm.errors import HttpError
 
 SUPPORTED = ("gzip", "x-gzip", "deflate", "br", "zstd")
 MAX_CODINGS = 2  # "gzip, gzip" is the most anything real sends; more is only good for bombs
-STEP = 32 * 1024  # the most one decompression call produces (brotli grows its output in 32 KiB blocks)
+STEP = 32 * 1024  # the most one decompression call produces (brotli's own unit of output)
 _SLICE = 16 * 1024  # input per zlib/brotli call: both copy aside what they have not consumed yet
 _ZSTD_SLICE = 1024  # input per zstd call: past the limit, at most this much more is decoded (and dropped)
 _ZSTD_WINDOW = 8 << 20  # the window HTTP's zstd coding allows: a frame asking for more is refused, not allocated
@@ -117,10 +117,13 @@ class _Brotli(_Stage):
         self._object = brotli.Decompressor()
 
     def feed(self, data: bytes, out: _Outlet) -> None:
+        # brotli's output buffer starts with one 32 KiB block and doubles until it reaches the
+        # limit asked for, so asking for more than a byte can return up to twice that: asking
+        # for one byte returns at most the first block, whatever room is left.
         for start in range(0, len(data), _SLICE):
-            out(self._object.process(data[start : start + _SLICE], output_buffer_limit=out.room()))
+            out(self._object.process(data[start : start + _SLICE], output_buffer_limit=1))
             while not self._object.can_accept_more_data():
-                out(self._object.process(b"", output_buffer_limit=out.room()))
+                out(self._object.process(b"", output_buffer_limit=1))
 
     def done(self) -> bool:
         return self._object.is_finished()
