@@ -286,10 +286,10 @@ class BodyDecoder:
         try:
             self._entry(data)
         except (zlib.error, brotli.error, zstandard.ZstdError, _Malformed) as error:
-            self._pieces.take()  # let go of what was decoded at once, not when the error is dropped
+            self._close()
             raise HttpError(400, f"Malformed {self.names} request body: {error}") from None
         except BaseException:
-            self._pieces.take()
+            self._close()
             raise
         if not self._outlets:
             self._plain += len(data)
@@ -302,8 +302,23 @@ class BodyDecoder:
 
     def finish(self) -> None:
         """The compressed body ended: it must have been complete."""
-        if not all(stage.done() for stage in self._stages):
+        complete = all(stage.done() for stage in self._stages)
+        self._close()
+        if not complete:
             raise HttpError(400, f"Truncated {self.names} request body")
+
+    def _close(self) -> None:
+        """Let go of what was decoded and of the decompressors (a brotli window alone can be
+        16 MiB) the moment the body ends or fails: the connection holding this decoder may live on
+        until the next request, or until a garbage collection."""
+        self._plain = self.decoded
+        self._pieces.take()
+        self._stages, self._outlets, self._entry = [], [], _ended
+
+
+def _ended(data: bytes) -> None:
+    if data:
+        raise _Malformed("data after the body ended or failed")
 
 
 def _feeder(stage: _Stage, out: _Outlet) -> Emit:
