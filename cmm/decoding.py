@@ -119,11 +119,14 @@ class _Brotli(_Stage):
     def feed(self, data: bytes, out: _Outlet) -> None:
         # brotli's output buffer starts with one 32 KiB block and doubles until it reaches the
         # limit asked for, so asking for more than a byte can return up to twice that: asking
-        # for one byte returns at most the first block, whatever room is left.
+        # for one byte returns at most the first block, whatever room is left. A call returns
+        # nothing only once all its input is consumed and no output waits inside (a full block
+        # may leave more of either), so the input is drained until then.
         for start in range(0, len(data), _SLICE):
-            out(self._object.process(data[start : start + _SLICE], output_buffer_limit=1))
-            while not self._object.can_accept_more_data():
-                out(self._object.process(b"", output_buffer_limit=1))
+            piece = self._object.process(data[start : start + _SLICE], output_buffer_limit=1)
+            while piece:
+                out(piece)
+                piece = self._object.process(b"", output_buffer_limit=1)
 
     def done(self) -> bool:
         return self._object.is_finished()

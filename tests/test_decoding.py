@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import gzip
 import json
+import random
 import subprocess
 import sys
 import tracemalloc
@@ -94,6 +96,29 @@ def test_any_reads_and_steps_decode_the_same_within_the_same_limit(
     assert limit >= largest and b"".join(out) == body and decoder.decoded == len(body)
     # brotli's own unit of output is one 32 KiB block, whatever step is asked for
     assert all(len(piece) <= (max(step, STEP) if codings[0] == "br" else step) for piece in out)
+
+
+@functools.cache
+def large_body() -> bytes:
+    """1.5 MB of JSON-like text: each layer produces many steps, and brotli many full blocks."""
+    generator = random.Random(3)
+    words = ["alpha", "beta", "été", "tool_use", "{", "}", "\\n", "😀"] + [f"w{i}" for i in range(500)]
+    text = " ".join(generator.choice(words) for _ in range(250_000))
+    return json.dumps({"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": text}]}).encode()
+
+
+@pytest.mark.parametrize("codings", [["gzip"], ["deflate"], ["br"], ["zstd"], ["gzip", "gzip"], ["br", "zstd"]])
+def test_large_bodies_decode_whole_in_any_reads(codings: list[str]) -> None:
+    body = large_body()
+    data = body
+    for coding in codings:
+        data = brotli.compress(data, quality=5) if coding == "br" else ENCODERS[coding](data)  # q11 takes seconds
+    for read in (len(data), 16 * 1024, 1000):
+        decoder = BodyDecoder(codings, BODY_LIMIT)
+        out = [piece for start in range(0, len(data), read) for piece in decoder.feed(data[start : start + read])]
+        decoder.finish()
+        assert b"".join(out) == body, f"{codings} read {read} at a time"
+        assert max(len(piece) for piece in out) <= STEP
 
 
 def test_raw_deflate_and_stacked_codings() -> None:
