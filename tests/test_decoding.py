@@ -299,3 +299,30 @@ def test_a_dropped_decoder_is_freed_at_once(bombs: dict, name: str) -> None:
             assert alive() is None, f"a {name} decoder that ended with {status or 'success'} is kept alive by a cycle"
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("coding", sorted(ENCODERS))
+@pytest.mark.parametrize("apart", [False, True])
+def test_bytes_after_the_end_are_400(coding: str, apart: bool) -> None:
+    data = ENCODERS[coding](BODY)
+    decoder = BodyDecoder([coding], MiB)
+    with pytest.raises(HttpError, match="Malformed") as caught:
+        if apart:  # the stream ends exactly at a read's end; the extra bytes come in the next read
+            decoder.feed(data)
+            decoder.feed(b"{}")
+        else:
+            decoder.feed(data + b"{}")
+    assert caught.value.status == 400
+
+
+def test_zstd_frames_follow_one_another_and_skippable_frames_decode_to_nothing() -> None:
+    frame = ENCODERS["zstd"](BODY)
+    checked = zstandard.ZstdCompressor(write_checksum=True).compress(b"[1]")
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"meta!"
+    data = skippable + frame + checked + skippable
+    for splits in ([], [3, 9, 14, len(data) - 4], list(range(0, len(data), 5))):
+        assert decode("zstd", data, splits) == BODY + b"[1]"
+    with pytest.raises(HttpError, match="Truncated"):
+        decode("zstd", data[:-1], [])  # inside the last skippable frame
+    with pytest.raises(HttpError, match="Truncated"):
+        decode("zstd", frame + checked[:-2], [])  # inside the checksum
