@@ -326,3 +326,41 @@ def test_zstd_frames_follow_one_another_and_skippable_frames_decode_to_nothing()
         decode("zstd", data[:-1], [])  # inside the last skippable frame
     with pytest.raises(HttpError, match="Truncated"):
         decode("zstd", frame + checked[:-2], [])  # inside the checksum
+
+
+# -- through cmm's serving protocol ------------------------------------------------------------------
+
+
+def json_bombs() -> list[tuple[str, bytes]]:
+    """Bombs whose decoded start is a messages body still looking for its model, so that the proxy
+    reads on through them (a body plainly not JSON is passed through undecoded)."""
+    start = b'{"messages":['
+    raw_block = (len(start) << 3).to_bytes(3, "little") + start
+    spaces = ((128 << 10) << 3 | 1 << 1).to_bytes(3, "little") + b" "
+    last = ((128 << 10) << 3 | 1 << 1 | 1).to_bytes(3, "little") + b" "
+    zstd_bomb = b"\x28\xb5\x2f\xfd" + bytes([0x00, (17 - 10) << 3]) + raw_block + spaces * 1023 + last  # 128 MiB
+    brotli_bomb = brotli.Compressor(quality=5, lgwin=24)
+    gzipped = zlib.compressobj(9, wbits=31)
+    chunk = b" " * MiB
+    return [
+        ("zstd", zstd_bomb),
+        ("br", brotli_bomb.process(start) + b"".join(brotli_bomb.process(chunk) for _ in range(64)) + brotli_bomb.finish()),
+        ("gzip, gzip", gzip.compress(gzipped.compress(start) + b"".join(gzipped.compress(chunk) for _ in range(64))
+                                     + gzipped.flush())),
+    ]
+
+
+def test_the_proxy_refuses_bombs_with_413_and_three_codings_with_415() -> None:
+    from memory_harness import Harness, make_pki, responses, settings as proxy_settings
+
+    harness = Harness(make_pki(), proxy_settings())
+    cases = [(codings, bomb, 413, "request_too_large") for codings, bomb in json_bombs()]
+    cases.append(("gzip, gzip, gzip", gzip.compress(gzip.compress(gzip.compress(BODY))), 415, "invalid_request_error"))
+    for codings, data, status, kind in cases:
+        client, _ = harness.client()
+        harness.send(client, b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Type: application/json\r\n"
+                             b"Content-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s" % (codings.encode(), len(data), data))
+        [(head, body)] = responses(bytes(client.received))
+        assert head.startswith(b"HTTP/1.1 %d " % status), (codings, head)
+        assert json.loads(body)["error"]["type"] == kind
+    assert all(upstream.exchanges == [] for upstream in harness.upstreams.values())  # nothing was forwarded
