@@ -3,9 +3,10 @@
 Claude Code gzips its messages body when it trusts cmm's CA through the system store, so the
 model finder must read through the compression. A few hundred bytes of brotli or 16 KB of zstd can
 stand for gigabytes, so a body must cost a worker no more than a plain body at the limit: every
-decompression call is asked for at most one step of output (less once the limit is near), each
-piece goes straight on to the next layer, and the 413 comes the moment a layer passes the limit.
-Nothing decoded waits in a list between layers, so a bomb is stopped one step past the limit.
+decompression call produces at most one step of output (zlib is asked for less once the limit is
+near), each piece goes straight on to the next layer, and the 413 comes the moment a layer passes
+the limit. Nothing decoded waits between layers, so a bomb is stopped one step past the limit,
+and the decompressors (and their windows) are let go of as soon as the body ends or fails.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cmm.errors import HttpError
 
 SUPPORTED = ("gzip", "x-gzip", "deflate", "br", "zstd")
 MAX_CODINGS = 2  # "gzip, gzip" is the most anything real sends; more is only good for bombs
-STEP = 32 * 1024  # the most one decompression call produces (brotli's own unit of output)
+STEP = 32 * 1024  # the most one decompression call produces: brotli's first output block is this size
 _SLICE = 16 * 1024  # input per zlib/brotli call: both copy aside what they have not consumed yet
 _ZSTD_SLICE = 1024  # input per zstd call: past the limit, at most this much more is decoded (and dropped)
 _ZSTD_WINDOW = 8 << 20  # the window HTTP's zstd coding allows: a frame asking for more is refused, not allocated

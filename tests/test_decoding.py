@@ -252,19 +252,18 @@ def test_bombs_grow_a_process_by_the_limit_at_most(bombs: dict, name: str, tmp_p
 
 
 def test_more_than_two_codings_are_refused_before_decoding() -> None:
-    body = gzip.compress(gzip.compress(gzip.compress(BODY)))
-    with pytest.raises(HttpError, match="at most 2") as caught:
+    with pytest.raises(HttpError, match="at most 2") as caught:  # at construction: before any byte
         BodyDecoder(["gzip", "identity", "gzip", "gzip"], MiB)
     assert caught.value.status == 415
     decoder = BodyDecoder(["gzip", "identity", "gzip"], MiB)  # identity is no layer
     assert b"".join(decoder.feed(gzip.compress(gzip.compress(BODY)))) == BODY
     decoder.finish()
-    assert body  # three layers exist in the wild only as bombs: nothing of this is decoded
 
 
 def test_a_zstd_frame_asking_for_a_large_window_is_refused() -> None:
     def frame(window_log: int) -> bytes:  # one RLE block of 1000 "x", in a frame declaring this window
-        return b"\x28\xb5\x2f\xfd" + bytes([0x00, (window_log - 10) << 3]) + (1000 << 3 | 1 << 1 | 1).to_bytes(3, "little") + b"x"
+        block = (1000 << 3 | 1 << 1 | 1).to_bytes(3, "little") + b"x"
+        return b"\x28\xb5\x2f\xfd" + bytes([0x00, (window_log - 10) << 3]) + block
 
     with pytest.raises(HttpError, match="Malformed zstd") as caught:
         BodyDecoder(["zstd"], MiB).feed(frame(24))
