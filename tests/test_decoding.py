@@ -331,8 +331,9 @@ def test_zstd_frames_follow_one_another_and_skippable_frames_decode_to_nothing()
 
 
 def json_bombs() -> list[tuple[str, bytes]]:
-    """Bombs whose decoded start is a messages body still looking for its model, so that the proxy
-    reads on through them (a body plainly not JSON is passed through undecoded)."""
+    """Bombs whose decoded start is a messages body still looking for its model: the proxy must
+    read on through them however they are split (a body plainly not JSON may be passed through
+    undecoded once a read has shown it)."""
     start = b'{"messages":['
     raw_block = (len(start) << 3).to_bytes(3, "little") + start
     spaces = ((128 << 10) << 3 | 1 << 1).to_bytes(3, "little") + b" "
