@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 import attrs
 
 from cmm import dnsflush, envfile, hosts, paths
+from cmm.userfiles import UnsafeDirectory, UserDir
 
 if TYPE_CHECKING:  # cmm.trust loads cryptography: only setup and uninstall import it, when run
     from cmm.trust import Machine, Report
@@ -119,6 +120,7 @@ class StopState(enum.Enum):
     INVALID_PID_FILE = "invalid pid file"
     NOT_RUNNING = "not running"
     REUSED = "pid now belongs to another process"
+    NOT_CMM = "pid belongs to a process that is not cmm"
     STOPPED = "stopped"
     TIMED_OUT = "still running"
 
@@ -150,6 +152,43 @@ def process_alive(pid: int, kill: Callable[[int, int], None] | None = None) -> b
     return not (fields and fields[0] in ("Z", "X"))
 
 
+def command_line(pid: int) -> list[str] | None:
+    """The arguments ``pid`` was started with; None where that cannot be known."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        if Path("/proc/self/cmdline").exists():
+            return []  # a /proc without this pid: it is gone
+    except OSError:
+        return None
+    else:
+        return [part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0") if part]
+    import subprocess  # no /proc (macOS): ask ps
+
+    try:
+        found = subprocess.run(["ps", "-ww", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
+                               timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.split()
+
+
+def is_cmm_command(argv: Sequence[str]) -> bool:
+    """Whether a command line runs cmm's twistd plugin: ``[python] .../twistd [opts] cmm ...`` or
+    :mod:`cmm.checkout`'s ``python -c '...twistd...run()' [opts] cmm ...``."""
+    for index, arg in enumerate(argv):
+        twistd = Path(arg).name.startswith("twistd") or (index > 0 and argv[index - 1] == "-c" and "twistd" in arg)
+        if twistd:
+            return "cmm" in argv[index + 1:]
+    return False
+
+
+def is_cmm_process(pid: int, command: Callable[[int], list[str] | None] = command_line) -> bool:
+    """Whether ``pid`` is a cmm master (or a worker's twistd); unknowable counts as no."""
+    argv = command(pid)
+    return argv is not None and is_cmm_command(argv)
+
+
 def process_start_time(pid: int) -> float | None:
     """When ``pid`` started (epoch seconds), from /proc; None where that is unknown."""
     fields = _proc_stat_fields(pid)
@@ -171,20 +210,28 @@ def stop_process(
     timeout: float = STOP_TIMEOUT,
     kill: Callable[[int, int], None] | None = None,
     is_alive: Callable[[int], bool] = process_alive,
+    is_cmm: Callable[[int], bool] | None = None,
     started_at: Callable[[int], float | None] = process_start_time,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    environ: Mapping[str, str] = os.environ,
 ) -> StopResult:
     """SIGTERM the process named in ``pid_file`` and wait for it; PermissionError if not allowed.
 
-    A process that started after the pid file was written cannot be the one that wrote it (the pid
-    was reused after a crash or reboot), so it is left alone.
+    Only a process that is cmm is signalled: anyone who can write the pid file could otherwise
+    have root kill any process. One that started after the pid file was written cannot be the
+    one that wrote it (the pid was reused after a crash or reboot), so it is left alone too.
+    The file is read and removed as the owner of its folder, never through a link; UnsafeDirectory
+    when that folder must not be used.
     """
     try:
-        text = pid_file.read_text()
-        written = pid_file.stat().st_mtime
+        folder = paths.user_dir(pid_file.parent, environ, create=False)
+        text = folder.read_bytes(pid_file.name).decode("ascii", "replace")
+        written = folder.lstat(pid_file.name).st_mtime
     except FileNotFoundError:
         return StopResult(StopState.NO_PID_FILE)
+    except OSError:
+        return StopResult(StopState.INVALID_PID_FILE)  # a link, a FIFO, unreadable: names no process
     try:
         pid = int(text.strip())
     except ValueError:
@@ -192,12 +239,15 @@ def stop_process(
     if pid <= 1:  # 0 and negatives signal process groups; 1 is init
         return StopResult(StopState.INVALID_PID_FILE, pid)
     if not is_alive(pid):
-        _remove_quietly(pid_file)
+        _remove_quietly(folder, pid_file.name)
         return StopResult(StopState.NOT_RUNNING, pid)
     kill = kill or os.kill  # looked up now, so that a patched os.kill is honoured
+    if not (is_cmm or is_cmm_process)(pid):  # looked up now, as kill is
+        _remove_quietly(folder, pid_file.name)
+        return StopResult(StopState.NOT_CMM, pid)
     started = started_at(pid)
     if started is not None and started > written + 1.0:
-        _remove_quietly(pid_file)
+        _remove_quietly(folder, pid_file.name)
         return StopResult(StopState.REUSED, pid)
     kill(pid, signal.SIGTERM)
     deadline = clock() + timeout
@@ -205,14 +255,14 @@ def stop_process(
         if clock() >= deadline:
             return StopResult(StopState.TIMED_OUT, pid)
         sleep(0.05)
-    _remove_quietly(pid_file)
+    _remove_quietly(folder, pid_file.name)
     return StopResult(StopState.STOPPED, pid)
 
 
-def _remove_quietly(path: Path) -> None:
+def _remove_quietly(folder: UserDir, name: str) -> None:
     try:
-        path.unlink()
-    except OSError:
+        folder.unlink(name)
+    except (OSError, UnsafeDirectory):
         pass  # twistd removes its own pid file; a root-owned leftover is harmless
 
 
@@ -240,6 +290,20 @@ def _config_dir(args: argparse.Namespace, ctx: _Context) -> Path:
     return given if given is not None else paths.config_dir(ctx.environ)
 
 
+def _user_dir(args: argparse.Namespace, ctx: _Context) -> UserDir:
+    """The config dir, checked (UnsafeDirectory: :func:`main` says what to fix) and created as the
+    user when missing; whatever a command does in it runs as its owner."""
+    return paths.user_dir(_config_dir(args, ctx), ctx.environ)
+
+
+def _existing_user_dir(args: argparse.Namespace, ctx: _Context) -> UserDir | None:
+    """As :func:`_user_dir` for commands that only read: None (nothing made) when it is missing."""
+    try:
+        return paths.user_dir(_config_dir(args, ctx), ctx.environ, create=False)
+    except FileNotFoundError:
+        return None
+
+
 def _shell_line(shell: str, ca_cert: Path) -> tuple[str, str]:
     """The NODE_EXTRA_CA_CERTS line for the user's shell and the profile it belongs in."""
     from cmm import trust
@@ -263,6 +327,8 @@ def _say_report(ctx: _Context, report: Report, indent: str = "") -> None:
 def _setup(args: argparse.Namespace, ctx: _Context) -> int:
     from cmm import certs, trust  # imported here: only setup and uninstall need cryptography
 
+    from cmm.service import ensure_certificates
+
     directory = _config_dir(args, ctx)
     machine = _machine(ctx)
     store, problem = trust.system_preflight(
@@ -271,7 +337,11 @@ def _setup(args: argparse.Namespace, ctx: _Context) -> int:
     if problem:
         return ctx.fail(problem)
     try:
-        result = certs.ensure_certificates(directory, force=args.force, owner=paths.invoking_user(ctx.environ))
+        folder = _user_dir(args, ctx)
+        directory = folder.path
+        result = ensure_certificates(folder, force=args.force)
+    except certs.CertificateError as error:  # a CA cmm will not use, a linked folder or file
+        return ctx.fail(str(error))
     except PermissionError as error:
         return ctx.fail(f"permission denied writing {error.filename or directory}: {error.strerror}")
     except OSError as error:
@@ -325,15 +395,16 @@ def _default_text(key: str) -> str:
 
 
 def _config(args: argparse.Namespace, ctx: _Context) -> int:
-    path = paths.env_file(_config_dir(args, ctx))
     key: str | None = getattr(args, "key", None)
     if key is not None and key not in envfile.SETTINGS:
         return ctx.fail(envfile.unknown_key_message(key), EXIT_USAGE)
+    folder = _existing_user_dir(args, ctx)
+    path = paths.env_file(folder.path if folder is not None else _config_dir(args, ctx))
     try:
-        text = envfile.load_text(path)
+        text = envfile.load_from(folder) if folder is not None else ""
     except PermissionError:
         return ctx.fail(f"permission denied reading {path}")
-    except OSError as error:  # a folder in its place, an unreadable disk
+    except OSError as error:
         return ctx.fail(f"cannot read {path}: {error.strerror or error}")
     values = envfile.parse_env(text)
 
@@ -368,19 +439,22 @@ def _config(args: argparse.Namespace, ctx: _Context) -> int:
         new_text = envfile.delete_value(text, key)
         message = f"Deleted {key} from {path}; now {_default_text(key)}"
     try:
-        envfile.save_text(path, new_text, owner=paths.invoking_user(ctx.environ))
+        envfile.save_text(folder or _user_dir(args, ctx), new_text)
     except PermissionError:
         return ctx.fail(f"permission denied writing {path}")
-    except OSError as error:  # no such folder, a file where the folder should be, a full disk
+    except OSError as error:
         return ctx.fail(f"cannot write {path}: {error.strerror or error}")
     ctx.say(message)
     return EXIT_OK
 
 
 def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT) -> int:
-    pid_file = args.pid_file if args.pid_file is not None else paths.pid_file(_config_dir(args, ctx))
+    if args.pid_file is not None:  # named by whoever runs cmm (e.g. /var/run, a link to /run): its folder is resolved
+        pid_file = Path(os.path.realpath(args.pid_file.parent)) / args.pid_file.name
+    else:
+        pid_file = paths.pid_file(_config_dir(args, ctx))
     try:
-        result = stop_process(pid_file, timeout=timeout)
+        result = stop_process(pid_file, timeout=timeout, environ=ctx.environ)
     except PermissionError:
         return ctx.fail(f"permission denied stopping the process named in {pid_file}; use `sudo cmm stop`")
     pid = result.pid
@@ -395,6 +469,8 @@ def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT
             StopState.INVALID_PID_FILE: f"cmm is not running ({pid_file} holds no usable process id).",
             StopState.NOT_RUNNING: f"cmm is not running (stale pid file {pid_file} named pid {pid}).",
             StopState.REUSED: f"cmm is not running (pid {pid} from {pid_file} is now another process; left alone).",
+            StopState.NOT_CMM: f"cmm is not running: pid {pid} from {pid_file} is not cmm, so it was left alone "
+                               f"and the stale pid file removed.",
             StopState.STOPPED: f"Stopped cmm (pid {pid}).",
         }[result.state]
     )
@@ -437,7 +513,9 @@ def _uninstall(args: argparse.Namespace, ctx: _Context) -> int:
     if report.failed:
         return ctx.fail(f"{directory} was kept; fix the above and run `cmm uninstall` again")
     try:
-        folder = trust.remove_config_dir(directory)
+        folder = trust.remove_config_dir(paths.user_dir(directory, ctx.environ, create=False))
+    except FileNotFoundError:
+        folder = trust.RemovedFolder((), (), False)
     except OSError as error:
         return ctx.fail(f"cannot remove {error.filename or directory}: {error.strerror or error}")
     if folder.folder_removed:
@@ -481,10 +559,11 @@ def _lines(message: str) -> str:
 def _map(args: argparse.Namespace, ctx: _Context) -> int:
     from cmm import mappings  # imported here: the other commands do not need it
 
-    directory = _config_dir(args, ctx)
+    folder = _existing_user_dir(args, ctx)
+    directory = folder.path if folder is not None else _config_dir(args, ctx)
     path = mappings.mappings_file(directory)
     try:
-        specs = mappings.load(path)
+        specs = mappings.load_from(folder) if folder is not None else ()
     except mappings.MappingsError as error:
         return ctx.fail(_lines(f"{error}\nfix {path} by hand; it was left unchanged"), EXIT_USAGE)
     except OSError as error:
@@ -517,7 +596,7 @@ def _map(args: argparse.Namespace, ctx: _Context) -> int:
     except mappings.MappingsError as error:
         return ctx.fail(_lines(str(error)), EXIT_USAGE)
     try:
-        mappings.save(path, new_specs, owner=paths.invoking_user(ctx.environ))
+        mappings.save(folder or _user_dir(args, ctx), new_specs)
     except OSError as error:
         return ctx.fail(f"cannot write {path}: {error.strerror or error}")
     ctx.say(message)
@@ -548,6 +627,8 @@ def _add_check_parsers(commands: argparse._SubParsersAction, common: argparse.Ar
     doctor.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
     doctor.add_argument("--port", type=int, default=443, help="the port cmm serves on (default: 443)")
     doctor.add_argument("--timeout", type=float, default=3.0, metavar="S", help="for the target probe (default: 3)")
+    doctor.add_argument("--dns-server", type=_dns_servers, default=(), metavar="IP[:PORT][,...]",
+                        help="name servers to ask for api.anthropic.com (default: those in resolv.conf)")
 
     service = commands.add_parser(
         "service", parents=[common], help="run cmm at boot (systemd on Linux, launchd on macOS)",
@@ -578,7 +659,16 @@ def _doctor(args: argparse.Namespace, ctx: _Context) -> int:
     from cmm import doctor
 
     return doctor.run(_config_dir(args, ctx), environ=ctx.environ, hosts_file=args.hosts_file, port=args.port,
-                      timeout=args.timeout, write=ctx.out.write)
+                      timeout=args.timeout, write=ctx.out.write, dns_servers=args.dns_server)
+
+
+def _dns_servers(text: str) -> tuple[tuple[str, int], ...]:
+    from cmm import resolve
+
+    try:
+        return resolve.parse_servers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _service(args: argparse.Namespace, ctx: _Context) -> int:
@@ -627,7 +717,10 @@ def main(
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except _Exit as done:
         return done.status
-    return _COMMANDS[args.command](args, ctx)
+    try:
+        return _COMMANDS[args.command](args, ctx)
+    except UnsafeDirectory as error:
+        return ctx.fail(str(error))
 
 
 if __name__ == "__main__":  # ``python -m cmm.cli``, the same as the console script

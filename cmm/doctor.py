@@ -18,13 +18,12 @@ from typing import Any
 import attrs
 from cryptography import x509
 
-from cmm import certs, envfile, hosts, paths, status
+from cmm import certs, envfile, hosts, paths, resolve, status
 from cmm.resolve import usable_addresses
 from cmm.status import HostsInfo, Instance, Probe, TrustInfo
 
 ANTHROPIC_HOST = hosts.HOSTNAME
 CONNECT_TIMEOUT = 1.0
-DNS_TIMEOUTS = (1, 3)  # seconds per attempt; twisted.names' default waits up to a minute
 
 
 @attrs.frozen
@@ -100,25 +99,36 @@ def check_certificates(files: CertFiles, now: datetime, warn_days: int = status.
                              f"({days} days left)")
 
 
-def check_name_constraint(ca_pem: bytes | None, hostname: str = ANTHROPIC_HOST) -> Check:
-    """The CA may vouch only for api.anthropic.com, so a stolen key cannot impersonate other sites."""
+def check_name_constraint(ca_pem: bytes | None) -> Check:
+    """The CA may vouch only for api.anthropic.com and for no IP address, so a stolen key cannot
+    impersonate other sites; the verdict is :func:`certs.has_cmm_constraint`'s, which cmm itself
+    applies before using or installing a CA, and the detail says what differs."""
     name = "CA scope"
     fix = "cmm setup --force (a new, constrained CA; open a new terminal afterwards)"
     if ca_pem is None:
         return Check(name, None, "no CA yet")
     try:
         cert = x509.load_pem_x509_certificate(ca_pem)
-        extension = cert.extensions.get_extension_for_class(x509.NameConstraints)
     except ValueError:
         return Check(name, False, "ca.crt is not a PEM certificate", fix)
+    if certs.has_cmm_constraint(cert):
+        return Check(name, True, f"the CA can only vouch for {ANTHROPIC_HOST}, and for no IP address")
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.NameConstraints)
     except x509.ExtensionNotFound:
         return Check(name, False, "the CA may sign certificates for any site (no name constraint)", fix)
-    permitted = extension.value.permitted_subtrees or []
-    dns = [entry.value for entry in permitted if isinstance(entry, x509.DNSName)]
-    if not extension.critical or not dns or any(value != hostname for value in dns):
-        return Check(name, False, f"the CA's name constraint is not limited to {hostname} ({', '.join(dns) or 'none'})",
-                     fix)
-    return Check(name, True, f"the CA can only vouch for {hostname}")
+    except ValueError:
+        return Check(name, False, "the CA's extensions cannot be read", fix)
+    dns = [entry.value for entry in extension.value.permitted_subtrees or [] if isinstance(entry, x509.DNSName)]
+    if not extension.critical:
+        detail = "the CA's name constraint is not marked critical, so some clients may ignore it"
+    elif dns != [ANTHROPIC_HOST]:
+        detail = f"the CA's name constraint is not limited to {ANTHROPIC_HOST} ({', '.join(dns) or 'none'})"
+    elif not extension.value.excluded_subtrees:
+        detail = "the CA may sign certificates for IP addresses (made by an older cmm); cmm refuses to use it"
+    else:
+        detail = "the CA's name constraint differs from the one cmm makes; cmm refuses to use it"
+    return Check(name, False, detail, fix)
 
 
 def check_ca_variable(environ: Mapping[str, str], ca_cert: Path, ca_pem: bytes | None,
@@ -193,7 +203,8 @@ def check_dns(answer: Sequence[str] | BaseException, hostname: str = ANTHROPIC_H
     if isinstance(answer, BaseException):
         reason = str(answer) if hostname in str(answer) else f"no usable address for {hostname}: {answer!r}"
         return Check(name, False, reason,
-                     "check the network and /etc/resolv.conf, or give cmm the addresses with --anthropic-ip")
+                     "check the network and /etc/resolv.conf (or name a server with --dns-server), or give cmm the "
+                     "addresses with --anthropic-ip")
     usable = usable_addresses(answer)
     if not usable:
         return Check(name, False, f"DNS answers {hostname} with loopback addresses only",
@@ -244,13 +255,10 @@ async def port_accepts(reactor: Any, host: str, port: int, timeout: float = CONN
     return True
 
 
-async def dns_lookup(reactor: Any) -> list[str]:
-    from twisted.names import client
-
-    from cmm import resolve
-
-    resolver = client.Resolver(resolv=str(resolve.resolv_conf()), reactor=reactor, timeout=DNS_TIMEOUTS)
-    return await resolve.lookup(resolver)
+async def dns_lookup(reactor: Any, servers: resolve.Servers = ()) -> list[str]:
+    """The addresses cmm would use, asked as cmm asks: ``servers``, else those in resolv.conf."""
+    answer = await resolve.lookup(resolve.QuietResolver(reactor=reactor, servers=servers))
+    return list(answer.addresses)
 
 
 async def diagnose(
@@ -356,14 +364,14 @@ def exit_code(checks: Sequence[Check]) -> int:
 
 
 def run(config_dir: Path, *, environ: Mapping[str, str], hosts_file: Path, port: int, timeout: float,
-        write: Callable[[str], object]) -> int:
+        write: Callable[[str], object], dns_servers: resolve.Servers = ()) -> int:
     """``cmm doctor`` on the real reactor."""
 
     async def work(reactor: Any) -> list[Check]:
         return await diagnose(
             config_dir,
             connect=lambda host, p: port_accepts(reactor, host, p),
-            lookup=lambda: dns_lookup(reactor),
+            lookup=lambda: dns_lookup(reactor, dns_servers),
             probe=lambda url: status.probe_target(url, reactor=reactor, timeout=timeout),
             environ=environ,
             hosts_file=hosts_file,

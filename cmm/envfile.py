@@ -8,20 +8,19 @@ key, hence mode 0600.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import attrs
 
+from cmm import userfiles
 from cmm.textfile import split_lines
+from cmm.userfiles import UserDir
 
+FILE_NAME = ".env"
 ENV_MODE = 0o600
-DIR_MODE = 0o700
 
 
 @attrs.frozen
@@ -195,37 +194,25 @@ def delete_value(text: str, key: str) -> str:
 
 
 def load_text(path: Path) -> str:
-    """The file's text, or "" when there is none yet."""
+    """The file's text, or "" when there is none yet; never read through a symbolic link."""
     try:
-        return path.read_bytes().decode("utf-8", "surrogateescape")
+        return userfiles.read_file(path).decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         return ""
 
 
-def save_text(path: Path, text: str, *, owner: tuple[int, int] | None = None) -> None:
-    """Write atomically with mode 0600; ``owner`` (uid, gid) so a file made under sudo is the user's.
-
-    The directory is created (0700, same owner) when missing.
-    """
-    directory = path.parent
-    if not directory.exists():
-        directory.mkdir(mode=DIR_MODE, parents=True)
-        if owner is not None:
-            os.chown(directory, *owner)
-    if owner is None and os.geteuid() == 0 and path.exists():
-        st = path.stat()  # root editing a user's file: keep it the user's
-        owner = (st.st_uid, st.st_gid)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".env.", suffix=".tmp")
+def load_from(directory: UserDir, name: str = FILE_NAME) -> str:
+    """The text of ``name`` in ``directory``, read as its owner; "" when there is none yet."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), ENV_MODE)
-            if owner is not None and owner != (os.geteuid(), os.getegid()):
-                os.fchown(handle.fileno(), *owner)
-            handle.write(text.encode("utf-8", "surrogateescape"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+        return directory.read_bytes(name).decode("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return ""
+
+
+def save_text(directory: UserDir, text: str, name: str = FILE_NAME) -> None:
+    """Replace ``name`` in ``directory`` atomically with mode 0600, as the directory's owner.
+
+    Under sudo the file is thus the user's from the start, and a link planted in its place is
+    replaced, never written through.
+    """
+    directory.write_bytes(name, text.encode("utf-8", "surrogateescape"), ENV_MODE)

@@ -15,6 +15,7 @@ _REASONS = {
     404: "Not Found",
     408: "Request Timeout",
     413: "Payload Too Large",
+    415: "Unsupported Media Type",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",

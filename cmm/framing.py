@@ -4,21 +4,38 @@ cmm forwards raw bytes but must know exactly where each message ends, both to ke
 keep-alive connections in step and to hand the model finder the payload without the chunk
 framing. A tracker is fed raw bytes and says how many of them belong to the body, which payload
 bytes they carried, and whether the body is complete.
+
+Chunk extensions and trailer fields are checked against RFC 9112's grammar and a body that
+breaks it is refused, in both directions. A passthrough body is forwarded byte for byte, so
+whatever cmm accepts the next parser must read the same way: a NUL or a bare CR in an extension
+was passed on and read differently upstream, and two parsers that disagree on where a body ends
+on a pooled connection is how requests are smuggled. Dropping extensions by re-chunking would also
+settle it, but would change passthrough bytes and copy every body for the sake of a field no
+client cmm serves sends; refusing keeps valid bodies untouched and costs nothing on the plain
+path (a size line without an extension takes the fast path unchanged).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import attrs
 
 from cmm.errors import HttpError
-from cmm.http_head import Framing
+from cmm.http_head import BAD_VALUE, TOKEN, Framing
 
 MAX_CHUNK_LINE = 4096
 MAX_TRAILER_BYTES = 64 * 1024
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _PLAIN_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")  # no extension, no whitespace
+# chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ), a value being a
+# token or a quoted-string (RFC 9112 section 7.1.1, RFC 9110 section 5.6): no control byte but
+# HTAB anywhere, so the line's CRLF is the only place it can end.
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_SIZE_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*%s+(?:[ \t]*=[ \t]*(?:%s+|%s))?)*)\Z" % (TOKEN, TOKEN, _QUOTED))
+_FIELD_NAME = re.compile(TOKEN + rb"+\Z")
 
 
 @attrs.frozen
@@ -126,10 +143,13 @@ class ChunkedBody(BodyTracker):
             if line is None:
                 break
             if self._state == "size":
-                digits = line.split(b";", 1)[0].rstrip(b" \t")
-                if _HEX.match(digits) is None:
-                    raise self._fail(f"bad chunk size {digits[:20]!r}")
-                self._remaining = int(digits, 16)
+                sized = _SIZE_LINE.match(line)
+                if sized is None:
+                    digits = line.split(b";", 1)[0].rstrip(b" \t")
+                    if _HEX.match(digits) is None:
+                        raise self._fail(f"bad chunk size {digits[:20]!r}")
+                    raise self._fail(f"malformed chunk extension {line[len(digits):][:40]!r}")
+                self._remaining = int(sized.group(1), 16)
                 self._state = "data" if self._remaining else "trailer"
             elif self._state == "data-end":
                 if line:
@@ -141,9 +161,19 @@ class ChunkedBody(BodyTracker):
                     raise self._fail("trailer section too large")
                 if not line:
                     self.done = True
-                elif line[:1] in (b" ", b"\t") or b":" not in line:
-                    raise self._fail("malformed trailer field")
+                else:
+                    _check_trailer_field(line, self._fail)
         return Progress(pos, tuple(payload), self.done)
+
+
+def _check_trailer_field(line: bytes, fail: Callable[[str], HttpError]) -> None:
+    """field-name ":" OWS field-value OWS, as in a head: a token name, no control byte but HTAB in
+    the value (so no bare CR), no obsolete folding."""
+    name, colon, value = line.partition(b":")
+    if not colon or _FIELD_NAME.match(name) is None:
+        raise fail(f"malformed trailer field {name[:40]!r}")
+    if BAD_VALUE.search(value) is not None:
+        raise fail(f"control character in trailer field {name.decode('ascii')}")
 
 
 def tracker_for(framing: Framing, what: str = "request") -> BodyTracker:

@@ -19,9 +19,15 @@ from cmm.errors import HttpError
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # one tchar (RFC 9110 section 5.6.2), for building patterns
+BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what a field value may not hold
+_TOKEN = re.compile(TOKEN + rb"+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+_NOT_TCHAR = re.compile(b"[^" + TOKEN[1:-1] + b"]")
+_NOT_TARGET = re.compile(rb"[^\x21-\x7e]")
+_RESPONSE_START = b"HTTP/1."
+_DIGIT = frozenset(b"0123456789")
+_VERSION_SHAPE = (*({c} for c in b"HTTP/"), _DIGIT, {ord(".")}, _DIGIT, {ord("\r")})
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?\Z")
 # A field section with nothing to refuse, checked and split in C; anything else goes line by
@@ -138,13 +144,21 @@ class HeadCollector:
     """Gathers bytes up to the blank line that ends a head, within the size limit.
 
     Leading empty lines are skipped (RFC 9112 section 2.2) since some clients send a stray CRLF
-    after a body; bare LF fails at once instead of waiting for a CRLFCRLF that never comes.
+    after a body; bare LF fails at once instead of waiting for a CRLFCRLF that never comes. So do
+    bytes that cannot begin a start line (a request's ``method SP target SP``, a response's
+    ``HTTP/1.``): a TLS ClientHello sent inside TLS, or any binary, is refused at its first byte
+    rather than held until the head deadline.
     """
 
-    def __init__(self, limit: int = MAX_HEAD_BYTES, what: str = "request") -> None:
+    def __init__(self, limit: int = MAX_HEAD_BYTES, what: str = "request", response: bool = False) -> None:
         self._limit = limit
         self._what = what
         self._buffer = bytearray()
+        self._request = not response
+        self._start_ok = False  # the start line's beginning was checked and is plausible
+        self._part = "method"  # of the request line, being checked
+        self._part_from = 0  # where that part starts in the buffer
+        self._checked = 0  # bytes of the buffer found plausible so far
 
     @property
     def pending(self) -> int:
@@ -160,18 +174,59 @@ class HeadCollector:
         end = self._buffer.find(b"\r\n\r\n", searched_from)
         head_end = len(self._buffer) if end < 0 else end + 4
         if _has_bare_lf(self._buffer, max(0, searched_from - 1), head_end):
-            raise HttpError(400, f"Malformed {self._what} head: bare LF line ending (CRLF required)")
+            raise self._refuse(400, f"Malformed {self._what} head: bare LF line ending (CRLF required)")
+        if not self._start_ok:
+            self._check_start()
         if end < 0:
             if len(self._buffer) > self._limit:
-                raise HttpError(431, f"{self._what.capitalize()} head exceeds {self._limit} bytes")
+                raise self._refuse(431, f"{self._what.capitalize()} head exceeds {self._limit} bytes")
             return None
         end += 4
         if end > self._limit:
-            raise HttpError(431, f"{self._what.capitalize()} head exceeds {self._limit} bytes")
+            raise self._refuse(431, f"{self._what.capitalize()} head exceeds {self._limit} bytes")
         head = bytes(self._buffer[:end])
         rest = bytes(self._buffer[end:])
         self._buffer.clear()
         return head, rest
+
+    def _refuse(self, status: int, message: str) -> HttpError:
+        """A client's mistake has its own status; whatever an upstream gets wrong is a 502."""
+        return HttpError(status if self._request else 502, message)
+
+    def _check_start(self) -> None:
+        """Refuse as soon as the bytes seen cannot be the beginning of a start line; linear in
+        what arrives, however it is split."""
+        buffer = self._buffer
+        if not self._request:
+            seen = bytes(buffer[: len(_RESPONSE_START)])
+            if not _RESPONSE_START.startswith(seen) and seen != b"\r":
+                raise HttpError(502, "Upstream sent a malformed status line (not HTTP/1.x)")
+            self._start_ok = len(seen) == len(_RESPONSE_START)
+            return
+        if buffer == b"\r":  # maybe the first half of an empty line
+            return
+        while not self._start_ok:
+            if self._part == "version":  # HTTP/ DIGIT . DIGIT CR; which version is parse_request_head's call
+                seen = buffer[self._part_from : self._part_from + len(_VERSION_SHAPE)]
+                for offset, (byte, allowed) in enumerate(zip(seen, _VERSION_SHAPE)):
+                    if byte not in allowed:
+                        raise self._bad_start(self._part_from + offset)
+                self._start_ok = len(seen) == len(_VERSION_SHAPE)
+                return
+            pattern = _NOT_TCHAR if self._part == "method" else _NOT_TARGET
+            bad = pattern.search(buffer, self._checked)
+            if bad is None:
+                self._checked = len(buffer)
+                return
+            at = bad.start()
+            if buffer[at] != 0x20 or at == self._part_from:  # not a SP, or an empty method or target
+                raise self._bad_start(at)
+            self._part = "target" if self._part == "method" else "version"
+            self._part_from = self._checked = at + 1
+
+    def _bad_start(self, at: int) -> HttpError:
+        shown = bytes(self._buffer[at : at + 1])
+        return HttpError(400, f"Malformed request line: byte {shown!r} in the {self._part} (not an HTTP/1.1 request)")
 
 
 def _has_bare_lf(data: bytearray, start: int, end: int) -> bool:
@@ -199,7 +254,7 @@ def _parse_fields(raw: bytes, max_headers: int, what: str) -> Headers:
             shown = name[:40].decode("ascii", "backslashreplace")
             raise HttpError(400, f"Malformed {what} head: invalid header name {shown!r}")
         value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
+        if BAD_VALUE.search(value):
             raise HttpError(400, f"Malformed {what} head: control character in header {name.decode()}")
         fields.append((name, value))
     return Headers(tuple(fields))

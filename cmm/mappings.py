@@ -17,8 +17,9 @@ from pathlib import Path
 
 import attrs
 
-from cmm import envfile, paths
+from cmm import envfile, paths, userfiles
 from cmm.router import Mapping, Upstream
+from cmm.userfiles import UserDir
 
 FILE_NAME = "mappings.toml"
 
@@ -265,12 +266,26 @@ def to_router_mappings(
 def load(path: Path) -> tuple[MappingSpec, ...]:
     """The mappings in ``path``; () when there is no file; MappingsError when it is unusable.
 
-    OSErrors other than a missing file (e.g. PermissionError) reach the caller unchanged.
+    OSErrors other than a missing file (e.g. PermissionError) reach the caller unchanged. A
+    symbolic link is not followed.
     """
     try:
-        data = Path(path).read_bytes()
+        data = userfiles.read_file(Path(path))
     except FileNotFoundError:
         return ()
+    return _decode(data, Path(path))
+
+
+def load_from(directory: UserDir) -> tuple[MappingSpec, ...]:
+    """As :func:`load` for the mappings file in ``directory``, read as the directory's owner."""
+    try:
+        data = directory.read_bytes(FILE_NAME)
+    except FileNotFoundError:
+        return ()
+    return _decode(data, directory.file(FILE_NAME))
+
+
+def _decode(data: bytes, path: Path) -> tuple[MappingSpec, ...]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -278,10 +293,7 @@ def load(path: Path) -> tuple[MappingSpec, ...]:
     return parse_mappings(text, str(path))
 
 
-def save(path: Path, specs: Iterable[MappingSpec], owner: tuple[int, int] | None = None) -> None:
-    """Replace ``path`` atomically with mode 0600 (entries may hold API keys).
-
-    ``owner`` (uid, gid) makes a file written under sudo the user's; nothing is written when the
-    specs are unusable.
-    """
-    envfile.save_text(Path(path), format_mappings(specs), owner=owner)
+def save(directory: UserDir, specs: Iterable[MappingSpec]) -> None:
+    """Replace the mappings file in ``directory`` atomically with mode 0600 (entries may hold API
+    keys), as the directory's owner; nothing is written when the specs are unusable."""
+    envfile.save_text(directory, format_mappings(specs), FILE_NAME)

@@ -2,8 +2,10 @@
 
 cmm needs root (port 443, /etc/hosts) but its files belong to the person using it: ``cmm setup``
 runs as the user and ``sudo twistd cmm`` as root, and both must find the same ``~/.cmm``.  So
-under sudo the directory is that of ``SUDO_USER``, and files created there are chowned to
-``SUDO_UID``/``SUDO_GID`` so that the user can still read and edit them.
+under sudo the directory is that of ``SUDO_USER``, and it belongs to ``SUDO_UID``/``SUDO_GID``:
+root does its I/O there as that user (:mod:`cmm.userfiles`), so the files are the user's and no
+link the user plants there can lead root anywhere.  Root without sudo (a boot service given
+``--config-dir``) acts as whoever owns the directory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import pwd
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from cmm.userfiles import Identity, UserDir
 
 CONFIG_DIR_NAME = ".cmm"
 ENV_FILE_NAME = ".env"
@@ -52,6 +56,20 @@ def invoking_user(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | 
         return int(environ["SUDO_UID"]), int(environ["SUDO_GID"])
     except (KeyError, ValueError):
         return None
+
+
+def config_owner(environ: Mapping[str, str] = os.environ) -> Identity | None:
+    """The user the config dir must belong to: whoever ran sudo (with their groups); None without
+    sudo (or for sudo by root itself)."""
+    ids = invoking_user(environ)
+    if ids is None or ids[0] == 0:
+        return None
+    return Identity.of_uid(*ids)
+
+
+def user_dir(directory: Path, environ: Mapping[str, str] = os.environ, *, create: bool = True) -> UserDir:
+    """``directory`` checked, with the identity its I/O runs as; UnsafeDirectory says what to fix."""
+    return UserDir.open(directory, config_owner(environ), create=create)
 
 
 def env_file(directory: Path) -> Path:

@@ -49,6 +49,9 @@ MiB = 1024 * 1024
 # re-signing keeps the body's pieces for the hash, so larger ones (far beyond any Claude Code
 # session) pass as they came.
 NEUTRALISE_MAX = 8 * MiB
+# A target's JSON message is held whole to mark its thinking signatures; one declaring more than
+# this (far beyond any message) passes as it comes, unmarked.
+MAX_HELD_MESSAGE = 16 * MiB
 
 
 @attrs.frozen
@@ -65,6 +68,7 @@ class ProxySettings:
     retries: int = 3  # tries in all for an intercepted request the target answers 429
     retry_max_delay: float = 30.0  # a longer requested wait goes to the client as retry-after instead
     retry_body_cap: int = 4 * MiB  # larger request bodies are not kept, so not retried
+    max_connections: int = 1024  # client connections at once; see ProxyContext.admit
 
 
 @attrs.define
@@ -78,7 +82,45 @@ class ProxyContext:
     wall_clock: Callable[[], float] = time.time
     connections: set[ClientConnection] = attrs.field(factory=set)
     draining: bool = False
+    # Client connections the open-file limit has room for (see ``fit_open_files``); None: no bound.
+    connection_budget: int | None = None
+    refused: int = 0
     _drained: list[defer.Deferred[None]] = attrs.field(factory=list)
+    _refusal_logged: float | None = None
+
+    @property
+    def max_connections(self) -> int:
+        limit = self.settings.max_connections
+        return limit if self.connection_budget is None else min(limit, self.connection_budget)
+
+    def admit(self, connection: ClientConnection) -> bool:
+        """Take a new client connection if there is room, making room by closing the connection
+        that has been idle between requests longest; refuse it only when every other one is busy.
+
+        Idle keep-alive connections cost a descriptor each and nothing else; a flood of them (or of
+        connections that never send a byte) must not lock Claude Code out, while a request in
+        flight is never cut to make room. Connections still closing are not counted: they go
+        within the TLS close timeout.
+        """
+        limit = self.max_connections
+        if len(self.connections) >= limit:
+            open_now = [c for c in self.connections if c.state != "closed"]
+            if len(open_now) >= limit:
+                idle = [c for c in open_now if c.idle]
+                if not idle:
+                    self._refuse_one(limit)
+                    return False
+                min(idle, key=lambda c: c.idle_since).close()
+        self.connections.add(connection)
+        return True
+
+    def _refuse_one(self, limit: int) -> None:
+        self.refused += 1
+        now = self.clock.seconds()
+        if self._refusal_logged is None or now - self._refusal_logged >= 60:
+            self._refusal_logged = now
+            log.warn("{limit} client connections are busy (--max-connections); refusing new ones "
+                     "({refused} so far)", limit=limit, refused=self.refused)
 
     def drain(self) -> defer.Deferred[None]:
         """Finish what is in flight, take no new requests; fires once every connection is gone.
@@ -110,6 +152,35 @@ class ProxyContext:
         }
 
 
+# Descriptors kept beside two per client connection (its own and its upstream's): the listening
+# sockets, idle pooled upstream connections, logs, pipes, DNS.
+FD_RESERVE = 256
+
+
+def fit_open_files(connections: int, limits: Any = None) -> int:
+    """Raise the soft open-file limit toward the hard one so that ``connections`` client
+    connections fit, each with an upstream connection; return how many fit after all.
+
+    The usual soft limit (1024) would otherwise run out before the connection cap, and accept()
+    failing with EMFILE refuses everyone alike, Claude Code included. ``limits`` is the
+    ``resource`` module (injected by tests).
+    """
+    if limits is None:
+        import resource as limits
+    wanted = 2 * connections + FD_RESERVE
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    if soft != limits.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == limits.RLIM_INFINITY else min(wanted, hard)
+        try:
+            limits.setrlimit(limits.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass  # e.g. macOS refuses more than OPEN_MAX: keep what there is
+    if soft == limits.RLIM_INFINITY:
+        return connections
+    return max(1, min(connections, (soft - FD_RESERVE) // 2))
+
+
 class ClientConnection(Protocol):
     """One client connection: a sequence of requests, each routed on its own."""
 
@@ -128,13 +199,17 @@ class ClientConnection(Protocol):
         tune(self.transport)
         self.valve = Valve(self.transport)
         self.deadline = Deadline(self.context.clock, self._timed_out)
-        self.context.connections.add(self)
+        if not self.context.admit(self):
+            self.state = "closed"
+            self.transport.abortConnection()  # before the TLS handshake: nothing to answer with
+            return
         self._await_head()
         if self.context.draining:
             self.close()
 
     def dataReceived(self, data: bytes) -> None:
-        self.deadline.touch()
+        if self.state != "head":  # a head's deadline is total time, from its first byte
+            self.deadline.touch()
         if self.state in ("connecting", "response"):
             self.pending += data  # read ahead: more body while connecting, or a pipelined request
             if self.state == "response":
@@ -162,15 +237,19 @@ class ClientConnection(Protocol):
 
     @property
     def idle(self) -> bool:
-        """Between requests with nothing read yet: safe to close when draining."""
+        """Between requests with nothing read yet: safe to close when draining or short of room."""
         return self.state == "head" and self.collector.pending == 0 and not self.pending
 
     # Reading the request
 
     def _await_head(self) -> None:
+        """Wait for the next request: ``idle_timeout`` until its first byte, then ``head_timeout``
+        from that byte to the head's end, neither extended by what trickles in (a byte every few
+        seconds must not hold a connection for ever). Stray empty lines are not a first byte."""
         self.state = "head"
         self.collector = HeadCollector()
         self.head: RequestHead | None = None
+        self.idle_since = self.context.clock.seconds()
         self.deadline.start(self.settings.idle_timeout)
 
     def _head_bytes(self, data: bytes) -> None:
@@ -446,9 +525,6 @@ class Exchange:
         self.rechunk = mapping is not None and (client.decoder is not None or client.head.framing.kind == "chunked")
         self.connection: UpstreamConnection | None = None
         self.connecting: defer.Deferred | None = None
-        self.collector = HeadCollector(what="upstream response")
-        self.response: ResponseHead | None = None
-        self.tracker: BodyTracker | None = None
         self.response_started = False  # a byte of the final response reached the client
         self.bytes_out = 0
         self.finished = False
@@ -462,12 +538,22 @@ class Exchange:
             len(first) <= settings.retry_body_cap else None
         self.kept_size = len(first)
         self.tries = 1
+        self.waiting: Any = None  # the delayed call of a retry
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        """Forget everything about the upstream's answer: before the first try, and before a
+        request is sent again (a 429 retried, a stale pooled connection replayed), so that no
+        half-read head or held body of one try leaks into the next."""
+        self.received = 0  # bytes of this try's answer read from the upstream, interim ones included
+        self.collector = HeadCollector(what="upstream response", response=True)
+        self.response: ResponseHead | None = None
+        self.tracker: BodyTracker | None = None
         self.marker: SseMarker | None = None  # an intercepted stream whose signatures get marked
         self.held_head: bytes | None = None  # an intercepted JSON message, held to be marked
         self.held_body = bytearray()
         self.error_raw: bytearray | None = None  # an intercepted error response, held to be rewritten
         self.error_body = bytearray()
-        self.waiting: Any = None  # the delayed call of a retry
 
     def start(self, fresh: bool = False) -> None:
         self.deadline.start(self.client.settings.upstream_timeout)
@@ -515,6 +601,7 @@ class Exchange:
 
     def upstream_data(self, data: bytes) -> None:
         self.deadline.touch()
+        self.received += len(data)
         if self.finished:
             return
         try:
@@ -528,16 +615,18 @@ class Exchange:
                     raise HttpError(502, "Upstream switched protocols; cmm proxies HTTP/1.1 only")
                 if response.interim:
                     self._to_client(raw)
-                    self.collector = HeadCollector(what="upstream response")
+                    self.collector = HeadCollector(what="upstream response", response=True)
                     continue
                 self.response = response
                 self.tracker = tracker_for(response.framing, "upstream response")
                 plain = response.headers.get(b"content-encoding") in (None, b"identity")
-                if self.mapping is not None and response.status >= 400 and plain:
+                if self.mapping is not None and response.status >= 400 and plain and \
+                        _holdable(response, MAX_ERROR_BODY):
                     self.error_raw = bytearray(raw)  # held: it may be rewritten, or retried
                     self.error_body = bytearray()
                 elif self.mapping is not None and response.status < 300 and plain and \
-                        self.client.endpoint == "messages" and response.framing.kind in ("length", "chunked"):
+                        self.client.endpoint == "messages" and response.framing.kind in ("length", "chunked") and \
+                        _holdable(response, MAX_HELD_MESSAGE):
                     # The target's thinking signatures get marked, so that cmm knows them later.
                     if response.framing.kind == "length":
                         self.held_head = self._intercepted_head(raw)
@@ -631,8 +720,7 @@ class Exchange:
                  target=self.mapping.upstream.url, tries=self.tries, limit=self.client.settings.retries, delay=delay)
         self._detach("release" if reusable else "close")
         self.tries += 1
-        self.collector = HeadCollector(what="upstream response")
-        self.response, self.tracker, self.error_raw = None, None, None
+        self._reset_response()
         self.first = b"".join(self.kept or ())
         self.waiting = self.context.clock.callLater(delay, self._retry)
 
@@ -645,11 +733,13 @@ class Exchange:
         self.connection = None
         if self.finished:
             return
-        if not self.response_started and self.reused and self.replayable and not self.retried:
-            # A pooled connection closed under us before answering: the whole request is in hand.
+        if not self.received and self.reused and self.replayable and not self.retried:
+            # A pooled connection closed under us before a single byte of answer: the server never
+            # took the request up, and the whole of it is in hand. Once anything came (a partial
+            # head, an interim 100), the server may have acted on it: no second try then.
             self.retried = True
             self._detach("close")  # the connection is gone already: this undoes the client side
-            self.collector = HeadCollector(what="upstream response")
+            self._reset_response()
             self.start(fresh=True)
             return
         if isinstance(self.tracker, CloseBody):
@@ -743,6 +833,12 @@ class Exchange:
         self.fail(HttpError(504, f"{self.destination.label} sent nothing for {self.client.settings.upstream_timeout:g} seconds"))
         if connecting is not None:
             connecting.cancel()
+
+
+def _holdable(response: ResponseHead, limit: int) -> bool:
+    """Whether a response may be held whole: a declared length beyond ``limit`` is passed on as
+    it comes instead, so that a Content-Length of 10 GB never turns into a buffer."""
+    return response.framing.kind != "length" or response.framing.length <= limit
 
 
 def _reason(failure: Failure) -> str:

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from cmm import certs, hosts, paths, status
 from cmm.doctor import Check, exit_code, format_checks
 from cmm.status import Instance, RunningState
+from cmm.userfiles import UserDir
 
 PROVIDER = "cliproxyapi"
 TIMEOUT = 60.0  # an intercepted request may really reach Gemini or GPT through the target
@@ -375,8 +376,8 @@ class TemporaryInterceptor:
     """A ``twistd -n cmm`` child on a high port with its own config dir, stopped on exit.
 
     Its config dir is a fresh temporary one so that the user's pid and state files are never
-    touched; the user's certificates are linked in (not copied) so that the test proves the CA
-    Claude Code trusts.
+    touched; the user's certificates are copied in (read as their owner, never through a link,
+    which twistd would refuse) so that the test proves the CA Claude Code trusts.
     """
 
     config_dir: Path
@@ -411,7 +412,7 @@ class TemporaryInterceptor:
             self.__exit__(None, None, None)
             raise
         assert self.plan is not None
-        ca_dir = self.config_dir if self.has_user_certificates else self.workdir  # the user's, when linked
+        ca_dir = self.config_dir if self.has_user_certificates else self.workdir  # the user's, when copied
         return Target("127.0.0.1", self.port, certs.certificate_paths(ca_dir).ca_cert, self.plan.sources)
 
     def __exit__(self, *exc: object) -> None:
@@ -432,9 +433,16 @@ class TemporaryInterceptor:
         names = [p.name for p in attrs.astuple(certs.certificate_paths(self.config_dir))]
         if not self.has_user_certificates:
             names = []
+        try:
+            user = paths.user_dir(self.config_dir, self.environ, create=False)
+        except FileNotFoundError:
+            return
+        work = UserDir.open(self.workdir)
         for name in (*names, paths.ENV_FILE_NAME, "mappings.toml"):
-            if (self.config_dir / name).exists():
-                (self.workdir / name).symlink_to(self.config_dir / name)
+            try:
+                work.write_bytes(name, user.read_bytes(name))
+            except FileNotFoundError:
+                pass
 
     def _launch(self) -> None:
         assert self.workdir is not None

@@ -9,24 +9,27 @@ listening sockets and serve as the invoking user (SUDO_USER), else ``nobody`` or
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
 import signal
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping as MappingType
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
-from cmm import certs, dnsflush, envfile, hosts, mappings, paths
+from cmm import certs, dnsflush, envfile, hosts, mappings, paths, resolve
 from cmm.master import Supervisor, bind
 from cmm.proxy import ProxyContext, ProxyFactory
 from cmm.request_log import RequestLog, RequestRecord
@@ -35,6 +38,7 @@ from cmm.serving import build_context
 from cmm.settings import ConfigError, ServeConfig, build_config
 from cmm.stats import LiveStats
 from cmm.tls import ReloadableServerTLS, server_factory, server_options
+from cmm.userfiles import UnsafeDirectory, UserDir
 from cmm.wire import WorkerConfig
 
 log = Logger()
@@ -60,6 +64,8 @@ class Options(usage.Options):
         ["listen", None, None, "Comma-separated loopback addresses to serve on (default: 127.0.0.1,::1)."],
         ["config-dir", None, None, "Certificates, .env, mappings.toml and logs (default: ~/.cmm of SUDO_USER)."],
         ["anthropic-ip", None, None, "Comma-separated real addresses of api.anthropic.com; skips DNS."],
+        ["dns-server", None, None, "Comma-separated name servers (IP, IP:PORT or [IPv6]:PORT) to ask for the real "
+                                   "addresses of api.anthropic.com (default: those in resolv.conf)."],
         ["anthropic-port", None, "443", "Port of the real API (for tests)."],
         ["hosts-file", None, "/etc/hosts", "Hosts file that gets the cmm block while running."],
         ["workers", None, str(os.cpu_count() or 1), "Worker processes; 0 serves inside the master."],
@@ -70,6 +76,9 @@ class Options(usage.Options):
         ["idle-timeout", None, "120", "Seconds an idle keep-alive client connection is kept."],
         ["connect-timeout", None, "10", "Seconds to connect to an upstream."],
         ["upstream-timeout", None, "600", "Seconds of upstream silence before giving up (not total time)."],
+        ["max-connections", None, "1024", "Client connections each serving process holds at once; beyond it the "
+                                          "longest-idle keep-alive one is closed, or, if none is idle, the new one "
+                                          "refused."],
         ["retries", None, "3", "Tries in all for an intercepted request the target answers 429 (1: no retry)."],
         ["retry-max-delay", None, "30", "Longest wait cmm sits out before a retry; a longer one goes to the client "
                                         "as retry-after."],
@@ -102,24 +111,36 @@ class Options(usage.Options):
         self["target"].append(model)
 
     def postOptions(self) -> None:
-        self.config_dir = Path(self["config-dir"]) if self["config-dir"] else paths.config_dir(self.environ, self.home_of)
+        path = Path(self["config-dir"]) if self["config-dir"] else paths.config_dir(self.environ, self.home_of)
         try:
-            self.config = load_config(dict(self), self.config_dir)
+            self.user_dir = open_user_dir(path, self.environ)
+            self.config_dir = self.user_dir.path
+            self.config = load_config(dict(self), self.user_dir)
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
 
 
-def load_config(options: MappingType[str, Any], config_dir: Path) -> ServeConfig:
-    """Read .env and mappings.toml and merge them under the flags; ConfigError says what is wrong."""
-    env_path = config_dir / ".env"
+def open_user_dir(path: Path, environ: MappingType[str, str]) -> UserDir:
+    """The config (or log) dir, checked and created as its user; ConfigError says what to fix."""
     try:
-        env = envfile.parse_env(env_path.read_text()) if env_path.exists() else {}
-        file_mappings = mappings.load(mappings.mappings_file(config_dir))
+        return paths.user_dir(path, environ)
+    except UnsafeDirectory as error:
+        raise ConfigError(str(error)) from None
+    except OSError as error:
+        raise ConfigError(f"cannot create {error.filename or path}: {error.strerror}") from None
+
+
+def load_config(options: MappingType[str, Any], config_dir: UserDir) -> ServeConfig:
+    """Read .env and mappings.toml (as the dir's owner) and merge them under the flags; ConfigError
+    says what is wrong."""
+    try:
+        env = envfile.parse_env(envfile.load_from(config_dir))
+        file_mappings = mappings.load_from(config_dir)
     except OSError as error:
         raise ConfigError(f"cannot read {error.filename}: {error.strerror}") from None
-    except mappings.MappingsError as error:
+    except (mappings.MappingsError, UnsafeDirectory) as error:
         raise ConfigError(str(error)) from None
-    return build_config(options, env, config_dir, file_mappings)
+    return build_config(options, env, config_dir.path, file_mappings)
 
 
 def worker_identity(config: ServeConfig, environ: MappingType[str, str], euid: int) -> tuple[int, int] | None:
@@ -137,6 +158,14 @@ def worker_identity(config: ServeConfig, environ: MappingType[str, str], euid: i
         return owner
     entry = pwd.getpwnam("nobody")
     return entry.pw_uid, entry.pw_gid
+
+
+class ControlPort(unix.Port):
+    """The status socket, bound beforehand as the config dir's owner: Twisted's own Port would
+    chmod and unlink it by path as root; the service removes it (as the owner) instead."""
+
+    def connectionLost(self, reason: Any) -> None:
+        tcp.Port.connectionLost(self, reason)
 
 
 class StatusProtocol(Protocol):
@@ -171,6 +200,7 @@ class InterceptorService(Service):
     hosts_edited: bool = False
     started_at: float = 0.0
     worker_config: WorkerConfig | None = None
+    user_dir: UserDir | None = None  # the config dir, where all I/O runs as its owner
 
     def __attrs_post_init__(self) -> None:
         if self.reactor is None:
@@ -182,10 +212,19 @@ class InterceptorService(Service):
 
     def privilegedStartService(self) -> None:
         config = self.config
-        self.worker_config = self._worker_config(config)
-        self.request_log = RequestLog.to_file(config.log_file, config.log_max_bytes, config.log_backups,
-                                              console=self.console or sys.__stdout__, json=config.log_format == "json")
-        self._give_to_user(config.log_file)
+        try:
+            if self.user_dir is None:
+                self.user_dir = open_user_dir(config.config_dir, self.environ)
+            log_parent = Path(os.path.abspath(config.log_file.parent))
+            log_dir = self.user_dir if log_parent == self.user_dir.path else open_user_dir(log_parent, self.environ)
+            self.worker_config = self._worker_config(config)
+            self.request_log = RequestLog.to_file(config.log_file, config.log_max_bytes, config.log_backups,
+                                                  console=self.console or sys.__stdout__,
+                                                  json=config.log_format == "json", directory=log_dir)
+        except (ConfigError, UnsafeDirectory, certs.CertificateError) as error:  # a CertificateError: never served
+            raise SystemExit(f"cmm: {error}") from None
+        except OSError as error:
+            raise SystemExit(f"cmm: cannot write {error.filename or config.config_dir}: {error.strerror}") from None
         errors = []
         reuse_port = config.accept == "reuseport" and config.workers > 1
         for address in config.listen:
@@ -204,15 +243,16 @@ class InterceptorService(Service):
         Service.privilegedStartService(self)
 
     def _worker_config(self, config: ServeConfig) -> WorkerConfig:
-        result = certs.ensure_certificates(config.config_dir, owner=paths.invoking_user(self.environ))
+        assert self.user_dir is not None
+        result = ensure_certificates(self.user_dir)
         if result.created_ca or result.issued_server:
             log.info("Created certificates in {dir}; Claude Code trusts them with: export NODE_EXTRA_CA_CERTS={ca}",
                      dir=str(config.config_dir), ca=str(result.paths.ca_cert))
         known = self.addresses.addresses if self.addresses is not None else []
         return WorkerConfig(
             proxy=config.proxy,
-            cert_pem=result.paths.server_cert.read_bytes(),
-            key_pem=result.paths.server_key.read_bytes(),
+            cert_pem=result.server.cert_pem,
+            key_pem=result.server.key_pem,
             anthropic_addresses=tuple(config.anthropic_ips or known),
             resolve=not config.anthropic_ips,
             connect_timeout=config.connect_timeout,
@@ -225,7 +265,10 @@ class InterceptorService(Service):
         if config.anthropic_ips:
             self.addresses = AddressBook.fixed(list(config.anthropic_ips))
         else:
-            self.addresses = AddressBook.from_dns(self.reactor, cache=config.config_dir / "anthropic-ip.cache")
+            self.addresses = AddressBook.from_dns(self.reactor, servers=config.dns_servers,
+                                                  load_cache=self._load_address_cache,
+                                                  save_cache=self._save_address_cache,
+                                                  on_change=self._addresses_changed)
         self._write_files()
         self._listen_control()
         if self.install_signals:
@@ -234,20 +277,29 @@ class InterceptorService(Service):
         for mapping in config.proxy.router.mappings:
             log.info("cmm: {source}* → {target} at {url}", source=mapping.source, target=mapping.target,
                      url=mapping.upstream.url)
-        # Learn the real addresses before the hosts file points the name at us.
-        resolved = self.addresses.current()
-        resolved.addCallbacks(
-            lambda found: log.info("api.anthropic.com is at {addresses}", addresses=", ".join(found)),
-            lambda failure: log.error("Cannot resolve api.anthropic.com yet ({why}); passthrough requests will "
-                                      "retry", why=failure.getErrorMessage()),
-        )
-        resolved.addBoth(lambda _: self._serve())
+        # Learn the real addresses before the hosts file points the name at us: from the cache at
+        # once, else from DNS if it answers soon. DNS down must not keep intercepted models from
+        # being served; the book keeps asking in the background and tells _addresses_changed.
+        self.addresses.start()
+        self.addresses.ready(resolve.START_WAIT).addBoth(lambda _: self._serve())
+
+    def _addresses_changed(self, addresses: list[str]) -> None:
+        """DNS gave new addresses: the workers get them (in the master, the context asks the book)."""
+        if self.worker_config is None:
+            return
+        self.worker_config = attrs.evolve(self.worker_config, anthropic_addresses=tuple(addresses))
+        if self.supervisor is not None:
+            self.supervisor.reload(self.worker_config)
 
     def _serve(self) -> None:
         if not self.running:
             return
         config = self.config
         assert self.worker_config is not None and self.addresses is not None
+        if not self.addresses.addresses and not self.addresses.failures:  # a failure has said so already
+            log.error("No address for api.anthropic.com yet: DNS has not answered within {wait} s and none is "
+                      "cached. Serving anyway: requests passed through to Anthropic get a 502 until DNS answers; "
+                      "or restart cmm with --anthropic-ip and the API's addresses", wait=resolve.START_WAIT)
         self.worker_config = attrs.evolve(self.worker_config, anthropic_addresses=tuple(self.addresses.addresses))
         if config.workers == 0:
             self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
@@ -298,10 +350,11 @@ class InterceptorService(Service):
         """SIGHUP: re-read .env, mappings.toml and the certificates; keep the running config if
         anything is wrong, and say exactly what."""
         try:
-            config = load_config(self.options, self.config.config_dir)
+            assert self.user_dir is not None
+            config = load_config(self.options, self.user_dir)
             worker_config = self._worker_config(config)
             server_options(worker_config.cert_pem, worker_config.key_pem)  # refuse a broken key pair here
-        except (ConfigError, ValueError, OSError) as error:
+        except (ConfigError, ValueError, OSError, UnsafeDirectory) as error:
             log.error("Reload refused, still serving the previous configuration: {error}", error=str(error))
             return
         config = attrs.evolve(config, port=self.config.port, listen=self.config.listen, workers=self.config.workers,
@@ -343,39 +396,58 @@ class InterceptorService(Service):
             "config_dir": str(config.config_dir),
         }
 
+    def _load_address_cache(self) -> str | None:
+        assert self.user_dir is not None
+        try:
+            return self.user_dir.read_bytes(resolve.CACHE_FILE).decode(errors="replace")
+        except FileNotFoundError:
+            return None
+        except UnsafeDirectory as error:
+            raise OSError(errno.EPERM, str(error), str(self.user_dir.file(resolve.CACHE_FILE))) from None
+
+    def _save_address_cache(self, text: str) -> None:
+        assert self.user_dir is not None
+        try:
+            self.user_dir.write_bytes(resolve.CACHE_FILE, text.encode())
+        except UnsafeDirectory as error:
+            raise OSError(errno.EPERM, str(error), str(self.user_dir.file(resolve.CACHE_FILE))) from None
+
     def _write_files(self) -> None:
+        assert self.user_dir is not None
         for name, text in ((PID_FILE, f"{os.getpid()}\n"), (STATE_FILE, json.dumps(self._state(), indent=2) + "\n")):
-            path = self.config.config_dir / name
             try:
-                path.write_text(text)
-                self._give_to_user(path)
-            except OSError as error:
-                log.warn("Cannot write {path}: {error}", path=str(path), error=error.strerror)
+                self.user_dir.write_bytes(name, text.encode())
+            except (OSError, UnsafeDirectory) as error:
+                log.warn("Cannot write {path}: {error}", path=str(self.user_dir.file(name)),
+                         error=getattr(error, "strerror", None) or str(error))
 
     def _listen_control(self) -> None:
-        path = self.config.config_dir / CONTROL_SOCKET
-        if path.exists():
-            path.unlink()  # left by a killed run
+        assert self.user_dir is not None
         factory = Factory.forProtocol(StatusProtocol)
         factory.status = self.status
         factory.noisy = False
         try:
-            self.ports.append(self.reactor.listenUNIX(str(path), factory, mode=0o600))
-            self._give_to_user(path)
+            sock = self.user_dir.bind_unix(CONTROL_SOCKET)
+            try:
+                sock.setblocking(False)
+                port = ControlPort._fromListeningDescriptor(self.reactor, sock.fileno(), factory)
+                with self.user_dir.acting():  # startListening chmods the socket by its (relative) name
+                    port.mode = 0o600
+                    port.startListening()
+            finally:
+                sock.close()  # the port holds its own duplicate
+            self.ports.append(port)
         except Exception as error:
-            log.warn("No live status: cannot listen on {path}: {error}", path=str(path), error=str(error))
-
-    def _give_to_user(self, path: Path) -> None:
-        """Files made under sudo in the user's ~/.cmm stay the user's, so `cmm` works without sudo."""
-        owner = paths.invoking_user(self.environ)
-        if owner is not None and os.path.lexists(path):
-            os.chown(path, *owner, follow_symlinks=False)
+            log.warn("No live status: cannot listen on {path}: {error}", path=str(self.user_dir.file(CONTROL_SOCKET)),
+                     error=str(error))
 
     # stop
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         Service.stopService(self)
+        if self.addresses is not None:
+            self.addresses.stop()
         for port in self.ports:
             yield port.stopListening()
         self.ports.clear()
@@ -401,16 +473,45 @@ class InterceptorService(Service):
             except OSError as error:
                 log.error("Cannot restore {path}: {why}; run `sudo cmm stop`", path=str(self.config.hosts_file),
                           why=error.strerror)
-        for name in (PID_FILE, STATE_FILE, CONTROL_SOCKET):
-            path = self.config.config_dir / name
-            if name != PID_FILE or (path.exists() and path.read_text().strip() == str(os.getpid())):
+        if self.user_dir is not None:
+            for name in (PID_FILE, STATE_FILE, CONTROL_SOCKET):
                 try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                    if name != PID_FILE or self.user_dir.read_bytes(name).strip() == str(os.getpid()).encode():
+                        self.user_dir.unlink(name)
+                except (OSError, UnsafeDirectory):
+                    pass  # gone already, or not a file of ours
         if self.request_log is not None:
             self.request_log.close()
 
 
+def ensure_certificates(directory: UserDir, force: bool = False) -> certs.EnsureResult:
+    """:func:`certs.ensure_certificates` for a user's directory without root touching it by path.
+
+    The certificates are copied (read as the owner) into a private folder of the current user,
+    checked and renewed there, and what changed is written back as the owner. So the files are
+    the user's from the start, no link in the directory leads root anywhere, and the key
+    generation itself keeps the current user's rights (a Python installed where the user cannot
+    read still imports). The paths in the result are those in ``directory``.
+    """
+    names = [path.name for path in attrs.astuple(certs.certificate_paths(Path(".")), recurse=False)]
+    # Root stages in /tmp, whose sticky bit keeps others from renaming the folder away (a TMPDIR
+    # kept from the user's environment might not).
+    with tempfile.TemporaryDirectory(prefix="cmm-certs.", dir="/tmp" if os.geteuid() == 0 else None) as staging:
+        for name in names:
+            try:
+                data = directory.read_bytes(name)
+            except FileNotFoundError:
+                continue
+            certs.write_atomically(Path(staging) / name, data, 0o600)
+        before = {name: (Path(staging) / name).read_bytes() for name in names if (Path(staging) / name).exists()}
+        result = certs.ensure_certificates(Path(staging), force=force)
+        for name in names:
+            path = Path(staging) / name
+            data = path.read_bytes()
+            if before.get(name) != data:
+                directory.write_bytes(name, data, stat.S_IMODE(path.stat().st_mode))
+    return attrs.evolve(result, paths=certs.certificate_paths(directory.path))
+
+
 def makeService(options: Options) -> InterceptorService:
-    return InterceptorService(options.config, options=dict(options))
+    return InterceptorService(options.config, options=dict(options), user_dir=options.user_dir)

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from cmm.proxy import ProxyContext, ProxySettings
+from twisted.logger import Logger
+
+from cmm.proxy import ProxyContext, ProxySettings, fit_open_files
 from cmm.request_log import RequestRecord
 from cmm.resolve import AddressBook
 from cmm.upstream import Connector, Pool, anthropic_tls_options
+
+log = Logger()
 
 
 def build_context(settings: ProxySettings, addresses: AddressBook, connect_timeout: float, reactor: Any,
@@ -21,4 +25,9 @@ def build_context(settings: ProxySettings, addresses: AddressBook, connect_timeo
         anthropic_tls=anthropic_tls_options(anthropic_trust),
         connect_timeout=connect_timeout,
     )
-    return ProxyContext(settings=settings, pool=Pool(connector.connect, reactor), clock=reactor, record=record)
+    budget = fit_open_files(settings.max_connections)  # raised once, at start
+    if budget < settings.max_connections:
+        log.warn("The open-file limit has room for {budget} client connections, not --max-connections {wanted}",
+                 budget=budget, wanted=settings.max_connections)
+    return ProxyContext(settings=settings, pool=Pool(connector.connect, reactor), clock=reactor, record=record,
+                        connection_budget=budget)

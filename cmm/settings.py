@@ -14,6 +14,7 @@ from typing import Iterable, Mapping as MappingType, Protocol
 import attrs
 
 from cmm.proxy import MiB, ProxySettings
+from cmm.resolve import parse_servers
 from cmm.router import DEFAULT_PROXY_URL, Mapping, Router, Upstream
 from cmm.upstream import ANTHROPIC_HOST, Destination
 
@@ -41,6 +42,7 @@ class ServeConfig:
     user: str | None = None
     log_format: str = "text"
     accept: str = "shared"
+    dns_servers: tuple[tuple[str, int], ...] = ()  # empty: those in resolv.conf
 
 
 class MappingLike(Protocol):
@@ -142,6 +144,7 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         log_content=bool(options.get("log-content")),
         retries=int(_number(options.get("retries", 3), "retries", int)),
         retry_max_delay=_number(options.get("retry-max-delay", 30), "retry-max-delay", minimum=-1),
+        max_connections=int(_number(options.get("max-connections", 1024), "max-connections", int)),
     )
     listen = _addresses(str(options.get("listen") or ",".join(DEFAULT_LISTEN)), "listen", loopback_only=True)
     hosts = options.get("hosts-file")
@@ -162,7 +165,17 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         user=str(options["user"]) if options.get("user") else None,
         log_format=_choice(options.get("log-format", "text"), "log-format", ("text", "json")),
         accept=_choice(options.get("accept", "shared"), "accept", ("shared", "reuseport")),
+        dns_servers=_dns_servers(options.get("dns-server")),
     )
+
+
+def _dns_servers(value: object) -> tuple[tuple[str, int], ...]:
+    if not value:
+        return ()
+    try:
+        return parse_servers(str(value))
+    except ValueError as error:
+        raise ConfigError(f"--dns-server: {error}") from None
 
 
 def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:

@@ -19,8 +19,8 @@ import attrs
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from cmm import certs, envfile, hosts, paths
-from cmm.cli import process_alive, process_start_time
+from cmm import certs, envfile, hosts, paths, userfiles
+from cmm.cli import is_cmm_process, process_alive, process_start_time
 from cmm.service import CONTROL_SOCKET, STATE_FILE
 
 CERT_WARN_DAYS = 30
@@ -182,8 +182,9 @@ def parse_state(text: str) -> RunningState:
 
 
 def _read(path: Path) -> tuple[str, float] | None:
+    """Text and mtime of a regular file, never through a link (``sudo cmm status`` reads as root)."""
     try:
-        return path.read_text(), path.stat().st_mtime
+        return userfiles.read_file(path).decode(), path.lstat().st_mtime
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -193,11 +194,13 @@ def find_instance(
     *,
     is_alive: Callable[[int], bool] = process_alive,
     started_at: Callable[[int], float | None] = process_start_time,
+    is_cmm: Callable[[int], bool] = is_cmm_process,
 ) -> Instance:
     """The interceptor named by the state file (else the pid file), if its process still runs.
 
-    A process that started after the file was written is not the one that wrote it (the pid was
-    reused after a crash or a reboot), as ``cmm stop`` also assumes.
+    A process that started after the file was written, or that is not cmm, is not the one that
+    wrote it (the pid was reused after a crash or a reboot, or the file is not cmm's), as
+    ``cmm stop`` also assumes.
     """
     state_read = _read(state_file(config_dir))
     state: RunningState | None = None
@@ -217,7 +220,7 @@ def find_instance(
     if pid <= 1 or not is_alive(pid):
         return Instance(False, pid, state, f"pid {pid} from a previous run is gone")
     started = started_at(pid)
-    if started is not None and started > written + 1.0:
+    if (started is not None and started > written + 1.0) or not is_cmm(pid):
         return Instance(False, pid, state, f"pid {pid} now belongs to another process")
     return Instance(True, pid, state, note)
 
@@ -225,7 +228,7 @@ def find_instance(
 def read_certificate(config_dir: Path) -> CertInfo:
     path = certs.certificate_paths(config_dir).server_cert
     try:
-        return CertInfo(path, certs.server_not_after(path.read_bytes()))
+        return CertInfo(path, certs.server_not_after(userfiles.read_file(path)))
     except FileNotFoundError:
         return CertInfo(path, None, "missing")
     except OSError as error:

@@ -15,7 +15,9 @@ import re
 from cmm.errors import error_body
 from cmm.http_head import Headers
 
-MAX_ERROR_BODY = 1024 * 1024  # larger "errors" are passed through as they are
+# Larger "errors" (declared, or found so while reading) are passed through as they are: an error
+# document is a few hundred bytes, and holding a 10 GB one would hold 10 GB.
+MAX_ERROR_BODY = 64 * 1024
 QUOTE_CHARS = 500
 
 _DURATION = re.compile(

@@ -2,19 +2,75 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLContextFactory, IProtocol, \
-    IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IOpenSSLContextFactory, \
+    IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+# Seconds a connection cmm closes may wait for the peer's close_notify (or its FIN) before it is
+# cut: a peer that never answers would otherwise keep the socket, and its descriptor, for ever.
+CLOSE_TIMEOUT = 5.0
+
+
+def unsent_bytes(transport: object) -> int:
+    """Bytes a TCP transport still holds for its peer (0 for a transport that does not say)."""
+    buffered = getattr(transport, "dataBuffer", b"")
+    offset = getattr(transport, "offset", 0)
+    pending = getattr(transport, "_tempDataLen", 0)
+    try:
+        return max(0, len(buffered) - offset) + pending
+    except TypeError:
+        return 0
+
+
+class ClosingTLSProtocol(TLSMemoryBIOProtocol):
+    """TLS that ends a close it started within ``factory.close_timeout`` seconds.
+
+    A TLS close sends close_notify and waits for the peer's: Twisted has no limit on that wait.
+    The timer counts from ``loseConnection``, so it also covers a peer that stopped reading the
+    last response; a peer still taking that response's last bytes, however slowly, gets another
+    period each time the bytes cmm has yet to send went down.
+    """
+
+    _close_timer: IDelayedCall | None = None
+    _unsent_at_arming: int = 0
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        if self.connected and self._close_timer is None:
+            self._arm_close_timer()
+
+    def _arm_close_timer(self) -> None:
+        self._unsent_at_arming = unsent_bytes(self.transport)
+        self._close_timer = self.factory.close_timer(self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._close_timer = None
+        if not self.connected:
+            return
+        unsent = unsent_bytes(self.transport)
+        if 0 < unsent < self._unsent_at_arming:
+            self._arm_close_timer()  # still reading: not stuck
+        else:
+            self.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        super().connectionLost(reason)
 
 
 class DirectTLSFactory(TLSMemoryBIOFactory):
-    """TLS whose writes are encrypted and handed to TCP at once.
+    """TLS whose writes are encrypted and handed to TCP at once, and whose closes end.
 
     Twisted's default TLS transport holds writes under 64 KB until the next reactor turn and
     copies them twice to batch them. cmm writes what it reads, in pieces as large as the reads
@@ -22,13 +78,22 @@ class DirectTLSFactory(TLSMemoryBIOFactory):
     copy bodies.
     """
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = ClosingTLSProtocol
     noisy = False
 
+    def __init__(self, contextFactory: object, isClient: bool, wrappedFactory: IProtocolFactory,
+                 clock: IReactorTime | None = None, close_timeout: float = CLOSE_TIMEOUT) -> None:
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)
+        self.close_timeout = close_timeout
 
-def server_factory(options: IOpenSSLContextFactory, wrapped: IProtocolFactory) -> DirectTLSFactory:
+    def close_timer(self, expired: Callable[[], None]) -> IDelayedCall:
+        return self._clock.callLater(self.close_timeout, expired)
+
+
+def server_factory(options: IOpenSSLContextFactory, wrapped: IProtocolFactory,
+                   clock: IReactorTime | None = None) -> DirectTLSFactory:
     """The listening side's TLS around cmm's serving protocol."""
-    return DirectTLSFactory(options, False, wrapped)
+    return DirectTLSFactory(options, False, wrapped, clock)
 
 
 @implementer(IStreamClientEndpoint)

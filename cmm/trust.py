@@ -30,16 +30,20 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import attrs
+from cryptography.hazmat.primitives import serialization
 
 from cmm import certs, paths
 from cmm.textfile import rewrite_in_place, split_lines
+from cmm.userfiles import UserDir
 
 VARIABLE = "NODE_EXTRA_CA_CERTS"
 MARKER = "# cmm-managed"
@@ -718,12 +722,32 @@ def _need_root(machine: Machine, what: str) -> None:
         raise TrustError(f"{what} needs root")
 
 
+#: Where root puts the copy of the CA a store's tool reads: /tmp's sticky bit keeps other users
+#: from renaming root's folder there, unlike a TMPDIR the user may have passed through sudo.
+PRIVATE_COPY_PARENT = "/tmp"
+
+
+def trusted_ca_pem(ca_cert: Path) -> bytes:
+    """The only bytes root hands to a system store: cmm's constrained CA, read from the user's
+    folder without following a link, re-encoded from the parsed certificate (nothing else rides
+    along). Raises TrustError with what to do otherwise."""
+    try:
+        cert = certs.read_ca_certificate(ca_cert)
+    except certs.CertificateError as error:
+        raise TrustError(f"not making {ca_cert} a system root: {error}") from None
+    except OSError as error:
+        raise TrustError(f"cannot read {ca_cert}: {error.strerror}") from None
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 def install_system_trust(store: SystemStore, ca_cert: Path, machine: Machine) -> str:
     """Make the store trust ``ca_cert``, replacing an older cmm CA there; says what it did.
 
-    Raises TrustError when not root or when the store's tool fails.
+    Only a CA carrying exactly cmm's name constraint is installed. Tools that read a file get a
+    private copy of the checked bytes, never the user's path, which could change after the check.
+    Raises TrustError when not root, when the CA is refused, or when the store's tool fails.
     """
-    ca_pem = ca_cert.read_bytes()
+    ca_pem = trusted_ca_pem(ca_cert)
     status = system_status(store, ca_pem, machine)
     if status.present and status.current:
         return f"already trusts cmm's CA: {store.describe()}"
@@ -734,15 +758,18 @@ def install_system_trust(store: SystemStore, ca_cert: Path, machine: Machine) ->
         certs.write_atomically(store.location, ca_pem, certs.CERT_MODE)
         argv = [store.command] if store.kind is StoreKind.DEBIAN else [store.command, "extract"]
         _check(machine.run(argv), " ".join(argv))
-    elif store.kind is StoreKind.P11KIT:
-        if status.present:
-            _remove_system_entries(store, machine, ca_pem)
-        _check(machine.run([store.command, "anchor", "--store", str(ca_cert)]), "trust anchor --store")
     else:
         if status.present:
             _remove_system_entries(store, machine, ca_pem)
-        argv = [store.command, "add-trusted-cert", "-d", "-r", "trustRoot", "-k", str(store.location), str(ca_cert)]
-        _check(machine.run(argv), "security add-trusted-cert")
+        with tempfile.TemporaryDirectory(prefix="cmm-ca-", dir=PRIVATE_COPY_PARENT) as private:
+            copy = Path(private) / certs.certificate_paths(Path(private)).ca_cert.name
+            certs.write_atomically(copy, ca_pem, certs.CERT_MODE)
+            if store.kind is StoreKind.P11KIT:
+                _check(machine.run([store.command, "anchor", "--store", str(copy)]), "trust anchor --store")
+            else:
+                argv = [store.command, "add-trusted-cert", "-d", "-r", "trustRoot", "-k", str(store.location),
+                        str(copy)]
+                _check(machine.run(argv), "security add-trusted-cert")
     verb = "replaced the old cmm CA in" if status.present else "added cmm's CA to"
     return f"{verb} {store.describe()}"
 
@@ -924,28 +951,32 @@ class RemovedFolder:
     folder_removed: bool
 
 
-def remove_config_dir(directory: Path) -> RemovedFolder:
+def remove_config_dir(directory: Path | UserDir) -> RemovedFolder:
     """Delete the files cmm makes in ``directory``, then the folder if nothing else is in it.
 
     Only cmm's own file names are deleted (never a subfolder, never an unknown file), so a
-    ``--config-dir`` pointed at the wrong folder cannot cost the user anything else.
+    ``--config-dir`` pointed at the wrong folder cannot cost the user anything else.  The files
+    are removed as the folder's owner, by name inside the folder opened without following links
+    (a link is removed itself, never its target); an unsafe folder raises UnsafeDirectory.
     """
-    removed: list[Path] = []
-    left: list[Path] = []
     try:
-        entries = sorted(directory.iterdir())
+        folder = directory if isinstance(directory, UserDir) else UserDir.open(directory, create=False)
     except FileNotFoundError:
         return RemovedFolder((), (), False)
-    for entry in entries:
-        if is_own_file(entry.name) and (entry.is_symlink() or entry.is_file()):
-            entry.unlink()
-            removed.append(entry)
-        else:
-            left.append(entry)
+    removed: list[Path] = []
+    left: list[Path] = []
+    with folder.acting() as fd:
+        for name in sorted(os.listdir(fd)):
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if is_own_file(name) and (stat.S_ISLNK(info.st_mode) or stat.S_ISREG(info.st_mode)):
+                os.unlink(name, dir_fd=fd)
+                removed.append(folder.file(name))
+            else:
+                left.append(folder.file(name))
     if left:
         return RemovedFolder(tuple(removed), tuple(left), False)
     try:
-        directory.rmdir()
+        folder.path.rmdir()  # rmdir never follows a link, and only an empty folder goes
     except OSError:
         return RemovedFolder(tuple(removed), (), False)
     return RemovedFolder(tuple(removed), (), True)

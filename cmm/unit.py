@@ -5,6 +5,11 @@ The unit file and the plist are pure text generated from a :class:`Spec`, and ev
 touching the machine's service manager.  The service runs as root (port 443, /etc/hosts) with
 the user's ``~/.cmm`` named explicitly and ``SUDO_USER``/``SUDO_UID``/``SUDO_GID`` set as sudo would,
 so files it creates there stay the user's, exactly as under ``sudo twistd cmm``.
+
+Root runs that code at every boot, so ``install`` refuses unless only root can change it: the
+interpreter, the twistd script, the cmm package, the standard library and the twistd plugin
+folders, each checked from ``/`` down (see :func:`find_writable`).  The unit itself names no
+script file and sets no ``PYTHON*`` variable; the user's ``~/.cmm`` holds data, never code.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import plistlib
+import stat
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -72,7 +78,150 @@ def twistd_program(python: str = sys.executable, exists: Callable[[Path], bool] 
     twistd = interpreter.parent / "twistd"
     if exists(twistd):
         return (str(twistd),)
-    return (str(interpreter), "-c", _TWISTD_SNIPPET)
+    return (str(interpreter), "-I", "-c", _TWISTD_SNIPPET)  # -I: no PYTHON* variables, no cwd on sys.path
+
+
+# --- who could change what root runs --------------------------------------------------------------
+
+
+@attrs.frozen
+class FileSystem:
+    """How :func:`find_writable` looks at files; tests pass fakes and need no real files."""
+
+    lstat: Callable[[str], os.stat_result] = os.lstat
+    realpath: Callable[[str], str] = os.path.realpath
+    listdir: Callable[[str], list[str]] = os.listdir
+
+
+@attrs.frozen
+class Writable:
+    """A path someone other than root could change, and why."""
+
+    path: str
+    why: str
+
+
+@attrs.frozen
+class CodePaths:
+    """What root would run: ``files`` are checked with every folder above them, ``trees`` also
+    with everything inside (a module anywhere in a package or plugin folder gets imported)."""
+
+    files: tuple[str, ...] = ()
+    trees: tuple[str, ...] = ()
+
+
+def _problems(info: os.stat_result) -> list[str]:
+    found = []
+    if info.st_uid != 0:
+        found.append(f"owned by uid {info.st_uid}")
+    if not stat.S_ISLNK(info.st_mode):  # a link's own mode means nothing; its folder and target count
+        if info.st_mode & stat.S_IWGRP:
+            found.append(f"writable by group {info.st_gid}")
+        if info.st_mode & stat.S_IWOTH:
+            found.append("writable by everyone" + (" (sticky)" if info.st_mode & stat.S_ISVTX else ""))
+    return found
+
+
+def _chain(path: str, fs: FileSystem) -> Iterable[Writable]:
+    """``path`` and every folder above it, as written and as resolved (links followed)."""
+    written = os.path.abspath(path)
+    for candidate in dict.fromkeys((written, fs.realpath(written))):
+        parts = Path(candidate).parts
+        for depth in range(1, len(parts) + 1):
+            component = str(Path(*parts[:depth]))
+            try:
+                info = fs.lstat(component)
+            except FileNotFoundError:
+                yield Writable(component, "missing")
+                break
+            except OSError as error:
+                yield Writable(component, f"cannot be checked ({error.strerror})")
+                break
+            for why in _problems(info):
+                yield Writable(component, why)
+
+
+def _tree(top: str, fs: FileSystem) -> Iterable[Writable]:
+    """Everything inside ``top``; a link inside is checked where it leads."""
+    try:
+        names = sorted(fs.listdir(top))
+    except OSError as error:
+        yield Writable(top, f"cannot be listed ({error.strerror})")
+        return
+    for name in names:
+        path = os.path.join(top, name)
+        try:
+            info = fs.lstat(path)
+        except OSError as error:
+            yield Writable(path, f"cannot be checked ({error.strerror})")
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            yield from _chain(path, fs)
+            continue
+        for why in _problems(info):
+            yield Writable(path, why)
+        if stat.S_ISDIR(info.st_mode):
+            yield from _tree(path, fs)
+
+
+def find_writable(code: CodePaths, fs: FileSystem = FileSystem()) -> list[Writable]:
+    """Every path in ``code`` that is not root's alone: each must be owned by root and not
+    writable by group or others, and so must every folder above it, from ``/`` down; a sticky
+    folder such as /tmp does not count as safe (its owners may still change their own files)."""
+    found: dict[Writable, None] = {}
+    for path in code.files:
+        found.update(dict.fromkeys(_chain(path, fs)))
+    for top in code.trees:
+        found.update(dict.fromkeys(_chain(top, fs)))
+        found.update(dict.fromkeys(_tree(top, fs)))
+    return list(found)
+
+
+def _script_interpreter(script: str) -> str | None:
+    """The interpreter in a script's ``#!`` line (pip writes an absolute path there)."""
+    try:
+        with open(script, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    return os.fsdecode(words[0]) if words else None
+
+
+def installed_code(program: Sequence[str], python: str = sys.executable,
+                   script_interpreter: Callable[[str], str | None] = _script_interpreter) -> CodePaths:
+    """What ``program`` (from :func:`twistd_program`) runs as root: this process's interpreter,
+    standard library, cmm package and the twistd plugin folders, since the unit's interpreter is
+    the one running ``cmm service install`` now."""
+    import twisted.plugins
+
+    import cmm
+
+    files = [program[0], python, os.path.dirname(os.__file__)]
+    if program[0] != python:
+        interpreter = script_interpreter(program[0])
+        files += [interpreter] if interpreter else []
+    venv_config = Path(os.path.abspath(python)).parent.parent / "pyvenv.cfg"  # its "home" picks the stdlib
+    if venv_config.exists():
+        files.append(str(venv_config))
+    plugins = [folder for folder in twisted.plugins.__path__ if os.path.isdir(folder)]
+    return CodePaths(files=tuple(dict.fromkeys(files)), trees=(os.path.dirname(cmm.__file__), *plugins))
+
+
+SYSTEM_WIDE = (
+    "install cmm where only root can write, e.g. a root-owned virtual environment: "
+    "`sudo python3 -m venv /opt/cmm && sudo /opt/cmm/bin/pip install .` in the cmm source folder, "
+    "then `sudo /opt/cmm/bin/cmm service install ...`; or `sudo python3 -m pip install .` with a "
+    "python3 that root owns"
+)
+
+
+def writable_message(found: Sequence[Writable], limit: int = 3) -> str:
+    shown = "; ".join(f"{w.path} ({w.why})" for w in found[:limit])
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return f"the service would run as root code that not only root can change: {shown}{more}. To fix it, {SYSTEM_WIDE}"
 
 
 def build_spec(twistd: Sequence[str], cmm_args: Sequence[str], config_dir: Path,
@@ -292,8 +441,13 @@ def run(
     geteuid: Callable[[], int] = os.geteuid,
     python: str = sys.executable,
     find: Callable[[Path], Instance] = status.find_instance,
+    code_paths: CodePaths | None = None,
+    fs: FileSystem = FileSystem(),
 ) -> int:
-    """``cmm service ACTION [--unit-dir DIR] [--print] [twistd cmm options]``."""
+    """``cmm service ACTION [--unit-dir DIR] [--print] [twistd cmm options]``.
+
+    ``code_paths`` (default :func:`installed_code`) and ``fs`` decide what root would run and
+    who could change it; ``install`` refuses, ``--print`` warns."""
     own, cmm_args = _own_options(extra)
     manager = manager_for(platform, own.unit_dir)
     if manager is None:
@@ -310,11 +464,17 @@ def run(
         if problem:
             command.fail(problem)
             return 2
-        spec = build_spec(twistd_program(python), cmm_args, config_dir, service_user(environ))
+        program = twistd_program(python)
+        spec = build_spec(program, cmm_args, config_dir, service_user(environ))
         content = systemd_unit(spec).encode() if manager.kind == "systemd" else launchd_plist(spec)
+        writable = find_writable(code_paths or installed_code(program, python), fs)
         if own.print:
             out.write(content.decode())
+            if writable:
+                err.write(f"cmm: warning: `cmm service install` refuses this: {writable_message(writable)}\n")
             return 0
+        if writable:
+            return command.fail(writable_message(writable))
 
     existed = manager.path.exists()
     if action != "install" and not existed:

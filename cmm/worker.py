@@ -52,6 +52,7 @@ class WorkerControl(LineReceiver):
         self.user = user
         self.drop = drop or drop_privileges
         self.context: ProxyContext | None = None
+        self.addresses: AddressBook | None = None
         self.tls: ReloadableServerTLS | None = None
         self.ports: list[IListeningPort] = []
         self.stopping = False
@@ -70,11 +71,10 @@ class WorkerControl(LineReceiver):
     def configure(self, config: wire.WorkerConfig) -> None:
         options = server_options(config.cert_pem, config.key_pem)
         if self.context is None:
-            addresses = AddressBook(resolve=None, addresses=list(config.anthropic_addresses))
-            if config.resolve:
-                addresses = AddressBook.from_dns(self.reactor)
-                addresses.addresses = list(config.anthropic_addresses)
-            self.context = build_context(config.proxy, addresses, config.connect_timeout, self.reactor, self.send_record)
+            # The master resolves (and keeps resolving) and sends every new answer with the config.
+            self.addresses = AddressBook.fixed(config.anthropic_addresses)
+            self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
+                                         self.send_record)
             self.tls = ReloadableServerTLS(options)
             factory = server_factory(self.tls, ProxyFactory(self.context))
             for fd, family in self.fds:
@@ -83,7 +83,8 @@ class WorkerControl(LineReceiver):
                 self.drop(*self.user)  # sockets adopted, keys loaded: nothing left that needs root
             LoopingCall(self.send_gauges).start(GAUGE_INTERVAL, now=False)
             return
-        assert self.tls is not None
+        assert self.tls is not None and self.addresses is not None
+        self.addresses.update(config.anthropic_addresses)
         self.context.settings = config.proxy  # new requests route by it; those in flight finish as they began
         self.tls.options = options
 

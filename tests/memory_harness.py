@@ -78,6 +78,7 @@ class FakeServer(Protocol):
 
     def __init__(self, upstream: FakeUpstream) -> None:
         self.upstream = upstream
+        self.seen = bytearray()  # every byte that reached this connection, framed or not
         self._reset()
 
     def _reset(self) -> None:
@@ -88,6 +89,7 @@ class FakeServer(Protocol):
         self.body = bytearray()
 
     def dataReceived(self, data: bytes) -> None:
+        self.seen += data
         while data:
             if self.head is None:
                 done = self.collector.feed(data)
@@ -140,7 +142,7 @@ class Harness:
         self.pool = Pool(self._connect, self.clock)
         context = ProxyContext(self.settings, self.pool, self.clock, self.records.append, wall_clock=lambda: 0.0)
         self.factory = server_factory(server_options(self.pki.server.cert_pem, self.pki.server.key_pem),
-                                      ProxyFactory(context))
+                                      ProxyFactory(context), clock=self.clock)
 
     def _connect(self, destination: Destination) -> defer.Deferred[UpstreamConnection]:
         upstream = self.upstreams["anthropic" if destination.anthropic else "target"]

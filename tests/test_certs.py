@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shutil
 import stat
+import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -94,7 +97,11 @@ def test_ca_extensions(ca: KeyPair) -> None:
     nc = ext.get_extension_for_class(x509.NameConstraints)
     assert nc.critical
     assert nc.value.permitted_subtrees == [DNSName("api.anthropic.com")]
-    assert nc.value.excluded_subtrees is None
+    assert nc.value.excluded_subtrees == [
+        x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
+        x509.IPAddress(ipaddress.ip_network("::/0")),
+    ]
+    assert certs.has_cmm_constraint(cert)
     assert cert.not_valid_before_utc == NOW - timedelta(hours=1)
     assert cert.not_valid_after_utc == NOW - timedelta(hours=1) + timedelta(days=3650)
 
@@ -149,14 +156,15 @@ def test_server_certificate_lifetime_is_capped(ca: KeyPair) -> None:
         make_server_certificate(ca, NOW, days=398)
 
 
-def test_ip_sans_and_extra_names(ca: KeyPair) -> None:
+def test_ip_sans_are_refused_under_cmm_ca(ca: KeyPair) -> None:
     pair = make_server_certificate(
         ca, NOW, hostnames=("api.anthropic.com",), ip_addresses=("127.0.0.1", "::1")
     )
     san = load(pair.cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
-    # The DNS-only name constraint leaves IP addresses unconstrained, as documented.
-    verifier(ca).verify(load(pair.cert_pem), [])
+    # Every name in a leaf must satisfy the CA's constraint: an excluded IP spoils the DNS name too.
+    with pytest.raises(VerificationError, match="excluded"):
+        verifier(ca).verify(load(pair.cert_pem), [])
 
 
 def test_chain_verifies(ca: KeyPair, server: KeyPair) -> None:
@@ -173,21 +181,31 @@ def test_wrong_hostname_is_refused(ca: KeyPair, server: KeyPair) -> None:
         verifier(ca, "evil.example.com").verify(load(server.cert_pem), [])
 
 
-def forge_leaf(ca: KeyPair, hostname: str) -> x509.Certificate:
-    """What an attacker holding the CA key could sign, bypassing make_server_certificate."""
+def forge_leaf(ca: KeyPair, hostname: str | None = None, ip: str | None = None) -> x509.Certificate:
+    """What an attacker holding the CA key could sign, bypassing make_server_certificate.
+
+    An IP-only leaf has no common name: OpenSSL would check a hostname-like one against the DNS
+    constraint, and a forger would not help it along.
+    """
     ca_cert = load(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     key = ec.generate_private_key(ec.SECP256R1())
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    if ip is None:
+        subject = x509.NameAttribute(NameOID.COMMON_NAME, hostname or "")
+        san: x509.GeneralName = DNSName(hostname or "")
+    else:
+        subject = x509.NameAttribute(NameOID.ORGANIZATION_NAME, "forger")
+        san = x509.IPAddress(ipaddress.ip_address(ip))
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .subject_name(x509.Name([subject]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOW - timedelta(hours=1))
         .not_valid_after(NOW + timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([DNSName(hostname)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
@@ -204,6 +222,92 @@ def test_name_constraint_refuses_forged_leaf(ca: KeyPair) -> None:
     # The same forgery under an unconstrained CA verifies: the constraint is what stops it.
     open_ca = make_ca(NOW, permitted_names=None)
     verifier(open_ca, "evil.example.com").verify(forge_leaf(open_ca, "evil.example.com"), [])
+
+
+#: The name constraint of a CA made before IP addresses were excluded.
+OLD_CA_OPTIONS = {"excluded_networks": ()}
+FORGED_IPS = ("10.0.0.1", "127.0.0.1", "::1", "2001:db8::1")
+
+
+def ip_verifier(ca: KeyPair, ip: str):
+    store = Store([load(ca.cert_pem)])
+    return PolicyBuilder().store(store).time(NOW).build_server_verifier(
+        x509.IPAddress(ipaddress.ip_address(ip))
+    )
+
+
+@pytest.mark.parametrize("ip", FORGED_IPS)
+def test_ca_key_cannot_mint_ip_certificates(ca: KeyPair, ip: str) -> None:
+    with pytest.raises(VerificationError, match="excluded name constraint"):
+        ip_verifier(ca, ip).verify(forge_leaf(ca, ip=ip), [])
+    # An older CA's key could: the exclusion is what stops the forgery.
+    old = make_ca(NOW, **OLD_CA_OPTIONS)
+    ip_verifier(old, ip).verify(forge_leaf(old, ip=ip), [])
+
+
+def openssl_verify_ip(tmp_path: Path, ca: KeyPair, leaf: x509.Certificate, ip: str) -> subprocess.CompletedProcess:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command (the same forgery is checked with cryptography's verifier)")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    argv = [openssl, "verify", "-attime", str(int(NOW.timestamp())), "-CAfile", str(tmp_path / "ca.pem"),
+            "-verify_ip", ip, str(tmp_path / "leaf.pem")]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize("ip", ["10.0.0.1", "::1"])
+def test_openssl_refuses_ip_certificates_from_ca_key(tmp_path: Path, ca: KeyPair, ip: str) -> None:
+    refused = openssl_verify_ip(tmp_path, ca, forge_leaf(ca, ip=ip), ip)
+    assert refused.returncode != 0 and "excluded subtree violation" in refused.stdout + refused.stderr
+    old = make_ca(NOW, **OLD_CA_OPTIONS)
+    accepted = openssl_verify_ip(tmp_path, old, forge_leaf(old, ip=ip), ip)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+
+def constraint_ca(constraints: x509.NameConstraints | None, critical: bool = True) -> x509.Certificate:
+    """A CA with exactly ``constraints``, for what make_ca cannot make."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cmm local CA")])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    )
+    if constraints is not None:
+        builder = builder.add_extension(constraints, critical=critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+ANY_V4 = x509.IPAddress(ipaddress.ip_network("0.0.0.0/0"))
+ANY_V6 = x509.IPAddress(ipaddress.ip_network("::/0"))
+API = DNSName("api.anthropic.com")
+
+
+def test_has_cmm_constraint_wants_exactly_cmms_subtrees() -> None:
+    exact = x509.NameConstraints([API], [ANY_V4, ANY_V6])
+    assert certs.has_cmm_constraint(constraint_ca(exact))
+    assert certs.has_cmm_constraint(constraint_ca(x509.NameConstraints([API], [ANY_V6, ANY_V4])))
+    refused = [
+        constraint_ca(exact, critical=False),
+        constraint_ca(None),
+        constraint_ca(x509.NameConstraints([API], None)),  # an older cmm's CA
+        constraint_ca(x509.NameConstraints([API], [ANY_V4])),  # IPv6 open
+        constraint_ca(x509.NameConstraints([API], [ANY_V4, ANY_V6, DNSName("x.example")])),
+        constraint_ca(x509.NameConstraints([API, DNSName("example.com")], [ANY_V4, ANY_V6])),
+        constraint_ca(x509.NameConstraints([API, API], [ANY_V4, ANY_V6])),
+        constraint_ca(x509.NameConstraints([DNSName("anthropic.com")], [ANY_V4, ANY_V6])),
+        constraint_ca(x509.NameConstraints([API, ANY_V4], [ANY_V4, ANY_V6])),
+        constraint_ca(x509.NameConstraints([API], [x509.IPAddress(ipaddress.ip_network("10.0.0.0/8")), ANY_V6])),
+        load(make_ca(NOW, permitted_names=None).cert_pem),
+        load(make_ca(NOW, **OLD_CA_OPTIONS).cert_pem),
+    ]
+    assert [certs.has_cmm_constraint(cert) for cert in refused] == [False] * len(refused)
 
 
 def test_unconstrained_ca_for_test_names() -> None:
@@ -335,9 +439,114 @@ def test_ensure_chowns_to_owner(tmp_path: Path) -> None:
         assert (p.stat().st_uid, p.stat().st_gid) == owner
 
 
+def write_old_ca(directory: Path) -> KeyPair:
+    old = make_ca(NOW, **OLD_CA_OPTIONS)
+    paths = certificate_paths(directory)
+    directory.mkdir(exist_ok=True)
+    paths.ca_cert.write_bytes(old.cert_pem)
+    paths.ca_key.write_bytes(old.key_pem)
+    return old
+
+
+def test_ensure_refuses_a_ca_without_cmms_constraint(tmp_path: Path) -> None:
+    old = write_old_ca(tmp_path)
+    with pytest.raises(certs.CertificateError, match=r"cmm setup --force") as refused:
+        ensure_certificates(tmp_path, now=NOW)
+    assert str(tmp_path / "ca.crt") in str(refused.value)
+    # Nothing was signed with it, and it was left for the user to replace knowingly.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.crt", "ca.key"]
+    assert (tmp_path / "ca.crt").read_bytes() == old.cert_pem
+    replaced = ensure_certificates(tmp_path, now=NOW, force=True)
+    assert replaced.created_ca and certs.has_cmm_constraint(load(replaced.paths.ca_cert.read_bytes()))
+
+
+def test_ensure_replaces_an_expired_old_ca(tmp_path: Path) -> None:
+    write_old_ca(tmp_path)
+    result = ensure_certificates(tmp_path, now=NOW + timedelta(days=3651))
+    assert result.created_ca and certs.has_cmm_constraint(load(result.paths.ca_cert.read_bytes()))
+
+
+def test_ensure_returns_what_it_wrote(tmp_path: Path) -> None:
+    result = ensure_certificates(tmp_path, now=NOW)
+    assert result.server == KeyPair(result.paths.server_cert.read_bytes(), result.paths.server_key.read_bytes())
+
+
+def test_ensure_refuses_a_linked_config_dir(tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (tmp_path / ".cmm").symlink_to(real)
+    with pytest.raises(certs.CertificateError, match="symbolic link"):
+        ensure_certificates(tmp_path / ".cmm", now=NOW)
+    assert list(real.iterdir()) == []
+
+
+def test_ensure_does_not_follow_a_linked_file(tmp_path: Path) -> None:
+    config = tmp_path / ".cmm"
+    paths = ensure_certificates(config, now=NOW).paths
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    paths.ca_key.unlink()
+    paths.ca_key.symlink_to(victim)
+    with pytest.raises(certs.CertificateError, match="ca.key is a symbolic link"):
+        ensure_certificates(config, now=NOW, owner=(4242, 4242))
+    assert victim.read_bytes() == b"someone else's file"
+    assert (victim.stat().st_uid, victim.stat().st_gid) == (os.getuid(), os.getgid())
+
+
+def test_ensure_refuses_a_fifo(tmp_path: Path) -> None:
+    paths = ensure_certificates(tmp_path, now=NOW).paths
+    paths.server_cert.unlink()
+    os.mkfifo(paths.server_cert)
+    with pytest.raises(certs.CertificateError, match="not a regular file"):
+        ensure_certificates(tmp_path, now=NOW)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files to another user needs root")
+def test_ensure_hands_files_over_but_not_hard_linked_ones(tmp_path: Path) -> None:
+    config = tmp_path / ".cmm"
+    paths = ensure_certificates(config, now=NOW).paths
+    victim = tmp_path / "victim"
+    os.link(paths.server_cert, victim)  # a root-owned file elsewhere, same content
+    result = ensure_certificates(config, now=NOW, owner=(4242, 4343))
+    assert not result.created_ca and not result.issued_server
+    for p in (config, paths.ca_cert, paths.ca_key, paths.server_key):
+        assert (p.stat().st_uid, p.stat().st_gid) == (4242, 4343)
+    assert victim.stat().st_uid == os.getuid()
+
+
 def test_atomic_write_leaves_no_temporaries(tmp_path: Path) -> None:
     target = tmp_path / "f"
     certs.write_atomically(target, b"one", 0o600)
     certs.write_atomically(target, b"two", 0o644)
     assert target.read_bytes() == b"two" and mode(target) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_atomic_write_replaces_a_link_instead_of_following_it(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / "d").mkdir()
+    link = tmp_path / "d" / "f"
+    link.symlink_to(victim)
+    certs.write_atomically(link, b"new", 0o600)
+    assert victim.read_bytes() == b"keep"
+    assert not link.is_symlink() and link.read_bytes() == b"new"
+
+
+def test_twistd_refuses_to_start_with_an_old_ca(tmp_path: Path) -> None:
+    import socket
+
+    from cmm.checkout import twistd_command
+    from support import process_env
+
+    old = write_old_ca(tmp_path)
+    with socket.socket() as probe:  # a free loopback port, should the refusal come too late
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--no-hosts", "--config-dir", str(tmp_path),
+                           "--source", "claude-haiku-4-5", "--target", "other-model"])
+    done = subprocess.run(argv, env=process_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "cmm setup --force" in done.stdout + done.stderr
+    assert (tmp_path / "ca.crt").read_bytes() == old.cert_pem
+    assert not (tmp_path / "server.crt").exists()

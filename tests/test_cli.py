@@ -21,6 +21,20 @@ from cmm.cli import StopState, main, process_alive, process_start_time, stop_pro
 from cmm.hosts import BEGIN_MARK, add_block
 
 
+# A process whose command line is cmm's checkout form (python -c '...twistd...' ... cmm): `cmm stop`
+# signals nothing else. The real twistd is stopped in test_system.
+STAND_IN = [sys.executable, "-c", "import time; time.sleep(60)  # stands in for twistd", "-n", "cmm"]
+
+
+def start_stand_in() -> subprocess.Popen[bytes]:
+    child = subprocess.Popen(STAND_IN)
+    deadline = time.monotonic() + 10
+    while not cli.is_cmm_process(child.pid):  # until it has exec'd
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.01)
+    return child
+
+
 def run(
     argv: list[str], environ: dict[str, str] | None = None, machine: trust.Machine | None = None
 ) -> tuple[int, str, str]:
@@ -152,7 +166,7 @@ def test_config_with_a_folder_where_env_belongs_says_so(tmp_path: Path, action: 
     (tmp_path / ".env").mkdir()
     code, out, err = run(["config", *action, "--config-dir", str(tmp_path)])
     assert (code, out) == (1, "")
-    assert err == f"cmm: cannot read {tmp_path / '.env'}: Is a directory\n"
+    assert err.startswith(f"cmm: cannot read {tmp_path / '.env'}: ") and err.count("\n") == 1
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no folder can be made")
@@ -335,21 +349,36 @@ def test_setup_system_trust_tool_failure(tmp_path: Path) -> None:
     assert (tmp_path / ".cmm/ca.crt").exists() and "~/.zshrc" in out  # the rest was done
 
 
-def test_setup_passes_sudo_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_setup_refuses_a_ca_without_cmms_constraint(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from cryptography import x509
+
     from cmm import certs
 
-    seen: dict[str, object] = {}
-    real = certs.ensure_certificates
+    machine, commands = fake_machine(tmp_path, debian=True, is_root=True)
+    old = certs.make_ca(datetime.now(timezone.utc), excluded_networks=())
+    (tmp_path / ".cmm").mkdir()
+    (tmp_path / ".cmm/ca.crt").write_bytes(old.cert_pem)
+    (tmp_path / ".cmm/ca.key").write_bytes(old.key_pem)
+    code, out, err = run(["setup", "--system-trust", "--no-profile"], {"HOME": str(tmp_path)}, machine)
+    assert code == 1 and "cmm setup --force" in err
+    assert commands.calls == [] and not (tmp_path / "root/usr/local/share/ca-certificates").exists()
+    code, out, err = run(["setup", "--force", "--system-trust", "--no-profile"], {"HOME": str(tmp_path)}, machine)
+    assert code == 0, err
+    assert certs.has_cmm_constraint(x509.load_pem_x509_certificate((tmp_path / ".cmm/ca.crt").read_bytes()))
 
-    def spy(config_dir: Path, **kwargs: object) -> object:
-        seen.update(kwargs, config_dir=config_dir)
-        kwargs["owner"] = None  # the test is not root's to give away
-        return real(config_dir, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(certs, "ensure_certificates", spy)
-    environ = {"SUDO_USER": "root", "HOME": str(tmp_path), "SUDO_UID": "1000", "SUDO_GID": "1001"}
-    assert run(["setup"], environ, fake_machine(tmp_path)[0])[0] == 0
-    assert seen == {"config_dir": tmp_path / ".cmm", "force": False, "owner": (1000, 1001)}
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_setup_under_sudo_makes_the_certificates_as_the_user(tmp_path: Path) -> None:
+    environ = {"SUDO_USER": "root", "HOME": str(tmp_path), "SUDO_UID": "4321", "SUDO_GID": "8765"}
+    code, out, err = run(["setup"], environ, fake_machine(tmp_path)[0])
+    assert code == 0, err
+    assert f"Created a local certificate authority: {tmp_path / '.cmm' / 'ca.crt'}" in out
+    for name in (".", "ca.crt", "ca.key", "server.crt", "server.key"):
+        info = (tmp_path / ".cmm" / name).stat()
+        assert (info.st_uid, info.st_gid) == (4321, 8765), name
+    assert os.geteuid() == 0 and os.getegid() == 0  # and root again afterwards
 
 
 def test_setup_permission_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -376,7 +405,7 @@ def hosts_file(tmp_path: Path) -> Path:
 
 def test_stop_terminates_process_and_removes_stale_block(tmp_path: Path, hosts_file: Path) -> None:
     hosts_file.write_text(add_block("127.0.0.1 localhost\n"))
-    child = subprocess.Popen(["sleep", "60"])
+    child = start_stand_in()
     try:
         (tmp_path / "cmm.pid").write_text(f"{child.pid}\n")
         started = time.monotonic()
@@ -447,7 +476,7 @@ def test_stop_signal_permission_error(tmp_path: Path, hosts_file: Path, monkeypa
             raise PermissionError(1, "Operation not permitted")
         real_kill(pid, sig)
 
-    child = subprocess.Popen(["sleep", "60"])
+    child = start_stand_in()
     try:
         monkeypatch.setattr(cli.os, "kill", refuse_term)
         (tmp_path / "cmm.pid").write_text(str(child.pid))
@@ -489,6 +518,7 @@ def test_stop_process_times_out(tmp_path: Path) -> None:
         timeout=10.0,
         kill=fake.kill,
         is_alive=fake.alive.__contains__,
+        is_cmm=lambda pid: True,
         started_at=lambda pid: None,
         sleep=fake.sleep,
         clock=lambda: fake.now,
@@ -506,6 +536,7 @@ def test_stop_process_leaves_reused_pid_alone(tmp_path: Path) -> None:
         pid_file,
         kill=fake.kill,
         is_alive=fake.alive.__contains__,
+        is_cmm=lambda pid: True,
         started_at=lambda pid: pid_file.stat().st_mtime + 3600,
         sleep=fake.sleep,
         clock=lambda: fake.now,
@@ -536,7 +567,7 @@ def test_stop_times_out_through_main(tmp_path: Path, hosts_file: Path) -> None:
     """A process that ignores SIGTERM: failure, exit 1, and the live process's hosts block stays."""
     child = subprocess.Popen(
         [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-         "print('ready', flush=True); time.sleep(60)"],
+         "print('ready', flush=True); time.sleep(60)  # stands in for twistd", "cmm"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -572,7 +603,7 @@ def test_uninstall_undoes_everything(tmp_path: Path, hosts_file: Path) -> None:
     assert anchor.exists() and MARKED in (home / ".bashrc").read_text()
     (home / ".cmm" / ".env").write_text("PROXY_API_KEY=k\n")
     hosts_file.write_text(add_block("127.0.0.1 localhost\n"))
-    child = subprocess.Popen(["sleep", "60"])
+    child = start_stand_in()
     try:
         (home / ".cmm" / "cmm.pid").write_text(str(child.pid))
         code, out, err = run(["uninstall", "--hosts-file", str(hosts_file)], environ, machine)

@@ -1,9 +1,11 @@
-"""``cmm doctor``: each check from observed values, the gathering with fakes, and the real probes in a child."""
+"""``cmm doctor``: each check from observed values, the gathering, DNS against a real name server on loopback,
+and the real probes and the whole command in a child."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,11 +15,16 @@ from pathlib import Path
 import attrs
 import pytest
 
+from twisted.internet import defer
+from twisted.internet.selectreactor import SelectReactor
+from twisted.names import dns
+
 from cmm import certs, doctor, hosts
 from cmm.checkout import REPO, checkout_env
 from cmm.doctor import Check
 from cmm.status import HostsInfo, Instance, Probe, RunningState, TrustInfo
 from support import done
+from test_resolve import HOST, answering, dns_server, queries_received, silent, spin  # noqa: F401 (fixtures)
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -83,6 +90,13 @@ def test_name_constraint(pki: Path) -> None:
         "cmm setup --force (a new, constrained CA; open a new terminal afterwards)")
     wide = certs.make_ca(NOW, permitted_names=("api.anthropic.com", "example.com"))
     assert doctor.check_name_constraint(wide.cert_pem).ok is False
+    old = certs.make_ca(NOW, excluded_networks=())
+    assert doctor.check_name_constraint(old.cert_pem) == Check(
+        "CA scope", False,
+        "the CA may sign certificates for IP addresses (made by an older cmm); cmm refuses to use it",
+        "cmm setup --force (a new, constrained CA; open a new terminal afterwards)")
+    v4_only = certs.make_ca(NOW, excluded_networks=("0.0.0.0/0",))
+    assert doctor.check_name_constraint(v4_only.cert_pem).ok is False
     assert doctor.check_name_constraint(None).ok is None
     assert doctor.check_name_constraint(b"junk").ok is False
 
@@ -150,13 +164,30 @@ def test_hosts(info: HostsInfo, instance: Instance, ok: bool, needle: str) -> No
         assert check.fix == "sudo cmm stop"
 
 
-def test_dns() -> None:
-    assert doctor.check_dns(["160.79.104.10", "2607:6bc0::10"]) == Check(
-        "DNS", True, "api.anthropic.com is at 160.79.104.10, 2607:6bc0::10")
-    assert doctor.check_dns(["127.0.0.1", "::1"]).ok is False
-    failed = doctor.check_dns(LookupError("DNS gave no usable address for api.anthropic.com (TimeoutError)"))
-    assert failed.ok is False and failed.detail.startswith("DNS gave no usable address")
-    assert "--anthropic-ip" in failed.fix
+def test_dns_check_on_real_lookups(answering: int, silent: socket.socket) -> None:
+    """What dns_lookup really returns (or raises), from a real name server on loopback, fed to the check."""
+    reactor = SelectReactor()
+    found = spin(reactor, defer.ensureDeferred(doctor.dns_lookup(reactor, (("127.0.0.1", answering),))))
+    assert doctor.check_dns(found) == Check("DNS", True, "api.anthropic.com is at 160.79.104.10, 2607:6bc0::10")
+    with dns_server({HOST: [dns.Record_A("127.0.0.1"), dns.Record_AAAA("::1")]}) as port:
+        error = spin_error(reactor, defer.ensureDeferred(doctor.dns_lookup(reactor, (("127.0.0.1", port),))))
+    looped = doctor.check_dns(error)
+    assert looped.ok is False and looped.detail == "DNS gave no usable address for api.anthropic.com (only loopback answers)"
+    down = spin_error(reactor, defer.ensureDeferred(doctor.dns_lookup(reactor, (silent.getsockname(),))), timeout=10)
+    failed = doctor.check_dns(down)
+    assert failed == Check("DNS", False,
+                           "DNS gave no usable address for api.anthropic.com (no answer from the name servers)",
+                           failed.fix)
+    assert "--anthropic-ip" in failed.fix and "--dns-server" in failed.fix
+    assert doctor.check_dns(["127.0.0.1", "::1"]).ok is False  # a lookup that let loopback through
+
+
+def spin_error(reactor: SelectReactor, deferred: defer.Deferred, timeout: float = 5.0) -> BaseException:
+    try:
+        spin(reactor, deferred, timeout)
+    except Exception as error:
+        return error
+    raise AssertionError("the lookup did not fail")
 
 
 def test_settings(tmp_path: Path) -> None:
@@ -233,25 +264,26 @@ def test_diagnose_with_fakes(pki: Path, tmp_path: Path) -> None:
     assert checks[8].detail == "http://127.0.0.1:9/v1/messages does not answer (connection refused)"
 
 
-def test_diagnose_uses_the_running_instance(tmp_path: Path) -> None:
+def test_diagnose_uses_the_running_instance(tmp_path: Path, answering: int) -> None:
     hosts_file = tmp_path / "hosts"
     hosts_file.write_text(hosts.add_block(""))
     instance = running(hosts_file=hosts_file)
+    reactor = SelectReactor()
 
     async def connect(host: str, port: int) -> bool | None:
         return True
 
-    async def lookup() -> list[str]:
-        return ["160.79.104.10"]
-
     async def probe(url: str) -> Probe:
         return Probe(url, True, "HTTP 404")
 
-    checks = done(doctor.diagnose(tmp_path, connect=connect, lookup=lookup, probe=probe, now=NOW, environ={},
-                                  find=lambda d: instance, trust=lambda d, e: None, hosts_file=tmp_path / "unused"))
+    checks = spin(reactor, defer.ensureDeferred(doctor.diagnose(
+        tmp_path, connect=connect, lookup=lambda: doctor.dns_lookup(reactor, (("127.0.0.1", answering),)),
+        probe=probe, now=NOW, environ={}, find=lambda d: instance, trust=lambda d, e: None,
+        hosts_file=tmp_path / "unused")))
     by_name = {c.name: c for c in checks}
     assert "shell profiles" not in by_name  # no trust information: no check
-    assert by_name["port 443"].ok is True and by_name["hosts file"].ok is True and by_name["DNS"].ok is True
+    assert by_name["port 443"].ok is True and by_name["hosts file"].ok is True
+    assert by_name["DNS"] == Check("DNS", True, "api.anthropic.com is at 160.79.104.10, 2607:6bc0::10")
 
 
 def test_real_probes_in_a_child(tmp_path: Path) -> None:
@@ -278,25 +310,41 @@ def test_real_probes_in_a_child(tmp_path: Path) -> None:
     assert json.loads(result.stdout) == [True, False, "connection refused", "no answer within 0.5 s"]
 
 
-def test_doctor_command_runs(tmp_path: Path) -> None:
-    """The whole command in a child; DNS is not asked (no network in tests), so only its shape is checked."""
-    script = textwrap.dedent(f"""
-        import sys
-        from cmm import cli, doctor
-        async def no_dns(reactor):
-            raise LookupError("DNS gave no usable address for api.anthropic.com (test)")
-        doctor.dns_lookup = no_dns
-        sys.exit(cli.main(["doctor", "--config-dir", {str(tmp_path)!r}, "--port", "1",
-                           "--hosts-file", {str(tmp_path / 'hosts')!r}]))
-    """)
+def run_doctor(tmp_path: Path, dns_server: str) -> subprocess.CompletedProcess[str]:
+    """The real ``cmm doctor`` in a child, HOME and config dir in tmp, DNS on loopback only."""
+    script = "import sys; from cmm import cli; sys.exit(cli.main(sys.argv[1:]))"
     env = {**checkout_env(), "HOME": str(tmp_path)}
     env.pop("NODE_EXTRA_CA_CERTS", None)
     env.pop("SUDO_USER", None)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
-                            timeout=30)
+    return subprocess.run([sys.executable, "-c", script, "doctor", "--config-dir", str(tmp_path / "cfg"), "--port", "1",
+                           "--hosts-file", str(tmp_path / "hosts"), "--timeout", "0.5", "--dns-server", dns_server],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+
+
+def test_doctor_command_runs_with_dns_down(tmp_path: Path, silent: socket.socket) -> None:
+    host, port = silent.getsockname()
+    result = run_doctor(tmp_path, f"{host}:{port}")
     assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Unhandled" not in result.stderr, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("✗ certificates") and "fix: cmm setup" in lines[1]
     assert any(line.startswith("✓ port 1 ") for line in lines)
     assert any(line.startswith("✗ NODE_EXTRA_CA_CERTS") for line in lines)
+    dns_line = lines.index(next(line for line in lines if line.startswith("✗ DNS")))
+    assert lines[dns_line].endswith("DNS gave no usable address for api.anthropic.com (no answer from the name servers)")
+    assert "--anthropic-ip" in lines[dns_line + 1]
     assert lines[-1].endswith("checks failed.")
+    assert len(queries_received(silent)) == 4  # A and AAAA, each tried twice: it was asked, and only there
+
+
+def test_doctor_command_runs_with_dns_answering(tmp_path: Path, answering: int) -> None:
+    result = run_doctor(tmp_path, f"127.0.0.1:{answering}")
+    assert "Traceback" not in result.stderr, result.stderr
+    assert any(line.startswith("✓ DNS") and line.endswith("api.anthropic.com is at 160.79.104.10, 2607:6bc0::10")
+               for line in result.stdout.splitlines()), result.stdout
+
+
+def test_doctor_refuses_a_bad_dns_server(tmp_path: Path) -> None:
+    result = run_doctor(tmp_path, "ns.example")
+    assert result.returncode == 2 and "--dns-server" in result.stderr and "is not an IP address" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -10,10 +10,12 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from cmm.userfiles import UserDir
 from cmm.envfile import (
     KEYS,
     SETTINGS,
     delete_value,
+    load_from,
     load_text,
     parse_env,
     save_text,
@@ -132,11 +134,12 @@ def test_defaults() -> None:
     assert set(KEYS) == {"PROXY_URL", "PROXY_API_KEY", "DEFAULT_SOURCE_MODEL", "DEFAULT_TARGET_MODEL"}
 
 
-def test_save_creates_0600_file_and_0700_dir(tmp_path: Path) -> None:
+def test_save_creates_0600_file_in_the_folder(tmp_path: Path) -> None:
     path = tmp_path / "cfg" / ".env"
     assert load_text(path) == ""
-    save_text(path, "A=1\n", owner=(os.getuid(), os.getgid()))
-    assert load_text(path) == "A=1\n"
+    folder = UserDir.open(path.parent)
+    save_text(folder, "A=1\n")
+    assert load_text(path) == "A=1\n" == load_from(folder)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert [p.name for p in path.parent.iterdir()] == [".env"]  # no temporary left
@@ -146,14 +149,24 @@ def test_save_tightens_existing_mode(tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text("A=1\n")
     path.chmod(0o644)
-    save_text(path, "A=2\n")
+    save_text(UserDir.open(tmp_path), "A=2\n")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text() == "A=2\n"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
-def test_save_chowns_to_owner(tmp_path: Path) -> None:
-    path = tmp_path / "new" / ".env"
-    save_text(path, "A=1\n", owner=(12345, 23456))
-    assert (path.stat().st_uid, path.stat().st_gid) == (12345, 23456)
-    assert (path.parent.stat().st_uid, path.parent.stat().st_gid) == (12345, 23456)
+def test_load_text_does_not_follow_a_link(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("PROXY_API_KEY=stolen\n")
+    (tmp_path / ".env").symlink_to(secret)
+    with pytest.raises(OSError, match="symbolic link"):
+        load_text(tmp_path / ".env")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_save_as_root_writes_as_the_folders_owner(tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 12345, 23456)
+    save_text(UserDir.open(folder), "A=1\n")
+    info = (folder / ".env").stat()
+    assert (info.st_uid, info.st_gid) == (12345, 23456)

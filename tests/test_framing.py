@@ -76,3 +76,73 @@ def test_close_body_ends_at_close() -> None:
     tracker = CloseBody()
     assert not tracker.feed(b"abc").done
     assert tracker.finish()
+
+
+_TCHARS = st.text("!#$%&'*+-.^_`|~09AZaz", min_size=1, max_size=6).map(str.encode)
+_QUOTED = st.lists(st.sampled_from([b"a", b" ", b"\t", b";", b"=", b"\\\"", b"\\\\", b"\xe9", b","]),
+                   max_size=6).map(lambda parts: b'"' + b"".join(parts) + b'"')
+_BWS = st.sampled_from([b"", b" ", b"\t ", b"  "])
+_EXTENSION = st.tuples(_BWS, _BWS, _TCHARS, st.one_of(st.just(None), st.tuples(_BWS, _BWS, st.one_of(_TCHARS, _QUOTED)))
+                       ).map(lambda p: p[0] + b";" + p[1] + p[2] + (b"" if p[3] is None else
+                                                                 p[3][0] + b"=" + p[3][1] + p[3][2]))
+_TRAILER = st.tuples(_TCHARS, st.lists(st.sampled_from([b"v", b" ", b"\t", b"\xe9", b":", b'"']), max_size=8)
+                     ).map(lambda p: p[0] + b":" + b"".join(p[1]) + b"\r\n")
+
+
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=40), st.lists(_EXTENSION, max_size=3)), max_size=5),
+       st.lists(_TRAILER, max_size=3), st.lists(st.integers(0, 600), max_size=8))
+def test_valid_extensions_and_trailers_are_read_whatever_the_split(
+        chunks: list[tuple[bytes, list[bytes]]], trailers: list[bytes], splits: list[int]) -> None:
+    encoded = b"".join(b"%x%s\r\n%s\r\n" % (len(data), b"".join(ext), data) for data, ext in chunks)
+    encoded += b"0\r\n" + b"".join(trailers) + b"\r\n"
+    payload, consumed, done = run(ChunkedBody(), encoded + b"GET / HTTP/1.1\r\n", splits)
+    assert (payload, consumed, done) == (b"".join(data for data, _ in chunks), len(encoded), True)
+
+
+@pytest.mark.parametrize("line", [
+    b"5;a=\"q\\\"x\";b\r\n", b"5 ; a = b\r\n", b"5\t;a\r\n", b"5;a=\"\xe9\t\"\r\n",
+])
+def test_extensions_in_the_grammar_are_accepted(line: bytes) -> None:
+    assert run(ChunkedBody(), line + b"hello\r\n0\r\n\r\n", []) == (b"hello", len(line) + 12, True)
+
+
+BAD_EXTENSIONS = [
+    b"5;a\x00b\r\n",  # NUL: the attack, as it was forwarded
+    b"5;a\rb\r\n",  # bare CR: "Expected LF after chunk size" upstream
+    b"5;a=b\x7f\r\n",
+    b"5;a=\"x\x01\"\r\n",
+    b"5;\r\n",
+    b"5 \r\n",
+    b"5;a=\r\n",
+    b"5;a=b c\r\n",
+    b"5;=b\r\n",
+    b"5;a=\"open\r\n",
+    b"5;a=\"x\"y\r\n",
+    b"5;a@b\r\n",
+]
+
+
+@pytest.mark.parametrize("line", BAD_EXTENSIONS)
+@pytest.mark.parametrize("what", ["request", "upstream response"])
+def test_extensions_outside_the_grammar_are_refused_whatever_the_split(line: bytes, what: str) -> None:
+    body = line + b"hello\r\n0\r\n\r\n"
+    for cut in range(len(body) + 1):
+        with pytest.raises(HttpError) as caught:
+            run(ChunkedBody(what), body, [cut])
+        assert caught.value.status == 400
+        assert f"Invalid chunked {what} body: malformed chunk extension" in caught.value.message
+
+
+@pytest.mark.parametrize("trailer, words", [
+    (b"X-T: a\x00b", "control character in trailer field X-T"),
+    (b"X-T: a\rb", "control character in trailer field X-T"),
+    (b"X-T: a\x1bb", "control character in trailer field X-T"),
+    (b"X T: a", "malformed trailer field"),
+    (b"X-\xc3\xa9: a", "malformed trailer field"),
+    (b" X-T: a", "malformed trailer field"),
+    (b": a", "malformed trailer field"),
+])
+def test_trailer_fields_outside_the_grammar_are_refused(trailer: bytes, words: str) -> None:
+    with pytest.raises(HttpError) as caught:
+        run(ChunkedBody(), b"0\r\nX-Fine: yes\t \r\n" + trailer + b"\r\n\r\n", [])
+    assert caught.value.status == 400 and words in caught.value.message

@@ -41,8 +41,8 @@ CLAUDE_HEAD = (
 )
 
 
-def collect(data: bytes, splits: list[int] | None = None) -> tuple[bytes, bytes]:
-    collector = HeadCollector()
+def collect(data: bytes, splits: list[int] | None = None, response: bool = False) -> tuple[bytes, bytes]:
+    collector = HeadCollector(response=response)
     points = sorted(set(splits or [])) + [len(data)]
     start = 0
     for point in points:
@@ -162,7 +162,7 @@ def test_keep_alive_rules() -> None:
 
 
 def response(raw: bytes, method: bytes = b"POST"):
-    head, _ = collect(raw)
+    head, _ = collect(raw, response=True)
     return parse_response_head(head, method)
 
 
@@ -211,3 +211,71 @@ def test_a_long_run_of_spaces_in_a_value_is_read_in_one_pass() -> None:
     """The run must not be matched two ways: with backtracking this head took about 5 s."""
     raw = b"GET / HTTP/1.1\r\nX: a" + b" " * 60_000 + b"b \r\nY:" + b" " * 3_000 + b"\r\n\r\n"
     assert parse_request_head(raw).headers.fields == ((b"X", b"a" + b" " * 60_000 + b"b"), (b"Y", b""))
+
+
+# What a client speaking TLS to a plain endpoint sends first: a ClientHello record (type 0x16).
+CLIENT_HELLO = bytes.fromhex("160301007801000074030300") + bytes(range(14, 127))
+
+
+@pytest.mark.parametrize("start, part", [
+    (CLIENT_HELLO, "method"),
+    (CLIENT_HELLO[:1], "method"),
+    (b"\x00", "method"),
+    (b" GET", "method"),
+    (b"GET\r\n", "method"),
+    (b"G\xc3\xa9T / HTTP/1.1", "method"),
+    (b"\r\x00", "method"),
+    (b"\r\n\r\nPOST\t/", "method"),
+    (b"GET  /", "target"),
+    (b"GET /a\x00b", "target"),
+    (b"GET /\xc3\xa9 ", "target"),
+    (b"GET /\r\n", "target"),
+    (b"GET / \x16\x03", "version"),
+    (b"GET / HTTP/1.1 ", "version"),
+    (b"GET / http/1.1", "version"),
+    (b"GET / HTTP/11", "version"),
+])
+def test_bytes_that_cannot_begin_a_request_line_are_refused_at_once(start: bytes, part: str) -> None:
+    assert len(CLIENT_HELLO) == 125 and b"\n" not in CLIENT_HELLO
+    with pytest.raises(HttpError) as caught:
+        HeadCollector().feed(start)  # no line end needed: refused before any
+    assert caught.value.status == 400
+    assert f"in the {part}" in caught.value.message
+
+
+@pytest.mark.parametrize("start", [b"", b"\r", b"\r\n", b"\r\n\r", b"POST", b"POST ", b"POST /v1/messages",
+                                   b"POST /v1/messages ", b"POST /v1/messages HTTP/1", b"GET / HTTP/2.0\r",
+                                   b"GET / HTTP/1.1\r\nX-Odd: \x00\x16"])
+def test_a_plausible_start_waits_for_more(start: bytes) -> None:
+    assert HeadCollector().feed(start) is None
+
+
+_PIECES = st.sampled_from([b"GET", b"POST", b" ", b"/v1/x?a=b", b"HTTP/1.1", b"\r\n", b"\r", b"\n", b"Host: a",
+                           b"\x16\x03\x01", b"\x00", b"\xc3\xa9", b"\t", b"e"])
+
+
+def _outcome(data: bytes, splits: list[int], response: bool = False) -> tuple:
+    collector = HeadCollector(response=response)
+    start = 0
+    try:
+        for point in sorted(set(splits)) + [len(data)]:
+            done = collector.feed(data[start:point])
+            start = point
+            if done is not None:
+                return "head", done[0], done[1] + data[start:]
+    except HttpError as error:
+        return "error", error.status
+    return ("pending",)
+
+
+@given(st.lists(_PIECES, max_size=14).map(b"".join), st.lists(st.integers(0, 80), max_size=8), st.booleans())
+def test_early_refusal_does_not_depend_on_the_split(data: bytes, splits: list[int], response: bool) -> None:
+    data = (b"HTTP/1.1 200 OK" + data) if response and data[:1] == b"H" else data
+    assert _outcome(data, splits, response) == _outcome(data, [], response)
+
+
+@pytest.mark.parametrize("start", [b"ICY 200", b"\x16\x03\x03", b"HTTP/2 200", b"<html>"])
+def test_an_upstream_that_does_not_speak_http1_is_refused_at_once(start: bytes) -> None:
+    with pytest.raises(HttpError) as caught:
+        HeadCollector(what="upstream response", response=True).feed(start)
+    assert caught.value.status == 502

@@ -1403,3 +1403,132 @@ def test_a_tool_loop_the_target_started_can_be_continued_at_anthropic(stack: Sta
     [seen] = stack.anthropic.find(tag)
     sent = json.loads(seen.body)
     assert "thinking" not in sent and cch.is_valid(seen.body) and len(seen.body) == len(body)
+
+
+# -- hostile and stuck clients: strict framing, deadlines, closes that end, the connection cap -------------
+
+# The start of a TLS ClientHello, as a client that speaks TLS inside TLS sends it: 125 bytes, no line end.
+CLIENT_HELLO = bytes.fromhex("160301007801000074030300") + bytes(range(14, 127))
+
+
+@pytest.mark.parametrize("extension", [b";a\x00b", b";a\rb"], ids=["nul", "bare-cr"])
+def test_a_chunk_extension_with_a_control_byte_never_reaches_anthropic(stack: Stack, extension: bytes) -> None:
+    """Passthrough starts at once on this path, so the head and first chunk are on their way when
+    the bad line comes: it must be refused, not forwarded for Anthropic to read another way."""
+    tag = new_tag()
+    head = http_request("POST", "/v1/files", [("Host", ANTHROPIC_HOST), ("x-api-key", USER_KEY), ("x-test-id", tag),
+                                              ("Transfer-Encoding", "chunked")])
+    with stack.main.connect() as conn:
+        conn.send(head + b"5\r\nhello\r\n")
+        time.sleep(0.1)  # the head and the first chunk go upstream first
+        conn.send(b"5" + extension + b"\r\nworld\r\n0\r\n\r\n")
+        response = conn.response()
+        error = assert_anthropic_error(response, 400, "invalid_request_error")
+        assert "malformed chunk extension" in error["message"] and response.header("connection") == "close"
+        conn.read_to_eof(5)
+    time.sleep(0.3)
+    assert stack.anthropic.find(tag) == []  # no complete request ever reached it
+    assert stack.main.exchange(simple_post(PASS_MODEL, new_tag())).status == 200
+
+
+def test_a_client_hello_inside_tls_is_refused_at_once(stack: Stack) -> None:
+    with stack.main.connect() as conn:  # --head-timeout 30 here: only an early refusal is quick
+        started = time.monotonic()
+        conn.send(CLIENT_HELLO)
+        response = conn.response()
+        elapsed = time.monotonic() - started
+        assert_anthropic_error(response, 400)
+        conn.read_to_eof(5)
+    assert elapsed < 0.5, elapsed
+
+
+def test_a_head_sent_a_byte_at_a_time_still_gets_408_on_time(stack: Stack) -> None:
+    # --head-timeout 1 on the strict instance: counted from the first byte, not the last.
+    with stack.strict.connect() as slow:
+        head = b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nX-Slow: abcdefgh"
+        started = time.monotonic()
+        slow.settimeout(0.1)
+        got = b""
+        for byte in head:  # one byte every 0.1 s, until cmm answers
+            slow.send(bytes([byte]))
+            try:
+                got = slow.sock.recv(65536)
+                break
+            except TimeoutError:
+                continue
+        elapsed = time.monotonic() - started
+    assert got.startswith(b"HTTP/1.1 408 "), got[:100]
+    assert 0.8 < elapsed < 2.0, elapsed
+
+
+def test_a_close_the_client_never_answers_is_cut_after_a_few_seconds(stack: Stack) -> None:
+    """cmm sends close_notify; this client neither answers it nor closes. Its socket must not stay."""
+    with stack.main.connect() as conn:
+        conn.send(http_request("GET", "/v1/models", [("Host", ANTHROPIC_HOST), ("Connection", "close")]))
+        response = conn.response("GET")
+        assert response.status == 200
+        assert conn.sock.recv(1) == b""  # cmm's close_notify; Python's ssl does not answer it
+        started = time.monotonic()
+        raw = socket.socket(fileno=os.dup(conn.sock.fileno()))
+        raw.settimeout(10)
+        try:
+            left = raw.recv(1)  # the TCP end, when cmm gives up waiting
+        except ConnectionResetError:
+            left = b""
+        finally:
+            raw.close()
+        elapsed = time.monotonic() - started
+    assert left == b"" and 3 < elapsed < 8, elapsed
+
+
+@pytest.fixture(scope="module")
+def capped(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cmm]:
+    """A cmm whose one worker holds at most three client connections."""
+    base = tmp_path_factory.mktemp("capped")
+    instance = Cmm("capped", ["--source", SOURCE_PREFIX, "--target", TARGET_MODEL, "--anthropic-ip", "127.0.0.1",
+                              "--anthropic-port", str(stack.anthropic.port), "--listen", "127.0.0.1",
+                              "--proxy-url", f"http://127.0.0.1:{stack.target.port}/v1/messages",
+                              "--workers", "1", "--max-connections", "3"],
+                   _env(SSL_CERT_FILE=str(stack.pki / "ca.pem"), SSL_CERT_DIR=None), base / "cfg", base)
+    instance.launch()
+    try:
+        instance.wait_ready()
+        yield instance
+    finally:
+        instance.stop()
+
+
+def test_at_the_cap_the_longest_idle_connection_makes_room(capped: Cmm) -> None:
+    idle = [capped.connect() for _ in range(3)]
+    try:
+        for conn in idle:
+            time.sleep(0.05)
+            conn.send(b"\r\n")  # nothing but an empty line: still idle
+        time.sleep(0.2)
+        response = capped.exchange(simple_post(PASS_MODEL, new_tag()))  # the fourth
+        assert response.status == 200
+        data, _ = idle[0].read_to_eof(3)  # the oldest was closed to make room, without a word
+        assert data == b""
+        idle[1].send(simple_post(PASS_MODEL, new_tag()))  # the others still serve
+        assert idle[1].response().status == 200
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_is_refused(capped: Cmm) -> None:
+    busy = [capped.connect() for _ in range(3)]
+    try:
+        for conn in busy:
+            conn.send(simple_post(PASS_MODEL, new_tag(), extra=[("x-fake-delay", "1.5")]))
+        time.sleep(0.3)
+        with pytest.raises((OSError, Closed)):
+            with capped.connect(timeout=3) as refused:
+                refused.send(simple_post(PASS_MODEL, new_tag()))
+                refused.response()
+        for conn in busy:  # the busy ones were never cut
+            assert conn.response().status == 200
+    finally:
+        for conn in busy:
+            conn.close()
+    assert capped.exchange(simple_post(PASS_MODEL, new_tag())).status == 200

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cmm import cli
+from cmm.userfiles import UserDir
 from cmm.mappings import (
     MappingsError,
     MappingSpec,
@@ -256,7 +257,7 @@ def test_load_names_the_path_in_errors(tmp_path: Path) -> None:
 
 def test_save_is_0600_in_a_0700_directory_and_loads_back(tmp_path: Path) -> None:
     path = mappings_file(tmp_path / ".cmm")
-    save(path, (HAIKU, SONNET))
+    save(UserDir.open(path.parent), (HAIKU, SONNET))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert load(path) == (HAIKU, SONNET)
@@ -265,10 +266,10 @@ def test_save_is_0600_in_a_0700_directory_and_loads_back(tmp_path: Path) -> None
 
 def test_save_of_unusable_specs_leaves_the_file_alone(tmp_path: Path) -> None:
     path = tmp_path / "mappings.toml"
-    save(path, (HAIKU,))
+    save(UserDir.open(tmp_path), (HAIKU,))
     before = path.read_bytes()
     with pytest.raises(MappingsError):
-        save(path, (HAIKU, MappingSpec("x", "y z")))
+        save(UserDir.open(tmp_path), (HAIKU, MappingSpec("x", "y z")))
     assert path.read_bytes() == before
 
 

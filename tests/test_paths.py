@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmm.paths import config_dir, env_file, invoking_user, pid_file
+from cmm.paths import config_dir, config_owner, env_file, invoking_user, pid_file
 
 HOMES = {"alice": Path("/home/alice"), "me": Path("/home/me")}
 
@@ -48,3 +48,10 @@ def test_invoking_user() -> None:
 def test_file_names() -> None:
     assert env_file(Path("/d")) == Path("/d/.env")
     assert pid_file(Path("/d")) == Path("/d/cmm.pid")
+
+
+def test_config_owner_is_the_sudo_user_only() -> None:
+    owner = config_owner({"SUDO_UID": "65534", "SUDO_GID": "65533"})
+    assert owner is not None and (owner.uid, owner.gid) == (65534, 65533) and 65533 in owner.groups
+    assert config_owner({"SUDO_UID": "0", "SUDO_GID": "0"}) is None  # sudo by root: root itself
+    assert config_owner({}) is None

@@ -159,13 +159,13 @@ def test_plan_temporary_parses_like_twistd(tmp_path: Path) -> None:
     user.mkdir()
     work.mkdir()
     (user / ".env").write_text("DEFAULT_SOURCE_MODEL=claude-haiku-4-5\nDEFAULT_TARGET_MODEL=g\n")
-    (work / ".env").symlink_to(user / ".env")
+    (work / ".env").write_text((user / ".env").read_text())
     plan = selftest.plan_temporary(Options(), user, work, 40000, {})
     assert plan.sources == ("claude-haiku-4-5",) and not plan.fallback
-    assert "--source" not in plan.args  # the .env pair comes from the linked file, as twistd reads it
+    assert "--source" not in plan.args  # the .env pair comes from the copied file, as twistd reads it
 
     (user / "mappings.toml").write_text('[[mapping]]\nsource = "claude-sonnet"\ntarget = "x"\n')
-    (work / "mappings.toml").symlink_to(user / "mappings.toml")
+    (work / "mappings.toml").write_text((user / "mappings.toml").read_text())
     plan = selftest.plan_temporary(Options(source="claude-opus", target="y"), user, work, 40000, {})
     assert plan.sources == ("claude-opus", "claude-sonnet")
 

@@ -43,5 +43,12 @@ def test_bad_env_value_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_help_lists_the_interface_options() -> None:
     text = str(Options(environ={}))
-    for name in ("--source", "--target", "--proxy-url", "--proxy-api-key", "--port", "--config-dir", "--anthropic-ip"):
+    for name in ("--source", "--target", "--proxy-url", "--proxy-api-key", "--port", "--config-dir", "--anthropic-ip",
+                 "--max-connections"):
         assert name in text
+
+
+def test_the_connection_cap_reaches_the_serving_settings(tmp_path: Path) -> None:
+    base = ["--config-dir", str(tmp_path), "--source", "a", "--target", "b"]
+    assert parse([*base, "--max-connections", "200"], {}).config.proxy.max_connections == 200
+    assert parse(base, {}).config.proxy.max_connections == 1024

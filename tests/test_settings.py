@@ -28,6 +28,8 @@ def test_defaults() -> None:
     config = build_config({"source": "a", "target": "b"}, {}, DIR)
     assert config.proxy.router.mappings[0].upstream.url == "http://localhost:8317/v1/messages"
     assert config.anthropic_ips == ()
+    assert config.proxy.max_connections == 1024
+    assert build_config({"source": "a", "target": "b", "max-connections": "64"}, {}, DIR).proxy.max_connections == 64
 
 
 @pytest.mark.parametrize("options, words", [
@@ -40,6 +42,8 @@ def test_defaults() -> None:
     ({"source": "a", "target": "b", "listen": "10.0.0.1"}, "loopback addresses only"),
     ({"source": "a", "target": "b", "anthropic-ip": "api.anthropic.com"}, "not an IP address"),
     ({"source": "a", "target": "b", "body-limit": "0"}, "greater than 0"),
+    ({"source": "a", "target": "b", "max-connections": "0"}, "--max-connections must be greater than 0"),
+    ({"source": "a", "target": "b", "max-connections": "many"}, "--max-connections must be a number"),
 ])
 def test_errors_say_what_to_fix(options: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words):

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from cmm import certs, hosts, status
 from cmm.checkout import REPO, checkout_env
+from cmm.cli import is_cmm_process
 from cmm.status import (
     CertInfo,
     HostsInfo,
@@ -82,7 +83,8 @@ def test_find_instance_without_files(tmp_path: Path) -> None:
 
 def test_find_instance_running_from_state(tmp_path: Path) -> None:
     (tmp_path / "cmm.state.json").write_text(json.dumps(STATE))
-    found = status.find_instance(tmp_path, is_alive=lambda pid: pid == 4242, started_at=lambda pid: 0.0)
+    found = status.find_instance(tmp_path, is_alive=lambda pid: pid == 4242, started_at=lambda pid: 0.0,
+                                 is_cmm=lambda pid: pid == 4242)
     assert found.running and found.pid == 4242 and found.state is not None and found.state.port == 443
 
 
@@ -101,14 +103,30 @@ def test_find_instance_reused_pid_is_not_running(tmp_path: Path) -> None:
 def test_find_instance_pid_file_only(tmp_path: Path) -> None:
     (tmp_path / "cmm.pid").write_text("4242\n")
     (tmp_path / "cmm.state.json").write_text("{half")
-    found = status.find_instance(tmp_path, is_alive=lambda pid: True, started_at=lambda pid: None)
+    found = status.find_instance(tmp_path, is_alive=lambda pid: True, started_at=lambda pid: None,
+                                 is_cmm=lambda pid: True)
     assert found.running and found.state is None and "unreadable" in found.note
 
 
 def test_find_instance_with_this_process(tmp_path: Path) -> None:
-    """The real process table: this test's own pid runs, and started before the file was written."""
+    """The real process table: this test's own pid runs, started before the file was written, and
+    counts as cmm only for a predicate that says so (pytest is not cmm)."""
     (tmp_path / "cmm.pid").write_text(f"{os.getpid()}\n")
-    assert status.find_instance(tmp_path).running
+    assert status.find_instance(tmp_path, is_cmm=lambda pid: pid == os.getpid()).running
+    found = status.find_instance(tmp_path)
+    assert not found.running and "another process" in found.note
+
+
+def test_find_instance_does_not_read_through_links(tmp_path: Path) -> None:
+    """A pid file that is a link to a file naming a live cmm is no pid file at all."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("4242\n")
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "cmm.pid").symlink_to(elsewhere)
+    found = status.find_instance(folder, is_alive=lambda pid: True, started_at=lambda pid: None,
+                                 is_cmm=lambda pid: True)
+    assert not found.running and found.pid is None
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -334,9 +352,16 @@ def fake_target(tmp_path: Path) -> Any:
         out.close()
 
 
-def test_status_command_running(tmp_path: Path, fake_target: Any) -> None:
-    """A state file naming a live process (the fake target stands in for cmm), probed for real."""
-    process, port = fake_target
+def test_status_command_running(tmp_path: Path, fake_target: Any, request: pytest.FixtureRequest) -> None:
+    """A state file naming a live process whose command line is cmm's (a sleeping stand-in: the real
+    twistd runs in test_selftest), with its targets probed for real."""
+    _, port = fake_target
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # stands in for twistd", "cmm"])
+    request.addfinalizer(lambda: (process.kill(), process.wait()))
+    deadline = time.monotonic() + 10
+    while not is_cmm_process(process.pid):  # until it has exec'd
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     closed = _free_port()
     config = tmp_path / "cfg"
     config.mkdir()

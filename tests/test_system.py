@@ -529,7 +529,5 @@ def test_what_the_commands_did_to_the_machine(commands: dict) -> None:
     assert commands["root_home_after"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="cmm doctor crashes once DNS answers: check_dns is handed "
-                                       "resolve.lookup's Answer where it expects a list of addresses")
 def test_cmm_doctor_with_and_without_a_running_cmm(commands: dict) -> None:
     judge(commands, DOCTOR_EXPECTED)

@@ -12,7 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote_from_bytes
@@ -31,6 +31,7 @@ from cmm.trust import (
     Machine,
     ProfileAction,
     StoreKind,
+    SystemStore,
     Syntax,
     TrustError,
     add_line,
@@ -255,6 +256,14 @@ class FakeTools:
     fail: set[str] = attrs.field(factory=set)
     anchors: dict[str, str] = attrs.field(factory=dict)  # p11-kit: uri -> label
     keychain: dict[str, str] = attrs.field(factory=dict)  # macOS: SHA-1 -> common name
+    stored: list[tuple[str, bytes]] = attrs.field(factory=list)  # (path, bytes) each tool read
+    before_read: Callable[[], None] = lambda: None  # what someone else does just before the tool reads
+
+    def read(self, path: str) -> bytes:
+        self.before_read()
+        data = Path(path).read_bytes()
+        self.stored.append((path, data))
+        return data
 
     def __call__(self, argv: Sequence[str]) -> CommandResult:
         argv = list(argv)
@@ -276,7 +285,7 @@ class FakeTools:
             )
             return CommandResult(0, listing)
         if args[:2] == ["anchor", "--store"]:
-            cert = x509.load_pem_x509_certificate(Path(args[2]).read_bytes())
+            cert = x509.load_pem_x509_certificate(self.read(args[2]))
             ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
             label = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
             self.anchors[f"pkcs11:id={quote_from_bytes(ski, safe='')};type=cert"] = str(label)
@@ -294,7 +303,7 @@ class FakeTools:
             listing = "".join(f'SHA-256 hash: {"0" * 64}\nSHA-1 hash: {d}\nkeychain: "x"\n' for d in found)
             return CommandResult(0, listing)
         if args[0] == "add-trusted-cert":
-            der = trust.pem_certificates(Path(args[-1]).read_bytes())[0]
+            der = trust.pem_certificates(self.read(args[-1]))[0]
             cert = x509.load_der_x509_certificate(der)
             self.keychain[hashlib.sha1(der).hexdigest().upper()] = str(
                 cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
@@ -510,7 +519,8 @@ def test_p11kit_store(tmp_path: Path) -> None:
     ca = write_ca(tmp_path / "cfg")
 
     trust.install_system_trust(store, ca, machine)
-    assert f"trust anchor --store {ca}" in tools.commands()
+    assert tools.commands()[-1].startswith("trust anchor --store ")
+    assert_private_copy(tools, ca)
     assert trust.system_status(store, ca.read_bytes(), machine) == trust.SystemTrustStatus(store, True, True)
 
     new_ca = write_ca(tmp_path / "cfg")
@@ -528,6 +538,14 @@ def test_p11kit_store(tmp_path: Path) -> None:
     assert list(tools.anchors.values()) == ["Some Other Root"]
 
 
+def assert_private_copy(tools: FakeTools, ca: Path) -> None:
+    """The tool read the checked bytes from root's own copy, which is gone afterwards."""
+    path, data = tools.stored[-1]
+    assert data == ca.read_bytes()
+    assert Path(path) != ca and Path(path).parent.parent == Path(trust.PRIVATE_COPY_PARENT)
+    assert not Path(path).parent.exists()
+
+
 def test_macos_keychain(tmp_path: Path) -> None:
     tools = FakeTools()
     machine = make_machine(tmp_path, tools, have=["security"], platform="darwin")
@@ -539,7 +557,8 @@ def test_macos_keychain(tmp_path: Path) -> None:
     ca = write_ca(tmp_path / "cfg")
 
     trust.install_system_trust(store, ca, machine)
-    assert f"security add-trusted-cert -d -r trustRoot -k {keychain} {ca}" in tools.commands()
+    assert tools.commands()[-1].startswith(f"security add-trusted-cert -d -r trustRoot -k {keychain} ")
+    assert_private_copy(tools, ca)
     assert trust.system_status(store, ca.read_bytes(), machine).current is True
 
     new_ca = write_ca(tmp_path / "cfg")
@@ -562,6 +581,86 @@ def test_store_needs_root_and_reports_tool_failures(tmp_path: Path) -> None:
     assert tools.calls == [] and not store.location.exists()  # type: ignore[union-attr]
     with pytest.raises(TrustError, match="it broke"):
         trust.install_system_trust(store, ca, attrs.evolve(machine, is_root=True))
+
+
+STORES = [
+    pytest.param(["update-ca-certificates"], "linux", id="debian"),
+    pytest.param(["trust"], "linux", id="p11kit"),
+    pytest.param(["security"], "darwin", id="macos"),
+]
+
+
+def store_for(tmp_path: Path, tools: FakeTools, have: list[str], platform: str) -> SystemStore:
+    machine = make_machine(tmp_path, tools, have=have, platform=platform)
+    keychain = machine.system_path(trust.MACOS_KEYCHAIN)
+    keychain.parent.mkdir(parents=True, exist_ok=True)
+    keychain.write_bytes(b"")
+    store = trust.detect_system_store(machine)
+    assert store is not None
+    return store
+
+
+def refused_cas(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """ca.crt files root must not make system roots, and the reason it gives for each."""
+    config = tmp_path / "refused"
+    config.mkdir()
+    made = {
+        "old": (certs.make_ca(NOW, excluded_networks=()).cert_pem, "cmm setup --force"),
+        "open": (certs.make_ca(NOW, permitted_names=None).cert_pem, "without cmm's name constraint"),
+        "bundle": (certs.make_ca(NOW).cert_pem + certs.make_ca(NOW, permitted_names=None).cert_pem,
+                   "exactly one certificate"),
+        "junk": (b"-----BEGIN CERTIFICATE-----\nbm90\n-----END CERTIFICATE-----\n", "not a PEM certificate"),
+    }
+    found = {}
+    for name, (pem, reason) in made.items():
+        (config / name).mkdir()
+        (config / name / "ca.crt").write_bytes(pem)
+        found[name] = (config / name / "ca.crt", reason)
+    elsewhere = write_ca(tmp_path / "elsewhere")  # a good CA, but reached through a link
+    (config / "link").mkdir()
+    (config / "link" / "ca.crt").symlink_to(elsewhere)
+    found["link"] = (config / "link" / "ca.crt", "symbolic link")
+    found["missing"] = (config / "missing" / "ca.crt", "run `cmm setup` first")
+    return found
+
+
+@pytest.mark.parametrize(("have", "platform"), STORES)
+def test_system_trust_installs_only_cmms_constrained_ca(tmp_path: Path, have: list[str], platform: str) -> None:
+    tools = FakeTools()
+    store = store_for(tmp_path, tools, have, platform)
+    machine = make_machine(tmp_path, tools, have=have, platform=platform)
+    for name, (ca, reason) in refused_cas(tmp_path).items():
+        with pytest.raises(TrustError, match="not making .* a system root") as refused:
+            trust.install_system_trust(store, ca, machine)
+        assert reason in str(refused.value), name
+    assert tools.calls == [] and tools.stored == []
+    assert store.location is None or store.kind is StoreKind.MACOS or not store.location.exists()
+    assert tools.keychain == {} and tools.anchors == {}
+
+
+@pytest.mark.parametrize(("have", "platform"), STORES[1:])
+def test_system_trust_tool_gets_the_checked_bytes(tmp_path: Path, have: list[str], platform: str) -> None:
+    """Swapping ca.crt between root's check and the tool's read changes nothing."""
+    tools = FakeTools()
+    store = store_for(tmp_path, tools, have, platform)
+    machine = make_machine(tmp_path, tools, have=have, platform=platform)
+    ca = write_ca(tmp_path / "cfg")
+    checked = ca.read_bytes()
+    tools.before_read = lambda: ca.write_bytes(certs.make_ca(NOW, permitted_names=None).cert_pem)
+    trust.install_system_trust(store, ca, machine)
+    assert tools.stored[-1][1] == checked != ca.read_bytes()
+
+
+def test_setup_trust_reports_a_refused_ca(tmp_path: Path) -> None:
+    tools = FakeTools()
+    machine = make_machine(tmp_path, tools, have=["update-ca-certificates"])
+    store = trust.detect_system_store(machine)
+    old = tmp_path / "cfg" / "ca.crt"
+    old.parent.mkdir()
+    old.write_bytes(certs.make_ca(NOW, excluded_networks=()).cert_pem)
+    report = trust.setup_trust(old, machine, profile=False, store=store, system_requested=True)
+    assert report.failed and "cmm setup --force" in report.warnings[0]
+    assert tools.calls == []
 
 
 def test_preflight(tmp_path: Path) -> None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
 import plistlib
 import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 import pytest
 
 from cmm import unit
 from cmm.cli import main
 from cmm.status import Instance
-from cmm.unit import Completed, Spec
+from cmm.unit import CodePaths, Completed, FileSystem, Spec, Writable
 
 TWISTD = "/venv/bin/twistd"
 SUDO = {"SUDO_USER": "alice", "SUDO_UID": "1000", "SUDO_GID": "1001"}
@@ -49,7 +51,7 @@ def test_systemd_quote_refuses_line_breaks() -> None:
 def test_twistd_program_next_to_the_interpreter() -> None:
     assert unit.twistd_program("/venv/bin/python", exists=lambda p: True) == ("/venv/bin/twistd",)
     fallback = unit.twistd_program("/venv/bin/python", exists=lambda p: False)
-    assert fallback[:2] == ("/venv/bin/python", "-c") and "twisted.scripts.twistd" in fallback[2]
+    assert fallback[:3] == ("/venv/bin/python", "-I", "-c") and "twisted.scripts.twistd" in fallback[3]
 
 
 def test_build_spec() -> None:
@@ -105,6 +107,153 @@ def test_service_user() -> None:
     assert unit.service_user({"SUDO_USER": "root", "SUDO_UID": "0", "SUDO_GID": "0"}) is None
 
 
+# --- who could change what root runs --------------------------------------------------------------
+
+DIR, FILE, LINK = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFLNK | 0o777
+
+
+@attrs.define
+class FakeFiles:
+    """A file tree as (uid, gid, st_mode) per absolute path, with links; the rest does not exist."""
+
+    entries: dict[str, tuple[int, int, int]] = attrs.field(factory=dict)
+    links: dict[str, str] = attrs.field(factory=dict)
+
+    def add(self, path: str, mode: int = FILE, uid: int = 0, gid: int = 0) -> FakeFiles:
+        parts = Path(path).parts
+        for depth in range(1, len(parts)):
+            self.entries.setdefault(str(Path(*parts[:depth])), (0, 0, DIR))
+        self.entries[path] = (uid, gid, mode)
+        return self
+
+    def link(self, path: str, target: str) -> FakeFiles:
+        self.add(path, LINK)
+        self.links[path] = target
+        return self
+
+    def lstat(self, path: str) -> os.stat_result:
+        if path not in self.entries:
+            raise FileNotFoundError(path)
+        uid, gid, mode = self.entries[path]
+        return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+    def realpath(self, path: str) -> str:
+        parts, done = Path(path).parts, Path("/")
+        for part in parts[1:]:
+            done = done / part
+            while str(done) in self.links:
+                done = Path(self.links[str(done)])
+        return str(done)
+
+    def listdir(self, path: str) -> list[str]:
+        return [p.rsplit("/", 1)[1] for p in self.entries if p.rsplit("/", 1)[0] == path and p != "/"]
+
+    def fs(self) -> FileSystem:
+        return FileSystem(lstat=self.lstat, realpath=self.realpath, listdir=self.listdir)
+
+
+def opt_install() -> FakeFiles:
+    """A root-owned virtual environment in /opt/cmm, as the refusal message suggests."""
+    return (FakeFiles().link("/opt/cmm/bin/python", "/usr/bin/python3.11").add("/opt/cmm/bin/twistd")
+            .add("/usr/bin/python3.11").add("/usr/lib/python3.11/os.py").add("/opt/cmm/pyvenv.cfg")
+            .add("/opt/cmm/lib/site-packages/cmm/__init__.py").add("/opt/cmm/lib/site-packages/cmm/__pycache__", DIR)
+            .add("/opt/cmm/lib/site-packages/twisted/plugins/cmm_plugin.py"))
+
+
+OPT_CODE = CodePaths(
+    files=("/opt/cmm/bin/twistd", "/opt/cmm/bin/python", "/usr/lib/python3.11", "/opt/cmm/pyvenv.cfg"),
+    trees=("/opt/cmm/lib/site-packages/cmm", "/opt/cmm/lib/site-packages/twisted/plugins"),
+)
+
+
+def check(files: FakeFiles, code: CodePaths = OPT_CODE) -> list[Writable]:
+    return unit.find_writable(code, files.fs())
+
+
+def test_a_root_owned_install_passes() -> None:
+    assert check(opt_install()) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "mode", "uid", "why"),
+    [
+        ("/opt", DIR, 1000, "owned by uid 1000"),
+        ("/opt/cmm/bin", DIR | 0o020, 0, "writable by group 0"),
+        ("/opt/cmm/bin/twistd", FILE | 0o002, 0, "writable by everyone"),
+        ("/usr/bin/python3.11", FILE, 1000, "owned by uid 1000"),  # the venv's python leads here
+        ("/usr/lib/python3.11", DIR | 0o002, 0, "writable by everyone"),
+        ("/opt/cmm/pyvenv.cfg", FILE, 1000, "owned by uid 1000"),
+        ("/opt/cmm/lib/site-packages/cmm/__pycache__", DIR | 0o002, 0, "writable by everyone"),
+        ("/opt/cmm/lib/site-packages/cmm/proxy.py", FILE, 1000, "owned by uid 1000"),  # deep inside
+        ("/opt/cmm/lib/site-packages/twisted/plugins/dropin.cache", FILE | 0o020, 0, "writable by group 0"),
+        ("/opt/cmm/lib/site-packages/twisted/plugins/evil.py", FILE, 1000, "owned by uid 1000"),
+    ],
+)
+def test_anything_root_would_run_that_others_can_change_is_found(path: str, mode: int, uid: int, why: str) -> None:
+    files = opt_install()
+    if path in files.entries:
+        files.entries[path] = (uid, 0, mode)
+    else:
+        files.add(path, mode, uid)
+    assert Writable(path, why) in check(files)
+
+
+def test_sticky_folders_do_not_count_as_safe() -> None:
+    files = FakeFiles().add("/tmp", DIR | 0o777 | stat.S_ISVTX).add("/tmp/venv/bin/python")
+    assert check(files, CodePaths(files=("/tmp/venv/bin/python",))) == [
+        Writable("/tmp", "writable by group 0"), Writable("/tmp", "writable by everyone (sticky)")
+    ]
+
+
+def test_links_are_checked_where_they_lead() -> None:
+    files = opt_install().add("/home/alice", DIR, 1000).add("/home/alice/py/python3")
+    files.link("/opt/cmm/bin/python", "/home/alice/py/python3")
+    assert check(files) == [Writable("/home/alice", "owned by uid 1000")]
+    inside = opt_install().add("/home/alice", DIR, 1000).add("/home/alice/router.py")
+    inside.link("/opt/cmm/lib/site-packages/cmm/router.py", "/home/alice/router.py")
+    assert Writable("/home/alice", "owned by uid 1000") in check(inside)
+
+
+def test_missing_code_is_reported() -> None:
+    files = opt_install()
+    del files.entries["/opt/cmm/bin/twistd"]
+    assert Writable("/opt/cmm/bin/twistd", "missing") in check(files)
+
+
+def test_writable_paths_in_a_real_folder(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_bytes(b"")
+    package = venv / "lib" / "cmm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_bytes(b"")
+    (package / "proxy.py").write_bytes(b"")
+    os.chmod(package / "proxy.py", 0o666)
+    os.chmod(venv / "bin", 0o775)
+    found = unit.find_writable(CodePaths(files=(str(venv / "bin" / "python"),), trees=(str(package),)))
+    assert Writable(str(package / "proxy.py"), "writable by everyone") in found
+    assert any(w.path == str(venv / "bin") and w.why.startswith("writable by group") for w in found)
+    assert Writable("/tmp", "writable by everyone (sticky)") in found or not str(tmp_path).startswith("/tmp/")
+    assert not any(w.path == str(package / "__init__.py") and "writable" in w.why for w in found)
+
+
+def test_installed_code_is_this_interpreter_and_package() -> None:
+    import sys
+
+    import twisted.plugins
+
+    import cmm
+
+    program = unit.twistd_program(sys.executable)
+    code = unit.installed_code(program, sys.executable, script_interpreter=lambda script: "/from/the/shebang")
+    assert code.files[0] == program[0]
+    assert sys.executable in code.files and os.path.dirname(os.__file__) in code.files
+    assert ("/from/the/shebang" in code.files) == (program[0] != sys.executable)
+    assert code.trees[0] == os.path.dirname(cmm.__file__)
+    assert any(tree.endswith(os.path.join("twisted", "plugins")) for tree in code.trees[1:])
+    assert set(code.trees[1:]) <= set(twisted.plugins.__path__)
+
+
 # --- the command, with recorded calls --------------------------------------------------------------
 
 
@@ -120,7 +269,7 @@ class Recorder:
 
 def service(
     action: str, extra: list[str], tmp_path: Path, *, platform: str = "linux", run: Recorder | None = None,
-    euid: int = 0, running: bool = False, environ: dict[str, str] | None = None,
+    euid: int = 0, running: bool = False, environ: dict[str, str] | None = None, files: FakeFiles | None = None,
 ) -> tuple[int, str, str, Recorder]:
     run = run or Recorder()
     out, err = io.StringIO(), io.StringIO()
@@ -131,6 +280,8 @@ def service(
         environ=SUDO if environ is None else environ, out=out, err=err, platform=platform, run_command=run,
         geteuid=lambda: euid, python="/venv/bin/python",
         find=lambda d: Instance(True, 77) if running else Instance(False),
+        code_paths=CodePaths(files=("/venv/bin/python",), trees=("/venv/lib/cmm",)),
+        fs=(files or FakeFiles().add("/venv/bin/python").add("/venv/lib/cmm/__init__.py")).fs(),
     )
     return code, out.getvalue(), err.getvalue(), run
 
@@ -253,6 +404,41 @@ def test_print_changes_nothing_and_needs_no_root(tmp_path: Path, units: Path) ->
     assert run.calls == [] and list(units.iterdir()) == []
     code, out, _, _ = service("install", ["--print", *MAPPING], tmp_path, platform="darwin", euid=1000)
     assert plistlib.loads(out.encode())["Label"] == "dev.cmm.interceptor"
+
+
+def user_venv() -> FakeFiles:
+    """cmm installed into the user's own virtual environment (pip install without sudo)."""
+    return (FakeFiles().add("/venv", DIR, 1000).add("/venv/bin/python", FILE, 1000)
+            .add("/venv/lib/cmm/__init__.py", FILE, 1000).add("/venv/lib/cmm/router.py", FILE, 1000))
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_install_refuses_code_the_user_can_change(tmp_path: Path, units: Path, platform: str) -> None:
+    code, out, err, run = service("install", MAPPING, tmp_path, platform=platform, files=user_venv())
+    assert code == 1 and run.calls == [] and list(units.iterdir()) == []
+    assert "/venv (owned by uid 1000)" in err and "and 1 more" in err
+    assert "sudo python3 -m venv /opt/cmm && sudo /opt/cmm/bin/pip install ." in err
+
+
+def test_print_still_prints_but_warns(tmp_path: Path, units: Path) -> None:
+    code, out, err, run = service("install", ["--print", *MAPPING], tmp_path, euid=1000, files=user_venv())
+    assert code == 0 and "ExecStart=" in out
+    assert err.startswith("cmm: warning: `cmm service install` refuses this:") and "/venv (owned by uid 1000)" in err
+    assert run.calls == [] and list(units.iterdir()) == []
+    _, _, quiet, _ = service("install", ["--print", *MAPPING], tmp_path, euid=1000)
+    assert quiet == ""
+
+
+def test_unit_names_no_user_code(tmp_path: Path, units: Path) -> None:
+    """Nothing in the unit leads root to a file the user picks: no script path, no PYTHON* variable."""
+    code, _, err, _ = service("install", MAPPING, tmp_path)
+    assert code == 0, err
+    text = (units / "cmm.service").read_text()
+    environment = [line for line in text.splitlines() if line.startswith("Environment=")]
+    assert environment == ["Environment=SUDO_USER=alice SUDO_UID=1000 SUDO_GID=1001"]
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.split()[0] == "ExecStart=/venv/bin/python" and " -I -c " in exec_start
+    assert str(tmp_path) not in exec_start.split(" cmm ")[0]  # the config folder only as cmm's data option
 
 
 def test_launchd_install_and_reinstall(tmp_path: Path, units: Path) -> None:
