@@ -721,3 +721,7 @@ def main(
         return _COMMANDS[args.command](args, ctx)
     except UnsafeDirectory as error:
         return ctx.fail(str(error))
+
+
+if __name__ == "__main__":  # ``python -m cmm.cli``, the same as the console script
+    sys.exit(main())

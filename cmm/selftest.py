@@ -500,6 +500,7 @@ def run(
     lookup_name: Callable[[str], list[str] | str] = system_lookup,
     python: str = sys.executable,
     run_async: Callable[[Callable[[Any], Any]], list[Check]] = status.run_async,
+    hosts_file: Path = paths.HOSTS_FILE,
 ) -> int:
     """``cmm test``: checks printed with ✓/✗ and a fix each; 0 only when all pass."""
     instance = find(config_dir)
@@ -527,6 +528,12 @@ def run(
             if not temporary.has_user_certificates:
                 checks.append(Check("certificates", False, f"none in {config_dir}: the test used throwaway ones",
                                     "cmm setup"))
+            if not instance.running:  # a block left by a killed cmm sends Claude Code to nothing at all
+                from cmm.doctor import check_hosts
+
+                left = check_hosts(status.read_hosts(hosts_file), instance)
+                if left.ok is False:
+                    checks.append(left)
             if plan.fallback:
                 source, target_model = FALLBACK_MAPPING
                 checks.append(Check("mapping", None, f"none configured; testing {source} → {target_model}"))

@@ -25,7 +25,12 @@ def rewrite_in_place(path: Path, transform: Callable[[str], str]) -> bool:
 
     In place, not by rename: /etc/hosts is a bind mount in containers (rename fails there) and
     dotfiles may be symlinks; the file keeps its inode, mode and owner. Odd bytes survive
-    (surrogateescape). True if the file changed."""
+    (surrogateescape). True if the file changed; a file that needs no change is only read, so that
+    a user's `cmm stop` without root finds nothing to do instead of "permission denied"."""
+    with open(path, "rb") as handle:
+        old = handle.read()
+    if transform(old.decode(_ENCODING, _ERRORS)).encode(_ENCODING, _ERRORS) == old:
+        return False
     with open(path, "r+b") as handle:
         old = handle.read()
         new = transform(old.decode(_ENCODING, _ERRORS)).encode(_ENCODING, _ERRORS)

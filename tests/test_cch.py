@@ -1,4 +1,4 @@
-"""Claude Code's cch body hash, checked against bodies signed by the real CLI (shared/vectors)."""
+"""Claude Code's cch body hash, checked against bodies signed by the real CLI (tests/vectors)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cmm import cch
 from cmm.model_finder import find_model
 from cmm.router import rewrite_model
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 SIGNED = {"cch-1.json": "bdaf7", "cch-2.json": "9cf06"}
 
 

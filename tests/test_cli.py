@@ -70,6 +70,13 @@ def test_console_script_target_returns_exit_code() -> None:
     assert "PROXY_URL" in result.stderr
 
 
+def test_python_dash_m_runs_the_command() -> None:
+    result = subprocess.run([sys.executable, "-m", "cmm.cli", "config", "get", "NOPE"], capture_output=True, text=True,
+                            env={**os.environ, "HOME": "/nonexistent"}, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2
+    assert result.stderr.startswith("cmm: unknown key 'NOPE'")
+
+
 # --- config --------------------------------------------------------------------------------------
 
 
@@ -152,6 +159,22 @@ def test_config_list_flags_invalid_hand_edits(tmp_path: Path) -> None:
     code, out, _ = run(["config", "list", "--config-dir", str(tmp_path)])
     assert code == 0
     assert "invalid" in out
+
+
+@pytest.mark.parametrize("action", [["list"], ["get", "PROXY_URL"], ["set", "PROXY_URL", "http://h/"]])
+def test_config_with_a_folder_where_env_belongs_says_so(tmp_path: Path, action: list[str]) -> None:
+    (tmp_path / ".env").mkdir()
+    code, out, err = run(["config", *action, "--config-dir", str(tmp_path)])
+    assert (code, out) == (1, "")
+    assert err.startswith(f"cmm: cannot read {tmp_path / '.env'}: ") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no folder can be made")
+def test_config_set_where_no_folder_can_be_made_says_so() -> None:
+    directory = Path("/proc/cmm-no-such-folder/cmm")
+    code, out, err = run(["config", "set", "PROXY_URL", "http://h/", "--config-dir", str(directory)])
+    assert (code, out) == (1, "")
+    assert err == f"cmm: cannot write {directory / '.env'}: No such file or directory\n"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")

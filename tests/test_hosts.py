@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -214,5 +215,50 @@ def test_read_only_file_raises_permission_error() -> None:
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "install() did not raise PermissionError"
         assert path.read_text() == "x\n"
+    finally:
+        shutil.rmtree(directory)
+
+
+def _as_ordinary_user(action: Callable[[], object]) -> str:
+    """``repr`` of what ``action`` returns, or the name of what it raises, run as an ordinary user
+    (root drops to nobody in a child, since root may write anything)."""
+
+    def outcome() -> str:
+        try:
+            return repr(action())
+        except OSError as error:
+            return type(error).__name__
+
+    if os.geteuid() != 0:
+        return outcome()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, outcome().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        return pipe.read()
+
+
+def test_restore_of_a_file_without_a_block_needs_no_write_permission() -> None:
+    """So that `cmm stop` as a user, with nothing to clean up, says so instead of "permission denied"."""
+    directory = Path(tempfile.mkdtemp(prefix="cmm-hosts-"))
+    try:
+        directory.chmod(0o755)
+        path = directory / "hosts"
+        path.write_text("127.0.0.1 localhost\n")
+        path.chmod(0o444)
+        assert _as_ordinary_user(lambda: restore(path)) == "False"
+        path.chmod(0o644)
+        path.write_text("127.0.0.1 localhost\n" + BLOCK)
+        path.chmod(0o444)
+        assert _as_ordinary_user(lambda: restore(path)) == "PermissionError"
+        assert path.read_text() == "127.0.0.1 localhost\n" + BLOCK
     finally:
         shutil.rmtree(directory)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from cmm.model_finder import Found, ModelFinder, NotFound, find_model
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 json_values = st.recursive(

@@ -504,7 +504,7 @@ def test_large_request_bodies_are_not_kept_for_retries() -> None:
 
 # -- thinking blocks across providers ------------------------------------------------------------------
 
-VECTOR = (Path(__file__).resolve().parents[2] / "shared" / "vectors" / "cch-2.json").read_bytes()
+VECTOR = (Path(__file__).resolve().parent / "vectors" / "cch-2.json").read_bytes()
 
 
 def sse(*events: bytes) -> bytes:

@@ -27,6 +27,7 @@ import pytest
 from cmm import certs, selftest
 from cmm.checkout import REPO, twistd_command
 from cmm.doctor import Check
+from cmm.hosts import add_block
 from cmm.selftest import Options, Reply, Target
 from cmm.status import Instance, MappingInfo, RunningState
 from support import process_env
@@ -380,3 +381,23 @@ def test_status_of_the_running_instance(stack: Stack) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"cmm is running (pid {stack.cmm_pid}, up ")
     assert f"http://127.0.0.1:{stack.target_port}/v1/messages answers (HTTP 404)" in result.stdout
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_temporary_run_reports_a_hosts_block_a_killed_cmm_left(tmp_path: Path, left: bool) -> None:
+    """No cmm runs, yet the hosts file still sends api.anthropic.com to 127.0.0.1: Claude Code
+    reaches nothing there, whatever a temporary cmm on another port proves."""
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text("127.0.0.1 localhost\n" + (add_block("") if left else ""))
+    certs.ensure_certificates(tmp_path / "cfg")
+    out = io.StringIO()
+    code = selftest.run(tmp_path / "cfg", Options(source="claude-haiku-4-5", target="m", anthropic_ip="127.0.0.1"),
+                        environ=_env(HOME=str(tmp_path)), write=out.write, find=lambda d: Instance(False),
+                        run_async=lambda work: [Check("TLS", True, "ok")],  # type: ignore[arg-type,return-value]
+                        hosts_file=hosts_file)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("Testing a temporary cmm at 127.0.0.1:")
+    problem = (f"✗ hosts file  {hosts_file} points api.anthropic.com at 127.0.0.1 but cmm is not running "
+               "(left by a killed run): Claude Code cannot reach Anthropic")
+    assert (problem in lines, "fix: sudo cmm stop" in out.getvalue(), code) == ((True, True, 1) if left else
+                                                                                (False, False, 0)), out.getvalue()

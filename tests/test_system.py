@@ -1,10 +1,11 @@
-"""The one real-root system test: the real ``twistd -n cmm`` on port 443 with the real hosts-file
-path, inside a private network + mount namespace so the machine's own /etc/hosts, ports and
-routes are never touched.
+"""The real-root system tests: the real ``twistd -n cmm`` on port 443 with the real hosts-file
+path, and every ``cmm`` command as a subprocess, inside a private network + mount namespace so the
+machine's own /etc/hosts, ports, routes, trust store and shell profiles are never touched.
 
 Inside the namespace (``unshare --net --mount``) only a loopback interface exists, and
-/etc/hosts is a bind mount of a scratch file. The driver below runs there and reports what it
-saw as JSON; this test asserts on the report.
+/etc/hosts (and for the commands more: see CLI_DRIVER) is a bind mount of a scratch file. A driver
+runs there and reports what it saw as JSON; the tests assert on the report. They are skipped, with
+the reason, where namespaces cannot be made.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ def namespace_problem() -> str | None:
     return None
 
 
-DRIVER = textwrap.dedent(r'''
-    import json, os, signal, socket, ssl, subprocess, sys, time
+NAMESPACE_PROBLEM = namespace_problem()
+
+# Both drivers start with this: loopback up, the scratch hosts file over /etc/hosts, and a way to
+# start the fakes and twistd with their output in <work>/<name>.out.
+PRELUDE = textwrap.dedent(r'''
+    import atexit, json, os, shutil, signal, socket, ssl, subprocess, sys, time
     from pathlib import Path
 
     work = Path(sys.argv[1]); repo = sys.argv[2]
@@ -47,10 +52,21 @@ DRIVER = textwrap.dedent(r'''
     scratch.write_bytes(original)
     subprocess.run(["mount", "--bind", str(scratch), "/etc/hosts"], check=True)
 
-    def start(args, name):
+    started = []
+
+    @atexit.register
+    def end_everything():  # also when the driver fails half-way: nothing outlives it
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def start(args, name, environ=None):
         out = open(work / f"{name}.out", "wb")
-        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=repo,
-                                start_new_session=True)
+        process = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
+                                   env=environ or env, cwd=repo, start_new_session=True)
+        started.append(process)
+        return process
 
     def wait_for(name, text, timeout=20):
         deadline = time.time() + timeout
@@ -64,6 +80,9 @@ DRIVER = textwrap.dedent(r'''
     fakes = [start(["-m", "cmm.fakes", "anthropic", "--port", "8443", "--cert-dir", str(work / "pki")], "anthropic"),
              start(["-m", "cmm.fakes", "target", "--port", "8317"], "target")]
     wait_for("anthropic", "listening on"); wait_for("target", "listening on")
+''')
+
+DRIVER = PRELUDE + textwrap.dedent(r'''
     from cmm.checkout import twistd_command
     twistd = twistd_command(["--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
                              "--config-dir", str(work / "cfg"), "--anthropic-ip", "127.0.0.1",
@@ -117,17 +136,207 @@ DRIVER = textwrap.dedent(r'''
 ''')
 
 
-@pytest.mark.skipif(namespace_problem() is not None, reason=str(namespace_problem()))
+# Every `cmm` command as a subprocess, the way README.md has people type it: as the user (uid
+# 65534, "cmmuser", home /home/cmmuser) or under sudo (root with SUDO_*), against the real twistd
+# started the sudo way, and with none running. Scratch folders cover /home, /root (where Python
+# may live), the trust store's folders (so `--system-trust` and `uninstall` run the real
+# update-ca-certificates on copies) and /etc/passwd, /etc/resolv.conf, /etc/hosts; a fake name
+# server answers for api.anthropic.com and a fake systemctl writes down what it was asked.
+DNS_SERVER = textwrap.dedent("""
+    import sys
+    from twisted.internet import reactor
+    from twisted.names import dns, hosts, server
+    factory = server.DNSServerFactory(authorities=[hosts.Resolver(file=sys.argv[1].encode())])
+    reactor.listenUDP(53, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+    reactor.listenTCP(53, factory, interface="127.0.0.1")
+    print("listening on 127.0.0.1:53", flush=True)
+    reactor.run()
+""")
+
+CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
+    # The user, uid 65534, runs cmm as themselves with their home in /home/cmmuser, and reaches the
+    # checkout (/home/src) and this Python: scratch folders go over /home (and /root, where Python
+    # lives under it), so nothing of the real ones is seen or changed.
+    cover = work / "home-cover"
+    for name in ("cmmuser", "src", "units", "bin"):
+        (cover / name).mkdir(parents=True)
+    cover.chmod(0o755)
+    subprocess.run(["mount", "--bind", repo, str(cover / "src")], check=True)
+    python_home = Path(sys.prefix).resolve()
+    if Path("/root") in python_home.parents:
+        top = python_home.relative_to("/root").parts[0]
+        (work / "python").mkdir()
+        subprocess.run(["mount", "--bind", f"/root/{top}", str(work / "python")], check=True)
+        (work / "root-cover" / top).mkdir(parents=True)
+        (work / "root-cover").chmod(0o755)
+        subprocess.run(["mount", "--bind", str(work / "root-cover"), "/root"], check=True)
+        subprocess.run(["mount", "--bind", str(work / "python"), f"/root/{top}"], check=True)
+    subprocess.run(["mount", "--rbind", str(cover), "/home"], check=True)  # with /home/src
+    home, units, src = Path("/home/cmmuser"), Path("/home/units"), "/home/src"
+    os.chown(home, 65534, 65534)
+    shutil.copy(work / "pki" / "ca.pem", "/home/anthropic-ca.pem")  # the fake Anthropic's CA
+    anchors = Path("/usr/local/share/ca-certificates")
+    store = shutil.which("update-ca-certificates") is not None and anchors.is_dir()
+    if store:
+        (work / "anchors").mkdir()
+        shutil.copytree("/etc/ssl/certs", work / "etc-ssl-certs", symlinks=True)
+        (work / "no-hooks").mkdir()
+        for source, target in ((work / "anchors", anchors), (work / "etc-ssl-certs", Path("/etc/ssl/certs")),
+                               (work / "no-hooks", Path("/etc/ca-certificates/update.d"))):
+            if target.is_dir():
+                subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    report["system_store"] = store
+    report["home"], report["units"] = str(home), str(units)
+    # A name server that knows api.anthropic.com (at a documentation address, never contacted).
+    (work / "dns-hosts").write_text("192.0.2.10 api.anthropic.com\n2001:db8::10 api.anthropic.com\n")
+    (work / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    subprocess.run(["mount", "--bind", str(work / "resolv.conf"), "/etc/resolv.conf"], check=True)
+    fakes.append(start(["-c", DNS_SERVER, str(work / "dns-hosts")], "dns"))
+    wait_for("dns", "listening on")
+    # sudo's view: root, with the user in SUDO_* (and HOME root's own, where nothing may land).
+    passwd = work / "passwd"
+    passwd.write_text(Path("/etc/passwd").read_text() + f"cmmuser:x:65534:65534:cmm test:{home}:/bin/bash\n")
+    subprocess.run(["mount", "--bind", str(passwd), "/etc/passwd"], check=True)
+    (work / "root-home").mkdir()
+    user_env = {"PATH": os.environ["PATH"], "HOME": str(home), "SHELL": "/bin/bash", "LANG": "C.UTF-8",
+                "PYTHONPATH": src, "SSL_CERT_FILE": "/home/anthropic-ca.pem"}
+    sudo = {"HOME": str(work / "root-home"), "SHELL": "/bin/sh", "SUDO_USER": "cmmuser", "SUDO_UID": "65534",
+            "SUDO_GID": "65534"}
+    # Every service command gets a systemctl that only writes down how it was called.
+    systemctl_log = Path("/home/systemctl.log")
+    systemctl_log.write_text("")
+    systemctl_log.chmod(0o666)
+    Path("/home/bin/systemctl").write_text(
+        f"#!/bin/sh\necho \"$*\" >> {systemctl_log}\n"
+        "[ \"$1\" = status ] && echo '* cmm.service - active (running)'\nexit 0\n")
+    Path("/home/bin/systemctl").chmod(0o755)
+    fake_systemctl = {"PATH": f"/home/bin:{os.environ['PATH']}"}
+    systemd = dict(sudo, **fake_systemctl)
+    ca = home / ".cmm" / "ca.crt"
+    runs = report["runs"] = []
+
+    def cmm(label, *args, extra=None):  # as the user, unless under sudo
+        environ = dict(user_env, **(extra or {}))
+        user = [] if "SUDO_USER" in environ else ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        started = time.monotonic()
+        done = subprocess.run([*user, sys.executable, "-m", "cmm.cli", *args], env=environ, cwd=src,
+                              capture_output=True, text=True, timeout=60)
+        runs.append({"label": label, "argv": list(args), "code": done.returncode, "out": done.stdout,
+                     "err": done.stderr, "seconds": round(time.monotonic() - started, 2)})
+
+    def profile():
+        path = home / ".bashrc"
+        return path.read_text() if path.exists() else None
+
+    def each_command(phase):  # the ones that work alike with or without cmm, then status, test and doctor
+        cmm(f"{phase} config list", "config", "list")
+        cmm(f"{phase} config get", "config", "get", "PROXY_URL")
+        cmm(f"{phase} config set key", "config", "set", "PROXY_API_KEY", "sk-secret-9876")
+        cmm(f"{phase} config delete key", "config", "delete", "PROXY_API_KEY")
+        cmm(f"{phase} config delete unset", "config", "delete", "PROXY_API_KEY")
+        cmm(f"{phase} config get unknown", "config", "get", "NO_SUCH_KEY")
+        cmm(f"{phase} map add", "map", "add", "claude-sonnet-4-5", "gpt-5",
+            "--url", "http://127.0.0.1:8317/v1/messages")
+        cmm(f"{phase} map list", "map", "list")
+        cmm(f"{phase} map remove", "map", "remove", "claude-sonnet-4-5")
+        cmm(f"{phase} map remove missing", "map", "remove", "claude-sonnet-4-5")
+        cmm(f"{phase} service print", "service", "install", "--print", "--unit-dir", str(units),
+            "--anthropic-ip", "127.0.0.1", extra=fake_systemctl)
+        cmm(f"{phase} service status", "service", "status", "--unit-dir", str(units), extra=fake_systemctl)
+        cmm(f"{phase} service uninstall", "service", "uninstall", "--unit-dir", str(units), extra=fake_systemctl)
+        cmm(f"{phase} status", "status")
+        cmm(f"{phase} test", "test", "--anthropic-ip", "127.0.0.1", "--anthropic-port", "8443", "--timeout", "10")
+        cmm(f"{phase} doctor", "doctor", extra={"NODE_EXTRA_CA_CERTS": str(ca)})
+
+    twistd = ["-c", "from twisted.scripts.twistd import run; import sys; sys.argv[0] = 'twistd'; run()",
+              "-n", "--pidfile=", "cmm", "--anthropic-ip", "127.0.0.1", "--anthropic-port", "8443"]
+    try:
+        cmm("help", "--help")
+        cmm("no command")
+        cmm("sudo setup", "setup", extra=sudo)
+        report["profile_after_setup"] = profile()
+        report["owners_after_setup"] = sorted({(path.stat().st_uid, path.stat().st_gid)
+                                               for path in [home / ".bashrc", *(home / ".cmm").iterdir()]})
+        cmm("setup again", "setup")
+        cmm("config set url", "config", "set", "PROXY_URL", "http://127.0.0.1:8317/v1/messages")
+        cmm("config set source", "config", "set", "DEFAULT_SOURCE_MODEL", "claude-haiku-4-5")
+        cmm("config set target", "config", "set", "DEFAULT_TARGET_MODEL", "gemini-2.5-flash")
+        report["env_owner"] = [(home / ".cmm" / ".env").stat().st_uid, (home / ".cmm" / ".env").stat().st_gid]
+        cmm("stop none", "stop")
+        each_command("none")
+
+        running = start(twistd, "cmm1", dict(user_env, **sudo))  # sudo twistd -n cmm
+        wait_for("cmm1", "/etc/hosts: api.anthropic.com")
+        report["pid"] = running.pid
+        each_command("running")  # cmm test has written to the request log by now
+        report["owners_while_running"] = {
+            path.name: [path.lstat().st_uid, path.lstat().st_gid]
+            for path in (home / ".cmm" / name for name in ("cmm.pid", "cmm.state.json", "cmm.sock", "cmm.log"))
+            if path.exists()}
+        if store:
+            cmm("running sudo setup system trust", "setup", "--system-trust", extra=sudo)
+            report["anchors_after_setup"] = sorted(path.name for path in (work / "anchors").iterdir())
+        # What needs root says so to the user, and leaves everything as it was.
+        cmm("running user stop", "stop")
+        cmm("running user uninstall", "uninstall", "--unit-dir", str(units))
+        cmm("running user service install", "service", "install", "--unit-dir", str(units))
+        if store:
+            cmm("running user setup system trust", "setup", "--system-trust")
+        cmm("running sudo service install", "service", "install", "--unit-dir", str(units),
+            "--anthropic-ip", "127.0.0.1", extra=systemd)
+        cmm("running sudo stop", "stop", extra=sudo)
+        report["exit_after_stop"] = running.wait(timeout=20)
+        report["hosts_restored_by_stop"] = scratch.read_bytes() == original
+        cmm("stopped status", "status")
+
+        # The service commands for real against the scratch unit folder and the fake systemctl.
+        cmm("stopped sudo service install", "service", "install", "--unit-dir", str(units),
+            "--anthropic-ip", "127.0.0.1", "--anthropic-port", "8443", extra=systemd)
+        report["unit"] = (units / "cmm.service").read_text() if (units / "cmm.service").exists() else None
+        cmm("stopped service status", "service", "status", "--unit-dir", str(units), extra=fake_systemctl)
+        for action in ("stop", "start", "restart"):
+            cmm(f"stopped sudo service {action}", "service", action, "--unit-dir", str(units), extra=systemd)
+        cmm("stopped sudo uninstall with a service", "uninstall", "--unit-dir", str(units), extra=systemd)
+        cmm("stopped sudo service uninstall", "service", "uninstall", "--unit-dir", str(units), extra=systemd)
+        report["unit_left"] = (units / "cmm.service").exists()
+        report["systemctl"] = systemctl_log.read_text().splitlines()
+
+        # kill -9 leaves the hosts block behind with nothing serving: Claude Code reaches nothing.
+        killed = start(twistd, "cmm-killed", dict(user_env, **sudo))
+        wait_for("cmm-killed", "/etc/hosts: api.anthropic.com")
+        report["killed_pid"] = killed.pid
+        killed.kill()
+        killed.wait()
+        cmm("killed status", "status")
+        cmm("killed test", "test", "--anthropic-ip", "127.0.0.1", "--anthropic-port", "8443", "--timeout", "10")
+        cmm("killed sudo stop", "stop", extra=sudo)
+        report["hosts_restored_after_kill"] = scratch.read_bytes() == original
+
+        running = start(twistd, "cmm2", dict(user_env, **sudo))
+        wait_for("cmm2", "/etc/hosts: api.anthropic.com")
+        report["pid2"] = running.pid
+        cmm("running sudo uninstall", "uninstall", "--unit-dir", str(units), extra=sudo)
+        report["exit_after_uninstall"] = running.wait(timeout=20)
+        report["hosts_restored_by_uninstall"] = scratch.read_bytes() == original
+        report["profile_after_uninstall"] = profile()
+        report["config_dir_left"] = (home / ".cmm").exists()
+        if store:
+            report["anchors_after_uninstall"] = sorted(path.name for path in (work / "anchors").iterdir())
+        cmm("uninstall again", "uninstall", "--unit-dir", str(units))
+        report["root_home_after"] = sorted(path.name for path in (work / "root-home").iterdir())
+    except Exception:  # the commands run so far tell what went wrong
+        import traceback
+        report["driver_error"] = traceback.format_exc()
+    finally:
+        for process in fakes:
+            process.terminate()
+    print("REPORT " + json.dumps(report))
+""")
+
+
+@pytest.mark.skipif(NAMESPACE_PROBLEM is not None, reason=str(NAMESPACE_PROBLEM))
 def test_real_twistd_on_port_443_with_a_private_hosts_file(tmp_path: Path) -> None:
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    done = subprocess.run(
-        ["unshare", "--net", "--mount", "--fork", sys.executable, str(driver), str(tmp_path), str(REPO)],
-        capture_output=True, text=True, timeout=120,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-    assert done.returncode == 0 and lines, f"driver failed:\n{done.stdout}\n{done.stderr}"
-    report = json.loads(lines[-1][len("REPORT "):])
+    report = run_driver(DRIVER, tmp_path)
     assert "# cmm-managed begin" in report["hosts_while_running"]
     assert "127.0.0.1 api.anthropic.com" in report["hosts_while_running"].replace("\t", " ")
     assert report["haiku"] == {"status": "200", "provider": True, "answer": "gemini-2.5-flash",
@@ -141,3 +350,184 @@ def test_real_twistd_on_port_443_with_a_private_hosts_file(tmp_path: Path) -> No
     assert report["block_left_by_kill"] is True
     assert report["stop_exit"] == 0, report["stop_output"]
     assert report["restored_after_stop"] is True
+
+
+
+def run_driver(driver: str, work: Path) -> dict:
+    script = work / "driver.py"
+    script.write_text(driver)
+    done = subprocess.run(
+        ["unshare", "--net", "--mount", "--fork", sys.executable, str(script), str(work), str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, f"driver failed:\n{done.stdout}\n{done.stderr}"
+    return json.loads(lines[-1][len("REPORT "):])
+
+
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One run of every command (the driver takes about 15 s); the tests below judge its report."""
+    if NAMESPACE_PROBLEM is not None:
+        pytest.skip(NAMESPACE_PROBLEM)
+    report = run_driver(CLI_DRIVER, tmp_path_factory.mktemp("commands"))
+    assert "driver_error" not in report, report["driver_error"] + "\n".join(
+        f"cmm {' '.join(run['argv'])} -> {run['code']}\n{run['out']}{run['err']}" for run in report["runs"])
+    return report
+
+
+# label -> (exit code, pieces of output); "err:" marks a piece that must be on stderr, the rest on
+# stdout. {home}, {units}, {pid} and {pid2} are filled in from the report.
+PHASE = {
+    "config list": (0, ["PROXY_URL             http://127.0.0.1:8317/v1/messages",
+                        "DEFAULT_SOURCE_MODEL  claude-haiku-4-5", "DEFAULT_TARGET_MODEL  gemini-2.5-flash"]),
+    "config get": (0, ["http://127.0.0.1:8317/v1/messages\n"]),
+    "config set key": (0, ["Set PROXY_API_KEY=****9876 in {home}/.cmm/.env"]),
+    "config delete key": (0, ["Deleted PROXY_API_KEY from {home}/.cmm/.env; now (default: empty)"]),
+    "config delete unset": (0, ["PROXY_API_KEY is not set in {home}/.cmm/.env"]),
+    "config get unknown": (2, ["err:cmm: unknown key 'NO_SUCH_KEY'; valid keys: PROXY_URL"]),
+    "map add": (0, ["Added claude-sonnet-4-5 → gpt-5 via http://127.0.0.1:8317/v1/messages",
+                    "sudo kill -HUP $(cat {home}/.cmm/cmm.pid)"]),
+    "map list": (0, ["claude-sonnet-4-5 → gpt-5  http://127.0.0.1:8317/v1/messages  key (PROXY_API_KEY)"]),
+    "map remove": (0, ["Removed the mapping for claude-sonnet-4-5 from {home}/.cmm/mappings.toml"]),
+    "map remove missing": (2, ["err:cmm: no mapping with source 'claude-sonnet-4-5'"]),
+    "service print": (0, ["[Service]", " cmm --config-dir {home}/.cmm --anthropic-ip 127.0.0.1\n", "[Install]"]),
+    "service status": (1, ["err:cmm: cmm service is not installed (no {units}/cmm.service)"]),
+    "service uninstall": (0, ["cmm service is not installed (no {units}/cmm.service)."]),
+}
+INTERCEPTED = "✓ intercepted  claude-haiku-4-5 → HTTP 200 from the target, with x-cmm-provider: cliproxyapi"
+PASSED_THROUGH = "✓ passthrough  claude-opus-4-6 → HTTP 200 from api.anthropic.com, untouched"
+EXPECTED = {
+    "help": (0, ["usage: cmm", *(f"    {name} " for name in
+                                   ("setup", "uninstall", "config", "stop", "map", "status", "test", "doctor",
+                                    "service"))]),
+    "no command": (2, ["err:cmm: error: the following arguments are required: COMMAND"]),
+    "sudo setup": (0, ["Created a local certificate authority: {home}/.cmm/ca.crt",
+                       "Issued a server certificate for api.anthropic.com",
+                       "shell profile ~/.bashrc: created it with the NODE_EXTRA_CA_CERTS line",
+                       'export NODE_EXTRA_CA_CERTS="{home}/.cmm/ca.crt"']),
+    "setup again": (0, ["Certificates are in place in {home}/.cmm", "NODE_EXTRA_CA_CERTS line already there"]),
+    "config set url": (0, ["Set PROXY_URL=http://127.0.0.1:8317/v1/messages in {home}/.cmm/.env"]),
+    "config set source": (0, ["Set DEFAULT_SOURCE_MODEL=claude-haiku-4-5"]),
+    "config set target": (0, ["Set DEFAULT_TARGET_MODEL=gemini-2.5-flash"]),
+    "stop none": (0, ["cmm is not running (no pid file at {home}/.cmm/cmm.pid).", "/etc/hosts has no cmm block."]),
+    **{f"{phase} {label}": expected for phase in ("none", "running") for label, expected in PHASE.items()},
+    "none status": (1, ["cmm is not running (no pid file in {home}/.cmm)",
+                        "mapping      claude-haiku-4-5* → gemini-2.5-flash via http://127.0.0.1:8317/v1/messages",
+                        "hosts        /etc/hosts has no cmm block"]),
+    "none test": (0, ["Testing a temporary cmm at 127.0.0.1:", INTERCEPTED, PASSED_THROUGH, "All checks passed."]),
+    "running status": (0, ["cmm is running (pid {pid}, up", "listening    127.0.0.1:443, [::1]:443",
+                           "mapping      claude-haiku-4-5* → gemini-2.5-flash",
+                           "hosts        /etc/hosts points api.anthropic.com at cmm"]),
+    "running test": (0, ["Testing the running cmm (pid {pid}) at 127.0.0.1:443",
+                         "✓ name lookup  api.anthropic.com resolves to ::1, 127.0.0.1 (cmm)",
+                         INTERCEPTED, PASSED_THROUGH, "All checks passed."]),
+    "running user stop": (1, ["err:cmm: permission denied stopping the process named in {home}/.cmm/cmm.pid; "
+                              "use `sudo cmm stop`"]),
+    "running user uninstall": (1, ["err:cmm: permission denied stopping", "err:cmm: nothing else was removed"]),
+    "running user service install": (1, ["err:cmm: `cmm service install` changes {units} and the systemd services, "
+                                         "which needs root"]),
+    "running sudo service install": (1, ["err:cmm: a cmm started by hand is running (pid {pid})"]),
+    "running sudo stop": (0, ["Stopped cmm (pid {pid}).", "/etc/hosts has no cmm block."]),
+    "stopped status": (1, ["cmm is not running (no pid file in {home}/.cmm)"]),
+    "stopped sudo service install": (0, ["Wrote {units}/cmm.service", "$ systemctl daemon-reload",
+                                         "$ systemctl enable --now cmm.service",
+                                         "cmm runs as a systemd service now and at every boot."]),
+    "stopped service status": (0, ["$ systemctl status --no-pager cmm.service", "* cmm.service - active (running)"]),
+    "stopped sudo service stop": (0, ["$ systemctl stop cmm.service"]),
+    "stopped sudo service start": (0, ["$ systemctl start cmm.service"]),
+    "stopped sudo service restart": (0, ["$ systemctl restart cmm.service"]),
+    "stopped sudo uninstall with a service": (1, ["err:cmm: cmm runs as a boot service ({units}/cmm.service)",
+                                                  "err:nothing was removed"]),
+    "stopped sudo service uninstall": (0, ["$ systemctl disable --now cmm.service", "Removed {units}/cmm.service"]),
+    "killed status": (1, ["cmm is not running (pid {killed_pid} from a previous run is gone)",
+                          "⚠ /etc/hosts still points api.anthropic.com at 127.0.0.1 (left by a killed run)"]),
+    "killed test": (1, ["Testing a temporary cmm at 127.0.0.1:",
+                        "✗ hosts file   /etc/hosts points api.anthropic.com at 127.0.0.1 but cmm is not running",
+                        "fix: sudo cmm stop", INTERCEPTED, PASSED_THROUGH, "1 of 4 checks failed."]),
+    "killed sudo stop": (0, ["cmm is not running (stale pid file {home}/.cmm/cmm.pid named pid {killed_pid}).",
+                             "Removed the leftover cmm block from /etc/hosts."]),
+    "running sudo uninstall": (0, ["Stopped cmm (pid {pid2}).",
+                                   "Shell profile ~/.bashrc: removed the NODE_EXTRA_CA_CERTS line.",
+                                   "Removed {home}/.cmm (", "cmm is uninstalled."]),
+    "uninstall again": (0, ["cmm is not running (no pid file at {home}/.cmm/cmm.pid).",
+                            "{home}/.cmm does not exist.", "cmm is uninstalled."]),
+}
+STORE_EXPECTED = {
+    "running user setup system trust": (1, ["err:cmm: --system-trust needs root: run `sudo cmm setup --system-trust`"]),
+    "running sudo setup system trust": (0, ["system trust store: added cmm's CA to update-ca-certificates"]),
+}
+DOCTOR_EXPECTED = {
+    "none doctor": (0, ["✓ port 443             free on 127.0.0.1 and ::1",
+                        "✓ hosts file           /etc/hosts has no cmm block (cmm is not running)",
+                        "✓ DNS                  api.anthropic.com is at 192.0.2.10, 2001:db8::10",
+                        "All checks passed."]),
+    "running doctor": (0, ["✓ port 443             held by cmm (pid {pid})",
+                           "✓ hosts file           /etc/hosts points api.anthropic.com at cmm",
+                           "✓ DNS                  api.anthropic.com is at 192.0.2.10, 2001:db8::10",
+                           "All checks passed."]),
+}
+
+
+def problems_with(run: dict, expected: tuple[int, list[str]], report: dict) -> list[str]:
+    code, pieces = expected
+    found = []
+    if run["code"] != code:
+        found.append(f"exit {run['code']}, expected {code}")
+    for piece in pieces:
+        stream = "err" if piece.startswith("err:") else "out"
+        text = piece.removeprefix("err:").format(**report)
+        if text not in run[stream]:
+            found.append(f"std{stream} lacks {text!r}")
+    if "Traceback" in run["out"] + run["err"]:
+        found.append("printed a traceback")
+    return found
+
+
+def judge(report: dict, expected: dict[str, tuple[int, list[str]]]) -> None:
+    runs = {run["label"]: run for run in report["runs"] if run["label"] in expected}
+    assert sorted(runs) == sorted(expected), "commands that did not run"
+    failures = {label: found for label, run in runs.items() if (found := problems_with(run, expected[label], report))}
+    assert not failures, "\n\n".join(
+        f"cmm {' '.join(runs[label]['argv'])}  [{label}]: {'; '.join(found)}\n"
+        f"--- stdout:\n{runs[label]['out']}--- stderr:\n{runs[label]['err']}" for label, found in failures.items())
+
+
+def test_every_cmm_command_with_and_without_a_running_cmm(commands: dict) -> None:
+    expected = dict(EXPECTED, **(STORE_EXPECTED if commands["system_store"] else {}))
+    judge(commands, expected)
+    labels = {run["label"] for run in commands["runs"]}
+    assert labels <= set(expected) | set(DOCTOR_EXPECTED), "a command this test does not judge"
+    assert all(run["seconds"] < 20 for run in commands["runs"]), "a command took 20 s: did it wait for a timeout?"
+    # No command shows the API key it was given.
+    assert not any("sk-secret" in run["out"] + run["err"] for run in commands["runs"])
+
+
+def test_what_the_commands_did_to_the_machine(commands: dict) -> None:
+    home = commands["home"]
+    assert commands["profile_after_setup"] == f'export NODE_EXTRA_CA_CERTS="{home}/.cmm/ca.crt" # cmm-managed\n'
+    # `sudo cmm setup` leaves the user's files to the user.
+    assert commands["owners_after_setup"] == [[65534, 65534]]
+    assert commands["env_owner"] == [65534, 65534]  # the commands without sudo ran as the user
+    # So do the files `sudo twistd cmm` makes there: `cmm status` and `cmm test` work without sudo.
+    assert commands["owners_while_running"] == {name: [65534, 65534] for name in
+                                                ("cmm.pid", "cmm.state.json", "cmm.sock", "cmm.log")}
+    assert commands["exit_after_stop"] == -15 and commands["hosts_restored_by_stop"] is True
+    assert "Environment=SUDO_USER=cmmuser SUDO_UID=65534 SUDO_GID=65534\n" in commands["unit"]
+    assert f" cmm --config-dir {home}/.cmm --anthropic-ip 127.0.0.1 --anthropic-port 8443\n" in commands["unit"]
+    assert commands["systemctl"] == ["daemon-reload", "enable --now cmm.service", "status --no-pager cmm.service",
+                                     "stop cmm.service", "start cmm.service", "restart cmm.service",
+                                     "disable --now cmm.service", "daemon-reload"]
+    assert commands["unit_left"] is False
+    assert commands["hosts_restored_after_kill"] is True
+    assert commands["exit_after_uninstall"] == -15 and commands["hosts_restored_by_uninstall"] is True
+    assert commands["profile_after_uninstall"] == "" and commands["config_dir_left"] is False
+    if commands["system_store"]:
+        assert commands["anchors_after_setup"] == ["cmm-local-ca.crt"]
+        assert commands["anchors_after_uninstall"] == []
+    # Under sudo, HOME is root's: nothing may land there.
+    assert commands["root_home_after"] == []
+
+
+def test_cmm_doctor_with_and_without_a_running_cmm(commands: dict) -> None:
+    judge(commands, DOCTOR_EXPECTED)
