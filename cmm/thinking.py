@@ -14,7 +14,9 @@ signature itself records where a block came from:
   keeps its length (JSON allows whitespace between tokens) and ``Content-Length`` stays right.
   Anthropic's own blocks pass byte for byte. A content array whose every block is marked would
   be empty, which Anthropic rejects: its last block becomes :data:`OMITTED` (or, if that does
-  not fit, :data:`OMITTED_SHORT`), padded with spaces to the same length. The last block, not
+  not fit, :data:`OMITTED_SHORT`), padded with spaces to the same length. What fits is judged
+  by the block's length without whitespace between tokens: however it is spaced, a block gets
+  the same text. The last block, not
   the first: whether a marked block stands alone is known at the ``,`` or ``]`` after it, so
   nothing beyond that block has to wait. (A marked block is at least 39 bytes long, so the
   short form always fits.)
@@ -103,12 +105,46 @@ def _mark_length(raw: bytes) -> int:
     return pos
 
 
-def _replacement(size: int) -> bytes:
-    """A text block padded to ``size`` bytes, standing in for a turn that was all foreign."""
+def _replacement(size: int, solid: int) -> bytes:
+    """A text block padded to ``size`` bytes, standing in for a turn that was all foreign.
+
+    The choice goes by ``solid``, the block's length without whitespace between tokens, so that
+    the same block gets the same text however it is spaced.
+    """
     for block in (OMITTED, OMITTED_SHORT):
-        if size >= len(block):
+        if solid >= len(block):
             return block + b" " * (size - len(block))
     return b" " * size  # unreachable: a marked block is at least 39 bytes long
+
+
+def _count_solid(
+    data: bytes | bytearray, pos: int, stop: int, state: tuple[int, bool, bool]
+) -> tuple[int, bool, bool]:
+    """Count a block's bytes in ``data[pos:stop]`` that are not whitespace between tokens, up to
+    ``len(OMITTED)``.
+
+    ``state`` is (count, inside a string, after a backslash in it), carried across pieces. Only
+    the first bytes are looked at and whitespace runs are jumped in C: the cost is bounded.
+    """
+    count, in_string, escape = state
+    want = len(OMITTED)
+    while count < want and pos < stop:
+        byte = data[pos]
+        if in_string:
+            if escape:
+                escape = False
+            elif byte == 0x5C:
+                escape = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte in _WS_BYTES:
+            pos = _WS.match(data, pos, stop).end()
+            continue
+        elif byte == _QUOTE:
+            in_string = True
+        count += 1
+        pos += 1
+    return count, in_string, escape
 
 
 def _closing_quote(data: bytes, pos: int) -> int:
@@ -680,6 +716,7 @@ class Neutraliser(_Scanner):
         self._kept = False  # an element of the current content array stays
         self._foreign_pending = False  # the previous element was marked and nothing stays yet
         self._block_len = 0  # that element's length
+        self._solid = (0, False, False)  # its solid length so far: see _count_solid
 
     def _on_content_start(self) -> None:
         self._kept = self._foreign_pending = False
@@ -716,8 +753,14 @@ class Neutraliser(_Scanner):
             self._sink = _BLANK
         else:  # blank "block," unless it turns out to be the last of an all-foreign array
             self._pending += len(self._held)
+            self._solid = _count_solid(self._held, 0, len(self._held), (0, False, False))
             self._sink, self._foreign_pending = _PEND, True
         self._held.clear()
+
+    def _flush(self, pos: int) -> None:
+        if self._sink == _PEND and self._solid[0] < len(OMITTED):
+            self._solid = _count_solid(self._data, self._mark, pos, self._solid)
+        super()._flush(pos)
 
     def _on_block_end(self, pos: int) -> None:
         if self._sink == _BLANK:
@@ -737,7 +780,8 @@ class Neutraliser(_Scanner):
     def _on_content_end(self, pos: int) -> None:
         if self._foreign_pending:  # every element was marked: the last becomes a text block
             self._switch(pos, _PASS)
-            self._out.append(_replacement(self._block_len) + b" " * (self._pending - self._block_len))
+            replacement = _replacement(self._block_len, self._solid[0])
+            self._out.append(replacement + b" " * (self._pending - self._block_len))
             self._pending, self._foreign_pending = 0, False
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from cmm import cch, thinking
 from cmm.thinking import (
@@ -248,9 +248,27 @@ def test_byte_by_byte_equals_one_shot(document: dict, style) -> None:
 
 @FAST
 @given(bodies(), splits)
+@example(  # an all-marked content array whose one block is too short for OMITTED once compact
+    {
+        "model": "claude-opus-4-6",
+        "messages": [{"role": "user", "content": [{"type": "redacted_thinking", "data": M}]}],
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cch=00000;"},
+            {"type": "thinking", "signature": M + "s"},
+        ],
+        "tools": [{"name": "t", "input_schema": {
+            "messages": [{"role": "user", "content": [{"type": "thinking", "signature": M}]}],
+        }}],
+        "metadata": {"content": [{"type": "redacted_thinking", "data": M + "m"}], "v": None},
+        "max_tokens": 32000,
+        "stream": True,
+    },
+    [],
+)
 def test_whole_blocks_decided_at_once_match_the_general_walk(document: dict, points: list[int]) -> None:
     """Claude Code's spelling, blocks whole in a piece: decided at once; split, or spelled with
-    whitespace, they take the general walk. The edits must correspond."""
+    whitespace, they take the general walk. The edits must correspond, the replacement of an
+    all-marked content array included (its text does not depend on whitespace)."""
     compact = serialise(document, None)
     spaced = json.dumps(document, indent=1, ensure_ascii=False).encode()  # never the fast path
     for kind in (Neutraliser, Unmarker):
@@ -362,6 +380,28 @@ def test_short_all_marked_block_gets_the_short_replacement() -> None:
     body = b'{"messages":[{"role":"assistant","content":[{"type":"thinking","signature":"cmm1."}]}]}'
     out = neutralise(body)
     assert out == b'{"messages":[{"role":"assistant","content":[{"type":"text","text":"."}             ]}]}'
+
+
+ESCAPED = b'{"type":"redacted_thinking","data":"cmm1. \\\\\\" '  # spaces, escaped backslash and quote
+
+
+@pytest.mark.parametrize("block, text", [
+    (b'{"type":"thinking","signature":"cmm1."}', "."),
+    (ESCAPED + b"x" * (len(OMITTED) - 3 - len(ESCAPED)) + b'"}', "."),  # one byte short of OMITTED
+    (ESCAPED + b"x" * (len(OMITTED) - 2 - len(ESCAPED)) + b'"}', "[thinking from another model omitted]"),
+    (b'{"type":"thinking","thinking":"a longer plan","signature":"cmm1.s"}', "[thinking from another model omitted]"),
+])
+def test_the_replacement_text_does_not_depend_on_whitespace(block: bytes, text: str) -> None:
+    """The text is chosen by the block's length without whitespace between tokens, whatever the
+    spacing and however the body is split."""
+    spaced = block.replace(b'":', b'" :\n  ').replace(b'",', b'"\t,\r\n ')
+    assert json.loads(spaced) == json.loads(block)
+    for spelling in (block, spaced, block.replace(b"{", b"{" + b" " * 5000)):
+        body = b'{"messages":[{"role":"assistant","content":[ ' + spelling + b' ]}]}'
+        for points in ([], list(range(len(body)))):
+            out = run_split(Neutraliser(), body, points)
+            assert len(out) == len(body)
+            assert json.loads(out)["messages"][0]["content"] == [{"type": "text", "text": text}]
 
 
 def test_any_key_order_whitespace_and_escapes() -> None:
