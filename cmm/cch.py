@@ -21,6 +21,7 @@ UNSIGNED_MEMBERS = frozenset({b"max_tokens", b"fallbacks", b"fallback_credit_tok
 _MARK = b"cch="
 _HASH = re.compile(rb"cch=([0-9a-f]{5})")
 _TOKEN = re.compile(rb'[ \t\r\n]*(?:("[^"\\]*(?:\\.[^"\\]*)*")|([{}\[\],:])|([^ \t\r\n{}\[\],:"]+))')
+_COMMA_AFTER = re.compile(rb"[ \t\r\n]*,")
 
 
 def _edits(body: bytes) -> list[tuple[int, int, bytes]]:
@@ -65,16 +66,22 @@ def _edits(body: bytes) -> list[tuple[int, int, bytes]]:
 
 
 def _member_done(body: bytes, top: list, value_end: int, edits: list[tuple[int, int, bytes]]) -> None:
+    """An unsigned member is removed whole: the edits inside it go.
+
+    Edits are made in body order and none starts past ``value_end`` yet, so the ones inside the
+    member are the last in the list: popped, never a rebuild of the list per member (which took
+    quadratic time on a body with many of them).
+    """
     key, member_start, comma = top[2], top[3], top[4]
     if key in UNSIGNED_MEMBERS and member_start is not None:
         if comma is not None:  # ,"max_tokens":32000 — drop it with the comma before it
-            edits[:] = [e for e in edits if not comma <= e[0] < value_end]
-            edits.append((comma, value_end, b""))
+            start, end = comma, value_end
         else:  # the first member: drop it with the comma after it
-            after = re.compile(rb"[ \t\r\n]*,").match(body, value_end)
-            end = after.end() if after else value_end
-            edits[:] = [e for e in edits if not member_start <= e[0] < end]
-            edits.append((member_start, end, b""))
+            after = _COMMA_AFTER.match(body, value_end)
+            start, end = member_start, after.end() if after else value_end
+        while edits and edits[-1][0] >= start:
+            edits.pop()
+        edits.append((start, end, b""))
     top[2], top[3], top[4] = None, None, None
 
 
