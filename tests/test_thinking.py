@@ -806,3 +806,46 @@ def test_bodies_that_cannot_hold_a_mark_need_no_scan() -> None:
     no_thinking = b'{"content":[{"type":"text","text":"hi"}],"model":"x"}'
     assert mark_message(no_thinking) is no_thinking
     assert b"cmm1." in mark_message(b'{"content":[{"type":"thinking","thinking":"t","signature":"s"}]}')
+
+
+# -- SSE: the bound on what is held ----------------------------------------------------------------
+
+
+SIGNATURE_EVENT = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                   b'"delta":{"type":"signature_delta","signature":"sig"}}\n\n')
+
+
+@pytest.mark.parametrize("piece", [b"x" * 4096, b'"signature":"' + b"y" * 4083], ids=["plain", "signature"])
+def test_sse_marker_holds_no_more_than_one_bounded_event(piece: bytes) -> None:
+    """A stream that never sends a newline: what is held never exceeds the bound, the bytes go
+    out unchanged and in order, and the next event after a blank line is marked again."""
+    marker = SseMarker()
+    fed = sent = 0
+    out = []
+    for _ in range(3 * thinking.MAX_SSE_EVENT // len(piece)):
+        out.append(marker.feed(piece))
+        fed, sent = fed + len(piece), sent + len(out[-1])
+        assert fed - sent <= thinking.MAX_SSE_EVENT
+    assert marker.passed_unmarked == 1 and marker.marked == 0
+    out.append(marker.feed(b"\n\n" + SIGNATURE_EVENT[:50]))
+    out.append(marker.feed(SIGNATURE_EVENT[50:]) + marker.finish())
+    expected = piece * (3 * thinking.MAX_SSE_EVENT // len(piece)) + b"\n\n" + SIGNATURE_EVENT.replace(b'"sig"', b'"cmm1.sig"')
+    assert b"".join(out) == expected and marker.marked == 1
+
+
+@given(st.lists(st.integers(0, 600), max_size=12), st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_sse_oversized_events_pass_unmarked_whatever_the_split(points: list[int], crlf: bool) -> None:
+    """Events held over the bound (here made small) pass as they are; the others are marked, and
+    the blank line that ends an oversized event is found wherever the pieces cut it. (An event
+    that arrives whole in one piece is never held, so the bound does not apply to it.)"""
+    newline = b"\r\n" if crlf else b"\n"
+    big = b"data: " + b"z" * 300 + b"signature" + newline + newline
+    small = SIGNATURE_EVENT.replace(b"\n", newline)
+    stream = small + big + small + big + big + small
+    marked = small.replace(b'"sig"', b'"cmm1.sig"')
+    for cuts in (points, list(range(len(stream)))):
+        marker = SseMarker(max_event=200)
+        assert run_split(marker, stream, cuts) == marked + big + marked + big + big + marked
+        assert marker.marked == 3
+    assert marker.passed_unmarked == 3  # byte by byte, each big event outgrew the bound
