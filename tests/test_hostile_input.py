@@ -254,3 +254,64 @@ def test_request_heads_are_parsed_in_linear_time(shape) -> None:
     assert_linear(run, shape, 7_000, 1.0)
     collector = HeadCollector()
     assert collector.feed(shape(7_000)[:-4]) is None
+
+
+# -- through the serving protocol: every hostile body gets an answer ----------------------------
+
+
+def _post(body: bytes) -> bytes:
+    return (b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: sk-user\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+@pytest.mark.parametrize("body, upstream", [
+    (b'{"a":' + b"[" * DEEP, "anthropic"),  # no model before the nesting: passed through
+    (b'{"model":"claude-haiku-4-5","x":' + b"[" * DEEP, "target"),
+    (b'{"model":"claude-opus-4-6","messages":[{"role":"assistant","content":[{"type":"thinking",'
+     b'"signature":"cmm1.x","x":' + b"[" * DEEP + b"]" * DEEP + b'}]}],"system":[{"type":"text","text":"cch=00000;"}],'
+     b'"deep":' + b"{\"a\":" * DEEP + b"1" + b"}" * DEEP + b"}", "anthropic"),  # blanked and re-signed
+], ids=["passthrough", "intercepted", "neutralised-and-resigned"])
+def test_deeply_nested_request_bodies_are_forwarded_and_answered(body: bytes, upstream: str) -> None:
+    from memory_harness import Harness, make_pki, responses, settings
+
+    harness = Harness(make_pki(), settings())
+    client, _ = harness.client()
+    harness.send(client, _post(body))
+    [exchange] = harness.upstreams[upstream].exchanges
+    assert len(exchange.body) == len(body) + (len(b"gemini-2.5-flash") - len(b"claude-haiku-4-5")) * (upstream == "target")
+    if b"cmm1." in body:
+        assert b"cmm1." not in exchange.body and cch.is_valid(exchange.body)
+    [(head, answer)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 200 ") and answer == b'{"ok":true}' and not client.lost
+
+
+def test_deeply_nested_target_answers_reach_the_client() -> None:
+    """An error body and an SSE event nested past the parser's limit: quoted, and passed on."""
+    from memory_harness import Harness, make_pki, responses, settings
+
+    harness = Harness(make_pki(), settings())
+    deep_error = b'{"type":"error","error":' + b"[" * DEEP
+    harness.upstreams["target"].reply = lambda server, exchange: (
+        b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(deep_error), deep_error))
+    client, _ = harness.client()
+    harness.send(client, _post(b'{"model":"claude-haiku-4-5","messages":[]}'))
+    [(head, answer)] = responses(bytes(client.received))
+    assert head.startswith(b"HTTP/1.1 500 ") and json.loads(answer)["type"] == "error" and not client.lost
+
+    event = b'data: {"type":"content_block_delta","delta":{"signature":' + b"[" * DEEP + b"}}\n\n"
+    stream = b"event: message_start\ndata: {}\n\n" + event + b"event: message_stop\ndata: {}\n\n"
+    harness.upstreams["target"].reply = lambda server, exchange: (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        % (len(stream), stream))
+    client, _ = harness.client()
+    harness.send(client, _post(b'{"model":"claude-haiku-4-5","messages":[],"stream":true}'))
+    received = bytes(client.received)
+    assert received.startswith(b"HTTP/1.1 200 ") and event in received and received.endswith(b"0\r\n\r\n")
+
+
+def test_selftest_reads_no_message_from_a_deeply_nested_error() -> None:
+    from cmm.selftest import error_message
+
+    assert error_message(b'{"error":' + b"[" * DEEP) == ""
+    assert error_message(b'{"type":"error","error":{"type":"x","message":"m"}}') == "m"
