@@ -315,3 +315,23 @@ def test_selftest_reads_no_message_from_a_deeply_nested_error() -> None:
 
     assert error_message(b'{"error":' + b"[" * DEEP) == ""
     assert error_message(b'{"type":"error","error":{"type":"x","message":"m"}}') == "m"
+
+
+@pytest.mark.parametrize("kind", [Neutraliser, Unmarker, thinking._Marker, ModelFinder,
+                                  lambda: cch.Resigner(lambda: True)], ids=["neutralise", "unmark", "mark", "finder", "resign"])
+def test_body_stages_fed_in_small_pieces_are_linear(kind) -> None:
+    """What the serving protocol does: 1 KB pieces of many blocks spelled with whitespace (each
+    taking the general walk), then a long string of escapes."""
+    def make(size: int) -> bytes:
+        blocks = b'{ "type" : "thinking" , "signature" : "cmm1.x" } ,' * (size // 100)
+        text = b'\\\\\\"' * (size // 8)
+        return (b'{"system":"cch=00000;","messages":[{"role":"assistant","content":[' + blocks
+                + b'{"type":"text","text":"' + text + b'"}]}]}')
+
+    def run(body: bytes) -> None:
+        stage = kind()
+        for start in range(0, len(body), 1000):
+            stage.feed(body[start : start + 1000])
+        stage.finish()
+
+    assert_linear(run, make, 50_000, 5.0)
