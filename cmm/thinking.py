@@ -36,7 +36,7 @@ included), another from quote to quote in long strings; Claude Code's spelling o
 blocks and keys is matched in one step, and a block in that spelling that ends in the piece at
 hand is decided whole, without the general walk. The SSE marker parses only events that can
 carry a signature, and holds at most :data:`MAX_SSE_EVENT` bytes of one: a larger event passes
-unmarked. No pattern here can backtrack more than a bounded stretch: whatever a client or a
+unmarked. No pattern here has nested or overlapping unbounded runs: whatever a client or a
 target sends is scanned in linear time, and JSON nested past the parser's limit passes as it is.
 """
 
