@@ -136,6 +136,20 @@ def test_cch_edit_list_is_built_once() -> None:
     assert_linear(cch.signing_form, make, 90_000, 5.0)
 
 
+@pytest.mark.parametrize("shape", [
+    lambda n: b'{"a":' + b'{"model":' * (n // 9),  # every model value a container, walked into once
+    lambda n: b'{"a":' + b'{"fallbacks":[' * (n // 14),  # unsigned members that never end
+    lambda n: b'{"a":' + b'{"fallbacks":[' * (n // 30) + b"1" + b"]}" * (n // 30) + b"}",  # and that do
+    lambda n: b'{"a":[' + b'{"model":"x","max_tokens":1},' * (n // 30) + b"1]}",
+    lambda n: b'{"a":"' + b'\\\"model\\\":' * (n // 12) + b'"}',  # keys in a string are no keys
+    lambda n: b'{"a":"' + b"x" * n,
+], ids=["models", "open-fallbacks", "closed-fallbacks", "members", "escaped", "unterminated"])
+def test_cch_key_search_is_linear(shape) -> None:
+    body = shape(DEEP)
+    assert len(cch.signing_form(body)) <= len(body)
+    assert_linear(cch.signing_form, shape, 100_000, 2.0)
+
+
 def test_cch_unsigned_members_with_nested_models_drop_their_edits() -> None:
     body = (b'{"model":"m","fallbacks":[{"model":"a","max_tokens":2}],"x":{"max_tokens":3,"model":"b"},'
             b'"max_tokens":1}')
