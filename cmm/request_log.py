@@ -63,7 +63,7 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     record is one line (plus the indented content lines of ``--log-content``)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", localtime(record.started))
     subject = escaped(record.model if record.model is not None else f"{record.method} {record.path}")
-    route = f"INTERCEPTED → {escaped(record.target or '')}" if record.intercepted else "PASSTHROUGH"
+    route = f"INTERCEPTED → {escaped(str(record.target))}" if record.intercepted else "PASSTHROUGH"
     ok = record.status is not None and record.status < 400 and record.error is None
     mark = "✓" if ok else "✗"
     status = "-" if record.status is None else str(record.status)
