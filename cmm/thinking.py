@@ -16,10 +16,9 @@ signature itself records where a block came from:
   be empty, which Anthropic rejects: its last block becomes :data:`OMITTED` (or, if that does
   not fit, :data:`OMITTED_SHORT`), padded with spaces to the same length. What fits is judged
   by the block's length without whitespace between tokens: however it is spaced, a block gets
-  the same text. The last block, not
-  the first: whether a marked block stands alone is known at the ``,`` or ``]`` after it, so
-  nothing beyond that block has to wait. (A marked block is at least 39 bytes long, so the
-  short form always fits.)
+  the same text. The last block, not the first: whether a marked block stands alone is known
+  at the ``,`` or ``]`` after it, so nothing beyond that block has to wait. (A marked block is
+  at least 39 bytes long, so the short form always fits.)
 * **Unmark** intercepted requests (:class:`Unmarker`): ``"signature":"cmm1.XYZ"`` becomes
   ``"signature":     "XYZ"`` — the opening quote moves right over the mark, same length.
 
