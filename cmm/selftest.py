@@ -102,7 +102,7 @@ def error_message(body: bytes) -> str:
     try:
         data = json.loads(body)
         message = data["error"]["message"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deeply
         return ""
     return str(message)[:300]
 

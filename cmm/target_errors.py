@@ -27,6 +27,8 @@ _DURATION = re.compile(
     r"(?:(?P<s>\d+(?:\.\d+)?)\s*s(?:ec(?:ond)?s?)?)?",
     re.IGNORECASE,
 )
+# A tag holds no "<": each try stops at the next one, so a page of "<" costs linear time.
+_TAG = re.compile(r"<[^<>]{0,200}+>")
 _DROPPED = frozenset({b"content-length", b"content-type", b"transfer-encoding", b"content-encoding"})
 
 
@@ -54,7 +56,7 @@ def retry_after(headers: Headers, body: bytes) -> float | None:
 def is_anthropic_error(body: bytes) -> bool:
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deeply to parse: quoted like any other text
         return False
     return (isinstance(document, dict) and document.get("type") == "error" and isinstance(document.get("error"), dict)
             and isinstance(document["error"].get("message"), str))
@@ -62,7 +64,7 @@ def is_anthropic_error(body: bytes) -> bool:
 
 def _quoted(body: bytes) -> str:
     text = body.decode("utf-8", "replace")
-    text = re.sub(r"<[^>]{0,200}>", " ", text) if "<html" in text.lower() or "<body" in text.lower() else text
+    text = _TAG.sub(" ", text) if "<html" in text.lower() or "<body" in text.lower() else text
     text = " ".join(text.split())
     return text[:QUOTE_CHARS] + ("…" if len(text) > QUOTE_CHARS else "")
 

@@ -14,10 +14,11 @@ signature itself records where a block came from:
   keeps its length (JSON allows whitespace between tokens) and ``Content-Length`` stays right.
   Anthropic's own blocks pass byte for byte. A content array whose every block is marked would
   be empty, which Anthropic rejects: its last block becomes :data:`OMITTED` (or, if that does
-  not fit, :data:`OMITTED_SHORT`), padded with spaces to the same length. The last block, not
-  the first: whether a marked block stands alone is known at the ``,`` or ``]`` after it, so
-  nothing beyond that block has to wait. (A marked block is at least 39 bytes long, so the
-  short form always fits.)
+  not fit, :data:`OMITTED_SHORT`), padded with spaces to the same length. What fits is judged
+  by the block's length without whitespace between tokens: however it is spaced, a block gets
+  the same text. The last block, not the first: whether a marked block stands alone is known
+  at the ``,`` or ``]`` after it, so nothing beyond that block has to wait. (A marked block is
+  at least 39 bytes long, so the short form always fits.)
 * **Unmark** intercepted requests (:class:`Unmarker`): ``"signature":"cmm1.XYZ"`` becomes
   ``"signature":     "XYZ"`` — the opening quote moves right over the mark, same length.
 
@@ -33,7 +34,9 @@ counts. Skipping runs in C: a regular expression jumps over runs between bracket
 included), another from quote to quote in long strings; Claude Code's spelling of messages,
 blocks and keys is matched in one step, and a block in that spelling that ends in the piece at
 hand is decided whole, without the general walk. The SSE marker parses only events that can
-carry a signature.
+carry a signature, and holds at most :data:`MAX_SSE_EVENT` bytes of one: a larger event passes
+unmarked. No pattern here has nested or overlapping unbounded runs: whatever a client or a
+target sends is scanned in linear time, and JSON nested past the parser's limit passes as it is.
 """
 
 from __future__ import annotations
@@ -103,12 +106,46 @@ def _mark_length(raw: bytes) -> int:
     return pos
 
 
-def _replacement(size: int) -> bytes:
-    """A text block padded to ``size`` bytes, standing in for a turn that was all foreign."""
+def _replacement(size: int, solid: int) -> bytes:
+    """A text block padded to ``size`` bytes, standing in for a turn that was all foreign.
+
+    The choice goes by ``solid``, the block's length without whitespace between tokens, so that
+    the same block gets the same text however it is spaced.
+    """
     for block in (OMITTED, OMITTED_SHORT):
-        if size >= len(block):
+        if solid >= len(block):
             return block + b" " * (size - len(block))
     return b" " * size  # unreachable: a marked block is at least 39 bytes long
+
+
+def _count_solid(
+    data: bytes | bytearray, pos: int, stop: int, state: tuple[int, bool, bool]
+) -> tuple[int, bool, bool]:
+    """Count a block's bytes in ``data[pos:stop]`` that are not whitespace between tokens, up to
+    ``len(OMITTED)``.
+
+    ``state`` is (count, inside a string, after a backslash in it), carried across pieces. Only
+    the first bytes are looked at and whitespace runs are jumped in C: the cost is bounded.
+    """
+    count, in_string, escape = state
+    want = len(OMITTED)
+    while count < want and pos < stop:
+        byte = data[pos]
+        if in_string:
+            if escape:
+                escape = False
+            elif byte == 0x5C:
+                escape = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte in _WS_BYTES:
+            pos = _WS.match(data, pos, stop).end()
+            continue
+        elif byte == _QUOTE:
+            in_string = True
+        count += 1
+        pos += 1
+    return count, in_string, escape
 
 
 def _closing_quote(data: bytes, pos: int) -> int:
@@ -680,6 +717,7 @@ class Neutraliser(_Scanner):
         self._kept = False  # an element of the current content array stays
         self._foreign_pending = False  # the previous element was marked and nothing stays yet
         self._block_len = 0  # that element's length
+        self._solid = (0, False, False)  # its solid length so far: see _count_solid
 
     def _on_content_start(self) -> None:
         self._kept = self._foreign_pending = False
@@ -716,8 +754,14 @@ class Neutraliser(_Scanner):
             self._sink = _BLANK
         else:  # blank "block," unless it turns out to be the last of an all-foreign array
             self._pending += len(self._held)
+            self._solid = _count_solid(self._held, 0, len(self._held), (0, False, False))
             self._sink, self._foreign_pending = _PEND, True
         self._held.clear()
+
+    def _flush(self, pos: int) -> None:
+        if self._sink == _PEND and self._solid[0] < len(OMITTED):
+            self._solid = _count_solid(self._data, self._mark, pos, self._solid)
+        super()._flush(pos)
 
     def _on_block_end(self, pos: int) -> None:
         if self._sink == _BLANK:
@@ -737,7 +781,8 @@ class Neutraliser(_Scanner):
     def _on_content_end(self, pos: int) -> None:
         if self._foreign_pending:  # every element was marked: the last becomes a text block
             self._switch(pos, _PASS)
-            self._out.append(_replacement(self._block_len) + b" " * (self._pending - self._block_len))
+            replacement = _replacement(self._block_len, self._solid[0])
+            self._out.append(replacement + b" " * (self._pending - self._block_len))
             self._pending, self._foreign_pending = 0, False
 
 
@@ -811,6 +856,8 @@ def cannot_hold_a_mark(body: bytes) -> bool:
 
 # -- SSE ---------------------------------------------------------------------------------------------
 
+MAX_SSE_EVENT = 1024 * 1024  # the most of one event held to mark it; see SseMarker
+_MAY_OVERLAP = len(b"redacted_thinking") - 1  # a word _may_mark looks for, cut by a feed
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _DATA_LINE = re.compile(rb"^data:[ ]?([^\r\n]*)", re.MULTILINE)
 
@@ -850,10 +897,18 @@ def mark_event(event: bytes) -> bytes:
     """One complete SSE event (terminator included), with its signature marked if it has one.
 
     The mark is inserted into the raw data line when that can be verified; otherwise the data
-    is re-serialised on one line. Other events come back as the same object.
+    is re-serialised on one line. Other events come back as the same object, and so does one
+    nested too deeply for the JSON parser: it holds no signature a client would send back.
     """
     if not _may_mark(event):
         return event
+    try:
+        return _marked_event(event)
+    except RecursionError:
+        return event
+
+
+def _marked_event(event: bytes) -> bytes:
     lines = list(_DATA_LINE.finditer(event))
     if not lines:
         return event
@@ -895,16 +950,31 @@ class SseMarker:
     Events end at a blank line (LF or CRLF line endings). Each goes out as soon as its blank line
     arrived, whatever the split; events without a signature come back untouched. ``marked``
     counts the marks made.
+
+    An event is held until it ends, but never beyond ``max_event`` bytes: an event that
+    grows past that (a stream that never sends a blank line, say) goes out unmarked as it is,
+    the rest of it passes at once up to its blank line, and marking resumes with the next
+    event. ``passed_unmarked`` counts such events. Signatures are a few kilobytes; an event that
+    large carries none worth holding a stream for. Each byte is looked at a bounded number of
+    times, whatever the split.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event: int = MAX_SSE_EVENT) -> None:
         self.marked = 0
+        self.passed_unmarked = 0
+        self._max_event = max_event
         self._buf = bytearray()  # the start of an event whose blank line has not arrived
+        self._may = False  # whether the held start could hold a signature (see _may_mark)
+        self._passing = False  # inside an oversized event: its bytes pass until its blank line
+        self._tail = b""  # the last bytes passed, where a blank line may begin
 
     def feed(self, data: bytes) -> bytes:
         if not data:
             return b""
-        search = max(0, len(self._buf) - 3)  # a blank line may straddle the feeds
+        if self._passing:
+            return self._pass(data)
+        held = len(self._buf)
+        search = max(0, held - 3)  # a blank line may straddle the feeds
         if self._buf:
             self._buf += data
             buf: bytes | bytearray = self._buf
@@ -912,8 +982,9 @@ class SseMarker:
             buf = bytes(data)
         out: list[bytes] = []
         begin = 0
-        if not _may_mark(buf):  # the usual text and thinking deltas: every complete event at once
-            lf, crlf = buf.rfind(b"\n\n"), buf.rfind(b"\n\r\n")
+        may = self._may or _may_mark(buf[max(0, held - _MAY_OVERLAP) :])
+        if not may:  # the usual text and thinking deltas: every complete event at once
+            lf, crlf = buf.rfind(b"\n\n", search), buf.rfind(b"\n\r\n", search)
             begin = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
             if begin:
                 out.append(bytes(buf[:begin]))
@@ -925,20 +996,67 @@ class SseMarker:
                 self.marked += 1
             out.append(marked)
             begin = search = match.end()
+        if begin:
+            may = may and _may_mark(buf[begin:])
         if buf is self._buf:
             del self._buf[:begin]
         else:
             self._buf += buf[begin:]
+        self._may = may
+        if len(self._buf) > self._max_event:
+            out.append(bytes(self._buf))
+            self._tail = bytes(self._buf[-3:])
+            self._buf.clear()
+            self._passing, self._may = True, False
+            self.passed_unmarked += 1
         return b"".join(out)
+
+    def _pass(self, data: bytes) -> bytes:
+        """An oversized event goes on: as it is up to its blank line, events after it as usual."""
+        window = self._tail + data[:3]
+        match = _EVENT_END.search(window)
+        if match is None:
+            match = _EVENT_END.search(data)
+            end = -1 if match is None else match.end()
+        else:
+            end = match.end() - len(self._tail)
+        if end < 0:
+            self._tail = (self._tail + data)[-3:]
+            return data
+        self._passing, self._tail = False, b""
+        return data[:end] + self.feed(data[end:])
 
     def finish(self) -> bytes:
         """The stream ended: an unterminated last event goes out as it is."""
         rest = bytes(self._buf)
         self._buf.clear()
+        self._may = self._passing = False
         return rest
 
 
-_THINKING_ON = re.compile(rb'"thinking":\{[^{}]*"type":"(?:enabled|adaptive)"[^{}]*\},?')
+_THINKING_KEY = b'"thinking":{'
+_THINKING_ON = (b'"type":"enabled"', b'"type":"adaptive"')
+_BRACE = re.compile(rb"[{}]")
+
+
+def _thinking_on(tail: bytes) -> tuple[int, int] | None:
+    """Where the last ``"thinking":{...}`` member (no braces inside) that turns thinking on is,
+    with the comma after it if there is one.
+
+    Each candidate is looked at only up to its next brace, and those stretches do not overlap:
+    linear time, where one pattern with two unbounded runs backtracked quadratically on a tail
+    of ``"type":"enabled"`` without a closing brace.
+    """
+    end = len(tail)
+    while (start := tail.rfind(_THINKING_KEY, 0, end)) >= 0:
+        inner = start + len(_THINKING_KEY)
+        brace = _BRACE.search(tail, inner)
+        if brace is not None and brace.group() == b"}":
+            close = brace.start()
+            if any(tail.find(on, inner, close) >= 0 for on in _THINKING_ON):
+                return start, close + 1 + (tail[close + 1 : close + 2] == b",")
+        end = start
+    return None
 
 
 def thinking_off_if(neutraliser: Neutraliser, tail: bytes) -> bytes:
@@ -948,11 +1066,11 @@ def thinking_off_if(neutraliser: Neutraliser, tail: bytes) -> bytes:
     Code's order, so inside the held tail) is blanked, same length; the hash is re-signed."""
     if not neutraliser.foreign_tool_turn:
         return tail
-    found = list(_THINKING_ON.finditer(tail))
-    if not found:
+    found = _thinking_on(tail)
+    if found is None:
         return tail
-    start, end = found[-1].span()
-    if not found[-1].group(0).endswith(b","):  # the last member: its comma goes before it
+    start, end = found
+    if tail[end - 1] != _COMMA:  # the last member: its comma goes before it
         comma = tail.rfind(b",", 0, start)
         start = comma if comma >= 0 and not tail[comma + 1 : start].strip() else start
     return tail[:start] + b" " * (end - start) + tail[end:]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from cmm import cch
 from cmm.model_finder import find_model
@@ -112,3 +113,92 @@ def test_resigner_lets_go_of_the_body_when_it_ends() -> None:
     stage = cch.Resigner(lambda: True)
     out = stage.feed(edited[:100]) + stage.feed(edited[100:]) + stage.finish()
     assert cch.is_valid(out) and stage._sent == [] and stage._held == []
+
+
+# -- the key search against a token-by-token walk ---------------------------------------------------
+
+_REF_TOKEN = re.compile(rb'[ \t\r\n]*(?:("[^"\\]*(?:\\.[^"\\]*)*")|([{}\[\],:])|([^ \t\r\n{}\[\],:"]+))')
+
+
+def reference_signing_form(body: bytes) -> bytes:
+    """The edits by a plain walk over every token (slow, obviously right): what the key search
+    must agree with on JSON and on JSON cut short."""
+    body = re.sub(rb"cch=[0-9a-f]{5}", b"cch=00000", body, count=1)
+    edits: list[tuple[int, int, bytes]] = []
+    stack: list[list] = []  # [is_object, expecting_key, key, member_start, comma_before]
+
+    def member_done(top: list, value_end: int) -> None:
+        key, member_start, comma = top[2], top[3], top[4]
+        if key in cch.UNSIGNED_MEMBERS and member_start is not None:
+            if comma is not None:
+                start, end = comma, value_end
+            else:
+                after = re.compile(rb"[ \t\r\n]*,").match(body, value_end)
+                start, end = member_start, after.end() if after else value_end
+            edits[:] = [e for e in edits if not start <= e[0] < end] + [(start, end, b"")]
+        top[2:5] = [None, None, None]
+
+    pos = 0
+    while pos < len(body):
+        match = _REF_TOKEN.match(body, pos)
+        if match is None or match.end() == pos:
+            break
+        start, pos = match.start(match.lastindex), match.end()
+        string, punct, _ = match.groups()
+        if punct in (b"{", b"["):
+            stack.append([punct == b"{", True, None, None, None])
+        elif punct in (b"}", b"]"):
+            stack.pop() if stack else None
+            if stack and stack[-1][0] and not stack[-1][1]:
+                member_done(stack[-1], pos)
+        elif punct == b",":
+            if stack and stack[-1][0]:
+                stack[-1][1], stack[-1][4] = True, start
+        elif punct != b":" and stack and stack[-1][0]:
+            top = stack[-1]
+            if top[1]:
+                top[1], top[2], top[3] = False, string[1:-1] if string else None, start
+            else:
+                if top[2] == b"model" and string is not None:
+                    edits.append((start, pos, b'""'))
+                member_done(top, pos)
+    out, last = bytearray(), 0
+    for start, end, replacement in sorted(edits):
+        if start < last:  # overlapping (a duplicate key's comma went with the member before)
+            continue
+        out += body[last:start] + replacement
+        last = end
+    return bytes(out + body[last:])
+
+
+_keys = st.sampled_from(["model", "max_tokens", "fallbacks", "fallback_credit_token", "a", "\\u006dodel",
+                         "model ", 'max_tokens\\"', ""])
+_strings = st.sampled_from(["m", 'x\\"y', "\\\\", '\\"model\\":\\"q\\"', "model", "max_tokens", "{[", "\u00e9", "\\n"])
+_spaces = st.sampled_from(["", "", " ", "\n ", "\t", "\r\n"])
+
+
+@st.composite
+def _json_text(draw, depth: int = 0) -> str:
+    kind = draw(st.integers(0, 2 if depth < 4 else 0))
+    if kind == 0:
+        return draw(st.sampled_from(["1", "null", "true", "-2.5e3"]) | _strings.map(lambda s: f'"{s}"'))
+    items = draw(st.lists(st.tuples(_keys, _json_text(depth + 1), _spaces, _spaces), max_size=4))
+    if kind == 1:
+        return "[" + ",".join(f"{a}{value}{b}" for _, value, a, b in items) + "]"
+    return "{" + ",".join(f'{a}"{key}"{b}:{a}{value}{b}' for key, value, a, b in items) + "}"
+
+
+@settings(max_examples=500, deadline=None)
+@given(_json_text(), st.integers(0, 2000))
+def test_key_search_agrees_with_a_token_walk(text: str, cut: int) -> None:
+    body = text.encode()
+    json.loads(body)  # the strategy makes JSON
+    assert cch.signing_form(body) == reference_signing_form(body)
+    cut_short = cch.signing_form(body[:cut])  # not JSON: no error, and the length never grows
+    assert len(cut_short) <= len(body[:cut])
+
+
+def test_key_search_on_real_bodies() -> None:
+    for name in sorted(SIGNED):
+        body = vector(name)
+        assert cch.signing_form(body) == reference_signing_form(body)

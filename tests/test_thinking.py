@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from cmm import cch, thinking
 from cmm.thinking import (
@@ -248,9 +248,27 @@ def test_byte_by_byte_equals_one_shot(document: dict, style) -> None:
 
 @FAST
 @given(bodies(), splits)
+@example(  # an all-marked content array whose one block is too short for OMITTED once compact
+    {
+        "model": "claude-opus-4-6",
+        "messages": [{"role": "user", "content": [{"type": "redacted_thinking", "data": M}]}],
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cch=00000;"},
+            {"type": "thinking", "signature": M + "s"},
+        ],
+        "tools": [{"name": "t", "input_schema": {
+            "messages": [{"role": "user", "content": [{"type": "thinking", "signature": M}]}],
+        }}],
+        "metadata": {"content": [{"type": "redacted_thinking", "data": M + "m"}], "v": None},
+        "max_tokens": 32000,
+        "stream": True,
+    },
+    [],
+)
 def test_whole_blocks_decided_at_once_match_the_general_walk(document: dict, points: list[int]) -> None:
     """Claude Code's spelling, blocks whole in a piece: decided at once; split, or spelled with
-    whitespace, they take the general walk. The edits must correspond."""
+    whitespace, they take the general walk. The edits must correspond, the replacement of an
+    all-marked content array included (its text does not depend on whitespace)."""
     compact = serialise(document, None)
     spaced = json.dumps(document, indent=1, ensure_ascii=False).encode()  # never the fast path
     for kind in (Neutraliser, Unmarker):
@@ -362,6 +380,28 @@ def test_short_all_marked_block_gets_the_short_replacement() -> None:
     body = b'{"messages":[{"role":"assistant","content":[{"type":"thinking","signature":"cmm1."}]}]}'
     out = neutralise(body)
     assert out == b'{"messages":[{"role":"assistant","content":[{"type":"text","text":"."}             ]}]}'
+
+
+ESCAPED = b'{"type":"redacted_thinking","data":"cmm1. \\\\\\" '  # spaces, escaped backslash and quote
+
+
+@pytest.mark.parametrize("block, text", [
+    (b'{"type":"thinking","signature":"cmm1."}', "."),
+    (ESCAPED + b"x" * (len(OMITTED) - 3 - len(ESCAPED)) + b'"}', "."),  # one byte short of OMITTED
+    (ESCAPED + b"x" * (len(OMITTED) - 2 - len(ESCAPED)) + b'"}', "[thinking from another model omitted]"),
+    (b'{"type":"thinking","thinking":"a longer plan","signature":"cmm1.s"}', "[thinking from another model omitted]"),
+])
+def test_the_replacement_text_does_not_depend_on_whitespace(block: bytes, text: str) -> None:
+    """The text is chosen by the block's length without whitespace between tokens, whatever the
+    spacing and however the body is split."""
+    spaced = block.replace(b'":', b'" :\n  ').replace(b'",', b'"\t,\r\n ')
+    assert json.loads(spaced) == json.loads(block)
+    for spelling in (block, spaced, block.replace(b"{", b"{" + b" " * 5000)):
+        body = b'{"messages":[{"role":"assistant","content":[ ' + spelling + b' ]}]}'
+        for points in ([], list(range(len(body)))):
+            out = run_split(Neutraliser(), body, points)
+            assert len(out) == len(body)
+            assert json.loads(out)["messages"][0]["content"] == [{"type": "text", "text": text}]
 
 
 def test_any_key_order_whitespace_and_escapes() -> None:
@@ -766,3 +806,46 @@ def test_bodies_that_cannot_hold_a_mark_need_no_scan() -> None:
     no_thinking = b'{"content":[{"type":"text","text":"hi"}],"model":"x"}'
     assert mark_message(no_thinking) is no_thinking
     assert b"cmm1." in mark_message(b'{"content":[{"type":"thinking","thinking":"t","signature":"s"}]}')
+
+
+# -- SSE: the bound on what is held ----------------------------------------------------------------
+
+
+SIGNATURE_EVENT = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                   b'"delta":{"type":"signature_delta","signature":"sig"}}\n\n')
+
+
+@pytest.mark.parametrize("piece", [b"x" * 4096, b'"signature":"' + b"y" * 4083], ids=["plain", "signature"])
+def test_sse_marker_holds_no_more_than_one_bounded_event(piece: bytes) -> None:
+    """A stream that never sends a newline: what is held never exceeds the bound, the bytes go
+    out unchanged and in order, and the next event after a blank line is marked again."""
+    marker = SseMarker()
+    fed = sent = 0
+    out = []
+    for _ in range(3 * thinking.MAX_SSE_EVENT // len(piece)):
+        out.append(marker.feed(piece))
+        fed, sent = fed + len(piece), sent + len(out[-1])
+        assert fed - sent <= thinking.MAX_SSE_EVENT
+    assert marker.passed_unmarked == 1 and marker.marked == 0
+    out.append(marker.feed(b"\n\n" + SIGNATURE_EVENT[:50]))
+    out.append(marker.feed(SIGNATURE_EVENT[50:]) + marker.finish())
+    expected = piece * (3 * thinking.MAX_SSE_EVENT // len(piece)) + b"\n\n" + SIGNATURE_EVENT.replace(b'"sig"', b'"cmm1.sig"')
+    assert b"".join(out) == expected and marker.marked == 1
+
+
+@given(st.lists(st.integers(0, 600), max_size=12), st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_sse_oversized_events_pass_unmarked_whatever_the_split(points: list[int], crlf: bool) -> None:
+    """Events held over the bound (here made small) pass as they are; the others are marked, and
+    the blank line that ends an oversized event is found wherever the pieces cut it. (An event
+    that arrives whole in one piece is never held, so the bound does not apply to it.)"""
+    newline = b"\r\n" if crlf else b"\n"
+    big = b"data: " + b"z" * 300 + b"signature" + newline + newline
+    small = SIGNATURE_EVENT.replace(b"\n", newline)
+    stream = small + big + small + big + big + small
+    marked = small.replace(b'"sig"', b'"cmm1.sig"')
+    for cuts in (points, list(range(len(stream)))):
+        marker = SseMarker(max_event=200)
+        assert run_split(marker, stream, cuts) == marked + big + marked + big + big + marked
+        assert marker.marked == 3
+    assert marker.passed_unmarked == 3  # byte by byte, each big event outgrew the bound
