@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cmm import cch, thinking
+from cmm import cch, target_errors, thinking
 from cmm.http_head import HeadCollector, Headers, parse_request_head
 from cmm.model_finder import Found, ModelFinder, NotFound
 from cmm.target_errors import delay_from_text, error_response, is_anthropic_error
@@ -304,7 +304,8 @@ def test_deeply_nested_target_answers_reach_the_client() -> None:
     from memory_harness import Harness, make_pki, responses, settings
 
     harness = Harness(make_pki(), settings())
-    deep_error = b'{"type":"error","error":' + b"[" * DEEP
+    # Deep, yet small enough to be held and rewritten (a larger error passes on as it comes).
+    deep_error = b'{"type":"error","error":' + b"[" * (target_errors.MAX_ERROR_BODY - 100)
     harness.upstreams["target"].reply = lambda server, exchange: (
         b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
         % (len(deep_error), deep_error))
