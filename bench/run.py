@@ -58,7 +58,7 @@ from httpclient import Connection, Response
 from plot import kb_per_stream, missing_dependency, plot
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
-from cmm.checkout import checkout_env, twistd_command  # noqa: E402
+from cmm.testing.checkout import checkout_env, twistd_command  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_SCRIPT = BENCH_DIR / "post.lua"
@@ -265,10 +265,10 @@ class Stack:
         pki = self.work / "pki"
         anthropic = self._spawn(
             "fake-anthropic",
-            [python, "-m", "cmm.fakes", "anthropic", "--port", "0", "--cert-dir", str(pki), "--keep-requests", "0"],
+            [python, "-m", "cmm.testing.fakes", "anthropic", "--port", "0", "--cert-dir", str(pki), "--keep-requests", "0"],
         )
         target = self._spawn(
-            "fake-target", [python, "-m", "cmm.fakes", "target", "--port", "0", "--keep-requests", "0"]
+            "fake-target", [python, "-m", "cmm.testing.fakes", "target", "--port", "0", "--keep-requests", "0"]
         )
         self.anthropic_port = self._wait_listening("fake-anthropic", anthropic)
         self.target_port = self._wait_listening("fake-target", target)

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from cmm.checkout import checkout_env
+from cmm.testing.checkout import checkout_env
 
 
 def process_env(**changes: str | None) -> dict[str, str]:

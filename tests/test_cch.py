@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cmm import cch
-from cmm.model_finder import find_model
-from cmm.router import rewrite_model
+from cmm.core import cch
+from cmm.core.model_finder import find_model
+from cmm.core.router import rewrite_model
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 SIGNED = {"cch-1.json": "bdaf7", "cch-2.json": "9cf06"}

@@ -18,8 +18,8 @@ from cryptography.x509 import DNSName
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from cmm import certs
-from cmm.certs import (
+from cmm.machine import certs
+from cmm.machine.certs import (
     CertificatePaths,
     KeyPair,
     certificate_paths,
@@ -536,7 +536,7 @@ def test_atomic_write_replaces_a_link_instead_of_following_it(tmp_path: Path) ->
 def test_twistd_refuses_to_start_with_an_old_ca(tmp_path: Path) -> None:
     import socket
 
-    from cmm.checkout import twistd_command
+    from cmm.testing.checkout import twistd_command
     from support import process_env
 
     old = write_old_ca(tmp_path)

@@ -16,9 +16,13 @@ from pathlib import Path
 import attrs
 import pytest
 
-from cmm import cli, trust
-from cmm.cli import StopState, main, process_alive, process_start_time, stop_process
-from cmm.hosts import BEGIN_MARK, add_block
+from cmm.cli import main as cli
+
+from cmm.machine import trust
+from cmm.cli.main import StopState, main, stop_process
+from cmm.cli import processes
+from cmm.cli.processes import process_alive, process_start_time
+from cmm.machine.hosts import BEGIN_MARK, add_block
 
 
 # A process whose command line is cmm's checkout form (python -c '...twistd...' ... cmm): `cmm stop`
@@ -29,7 +33,7 @@ STAND_IN = [sys.executable, "-c", "import time; time.sleep(60)  # stands in for 
 def start_stand_in() -> subprocess.Popen[bytes]:
     child = subprocess.Popen(STAND_IN)
     deadline = time.monotonic() + 10
-    while not cli.is_cmm_process(child.pid):  # until it has exec'd
+    while not processes.is_cmm_process(child.pid):  # until it has exec'd
         assert time.monotonic() < deadline and child.poll() is None
         time.sleep(0.01)
     return child
@@ -61,7 +65,7 @@ def test_help_goes_to_stdout() -> None:
 
 def test_console_script_target_returns_exit_code() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, cmm.cli; sys.exit(cmm.cli.main(['config', 'get', 'NOPE']))"],
+        [sys.executable, "-c", "import sys, cmm.cli.main; sys.exit(cmm.cli.main.main(['config', 'get', 'NOPE']))"],
         capture_output=True,
         text=True,
         env={**os.environ, "HOME": "/nonexistent"},
@@ -354,7 +358,7 @@ def test_setup_refuses_a_ca_without_cmms_constraint(tmp_path: Path) -> None:
 
     from cryptography import x509
 
-    from cmm import certs
+    from cmm.machine import certs
 
     machine, commands = fake_machine(tmp_path, debian=True, is_root=True)
     old = certs.make_ca(datetime.now(timezone.utc), excluded_networks=())
@@ -382,7 +386,7 @@ def test_setup_under_sudo_makes_the_certificates_as_the_user(tmp_path: Path) -> 
 
 
 def test_setup_permission_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cmm import certs
+    from cmm.machine import certs
 
     def denied(config_dir: Path, **kwargs: object) -> object:
         raise PermissionError(13, "Permission denied", str(config_dir / "ca.key"))

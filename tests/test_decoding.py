@@ -19,9 +19,9 @@ import pytest
 import zstandard
 from hypothesis import given, settings, strategies as st
 
-from cmm.checkout import checkout_env
-from cmm.decoding import STEP, BodyDecoder
-from cmm.errors import HttpError
+from cmm.testing.checkout import checkout_env
+from cmm.core.decoding import STEP, BodyDecoder
+from cmm.core.errors import HttpError
 
 MiB = 1 << 20
 BODY_LIMIT = 32 * MiB  # the default --body-limit
@@ -218,8 +218,8 @@ def test_bombs_hold_no_more_than_the_limit(bombs: dict, name: str, limit: int, r
 _RSS_PROBE = """
 import sys
 from pathlib import Path
-from cmm.decoding import BodyDecoder
-from cmm.errors import HttpError
+from cmm.core.decoding import BodyDecoder
+from cmm.core.errors import HttpError
 def kib(key):
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
 codings, bomb, limit = sys.argv[1].split(","), Path(sys.argv[2]).read_bytes(), int(sys.argv[3])

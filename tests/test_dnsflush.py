@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from cmm.dnsflush import flush, flush_commands
+from cmm.machine.dnsflush import flush, flush_commands
 
 
 def test_macos_flushes_mdnsresponder() -> None:

@@ -19,10 +19,12 @@ from twisted.internet import defer
 from twisted.internet.selectreactor import SelectReactor
 from twisted.names import dns
 
-from cmm import certs, doctor, hosts
-from cmm.checkout import REPO, checkout_env
-from cmm.doctor import Check
-from cmm.status import HostsInfo, Instance, Probe, RunningState, TrustInfo
+from cmm.cli import doctor
+
+from cmm.machine import certs, hosts
+from cmm.testing.checkout import REPO, checkout_env
+from cmm.cli.doctor import Check
+from cmm.cli.status import HostsInfo, Instance, Probe, RunningState, TrustInfo
 from support import done
 from test_resolve import HOST, answering, dns_server, queries_received, silent, spin  # noqa: F401 (fixtures)
 
@@ -290,7 +292,7 @@ def test_real_probes_in_a_child(tmp_path: Path) -> None:
     """port_accepts and probe_target on the real reactor, against loopback sockets only."""
     script = textwrap.dedent("""
         import json, socket, sys
-        from cmm import doctor, status
+        from cmm.cli import doctor, status
         listening = socket.socket(); listening.bind(("127.0.0.1", 0)); listening.listen()
         closed = socket.socket(); closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
         open_port, closed_port = listening.getsockname()[1], closed.getsockname()[1]
@@ -312,7 +314,7 @@ def test_real_probes_in_a_child(tmp_path: Path) -> None:
 
 def run_doctor(tmp_path: Path, dns_server: str) -> subprocess.CompletedProcess[str]:
     """The real ``cmm doctor`` in a child, HOME and config dir in tmp, DNS on loopback only."""
-    script = "import sys; from cmm import cli; sys.exit(cli.main(sys.argv[1:]))"
+    script = "import sys; from cmm.cli.main import main; sys.exit(main(sys.argv[1:]))"
     env = {**checkout_env(), "HOME": str(tmp_path)}
     env.pop("NODE_EXTRA_CA_CERTS", None)
     env.pop("SUDO_USER", None)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cmm.userfiles import UserDir
-from cmm.envfile import (
+from cmm.config.userfiles import UserDir
+from cmm.config.envfile import (
     KEYS,
     SETTINGS,
     delete_value,

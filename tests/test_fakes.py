@@ -21,8 +21,8 @@ from cryptography import x509
 from cryptography.x509 import DNSName
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from cmm import fakes
-from cmm.fakes import Controls, RecordedRequest, check_loopback, make_test_pki, parse_controls
+from cmm.testing import fakes
+from cmm.testing.fakes import Controls, RecordedRequest, check_loopback, make_test_pki, parse_controls
 
 REPO = Path(__file__).resolve().parent.parent
 SSE_ORDER = [
@@ -45,11 +45,11 @@ def _env() -> dict[str, str]:
 
 
 class FakeProcess:
-    """``python -m cmm.fakes ...`` in the background; ``port`` is what it printed."""
+    """``python -m cmm.testing.fakes ...`` in the background; ``port`` is what it printed."""
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cmm.fakes", *args],
+            [sys.executable, "-m", "cmm.testing.fakes", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=_env(),
@@ -351,7 +351,7 @@ def test_anthropic_tls_verified(anthropic: FakeProcess, pki: Path) -> None:
 def test_non_loopback_interface_refused() -> None:
     for interface in ("0.0.0.0", "192.0.2.1", "localhost", "::"):
         result = subprocess.run(
-            [sys.executable, "-m", "cmm.fakes", "target", "--port", "0", "--interface", interface],
+            [sys.executable, "-m", "cmm.testing.fakes", "target", "--port", "0", "--interface", interface],
             capture_output=True,
             text=True,
             env=_env(),
@@ -373,7 +373,7 @@ def test_python_api_and_stop() -> None:
         from twisted.web.http_headers import Headers
         from twisted.web.client import Agent, HTTPConnectionPool, FileBodyProducer
         from io import BytesIO
-        from cmm.fakes import start_fake_target
+        from cmm.testing.fakes import start_fake_target
 
         class Collect(Protocol):
             def __init__(self):

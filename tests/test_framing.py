@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from cmm.errors import HttpError
-from cmm.framing import LAST_CHUNK, ChunkedBody, CloseBody, LengthBody, encode_chunk
+from cmm.core.errors import HttpError
+from cmm.core.framing import LAST_CHUNK, ChunkedBody, CloseBody, LengthBody, encode_chunk
 
 
 def run(tracker, data: bytes, splits: list[int]) -> tuple[bytes, int, bool]:

@@ -13,11 +13,11 @@ from typing import Callable
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cmm import cch, target_errors, thinking
-from cmm.http_head import HeadCollector, Headers, parse_request_head
-from cmm.model_finder import Found, ModelFinder, NotFound
-from cmm.target_errors import delay_from_text, error_response, is_anthropic_error
-from cmm.thinking import Neutraliser, SseMarker, Unmarker, mark_event, mark_message
+from cmm.core import cch, target_errors, thinking
+from cmm.core.http_head import HeadCollector, Headers, parse_request_head
+from cmm.core.model_finder import Found, ModelFinder, NotFound
+from cmm.core.target_errors import delay_from_text, error_response, is_anthropic_error
+from cmm.core.thinking import Neutraliser, SseMarker, Unmarker, mark_event, mark_message
 
 FACTOR = 8
 # Linear time gives a ratio near FACTOR and quadratic near FACTOR**2: the bound sits between,
@@ -326,7 +326,7 @@ def test_deeply_nested_target_answers_reach_the_client() -> None:
 
 
 def test_selftest_reads_no_message_from_a_deeply_nested_error() -> None:
-    from cmm.selftest import error_message
+    from cmm.cli.selftest import error_message
 
     assert error_message(b'{"error":' + b"[" * DEEP) == ""
     assert error_message(b'{"type":"error","error":{"type":"x","message":"m"}}') == "m"

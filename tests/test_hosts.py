@@ -13,8 +13,8 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from cmm import textfile
-from cmm.hosts import (
+from cmm.config import textfile
+from cmm.machine.hosts import (
     ADDED_NEWLINE_NOTE,
     BEGIN_MARK,
     END_MARK,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from cmm.errors import HttpError
-from cmm.http_head import (
+from cmm.core.errors import HttpError
+from cmm.core.http_head import (
     MAX_HEAD_BYTES,
     Framing,
     HeadCollector,

@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from cmm.checkout import ANNOUNCE, twistd_command
+from cmm.testing.checkout import ANNOUNCE, twistd_command
 from support import HeaderLookup, process_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -398,7 +398,7 @@ class Fake:
 
 
 def start_fake(kind: str, args: list[str], out: Path) -> Process:
-    return Process(f"fake {kind}", [sys.executable, "-m", "cmm.fakes", kind, "--port", "0", *args], _env(), out)
+    return Process(f"fake {kind}", [sys.executable, "-m", "cmm.testing.fakes", kind, "--port", "0", *args], _env(), out)
 
 
 # -- cmm ---------------------------------------------------------------------------------------------
@@ -1330,7 +1330,7 @@ def turn(stack: Stack, model: str, messages: list[dict[str, Any]], tool: str | N
 
 
 def test_a_session_alternating_providers_keeps_both_happy(stack: Stack) -> None:
-    from cmm.fakes import verify_signature
+    from cmm.testing.fakes import verify_signature
 
     history: list[dict[str, Any]] = [{"role": "user", "content": "plan the change"}]
     # 1. The mapped model thinks; its signature comes back marked.
@@ -1394,7 +1394,7 @@ def test_a_tool_loop_the_target_started_can_be_continued_at_anthropic(stack: Sta
     body = ('{"model":"%s","messages":%s,"system":[%s],"tools":[],"max_tokens":32000,"thinking":%s,"stream":false}' % (
         PASS_MODEL, json.dumps(history, separators=(",", ":")), signed,
         json.dumps(THINKING, separators=(",", ":")))).encode()
-    from cmm import cch
+    from cmm.core import cch
 
     body = cch.resign(body)
     tag = new_tag()

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cmm import cli
-from cmm.userfiles import UserDir
-from cmm.mappings import (
+from cmm.cli import main as cli
+from cmm.config.userfiles import UserDir
+from cmm.config.mappings import (
     MappingsError,
     MappingSpec,
     add_mapping,
@@ -26,7 +26,7 @@ from cmm.mappings import (
     to_router_mappings,
     toml_string,
 )
-from cmm.router import DEFAULT_PROXY_URL
+from cmm.core.router import DEFAULT_PROXY_URL
 
 SAMPLE = """\
 # cmm mappings: requests whose model starts with `source` go to `url` as `target`.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cmm.model_finder import Found, ModelFinder, NotFound, find_model
+from cmm.core.model_finder import Found, ModelFinder, NotFound, find_model
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cmm.checkout import twistd_command
+from cmm.testing.checkout import twistd_command
 from test_integration import Conn, Process, _env, _free_port, json_body, new_tag, simple_post
 
 SOURCE = "claude-haiku-4-5-20251001"
@@ -79,7 +79,7 @@ class Stack:
     def _fake(self, kind: str, args: list[str]) -> int:
         import sys
 
-        process = Process(f"fake {kind}", [sys.executable, "-m", "cmm.fakes", kind, "--port", "0", *args], _env(),
+        process = Process(f"fake {kind}", [sys.executable, "-m", "cmm.testing.fakes", kind, "--port", "0", *args], _env(),
                           self.base / f"{kind}.out")
         self.processes.append(process)
         return int(process.wait_for(r"listening on (\d+)").group(1))
@@ -316,7 +316,7 @@ def test_drop_privileges_is_for_good() -> None:
         pytest.skip("needs root to drop privileges")  # CI runs as root; a developer may not
     import subprocess
 
-    script = ("import os, sys; from cmm import worker; hide = sys.argv[1] == 'mac'\n"
+    script = ("import os, sys; from cmm.daemon import worker; hide = sys.argv[1] == 'mac'\n"
               "if hide: del os.setresuid, os.setresgid\n"
               "worker.drop_privileges(65534, 65534)\n"
               "print(os.getuid(), os.geteuid(), os.getgid(), worker._can_regain_root())")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmm.paths import config_dir, config_owner, env_file, invoking_user, pid_file
+from cmm.config.paths import config_dir, config_owner, env_file, invoking_user, pid_file
 
 HOMES = {"alice": Path("/home/alice"), "me": Path("/home/me")}
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from cmm.framing import LAST_CHUNK, encode_chunk
-from cmm.proxy import FD_RESERVE, fit_open_files
-from cmm.tls import CLOSE_TIMEOUT
+from cmm.core.framing import LAST_CHUNK, encode_chunk
+from cmm.serve.proxy import FD_RESERVE, fit_open_files
+from cmm.serve.tls import CLOSE_TIMEOUT
 from memory_harness import Harness, make_pki, ok_reply, responses, settings
 
 PKI = make_pki()
@@ -197,7 +197,7 @@ def test_a_peer_that_stopped_reading_is_cut_although_bytes_wait_for_it(harness: 
 def test_unsent_bytes_of_a_real_tcp_transport() -> None:
     from twisted.internet import abstract
 
-    from cmm.tls import unsent_bytes
+    from cmm.serve.tls import unsent_bytes
 
     transport = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
     transport.dataBuffer, transport.offset, transport._tempDataLen = b"abcdef", 2, 5

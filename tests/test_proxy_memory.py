@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.error import ConnectionRefusedError
 
-from cmm import cch
-from cmm.framing import LAST_CHUNK, encode_chunk
+from cmm.core import cch
+from cmm.core.framing import LAST_CHUNK, encode_chunk
 from memory_harness import Harness, make_pki, ok_reply, responses, settings
 
 PKI = make_pki()
@@ -590,7 +590,7 @@ def test_compressed_bodies_with_foreign_blocks_reach_anthropic_decoded_blanked_a
 def test_a_compressed_body_that_decodes_too_large_to_check_goes_as_it_came(harness: Harness, monkeypatch) -> None:
     import gzip
 
-    import cmm.proxy
+    import cmm.serve.proxy
 
     monkeypatch.setattr(cmm.proxy, "NEUTRALISE_MAX", 2000)
     text = "".join(f"{n:08x}" for n in range(6000))  # compresses little, so it decodes as it arrives

@@ -21,8 +21,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import common, dns, error as dns_error, server
 from twisted.python.failure import Failure
 
-from cmm import resolve
-from cmm.resolve import AddressBook, Answer, QuietResolver, Unresolved, format_cache, lookup, parse_cache
+from cmm.core import values
+from cmm.serve import resolve
+from cmm.serve.resolve import AddressBook, Answer, QuietResolver, Unresolved, format_cache, lookup, parse_cache
 
 HOST = b"api.anthropic.com"
 TWISTED_NOISE = re.compile(r"Starting protocol|Stopping protocol|Port \d+ Closed|starting on \d+|Resolver added")
@@ -407,7 +408,7 @@ def test_cache_format_round_trips() -> None:
 
 
 def test_parse_servers() -> None:
-    assert resolve.parse_servers("192.0.2.53, 127.0.0.1:5353,[::1]:53000,2001:db8::1") == (
+    assert values.parse_servers("192.0.2.53, 127.0.0.1:5353,[::1]:53000,2001:db8::1") == (
         ("192.0.2.53", 53), ("127.0.0.1", 5353), ("::1", 53000), ("2001:db8::1", 53))
 
 
@@ -415,7 +416,7 @@ def test_parse_servers() -> None:
                                   "", "1.2.3.4,"])
 def test_parse_servers_refuses(text: str) -> None:
     with pytest.raises(ValueError):
-        resolve.parse_servers(text)
+        values.parse_servers(text)
 
 
 # --- twistd cmm with DNS down ----------------------------------------------------------------------
@@ -423,8 +424,8 @@ def test_parse_servers_refuses(text: str) -> None:
 
 def start_cmm(tmp_path: Path, dns_server: tuple[str, int], cache: list[str] | None, workers: int) -> tuple[Any, int]:
     """``twistd -n cmm`` asking only ``dns_server``; returns the process and its port."""
-    from cmm import certs
-    from cmm.checkout import twistd_command
+    from cmm.machine import certs
+    from cmm.testing.checkout import twistd_command
     from support import process_env
     from test_integration import Process, _free_port
 
@@ -487,9 +488,9 @@ def test_no_cache_and_no_dns_serves_after_the_short_wait_with_a_clear_502(tmp_pa
 
 def test_new_addresses_reach_the_workers(tmp_path: Path) -> None:
     """The master's book tells the service, which sends the workers a config with the new addresses."""
-    from cmm.service import InterceptorService
-    from cmm.settings import build_config
-    from cmm.wire import WorkerConfig
+    from cmm.daemon.tap import InterceptorService
+    from cmm.core.settings import build_config
+    from cmm.daemon.wire import WorkerConfig
 
     config = build_config({"source": "a", "target": "b"}, {}, tmp_path)
     sent: list[WorkerConfig] = []
@@ -511,7 +512,7 @@ def test_new_addresses_reach_the_workers(tmp_path: Path) -> None:
 
 
 def test_dns_server_option() -> None:
-    from cmm.settings import ConfigError, build_config
+    from cmm.core.settings import ConfigError, build_config
 
     options = {"source": "a", "target": "b"}
     assert build_config(options, {}, Path("/tmp")).dns_servers == ()
@@ -522,10 +523,10 @@ def test_dns_server_option() -> None:
 
 
 def test_a_worker_takes_the_addresses_each_config_brings(tmp_path: Path) -> None:
-    from cmm import certs
-    from cmm.settings import build_config
-    from cmm.wire import WorkerConfig
-    from cmm.worker import WorkerControl
+    from cmm.machine import certs
+    from cmm.core.settings import build_config
+    from cmm.daemon.wire import WorkerConfig
+    from cmm.daemon.worker import WorkerControl
 
     paths = certs.ensure_certificates(tmp_path).paths
     config = build_config({"source": "a", "target": "b"}, {}, tmp_path)

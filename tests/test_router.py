@@ -7,9 +7,9 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from cmm.http_head import HeadCollector, parse_request_head
-from cmm.router import Mapping, Router, Upstream, candidate_endpoint, intercepted_head, rewrite_model, with_provider_header
-from cmm.model_finder import find_model
+from cmm.core.http_head import HeadCollector, parse_request_head
+from cmm.core.router import Mapping, Router, Upstream, candidate_endpoint, intercepted_head, rewrite_model, with_provider_header
+from cmm.core.model_finder import find_model
 
 
 def head(raw: bytes):

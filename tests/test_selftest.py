@@ -24,12 +24,14 @@ from typing import Any
 import attrs
 import pytest
 
-from cmm import certs, selftest
-from cmm.checkout import REPO, twistd_command
-from cmm.doctor import Check
-from cmm.hosts import add_block
-from cmm.selftest import Options, Reply, Target
-from cmm.status import Instance, MappingInfo, RunningState
+from cmm.cli import selftest
+
+from cmm.machine import certs
+from cmm.testing.checkout import REPO, twistd_command
+from cmm.cli.doctor import Check
+from cmm.machine.hosts import add_block
+from cmm.cli.selftest import Options, Reply, Target
+from cmm.cli.status import Instance, MappingInfo, RunningState
 from support import process_env
 
 SOURCE = "claude-haiku-4-5"
@@ -266,10 +268,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     closed = socket.socket()  # bound, never listening: connections are refused
     closed.bind(("127.0.0.1", 0))
     try:
-        fake_a = Child([sys.executable, "-m", "cmm.fakes", "anthropic", "--port", "0", "--cert-dir", str(pki)], _env(),
+        fake_a = Child([sys.executable, "-m", "cmm.testing.fakes", "anthropic", "--port", "0", "--cert-dir", str(pki)], _env(),
                        base / "fake-anthropic.out")
         children.append(fake_a)
-        fake_t = Child([sys.executable, "-m", "cmm.fakes", "target", "--port", "0"], _env(), base / "fake-target.out")
+        fake_t = Child([sys.executable, "-m", "cmm.testing.fakes", "target", "--port", "0"], _env(), base / "fake-target.out")
         children.append(fake_t)
         a_port = int(fake_a.wait_for(r"listening on (\d+)").group(1))
         t_port = int(fake_t.wait_for(r"listening on (\d+)").group(1))
@@ -298,7 +300,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def cmm(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "import sys, cmm.cli; sys.exit(cmm.cli.main())", *args],
+    return subprocess.run([sys.executable, "-c", "import sys, cmm.cli.main; sys.exit(cmm.cli.main.main())", *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from cmm.service import Options
+from cmm.daemon.tap import Options
 
 
 def parse(args: list[str], environ: dict[str, str], **collaborators: object) -> Options:

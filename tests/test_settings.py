@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cmm.settings import ConfigError, build_config
+from cmm.core.settings import ConfigError, build_config
 
 DIR = Path("/tmp/cmm-test-config")
 

@@ -19,10 +19,12 @@ from twisted.internet.error import ConnectionRefusedError as TxConnectionRefused
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.python.failure import Failure
 
-from cmm import certs, hosts, status
-from cmm.checkout import REPO, checkout_env
-from cmm.cli import is_cmm_process
-from cmm.status import (
+from cmm.cli import status
+
+from cmm.machine import certs, hosts
+from cmm.testing.checkout import REPO, checkout_env
+from cmm.cli.processes import is_cmm_process
+from cmm.cli.status import (
     CertInfo,
     HostsInfo,
     Instance,
@@ -330,14 +332,14 @@ def _free_port() -> int:
 def cmm(args: list[str], home: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     env = {**checkout_env(), "HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("NODE_EXTRA_CA_CERTS", None)
-    return subprocess.run([sys.executable, "-c", "import sys, cmm.cli; sys.exit(cmm.cli.main())", *args],
+    return subprocess.run([sys.executable, "-c", "import sys, cmm.cli.main; sys.exit(cmm.cli.main.main())", *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 @pytest.fixture
 def fake_target(tmp_path: Path) -> Any:
     out = (tmp_path / "target.out").open("w+")
-    process = subprocess.Popen([sys.executable, "-m", "cmm.fakes", "target", "--port", "0"], stdout=out,
+    process = subprocess.Popen([sys.executable, "-m", "cmm.testing.fakes", "target", "--port", "0"], stdout=out,
                                stderr=subprocess.STDOUT, env=checkout_env(), cwd=REPO)
     try:
         deadline = time.monotonic() + 20
@@ -394,7 +396,7 @@ def test_status_command_not_running(tmp_path: Path) -> None:
 
 
 def test_live_status_names_errors_bytes_and_workers() -> None:
-    from cmm.status import _route_line, _worker_line, parse_live, parse_workers
+    from cmm.cli.status import _route_line, _worker_line, parse_live, parse_workers
 
     data = {
         "routes": {"claude-haiku-4-5* → gemini-2.5-flash": {"requests": 7, "errors": {"502": 2, "-": 1},

@@ -6,10 +6,10 @@ import time
 
 from twisted.internet.task import Clock
 
-from cmm.errors import error_body, error_response
-from cmm.flow import Deadline, Valve
-from cmm.request_log import RequestLog, RequestRecord, format_line
-from cmm.resolve import usable_addresses
+from cmm.core.errors import error_body, error_response
+from cmm.serve.flow import Deadline, Valve
+from cmm.serve.request_log import RequestLog, RequestRecord, format_line
+from cmm.serve.resolve import usable_addresses
 
 
 def record(**changes: object) -> RequestRecord:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cmm.http_head import Headers
-from cmm.target_errors import delay_from_text, error_response, is_anthropic_error, retry_after
+from cmm.core.http_head import Headers
+from cmm.core.target_errors import delay_from_text, error_response, is_anthropic_error, retry_after
 
 
 @pytest.mark.parametrize("text, seconds", [

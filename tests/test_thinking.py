@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from cmm import cch, thinking
-from cmm.thinking import (
+from cmm.core import cch, thinking
+from cmm.core.thinking import (
     MARK,
     OMITTED,
     OMITTED_SHORT,
@@ -690,7 +690,7 @@ def test_sse_unterminated_tail_goes_out_at_finish() -> None:
 def claude_code_body(size: int, foreign_every: int) -> bytes:
     """A long tool-using session as Claude Code serialises it: thinking, tool calls, file reads."""
     rnd = random.Random(7)
-    source = (Path(thinking.__file__).parent / "proxy.py").read_text()
+    source = (Path(thinking.__file__).parents[1] / "serve" / "proxy.py").read_text()
     reads = [source[i : i + 6000] for i in range(0, len(source) - 6000, 1000)]
     msgs, turn, total = [{"role": "user", "content": [{"type": "text", "text": "fix the bug"}]}], 0, 0
     while total < size:
@@ -767,7 +767,7 @@ def test_foreign_tool_turn_is_only_the_final_tool_use_turn_that_lost_its_first_b
 
 
 def test_thinking_off_blanks_the_top_level_member_only() -> None:
-    from cmm.thinking import thinking_off_if
+    from cmm.core.thinking import thinking_off_if
 
     class Foreign:
         foreign_tool_turn = True
@@ -794,7 +794,7 @@ def _json_ok(data: bytes) -> bool:
 
 
 def test_bodies_that_cannot_hold_a_mark_need_no_scan() -> None:
-    from cmm.thinking import cannot_hold_a_mark, mark_message, neutralise, unmark
+    from cmm.core.thinking import cannot_hold_a_mark, mark_message, neutralise, unmark
 
     plain = b'{"messages":[{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"sig"}]}]}'
     assert cannot_hold_a_mark(plain) and neutralise(plain) == plain and unmark(plain) == plain

@@ -23,8 +23,8 @@ from cryptography import x509
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from cmm import certs, trust
-from cmm.trust import (
+from cmm.machine import certs, trust
+from cmm.machine.trust import (
     ADDED_NEWLINE_NOTE,
     MARKER,
     CommandResult,

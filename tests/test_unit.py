@@ -12,10 +12,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from cmm import unit
-from cmm.cli import main
-from cmm.status import Instance
-from cmm.unit import CodePaths, Completed, FileSystem, Spec, Writable
+from cmm.cli import service as unit
+from cmm.cli.main import main
+from cmm.cli.status import Instance
+from cmm.cli.service import CodePaths, Completed, FileSystem, Spec, Writable
 
 TWISTD = "/venv/bin/twistd"
 SUDO = {"SUDO_USER": "alice", "SUDO_UID": "1000", "SUDO_GID": "1001"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet import tcp
 
-from cmm.upstream import SPLICE_BUFFER, tune
+from cmm.serve.upstream import SPLICE_BUFFER, tune
 
 
 class FakeTcp:

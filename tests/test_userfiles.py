@@ -24,12 +24,16 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python import usage
 
-from cmm import cli, paths, status, trust
-from cmm.checkout import REPO, twistd_command
-from cmm.request_log import RequestLog, RequestRecord
-from cmm.resolve import AddressBook, Answer
-from cmm.service import InterceptorService, Options, ensure_certificates
-from cmm.userfiles import Identity, UnsafeDirectory, UserDir, directory_problem, read_file, running_as
+from cmm.cli import main as cli, processes, status
+
+from cmm.config import paths
+
+from cmm.machine import trust
+from cmm.testing.checkout import REPO, twistd_command
+from cmm.serve.request_log import RequestLog, RequestRecord
+from cmm.serve.resolve import AddressBook, Answer
+from cmm.daemon.tap import InterceptorService, Options, ensure_certificates
+from cmm.config.userfiles import Identity, UnsafeDirectory, UserDir, directory_problem, read_file, running_as
 from support import process_env
 
 USER = 65534
@@ -401,19 +405,19 @@ def test_uninstall_removes_links_themselves_as_the_user(tmp_path: Path) -> None:
     ([], False),
 ])
 def test_is_cmm_command(argv: list[str], expected: bool) -> None:
-    assert cli.is_cmm_command(argv) is expected
+    assert processes.is_cmm_command(argv) is expected
 
 
 def test_is_cmm_process_on_real_processes() -> None:
-    assert cli.is_cmm_command(twistd_command(["--port", "1"]))  # the form tests and the benchmark run
-    assert not cli.is_cmm_process(os.getpid())  # pytest
+    assert processes.is_cmm_command(twistd_command(["--port", "1"]))  # the form tests and the benchmark run
+    assert not processes.is_cmm_process(os.getpid())  # pytest
     child = subprocess.Popen(["sleep", "60"])
     try:
         deadline = time.monotonic() + 5
-        while cli.command_line(child.pid) != ["sleep", "60"]:  # until the child has exec'd
-            assert time.monotonic() < deadline, cli.command_line(child.pid)
+        while processes.command_line(child.pid) != ["sleep", "60"]:  # until the child has exec'd
+            assert time.monotonic() < deadline, processes.command_line(child.pid)
             time.sleep(0.01)
-        assert not cli.is_cmm_process(child.pid)
+        assert not processes.is_cmm_process(child.pid)
     finally:
         child.kill()
         child.wait()

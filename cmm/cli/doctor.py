@@ -18,9 +18,15 @@ from typing import Any
 import attrs
 from cryptography import x509
 
-from cmm import certs, envfile, hosts, paths, resolve, status
-from cmm.resolve import usable_addresses
-from cmm.status import HostsInfo, Instance, Probe, TrustInfo
+from cmm.cli import status
+
+from cmm.config import envfile, paths
+
+from cmm.machine import certs, hosts
+
+from cmm.serve import resolve
+from cmm.serve.resolve import usable_addresses
+from cmm.cli.status import HostsInfo, Instance, Probe, TrustInfo
 
 ANTHROPIC_HOST = hosts.HOSTNAME
 CONNECT_TIMEOUT = 1.0
@@ -134,7 +140,7 @@ def check_name_constraint(ca_pem: bytes | None) -> Check:
 def check_ca_variable(environ: Mapping[str, str], ca_cert: Path, ca_pem: bytes | None,
                       read_bytes: Callable[[Path], bytes] = Path.read_bytes) -> Check:
     """Claude Code trusts cmm only if NODE_EXTRA_CA_CERTS names a file holding cmm's CA."""
-    from cmm import trust
+    from cmm.machine import trust
 
     name = trust.VARIABLE
     line = trust.export_line(trust.syntax_of(environ.get("SHELL", "")), ca_cert)
@@ -321,7 +327,7 @@ async def diagnose(
 
 def _mappings_check(config_dir: Path) -> list[Check]:
     """Only when there is a mappings file: without one, flags or .env give the mapping."""
-    from cmm import mappings
+    from cmm.config import mappings
 
     path = mappings.mappings_file(config_dir)
     if not path.exists():

@@ -20,11 +20,14 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import attrs
 
-from cmm import dnsflush, envfile, hosts, paths
-from cmm.userfiles import UnsafeDirectory, UserDir
+from cmm.config import envfile, paths
+
+from cmm.machine import dnsflush, hosts
+from cmm.cli.processes import is_cmm_process, process_alive, process_start_time
+from cmm.config.userfiles import UnsafeDirectory, UserDir
 
 if TYPE_CHECKING:  # cmm.trust loads cryptography: only setup and uninstall import it, when run
-    from cmm.trust import Machine, Report
+    from cmm.machine.trust import Machine, Report
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -131,79 +134,6 @@ class StopResult:
     pid: int | None = None
 
 
-def _proc_stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state first); None without /proc."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
-def process_alive(pid: int, kill: Callable[[int, int], None] | None = None) -> bool:
-    """Whether ``pid`` exists and has not exited (a zombie waiting to be reaped has)."""
-    try:
-        (kill or os.kill)(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, belongs to someone else
-    fields = _proc_stat_fields(pid)
-    return not (fields and fields[0] in ("Z", "X"))
-
-
-def command_line(pid: int) -> list[str] | None:
-    """The arguments ``pid`` was started with; None where that cannot be known."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        if Path("/proc/self/cmdline").exists():
-            return []  # a /proc without this pid: it is gone
-    except OSError:
-        return None
-    else:
-        return [part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0") if part]
-    import subprocess  # no /proc (macOS): ask ps
-
-    try:
-        found = subprocess.run(["ps", "-ww", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
-                               timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return found.stdout.split()
-
-
-def is_cmm_command(argv: Sequence[str]) -> bool:
-    """Whether a command line runs cmm's twistd plugin: ``[python] .../twistd [opts] cmm ...`` or
-    :mod:`cmm.checkout`'s ``python -c '...twistd...run()' [opts] cmm ...``."""
-    for index, arg in enumerate(argv):
-        twistd = Path(arg).name.startswith("twistd") or (index > 0 and argv[index - 1] == "-c" and "twistd" in arg)
-        if twistd:
-            return "cmm" in argv[index + 1:]
-    return False
-
-
-def is_cmm_process(pid: int, command: Callable[[int], list[str] | None] = command_line) -> bool:
-    """Whether ``pid`` is a cmm master (or a worker's twistd); unknowable counts as no."""
-    argv = command(pid)
-    return argv is not None and is_cmm_command(argv)
-
-
-def process_start_time(pid: int) -> float | None:
-    """When ``pid`` started (epoch seconds), from /proc; None where that is unknown."""
-    fields = _proc_stat_fields(pid)
-    try:
-        ticks = int(fields[19]) if fields else None
-        boot = next(
-            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
-        )
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    if ticks is None:
-        return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def stop_process(
     pid_file: Path,
     *,
@@ -306,13 +236,13 @@ def _existing_user_dir(args: argparse.Namespace, ctx: _Context) -> UserDir | Non
 
 def _shell_line(shell: str, ca_cert: Path) -> tuple[str, str]:
     """The NODE_EXTRA_CA_CERTS line for the user's shell and the profile it belongs in."""
-    from cmm import trust
+    from cmm.machine import trust
 
     return trust.export_line(trust.syntax_of(shell), ca_cert), str(trust.default_profile(Path("~"), shell).path)
 
 
 def _machine(ctx: _Context) -> Machine:
-    from cmm import trust
+    from cmm.machine import trust
 
     return ctx.machine if ctx.machine is not None else trust.Machine.from_environ(ctx.environ)
 
@@ -325,9 +255,9 @@ def _say_report(ctx: _Context, report: Report, indent: str = "") -> None:
 
 
 def _setup(args: argparse.Namespace, ctx: _Context) -> int:
-    from cmm import certs, trust  # imported here: only setup and uninstall need cryptography
+    from cmm.machine import certs, trust  # imported here: only setup and uninstall need cryptography
 
-    from cmm.service import ensure_certificates
+    from cmm.daemon.tap import ensure_certificates
 
     directory = _config_dir(args, ctx)
     machine = _machine(ctx)
@@ -496,9 +426,9 @@ def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT
 def _uninstall(args: argparse.Namespace, ctx: _Context) -> int:
     """Everything cmm set up, in the order that leaves nothing half done: the running instance
     and /etc/hosts first, then trust, and only then the folder holding the CA."""
-    from cmm import certs, trust
+    from cmm.machine import certs, trust
 
-    from cmm import unit
+    from cmm.cli import service as unit
 
     directory = _config_dir(args, ctx)
     manager = unit.manager_for(sys.platform, args.unit_dir)
@@ -557,7 +487,7 @@ def _lines(message: str) -> str:
 
 
 def _map(args: argparse.Namespace, ctx: _Context) -> int:
-    from cmm import mappings  # imported here: the other commands do not need it
+    from cmm.config import mappings  # imported here: the other commands do not need it
 
     folder = _existing_user_dir(args, ctx)
     directory = folder.path if folder is not None else _config_dir(args, ctx)
@@ -640,14 +570,14 @@ def _add_check_parsers(commands: argparse._SubParsersAction, common: argparse.Ar
 
 
 def _status(args: argparse.Namespace, ctx: _Context) -> int:
-    from cmm import status
+    from cmm.cli import status
 
     return status.run(_config_dir(args, ctx), environ=ctx.environ, hosts_file=args.hosts_file, timeout=args.timeout,
                       write=ctx.out.write)
 
 
 def _test(args: argparse.Namespace, ctx: _Context) -> int:
-    from cmm import selftest
+    from cmm.cli import selftest
 
     options = selftest.Options(temporary=args.temporary, timeout=args.timeout, port=args.port, source=args.source,
                                target=args.target, proxy_url=args.proxy_url, anthropic_ip=args.anthropic_ip,
@@ -656,23 +586,23 @@ def _test(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _doctor(args: argparse.Namespace, ctx: _Context) -> int:
-    from cmm import doctor
+    from cmm.cli import doctor
 
     return doctor.run(_config_dir(args, ctx), environ=ctx.environ, hosts_file=args.hosts_file, port=args.port,
                       timeout=args.timeout, write=ctx.out.write, dns_servers=args.dns_server)
 
 
 def _dns_servers(text: str) -> tuple[tuple[str, int], ...]:
-    from cmm import resolve
+    from cmm.core import values
 
     try:
-        return resolve.parse_servers(text)
+        return values.parse_servers(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _service(args: argparse.Namespace, ctx: _Context) -> int:
-    from cmm import unit
+    from cmm.cli import service as unit
 
     return unit.run(args.action, args.rest, config_dir=getattr(args, "config_dir", None), environ=ctx.environ,
                     out=ctx.out, err=ctx.err)
@@ -723,5 +653,5 @@ def main(
         return ctx.fail(str(error))
 
 
-if __name__ == "__main__":  # ``python -m cmm.cli``, the same as the console script
+if __name__ == "__main__":  # ``python -m cmm.cli.main``; ``python -m cmm.cli`` runs cli/__main__.py
     sys.exit(main())

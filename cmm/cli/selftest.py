@@ -28,10 +28,15 @@ from typing import Any, TextIO
 import attrs
 from zope.interface import implementer
 
-from cmm import certs, hosts, paths, status
-from cmm.doctor import Check, exit_code, format_checks
-from cmm.status import Instance, RunningState
-from cmm.userfiles import UserDir
+from cmm.cli import status
+
+from cmm.config import paths
+
+from cmm.machine import certs, hosts
+from cmm.cli.doctor import Check, exit_code, format_checks
+from cmm.cli.status import Instance, RunningState
+from cmm.config.userfiles import UserDir
+from cmm.daemon.launch import TWISTD_CODE
 
 PROVIDER = "cliproxyapi"
 TIMEOUT = 60.0  # an intercepted request may really reach Gemini or GPT through the target
@@ -40,7 +45,6 @@ HANDSHAKE_TIMEOUT = 10.0  # a live cmm answers at once; only a stuck or starting
 STOP_TIMEOUT = 10.0
 FALLBACK_MAPPING = ("claude-haiku-4-5", "gemini-2.5-flash")  # the seed's example
 PASSTHROUGH_CANDIDATES = ("claude-opus-4-6", "claude-sonnet-4-5", "claude-3-5-haiku-latest", "cmm-selftest")
-_TWISTD = "from twisted.scripts.twistd import run; import sys; sys.argv[0] = 'twistd'; run()"
 
 TARGET_FIX = ("start the target server (CLIProxyAPI listens on localhost:8317 by default), or point cmm at it: "
               "cmm config set PROXY_URL http://HOST:PORT/v1/messages")
@@ -292,7 +296,7 @@ def running_target(state: RunningState, config_dir: Path) -> Target:
 
 def twistd_argv(cmm_args: Sequence[str], python: str = sys.executable) -> list[str]:
     """``twistd -n cmm ARGS`` with the Python cmm runs in (no reliance on PATH)."""
-    return [python, "-c", _TWISTD, "-n", "--pidfile=", "cmm", *cmm_args]
+    return [python, "-c", TWISTD_CODE, "-n", "--pidfile=", "cmm", *cmm_args]
 
 
 @attrs.frozen
@@ -308,7 +312,7 @@ def temporary_args(options: Options, workdir: Path, port: int, fallback: bool) -
     """Flags for ``twistd cmm``: its own port and config dir, the hosts file left alone."""
     # Its requests are answered by the time it is stopped: no grace period worth waiting for.
     args = ["--port", str(port), "--listen", "127.0.0.1", "--no-hosts", "--workers", "1", "--grace", "1",
-            "--config-dir", str(workdir), "--log-file", str(workdir / "cmm.log")]
+            "--config-dir", str(workdir), "--log-file", str(workdir / paths.LOG_FILE_NAME)]
     source, target = (FALLBACK_MAPPING if fallback else (options.source, options.target))
     for flag, value in (("--source", source), ("--target", target), ("--proxy-url", options.proxy_url),
                         ("--anthropic-ip", options.anthropic_ip), ("--anthropic-port", options.anthropic_port)):
@@ -328,8 +332,8 @@ def plan_temporary(options: Options, config_dir: Path, workdir: Path, port: int,
     """Parse the flags exactly as ``twistd cmm`` will (ConfigProblem if it would refuse them)."""
     from twisted.python import usage
 
-    from cmm import mappings
-    from cmm.service import Options as TwistdOptions
+    from cmm.config import mappings
+    from cmm.daemon.tap import Options as TwistdOptions
 
     try:
         file_sources = [spec.source for spec in mappings.load(mappings.mappings_file(config_dir))]
@@ -438,7 +442,7 @@ class TemporaryInterceptor:
         except FileNotFoundError:
             return
         work = UserDir.open(self.workdir)
-        for name in (*names, paths.ENV_FILE_NAME, "mappings.toml"):
+        for name in (*names, paths.ENV_FILE_NAME, paths.MAPPINGS_FILE_NAME):
             try:
                 work.write_bytes(name, user.read_bytes(name))
             except FileNotFoundError:
@@ -529,7 +533,7 @@ def run(
                 checks.append(Check("certificates", False, f"none in {config_dir}: the test used throwaway ones",
                                     "cmm setup"))
             if not instance.running:  # a block left by a killed cmm sends Claude Code to nothing at all
-                from cmm.doctor import check_hosts
+                from cmm.cli.doctor import check_hosts
 
                 left = check_hosts(status.read_hosts(hosts_file), instance)
                 if left.ok is False:

@@ -26,8 +26,13 @@ from typing import TextIO
 
 import attrs
 
-from cmm import certs, paths, status
-from cmm.status import Instance
+from cmm.cli import status
+
+from cmm.config import paths
+
+from cmm.machine import certs
+from cmm.cli.status import Instance
+from cmm.daemon.launch import TWISTD_CODE
 
 ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
 UNIT_NAME = "cmm.service"
@@ -37,7 +42,6 @@ LAUNCHD_DIR = Path("/Library/LaunchDaemons")
 LAUNCHD_LOG = Path("/var/log/cmm-twistd.log")
 FILE_MODE = 0o644  # launchd refuses a plist that others can write
 SECRET_FLAGS = ("--proxy-api-key",)
-_TWISTD_SNIPPET = "from twisted.scripts.twistd import run; import sys; sys.argv[0] = 'twistd'; run()"
 
 
 @attrs.frozen
@@ -78,7 +82,7 @@ def twistd_program(python: str = sys.executable, exists: Callable[[Path], bool] 
     twistd = interpreter.parent / "twistd"
     if exists(twistd):
         return (str(twistd),)
-    return (str(interpreter), "-I", "-c", _TWISTD_SNIPPET)  # -I: no PYTHON* variables, no cwd on sys.path
+    return (str(interpreter), "-I", "-c", TWISTD_CODE)  # -I: no PYTHON* variables, no cwd on sys.path
 
 
 # --- who could change what root runs --------------------------------------------------------------
@@ -322,7 +326,7 @@ def check_cmm_args(cmm_args: Sequence[str], config_dir: Path, environ: Mapping[s
     """What ``twistd cmm`` would refuse, found now rather than in a boot log."""
     from twisted.python import usage
 
-    from cmm.service import Options
+    from cmm.daemon.tap import Options
 
     for flag in SECRET_FLAGS:
         if any(arg == flag or arg.startswith(flag + "=") for arg in cmm_args):
@@ -501,7 +505,7 @@ def run(
     if code == 0 and action == "install":
         logs = "journalctl -u cmm" if manager.kind == "systemd" else f"tail -f {LAUNCHD_LOG}"
         out.write(f"cmm runs as a {manager.kind} service now and at every boot. `cmm service status`; logs: "
-                  f"`{logs}`; request log: {config_dir / 'cmm.log'}.\n")
+                  f"`{logs}`; request log: {config_dir / paths.LOG_FILE_NAME}.\n")
         if not certs.certificate_paths(config_dir).ca_cert.exists():
             out.write("It creates its certificates at start; run `cmm setup` as yourself so Claude Code trusts them.\n")
     return code

@@ -19,9 +19,10 @@ import attrs
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from cmm import certs, envfile, hosts, paths, userfiles
-from cmm.cli import is_cmm_process, process_alive, process_start_time
-from cmm.service import CONTROL_SOCKET, STATE_FILE
+from cmm.config import envfile, paths, userfiles
+
+from cmm.machine import certs, hosts
+from cmm.cli.processes import is_cmm_process, process_alive, process_start_time
 
 CERT_WARN_DAYS = 30
 PROBE_TIMEOUT = 3.0
@@ -144,7 +145,7 @@ class StatusReport:
 
 
 def state_file(config_dir: Path) -> Path:
-    return Path(config_dir) / STATE_FILE
+    return Path(config_dir) / paths.STATE_FILE_NAME
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -261,7 +262,7 @@ def read_settings(config_dir: Path) -> dict[str, str]:
 
 def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[MappingInfo, ...]:
     """What ``twistd cmm`` without flags would map: mappings.toml, else the .env default pair."""
-    from cmm import mappings
+    from cmm.config import mappings
 
     proxy_url = settings.get("PROXY_URL", "")
     try:
@@ -278,7 +279,7 @@ def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[
 
 def trust_info(config_dir: Path, environ: Mapping[str, str]) -> TrustInfo:
     """Whether new shells point Claude Code at cmm's CA (profiles, and the system store)."""
-    from cmm import trust
+    from cmm.machine import trust
 
     found = trust.trust_status(config_dir, environ)
     return TrustInfo(found.ok, found.detail, found.fix)
@@ -462,7 +463,7 @@ async def collect(
         hosts_path = instance.state.hosts_file
         cert_dir = instance.state.config_dir or config_dir
         if live is not None:
-            data = await live(cert_dir / CONTROL_SOCKET)
+            data = await live(cert_dir / paths.CONTROL_SOCKET_NAME)
             routes = parse_live(data) if data is not None else None
             workers = parse_workers(data) if data is not None else ()
     else:

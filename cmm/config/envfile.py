@@ -15,11 +15,11 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from cmm import userfiles
-from cmm.textfile import split_lines
-from cmm.userfiles import UserDir
+from cmm.config import paths, userfiles
+from cmm.config.textfile import split_lines
+from cmm.config.userfiles import UserDir
 
-FILE_NAME = ".env"
+FILE_NAME = paths.ENV_FILE_NAME
 ENV_MODE = 0o600
 
 

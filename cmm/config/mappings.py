@@ -17,11 +17,11 @@ from pathlib import Path
 
 import attrs
 
-from cmm import envfile, paths, userfiles
-from cmm.router import Mapping, Upstream
-from cmm.userfiles import UserDir
+from cmm.config import envfile, paths, userfiles
+from cmm.core.router import Mapping, Upstream
+from cmm.config.userfiles import UserDir
 
-FILE_NAME = "mappings.toml"
+FILE_NAME = paths.MAPPINGS_FILE_NAME
 
 _KEYS = ("source", "target", "url", "api_key")
 _REQUIRED = ("source", "target")

@@ -15,11 +15,16 @@ import pwd
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from cmm.userfiles import Identity, UserDir
+from cmm.config.userfiles import Identity, UserDir
 
 CONFIG_DIR_NAME = ".cmm"
 ENV_FILE_NAME = ".env"
 PID_FILE_NAME = "cmm.pid"
+STATE_FILE_NAME = "cmm.state.json"
+CONTROL_SOCKET_NAME = "cmm.sock"
+LOG_FILE_NAME = "cmm.log"
+DNS_CACHE_FILE_NAME = "anthropic-ip.cache"
+MAPPINGS_FILE_NAME = "mappings.toml"
 HOSTS_FILE = Path("/etc/hosts")
 
 

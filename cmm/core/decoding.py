@@ -17,7 +17,7 @@ from typing import Callable
 import brotli
 import zstandard
 
-from cmm.errors import HttpError
+from cmm.core.errors import HttpError
 
 SUPPORTED = ("gzip", "x-gzip", "deflate", "br", "zstd")
 MAX_CODINGS = 2  # "gzip, gzip" is the most anything real sends; more is only good for bombs

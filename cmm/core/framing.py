@@ -22,8 +22,8 @@ from typing import Callable
 
 import attrs
 
-from cmm.errors import HttpError
-from cmm.http_head import BAD_VALUE, TOKEN, Framing
+from cmm.core.errors import HttpError
+from cmm.core.http_head import BAD_VALUE, TOKEN, Framing
 
 MAX_CHUNK_LINE = 4096
 MAX_TRAILER_BYTES = 64 * 1024

@@ -14,7 +14,7 @@ from typing import Literal
 
 import attrs
 
-from cmm.errors import HttpError
+from cmm.core.errors import HttpError
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100

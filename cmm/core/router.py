@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from cmm.http_head import RequestHead
+from cmm.core.http_head import RequestHead
 
 DEFAULT_PROXY_URL = "http://localhost:8317/v1/messages"
 PROVIDER_HEADER = b"x-cmm-provider: cliproxyapi\r\n"

@@ -13,10 +13,8 @@ from typing import Iterable, Mapping as MappingType, Protocol
 
 import attrs
 
-from cmm.proxy import MiB, ProxySettings
-from cmm.resolve import parse_servers
-from cmm.router import DEFAULT_PROXY_URL, Mapping, Router, Upstream
-from cmm.upstream import ANTHROPIC_HOST, Destination
+from cmm.core.router import DEFAULT_PROXY_URL, Mapping, Router, Upstream
+from cmm.core.values import ANTHROPIC_HOST, MiB, Destination, ProxySettings, parse_servers
 
 DEFAULT_LISTEN = ("127.0.0.1", "::1")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 
-from cmm.errors import error_body
-from cmm.http_head import Headers
+from cmm.core.errors import error_body
+from cmm.core.http_head import Headers
 
 # Larger "errors" (declared, or found so while reading) are passed through as they are: an error
 # document is a few hundred bytes, and holding a 10 GB one would hold 10 GB.

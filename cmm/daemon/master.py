@@ -20,8 +20,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, Logger
 from twisted.python.failure import Failure
 
-from cmm import wire
-from cmm.request_log import RequestRecord
+from cmm.daemon import wire
+from cmm.serve.request_log import RequestRecord
 
 log = Logger()
 
@@ -118,7 +118,7 @@ class Supervisor:
             self.spawn(f"worker-{index + 1}")
 
     def command(self, slot: int) -> list[str]:
-        argv = [self.python, "-m", "cmm.worker", "--grace", str(self.grace)]
+        argv = [self.python, "-m", "cmm.daemon.worker", "--grace", str(self.grace)]
         if self.uid is not None:
             argv += ["--user", f"{self.uid}:{self.gid if self.gid is not None else self.uid}"]
         for offset, sock in enumerate(self.sockets[slot]):

@@ -29,23 +29,24 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
-from cmm import certs, dnsflush, envfile, hosts, mappings, paths, resolve
-from cmm.master import Supervisor, bind
-from cmm.proxy import ProxyContext, ProxyFactory
-from cmm.request_log import RequestLog, RequestRecord
-from cmm.resolve import AddressBook
-from cmm.serving import build_context
-from cmm.settings import ConfigError, ServeConfig, build_config
-from cmm.stats import LiveStats
-from cmm.tls import ReloadableServerTLS, server_factory, server_options
-from cmm.userfiles import UnsafeDirectory, UserDir
-from cmm.wire import WorkerConfig
+from cmm.config import envfile, mappings, paths
+
+from cmm.machine import certs, dnsflush, hosts
+
+from cmm.serve import resolve
+from cmm.daemon.master import Supervisor, bind
+from cmm.serve.proxy import ProxyContext, ProxyFactory
+from cmm.serve.request_log import RequestLog, RequestRecord
+from cmm.serve.resolve import AddressBook
+from cmm.serve.serving import build_context
+from cmm.core.settings import ConfigError, ServeConfig, build_config
+from cmm.daemon.stats import LiveStats
+from cmm.serve.tls import ReloadableServerTLS, server_factory, server_options
+from cmm.config.userfiles import UnsafeDirectory, UserDir
+from cmm.daemon.wire import WorkerConfig
 
 log = Logger()
 
-STATE_FILE = "cmm.state.json"
-CONTROL_SOCKET = "cmm.sock"
-PID_FILE = "cmm.pid"
 
 
 class Options(usage.Options):
@@ -399,22 +400,22 @@ class InterceptorService(Service):
     def _load_address_cache(self) -> str | None:
         assert self.user_dir is not None
         try:
-            return self.user_dir.read_bytes(resolve.CACHE_FILE).decode(errors="replace")
+            return self.user_dir.read_bytes(paths.DNS_CACHE_FILE_NAME).decode(errors="replace")
         except FileNotFoundError:
             return None
         except UnsafeDirectory as error:
-            raise OSError(errno.EPERM, str(error), str(self.user_dir.file(resolve.CACHE_FILE))) from None
+            raise OSError(errno.EPERM, str(error), str(self.user_dir.file(paths.DNS_CACHE_FILE_NAME))) from None
 
     def _save_address_cache(self, text: str) -> None:
         assert self.user_dir is not None
         try:
-            self.user_dir.write_bytes(resolve.CACHE_FILE, text.encode())
+            self.user_dir.write_bytes(paths.DNS_CACHE_FILE_NAME, text.encode())
         except UnsafeDirectory as error:
-            raise OSError(errno.EPERM, str(error), str(self.user_dir.file(resolve.CACHE_FILE))) from None
+            raise OSError(errno.EPERM, str(error), str(self.user_dir.file(paths.DNS_CACHE_FILE_NAME))) from None
 
     def _write_files(self) -> None:
         assert self.user_dir is not None
-        for name, text in ((PID_FILE, f"{os.getpid()}\n"), (STATE_FILE, json.dumps(self._state(), indent=2) + "\n")):
+        for name, text in ((paths.PID_FILE_NAME, f"{os.getpid()}\n"), (paths.STATE_FILE_NAME, json.dumps(self._state(), indent=2) + "\n")):
             try:
                 self.user_dir.write_bytes(name, text.encode())
             except (OSError, UnsafeDirectory) as error:
@@ -427,7 +428,7 @@ class InterceptorService(Service):
         factory.status = self.status
         factory.noisy = False
         try:
-            sock = self.user_dir.bind_unix(CONTROL_SOCKET)
+            sock = self.user_dir.bind_unix(paths.CONTROL_SOCKET_NAME)
             try:
                 sock.setblocking(False)
                 port = ControlPort._fromListeningDescriptor(self.reactor, sock.fileno(), factory)
@@ -438,7 +439,7 @@ class InterceptorService(Service):
                 sock.close()  # the port holds its own duplicate
             self.ports.append(port)
         except Exception as error:
-            log.warn("No live status: cannot listen on {path}: {error}", path=str(self.user_dir.file(CONTROL_SOCKET)),
+            log.warn("No live status: cannot listen on {path}: {error}", path=str(self.user_dir.file(paths.CONTROL_SOCKET_NAME)),
                      error=str(error))
 
     # stop
@@ -474,9 +475,9 @@ class InterceptorService(Service):
                 log.error("Cannot restore {path}: {why}; run `sudo cmm stop`", path=str(self.config.hosts_file),
                           why=error.strerror)
         if self.user_dir is not None:
-            for name in (PID_FILE, STATE_FILE, CONTROL_SOCKET):
+            for name in (paths.PID_FILE_NAME, paths.STATE_FILE_NAME, paths.CONTROL_SOCKET_NAME):
                 try:
-                    if name != PID_FILE or self.user_dir.read_bytes(name).strip() == str(os.getpid()).encode():
+                    if name != paths.PID_FILE_NAME or self.user_dir.read_bytes(name).strip() == str(os.getpid()).encode():
                         self.user_dir.unlink(name)
                 except (OSError, UnsafeDirectory):
                     pass  # gone already, or not a file of ours

@@ -13,10 +13,9 @@ from typing import Any
 
 import attrs
 
-from cmm.proxy import ProxySettings
-from cmm.request_log import RequestRecord
-from cmm.router import Mapping, Router, Upstream
-from cmm.upstream import Destination
+from cmm.core.values import Destination, ProxySettings
+from cmm.serve.request_log import RequestRecord
+from cmm.core.router import Mapping, Router, Upstream
 
 
 @attrs.frozen

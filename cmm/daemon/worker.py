@@ -1,6 +1,6 @@
 """A worker process: serves on listening sockets the master bound, as an unprivileged user.
 
-Started by the master as ``python -m cmm.worker --fd 3:inet --fd 4:inet6`` with the sockets at
+Started by the master as ``python -m cmm.daemon.worker --fd 3:inet --fd 4:inet6`` with the sockets at
 those descriptors. Its stdin carries the master's messages (configuration, reloads); its stdout
 carries request records, log lines and gauges back, one JSON object a line (``cmm.wire``). When
 stdin closes — the master stopped, or was killed — the worker drains and exits, so no worker
@@ -23,12 +23,12 @@ from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, globalLo
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from cmm import wire
-from cmm.proxy import ProxyContext, ProxyFactory
-from cmm.request_log import RequestRecord
-from cmm.resolve import AddressBook
-from cmm.serving import build_context
-from cmm.tls import ReloadableServerTLS, server_factory, server_options
+from cmm.daemon import wire
+from cmm.serve.proxy import ProxyContext, ProxyFactory
+from cmm.serve.request_log import RequestRecord
+from cmm.serve.resolve import AddressBook
+from cmm.serve.serving import build_context
+from cmm.serve.tls import ReloadableServerTLS, server_factory, server_options
 
 log = Logger()
 
@@ -198,7 +198,7 @@ def parse_fd(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cmm.worker", description="A cmm worker; started by the master.")
+    parser = argparse.ArgumentParser(prog="python -m cmm.daemon.worker", description="A cmm worker; started by the master.")
     parser.add_argument("--fd", type=parse_fd, action="append", required=True, help="listening socket FD:inet|inet6")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests when told to stop")
     parser.add_argument("--user", type=parse_user, default=None, help="UID:GID to serve as, once set up")

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cmm.hosts import HOSTNAME
+from cmm.machine.hosts import HOSTNAME
 
 #: CA/Browser Forum limit for a TLS server certificate's lifetime, which clients may enforce.
 MAX_SERVER_DAYS = 397
@@ -222,7 +222,7 @@ def make_server_certificate(
     ca: KeyPair,
     now: datetime,
     *,
-    hostnames: tuple[str, ...] = ("api.anthropic.com",),
+    hostnames: tuple[str, ...] = (HOSTNAME,),
     ip_addresses: tuple[str, ...] = (),
     days: int = MAX_SERVER_DAYS,
 ) -> KeyPair:

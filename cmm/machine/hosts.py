@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmm.textfile import rewrite_in_place, split_lines
+from cmm.config.textfile import rewrite_in_place, split_lines
+from cmm.core.values import ANTHROPIC_HOST
 
 BEGIN_MARK = "# cmm-managed begin"
 END_MARK = "# cmm-managed end"
-HOSTNAME = "api.anthropic.com"
+HOSTNAME = ANTHROPIC_HOST
 DEFAULT_ADDRESSES = ("127.0.0.1", "::1")
 
 # Present as the block's first line when add_block had to end the file's last line first;

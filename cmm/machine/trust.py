@@ -41,9 +41,11 @@ from urllib.parse import unquote_to_bytes
 import attrs
 from cryptography.hazmat.primitives import serialization
 
-from cmm import certs, paths
-from cmm.textfile import rewrite_in_place, split_lines
-from cmm.userfiles import UserDir
+from cmm.config import paths
+
+from cmm.machine import certs
+from cmm.config.textfile import rewrite_in_place, split_lines
+from cmm.config.userfiles import UserDir
 
 VARIABLE = "NODE_EXTRA_CA_CERTS"
 MARKER = "# cmm-managed"
@@ -933,8 +935,8 @@ def trust_status(
 #: files, the request log with its rotations, the DNS cache, and the temporary files of atomic
 #: writes.  A new file kept there must be added here, or `cmm uninstall` leaves the folder.
 OWN_FILES = (
-    "ca.crt", "ca.key", "server.crt", "server.key", ".env", "mappings.toml",
-    "cmm.pid", "cmm.state.json", "anthropic-ip.cache", "cmm.log",
+    "ca.crt", "ca.key", "server.crt", "server.key", paths.ENV_FILE_NAME, paths.MAPPINGS_FILE_NAME,
+    paths.PID_FILE_NAME, paths.STATE_FILE_NAME, paths.DNS_CACHE_FILE_NAME, paths.LOG_FILE_NAME,
 )
 _NAMES = "|".join(re.escape(name.lstrip(".")) for name in OWN_FILES)
 _OWN_FILE = re.compile(rf"(?:{'|'.join(map(re.escape, OWN_FILES))}|cmm\.log\.\d+|\.(?:{_NAMES})\..+\.tmp)")

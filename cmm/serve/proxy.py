@@ -24,27 +24,27 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cmm.cch import Resigner
-from cmm.decoding import BodyDecoder, unsupported
-from cmm.errors import HttpError, error_response
-from cmm.flow import Deadline, Valve
-from cmm.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
-from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
-from cmm.model_finder import Found, ModelFinder
-from cmm.request_log import RequestRecord
-from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_endpoint, decoded_head, intercepted_head,
+from cmm.core.cch import Resigner
+from cmm.core.decoding import BodyDecoder, unsupported
+from cmm.core.errors import HttpError, error_response
+from cmm.serve.flow import Deadline, Valve
+from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
+from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
+from cmm.core.model_finder import Found, ModelFinder
+from cmm.serve.request_log import RequestRecord
+from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, candidate_endpoint, decoded_head, intercepted_head,
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
-from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.thinking import Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message, thinking_off_if
-from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, tune
+from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
+from cmm.core.thinking import Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message, thinking_off_if
+from cmm.core.values import MiB, Destination, ProxySettings
+from cmm.serve.upstream import Pool, UpstreamConnection, tune
 
 log = Logger()
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PROVIDER_HEADER_FIELD = tuple(PROVIDER_HEADER.rstrip(b"\r\n").split(b": ", 1))
 CONTENT_LOG_BYTES = 4096
-MiB = 1024 * 1024
 # Passthrough bodies up to this size are checked for the target's thinking blocks; the cch
 # re-signing keeps the body's pieces for the hash, so larger ones (far beyond any Claude Code
 # session) pass as they came.
@@ -52,23 +52,6 @@ NEUTRALISE_MAX = 8 * MiB
 # A target's JSON message is held whole to mark its thinking signatures; one declaring more than
 # this (far beyond any message) passes as it comes, unmarked.
 MAX_HELD_MESSAGE = 16 * MiB
-
-
-@attrs.frozen
-class ProxySettings:
-    """What a serving unit needs to route; replaced whole on reload."""
-
-    router: Router
-    anthropic: Destination = Destination("https", ANTHROPIC_HOST, 443, anthropic=True)
-    body_limit: int = 32 * MiB
-    head_timeout: float = 30.0  # from a head's first byte to its end (slow-loris)
-    idle_timeout: float = 120.0  # keep-alive idle, and silence from the client mid-body
-    upstream_timeout: float = 600.0  # silence from the upstream (not total time: streams are long)
-    log_content: bool = False  # log the head (credentials redacted) and the body's first bytes
-    retries: int = 3  # tries in all for an intercepted request the target answers 429
-    retry_max_delay: float = 30.0  # a longer requested wait goes to the client as retry-after instead
-    retry_body_cap: int = 4 * MiB  # larger request bodies are not kept, so not retried
-    max_connections: int = 1024  # client connections at once; see ProxyContext.admit
 
 
 @attrs.define

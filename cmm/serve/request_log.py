@@ -20,7 +20,7 @@ import attrs
 from twisted.python import threadable
 from twisted.python.logfile import LogFile
 
-from cmm.userfiles import FILE_MODE, UserDir
+from cmm.config.userfiles import FILE_MODE, UserDir
 
 COLUMN = 35
 

@@ -29,11 +29,12 @@ from twisted.names import client, dns, error as dns_error
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cmm.upstream import ANTHROPIC_HOST
+from cmm.config import paths
+from cmm.core.values import ANTHROPIC_HOST, Servers
 
 log = Logger()
 
-CACHE_FILE = "anthropic-ip.cache"
+CACHE_FILE = paths.DNS_CACHE_FILE_NAME
 RESOLV_CONF_CHOICES = (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf"))
 LOOKUP_TIMEOUTS = (1, 3)  # seconds per try; twisted.names' default (1, 3, 11, 45) waits a minute per query
 MIN_TTL = 30  # do not hammer DNS for names with tiny TTLs
@@ -42,7 +43,7 @@ RETRY_FIRST = 2.0  # after a failed lookup: 2, 4, 8 ... seconds, at most RETRY_M
 RETRY_MAX = 60.0
 START_WAIT = 1.5  # the longest a start without cached addresses waits for DNS before serving
 
-Servers = tuple[tuple[str, int], ...]
+
 
 
 @attrs.frozen
@@ -79,30 +80,6 @@ def format_cache(addresses: Iterable[str], now: float) -> str:
 def parse_cache(text: str) -> list[str]:
     """Addresses from the cache file; anything unusable (or a tampered loopback entry) is dropped."""
     return usable_addresses(line for line in text.splitlines() if not line.startswith("#"))
-
-
-def parse_servers(text: str) -> Servers:
-    """``--dns-server``: comma-separated ``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` (port 53 by default).
-
-    ValueError says which part is wrong."""
-    servers = []
-    for part in (p.strip() for p in text.split(",")):
-        host, port = part, str(dns.PORT)
-        if part.startswith("["):
-            host, bracket, rest = part[1:].partition("]")
-            if not bracket or (rest and not rest.startswith(":")):
-                raise ValueError(f"{part!r} is not [IPv6]:PORT")
-            port = rest[1:] or port
-        elif part.count(":") == 1:
-            host, port = part.split(":")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"{part!r} is not an IP address (IP, IP:PORT or [IPv6]:PORT)") from None
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{part!r}: the port must be a number from 1 to 65535")
-        servers.append((str(address), int(port)))
-    return tuple(servers)
 
 
 def resolv_conf(choices: Iterable[Path] = RESOLV_CONF_CHOICES) -> Path:

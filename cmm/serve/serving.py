@@ -9,10 +9,11 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
-from cmm.proxy import ProxyContext, ProxySettings, fit_open_files
-from cmm.request_log import RequestRecord
-from cmm.resolve import AddressBook
-from cmm.upstream import Connector, Pool, anthropic_tls_options
+from cmm.core.values import ProxySettings
+from cmm.serve.proxy import ProxyContext, fit_open_files
+from cmm.serve.request_log import RequestRecord
+from cmm.serve.resolve import AddressBook
+from cmm.serve.upstream import Connector, Pool, anthropic_tls_options
 
 log = Logger()
 

@@ -25,23 +25,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.python.failure import Failure
 
-from cmm.tls import DirectTLSEndpoint
+from cmm.core.values import ANTHROPIC_HOST, Destination
+from cmm.serve.tls import DirectTLSEndpoint
 
-ANTHROPIC_HOST = "api.anthropic.com"
-
-
-@attrs.frozen
-class Destination:
-    """Where a connection goes. Anthropic is reached by address with its name kept for TLS."""
-
-    scheme: str
-    host: str
-    port: int
-    anthropic: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
 
 
 # Read and buffer up to this much per connection before pausing the other side (Twisted's

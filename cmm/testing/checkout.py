@@ -1,9 +1,9 @@
 """Run ``twistd cmm`` from a source checkout (tests, benchmark).
 
 What is measured or tested must be the code in this tree, not an older installed copy: the
-command puts the checkout first on ``sys.path`` (Twisted then also finds the checkout's
-``twisted/plugins/cmm_plugin.py``) and prints which ``cmm`` package it imported, so a caller can
-prove it.
+command puts the checkout first on ``sys.path`` (and so its ``twisted/plugins/cmm_plugin.py``
+first among Twisted's plugins, see :mod:`cmm.daemon.launch`) and prints which ``cmm`` package it
+imported, so a caller can prove it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-REPO = Path(__file__).resolve().parents[1]
+from cmm.daemon.launch import TWISTD_CODE
+
+REPO = Path(__file__).resolve().parents[2]
 ANNOUNCE = "cmm package:"
-_RUN_TWISTD = (
-    f"import sys, cmm; print({ANNOUNCE!r}, cmm.__file__, flush=True); sys.argv[0] = 'twistd'; "
-    "from twisted.scripts.twistd import run; run()"
-)
+_RUN_TWISTD = f"import cmm; print({ANNOUNCE!r}, cmm.__file__, flush=True); {TWISTD_CODE}"
 
 
 def twistd_command(cmm_args: list[str], python: str = sys.executable) -> list[str]:

@@ -7,8 +7,8 @@ abrupt aborts); real clients never send them.
 
 Run one in the foreground::
 
-    python -m cmm.fakes anthropic --port 0 --cert-dir /tmp/pki
-    python -m cmm.fakes target --port 8317 [--base-path /v1/messages]
+    python -m cmm.testing.fakes anthropic --port 0 --cert-dir /tmp/pki
+    python -m cmm.testing.fakes target --port 8317 [--base-path /v1/messages]
 
 Controls (any route): ``x-fake-status: 529`` (that status, Anthropic error body; with
 ``x-fake-error-text: ...`` a plain-text body instead; with ``x-fake-status-times: N`` only the
@@ -74,7 +74,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from cmm import certs
+from cmm.machine import certs
 
 ANTHROPIC_PATH = "/v1/messages"
 FAKE_CONTROL_PATH = "/_fake/requests"
@@ -556,8 +556,8 @@ class Reply:
 
 def _decoded_body(request: RecordedRequest) -> bytes:
     """The JSON under any Content-Encoding, decoded as the real API would (cmm's own decoder)."""
-    from cmm.decoding import BodyDecoder
-    from cmm.errors import HttpError
+    from cmm.core.decoding import BodyDecoder
+    from cmm.core.errors import HttpError
 
     codings = [c.strip().lower() for c in (request.header("content-encoding") or "").split(",") if c.strip()]
     decoder = BodyDecoder(codings, _MAX_RESPONSE_BYTES)  # ValueError for an unknown coding
@@ -1075,7 +1075,7 @@ def start_fake_target(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cmm.fakes", description="Run a fake upstream.")
+    parser = argparse.ArgumentParser(prog="python -m cmm.testing.fakes", description="Run a fake upstream.")
     sub = parser.add_subparsers(dest="kind", required=True)
     anthropic = sub.add_parser("anthropic", help="fake api.anthropic.com (TLS)")
     anthropic.add_argument("--port", type=int, default=0)
