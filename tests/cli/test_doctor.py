@@ -26,7 +26,7 @@ from cmm.testing.checkout import REPO, checkout_env
 from cmm.cli.doctor import Check
 from cmm.cli.status import HostsInfo, Instance, Probe, RunningState, TrustInfo
 from support import done
-from test_resolve import HOST, answering, dns_server, queries_received, silent, spin  # noqa: F401 (fixtures)
+from support import HOST, dns_server, queries_received, spin
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -76,7 +76,7 @@ def test_console_script_target_returns_exit_code() -> None:
 
 def test_python_dash_m_runs_the_command() -> None:
     result = subprocess.run([sys.executable, "-m", "cmm.cli", "config", "get", "NOPE"], capture_output=True, text=True,
-                            env={**os.environ, "HOME": "/nonexistent"}, cwd=Path(__file__).resolve().parents[1])
+                            env={**os.environ, "HOME": "/nonexistent"}, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 2
     assert result.stderr.startswith("cmm: unknown key 'NOPE'")
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +25,7 @@ from cmm.cli import selftest
 
 from cmm.machine import certs
 from cmm.testing.checkout import REPO, twistd_command
+from cmm.testing.processes import Process, fake_command, free_port
 from cmm.cli.doctor import Check
 from cmm.machine.hosts import add_block
 from cmm.cli.selftest import Options, Reply, Target
@@ -36,7 +34,6 @@ from support import process_env
 
 SOURCE = "claude-haiku-4-5"
 TARGET_MODEL = "gemini-2.5-flash"
-STARTUP = 30.0
 
 
 # --- pure judging ----------------------------------------------------------------------------------
@@ -211,40 +208,6 @@ def test_run_against_a_running_instance_checks_the_name_when_it_owns_the_hosts_f
 # --- whole runs against the fakes ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Child:
-    """A subprocess in its own process group with its output in a file."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], out: Path) -> None:
-        self.out = out
-        self._file = out.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self._file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=REPO, start_new_session=True)
-
-    def wait_for(self, pattern: str) -> re.Match[str]:
-        deadline = time.monotonic() + STARTUP
-        while not (match := re.search(pattern, self.out.read_text(errors="replace"))):
-            assert self.proc.poll() is None, self.out.read_text(errors="replace")
-            assert time.monotonic() < deadline, self.out.read_text(errors="replace")
-            time.sleep(0.05)
-        return match
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._file.close()
-
-
 @attrs.frozen
 class Stack:
     base: Path
@@ -264,20 +227,20 @@ def _env(**changes: str | None) -> dict[str, str]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("selftest")
     pki = base / "pki"
-    children: list[Child] = []
+    children: list[Process] = []
     closed = socket.socket()  # bound, never listening: connections are refused
     closed.bind(("127.0.0.1", 0))
     try:
-        fake_a = Child([sys.executable, "-m", "cmm.testing.fakes", "anthropic", "--port", "0", "--cert-dir", str(pki)], _env(),
-                       base / "fake-anthropic.out")
+        fake_a = Process("fake anthropic", fake_command("anthropic", "--cert-dir", str(pki)), _env(),
+                         base / "fake-anthropic.out")
         children.append(fake_a)
-        fake_t = Child([sys.executable, "-m", "cmm.testing.fakes", "target", "--port", "0"], _env(), base / "fake-target.out")
+        fake_t = Process("fake target", fake_command("target"), _env(), base / "fake-target.out")
         children.append(fake_t)
         a_port = int(fake_a.wait_for(r"listening on (\d+)").group(1))
         t_port = int(fake_t.wait_for(r"listening on (\d+)").group(1))
         instance_dir = base / "instance"
-        port = _free_port()
-        running = Child(twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--no-hosts", "--workers", "0",
+        port = free_port()
+        running = Process("cmm", twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--no-hosts", "--workers", "0",
                                         "--config-dir", str(instance_dir), "--source", SOURCE, "--target", TARGET_MODEL,
                                         "--proxy-url", f"http://127.0.0.1:{t_port}/v1/messages",
                                         "--anthropic-ip", "127.0.0.1", "--anthropic-port", str(a_port)]),

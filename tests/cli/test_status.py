@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from cmm.cli import status
 
 from cmm.machine import certs, hosts
 from cmm.testing.checkout import REPO, checkout_env
+from cmm.testing.processes import free_port
 from cmm.cli.processes import is_cmm_process
 from cmm.cli.status import (
     CertInfo,
@@ -323,12 +323,6 @@ def test_explain() -> None:
 # --- the real command, in a child process (the test process keeps no reactor) ---------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cmm(args: list[str], home: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     env = {**checkout_env(), "HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("NODE_EXTRA_CA_CERTS", None)
@@ -364,7 +358,7 @@ def test_status_command_running(tmp_path: Path, fake_target: Any, request: pytes
     while not is_cmm_process(process.pid):  # until it has exec'd
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    closed = _free_port()
+    closed = free_port()
     config = tmp_path / "cfg"
     config.mkdir()
     hosts_file = tmp_path / "hosts"
@@ -386,7 +380,7 @@ def test_status_command_running(tmp_path: Path, fake_target: Any, request: pytes
 
 
 def test_status_command_not_running(tmp_path: Path) -> None:
-    closed = _free_port()
+    closed = free_port()
     (tmp_path / ".env").write_text(f"PROXY_URL=http://127.0.0.1:{closed}/v1/messages\n")
     result = cmm(["status", "--config-dir", str(tmp_path), "--hosts-file", str(tmp_path / "hosts")], tmp_path)
     assert result.returncode == 1, result.stderr

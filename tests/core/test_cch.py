@@ -13,7 +13,7 @@ from cmm.core import cch
 from cmm.core.model_finder import find_model
 from cmm.core.router import rewrite_model
 
-VECTORS = Path(__file__).resolve().parent / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 SIGNED = {"cch-1.json": "bdaf7", "cch-2.json": "9cf06"}
 
 

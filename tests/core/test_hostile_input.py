@@ -54,7 +54,7 @@ def assert_linear(run: Callable[[bytes], object], make: Callable[[int], bytes], 
         if best[1] < limit and best[1] < RATIO_BOUND * max(best[0], 1e-3):
             return
     assert best[1] < limit, f"{best[1]:.3f} s for {FACTOR * size}"
-    assert False, f"{best[0]:.4f} s -> {best[1]:.4f} s for {FACTOR} times the input: not linear"
+    raise AssertionError(f"{best[0]:.4f} s -> {best[1]:.4f} s for {FACTOR} times the input: not linear")
 
 
 # -- thinking: the request-side edits ---------------------------------------------------------------

@@ -11,15 +11,18 @@ from hypothesis import given, settings, strategies as st
 
 from cmm.core.model_finder import Found, ModelFinder, NotFound, find_model
 
-VECTORS = Path(__file__).resolve().parent / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["model", "a", "type", "m\"odel", "é"]) | st.text(max_size=6), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["model", "a", "type", "m\"odel", "é"]) | st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
 )
-top_level = st.dictionaries(st.sampled_from(["model", "messages", "system", "tools", "max_tokens", "modell", "Model"]) | st.text(max_size=8), json_values, max_size=6)
+top_level = st.dictionaries(
+    st.sampled_from(["model", "messages", "system", "tools", "max_tokens", "modell", "Model"]) | st.text(max_size=8),
+    json_values, max_size=6)
 styles = st.sampled_from([
     {"separators": (",", ":")},  # JSON.stringify, as Claude Code sends
     {},

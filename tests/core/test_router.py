@@ -112,7 +112,8 @@ def test_rewrite_changes_only_the_model(model: str, target: str, rest: dict) -> 
 
 
 def test_provider_header_is_added_before_the_blank_line() -> None:
-    assert with_provider_header(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n") == b"HTTP/1.1 200 OK\r\nA: b\r\nx-cmm-provider: cliproxyapi\r\n\r\n"
+    assert (with_provider_header(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n")
+            == b"HTTP/1.1 200 OK\r\nA: b\r\nx-cmm-provider: cliproxyapi\r\n\r\n")
 
 
 def test_hop_by_hop_headers_stay_on_the_client_side() -> None:

@@ -30,7 +30,7 @@ from cmm.core.thinking import (
 )
 
 M = MARK.decode()
-VECTORS = Path(__file__).resolve().parent / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 REPLACEMENT_TEXTS = {json.loads(OMITTED)["text"], json.loads(OMITTED_SHORT)["text"]}
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

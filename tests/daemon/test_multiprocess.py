@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from cmm.testing.checkout import twistd_command
-from test_integration import Conn, Process, _env, _free_port, json_body, new_tag, simple_post
+from cmm.testing.processes import Process, fake_command, free_port
+from test_integration import Conn, _env, json_body, new_tag, simple_post
 
 SOURCE = "claude-haiku-4-5-20251001"
 PASS = "claude-opus-4-6"
@@ -77,10 +78,7 @@ class Stack:
         self.master: Process | None = None
 
     def _fake(self, kind: str, args: list[str]) -> int:
-        import sys
-
-        process = Process(f"fake {kind}", [sys.executable, "-m", "cmm.testing.fakes", kind, "--port", "0", *args], _env(),
-                          self.base / f"{kind}.out")
+        process = Process(f"fake {kind}", fake_command(kind, *args), _env(), self.base / f"{kind}.out")
         self.processes.append(process)
         return int(process.wait_for(r"listening on (\d+)").group(1))
 
@@ -91,7 +89,7 @@ class Stack:
     def start(self, name: str, *args: str, workers: int = 2) -> tuple[Process, Path, int]:
         config_dir = self.base / name
         config_dir.mkdir(exist_ok=True)
-        port = _free_port()
+        port = free_port()
         argv = twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--config-dir", str(config_dir),
                                "--anthropic-ip", "127.0.0.1", "--anthropic-port", str(self.anthropic), "--no-hosts",
                                "--workers", str(workers), "--grace", "10", *args])
@@ -218,7 +216,8 @@ def test_sighup_keeps_open_streams_and_routes_new_requests_by_the_new_config(sta
     normalised = {re.sub(rb"_\d{6}", b"_N", s) for s in streams}  # message ids differ, nothing else may
     assert len(normalised) == 1
     [one] = normalised
-    assert one.count(b"event: content_block_delta") == 15 and one.endswith(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+    assert one.count(b"event: content_block_delta") == 15
+    assert one.endswith(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
     assert b'"model":"gemini-2.5-flash"' in one  # they finished on the configuration they began with
 
 

@@ -504,7 +504,7 @@ def test_large_request_bodies_are_not_kept_for_retries() -> None:
 
 # -- thinking blocks across providers ------------------------------------------------------------------
 
-VECTOR = (Path(__file__).resolve().parent / "vectors" / "cch-2.json").read_bytes()
+VECTOR = (Path(__file__).resolve().parents[1] / "vectors" / "cch-2.json").read_bytes()
 
 
 def sse(*events: bytes) -> bytes:
@@ -592,7 +592,7 @@ def test_a_compressed_body_that_decodes_too_large_to_check_goes_as_it_came(harne
 
     import cmm.serve.proxy
 
-    monkeypatch.setattr(cmm.proxy, "NEUTRALISE_MAX", 2000)
+    monkeypatch.setattr(cmm.serve.proxy, "NEUTRALISE_MAX", 2000)
     text = "".join(f"{n:08x}" for n in range(6000))  # compresses little, so it decodes as it arrives
     body = json.dumps({"model": "claude-opus-4-6", "messages": [{"role": "user", "content": text}]}).encode()
     compressed = gzip.compress(body)

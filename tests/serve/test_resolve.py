@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,84 +16,22 @@ from twisted.internet import defer
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.names import common, dns, error as dns_error, server
+from twisted.names import dns
 from twisted.python.failure import Failure
 
 from cmm.core import values
 from cmm.serve import resolve
 from cmm.serve.resolve import AddressBook, Answer, QuietResolver, Unresolved, format_cache, lookup, parse_cache
+from support import HOST, dns_server, queries_received, spin
 
-HOST = b"api.anthropic.com"
 TWISTED_NOISE = re.compile(r"Starting protocol|Stopping protocol|Port \d+ Closed|starting on \d+|Resolver added")
 DNS_NOISE = re.compile(r"DNSDatagramProtocol|UDP Port|Resolver added")  # in twistd's log, beside other ports
-
-
-class Records(common.ResolverBase):
-    """An authority answering from a dict, as a name server would: NXDOMAIN for other names."""
-
-    def __init__(self, records: dict[bytes, list[Any]]) -> None:
-        super().__init__()
-        self.records = records
-
-    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> defer.Deferred:
-        name = name.lower()
-        if name not in self.records:
-            return defer.fail(dns_error.DomainError(name))
-        return defer.succeed(([dns.RRHeader(name, r.TYPE, dns.IN, r.ttl or 60, r, auth=True)
-                               for r in self.records[name] if r.TYPE == type], [], []))
-
-
-@contextmanager
-def dns_server(records: dict[bytes, list[Any]]) -> Iterator[int]:
-    """A twisted.names DNSServerFactory on 127.0.0.1 (its own reactor, in a thread); yields its port."""
-    reactor = SelectReactor()
-    factory = server.DNSServerFactory(authorities=[Records(records)])
-    port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory, reactor=reactor), interface="127.0.0.1")
-    thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
-    thread.start()
-    try:
-        yield port.getHost().port
-    finally:
-        reactor.callFromThread(reactor.stop)
-        thread.join(5)
-
-
-ANTHROPIC = {HOST: [dns.Record_A("160.79.104.10", ttl=300), dns.Record_A("127.0.0.1", ttl=5),
-                    dns.Record_AAAA("2607:6bc0::10", ttl=120)]}
-
-
-@pytest.fixture(scope="module")
-def answering() -> Iterator[int]:
-    with dns_server(ANTHROPIC) as port:
-        yield port
-
-
-@pytest.fixture
-def silent() -> Iterator[socket.socket]:
-    """A UDP socket that takes queries and never answers: DNS down."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    yield sock
-    sock.close()
 
 
 @pytest.fixture(scope="module")
 def reactor() -> SelectReactor:
     """The client side's reactor, turned by hand (the global one cannot run twice in a process)."""
     return SelectReactor()
-
-
-def spin(reactor: SelectReactor, deferred: defer.Deferred, timeout: float = 5.0) -> Any:
-    results: list[Any] = []
-    deferred.addBoth(results.append)
-    deadline = time.monotonic() + timeout
-    while not results and time.monotonic() < deadline:
-        reactor.iterate(0.005)
-    assert results, f"nothing within {timeout} s"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def turn(reactor: SelectReactor, seconds: float = 0.05) -> None:
@@ -110,18 +46,6 @@ def time_out(reactor: SelectReactor, clock: Clock) -> None:
         turn(reactor)
         clock.advance(seconds)
     turn(reactor)
-
-
-def queries_received(sock: socket.socket) -> list[dns.Message]:
-    found = []
-    while True:
-        try:
-            data = sock.recv(4096)
-        except BlockingIOError:
-            return found
-        message = dns.Message()
-        message.fromStr(data)
-        found.append(message)
 
 
 @pytest.fixture
@@ -427,14 +351,14 @@ def start_cmm(tmp_path: Path, dns_server: tuple[str, int], cache: list[str] | No
     from cmm.machine import certs
     from cmm.testing.checkout import twistd_command
     from support import process_env
-    from test_integration import Process, _free_port
+    from cmm.testing.processes import Process, free_port
 
     config_dir = tmp_path / "cfg"
     config_dir.mkdir()
     certs.ensure_certificates(config_dir)  # made beforehand: what is timed is the wait for DNS alone
     if cache is not None:
         (config_dir / resolve.CACHE_FILE).write_text(format_cache(cache, 0))
-    port = _free_port()
+    port = free_port()
     argv = twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--config-dir", str(config_dir), "--no-hosts",
                            "--workers", str(workers), "--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
                            "--dns-server", "{}:{}".format(*dns_server)])

@@ -24,7 +24,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from cmm.testing import fakes
 from cmm.testing.fakes import Controls, RecordedRequest, check_loopback, make_test_pki, parse_controls
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SSE_ORDER = [
     "message_start",
     "content_block_start",
