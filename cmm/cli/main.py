@@ -26,7 +26,7 @@ from cmm.machine import dnsflush, hosts
 from cmm.cli.processes import is_cmm_process, process_alive, process_start_time
 from cmm.config.userfiles import UnsafeDirectory, UserDir
 
-if TYPE_CHECKING:  # cmm.trust loads cryptography: only setup and uninstall import it, when run
+if TYPE_CHECKING:  # cmm.machine.trust loads cryptography: only setup and uninstall import it, when run
     from cmm.machine.trust import Machine, Report
 
 EXIT_OK = 0

@@ -85,7 +85,7 @@ class HostsInfo:
 
 @attrs.frozen
 class TrustInfo:
-    """How Claude Code is told to trust cmm's CA (from :mod:`cmm.trust`)."""
+    """How Claude Code is told to trust cmm's CA (from :mod:`cmm.machine.trust`)."""
 
     ok: bool
     detail: str

@@ -38,7 +38,7 @@ def _validate_url(value: str) -> str | None:
         return "must not contain whitespace"
     try:
         parts = urlsplit(value)
-        parts.port  # raises ValueError on a malformed port
+        parts.port  # noqa: B018  (reading it raises ValueError on a malformed port)
     except ValueError as error:
         return f"is not a valid URL ({error})"
     if parts.scheme not in ("http", "https"):

@@ -3,7 +3,7 @@
 cmm needs root (port 443, /etc/hosts) but its files belong to the person using it: ``cmm setup``
 runs as the user and ``sudo twistd cmm`` as root, and both must find the same ``~/.cmm``.  So
 under sudo the directory is that of ``SUDO_USER``, and it belongs to ``SUDO_UID``/``SUDO_GID``:
-root does its I/O there as that user (:mod:`cmm.userfiles`), so the files are the user's and no
+root does its I/O there as that user (:mod:`cmm.config.userfiles`), so the files are the user's and no
 link the user plants there can lead root anywhere.  Root without sudo (a boot service given
 ``--config-dir``) acts as whoever owns the directory.
 """

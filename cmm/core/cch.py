@@ -1,6 +1,6 @@
 """Claude Code's body hash: the ``cch=`` value in the first system block.
 
-Claude Code 2.1.3xx signs each messages body (see CLAUDE_CODE_TRAFFIC.md): xxHash64 with a fixed
+Claude Code 2.1.3xx signs each messages body (tests/vectors holds bodies it signed): xxHash64 with a fixed
 seed over the body's raw bytes after three edits — the 5 hex digits after the first ``cch=``
 zeroed, every string value of a ``"model"`` key (at any depth) emptied, and the members
 ``max_tokens``, ``fallbacks`` and ``fallback_credit_token`` removed with their comma — and the
@@ -82,7 +82,7 @@ def _value_end(body: bytes, pos: int) -> int:
         return scalar.end() if scalar else -1
     depth, size = 0, len(body)
     while True:
-        pos = _RUN.match(body, pos).end()
+        pos = _RUN.match(body, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
         if pos >= size:
             return -1
         if body[pos] == 0x22:

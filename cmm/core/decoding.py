@@ -130,7 +130,7 @@ class _Brotli(_Stage):
                 piece = self._object.process(b"", output_buffer_limit=1)
 
     def done(self) -> bool:
-        return self._object.is_finished()
+        return bool(self._object.is_finished())
 
 
 class _ZstdSink:
@@ -228,7 +228,7 @@ class _Zstd(_Stage):
         self._frames = _ZstdFrames()
         self._sink = _ZstdSink()
         decompressor = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW)
-        self._writer = decompressor.stream_writer(self._sink, write_size=step)
+        self._writer = decompressor.stream_writer(self._sink, write_size=step)  # type: ignore[arg-type]  # has write()
 
     def feed(self, data: bytes, out: _Outlet) -> None:
         self._frames.feed(data)

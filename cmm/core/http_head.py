@@ -63,7 +63,7 @@ class Headers:
 
     def __attrs_post_init__(self) -> None:
         names = [key.lower() for key, _ in self.fields]
-        by_name = {name: (value,) for name, (_, value) in zip(names, self.fields)}
+        by_name: dict[bytes, tuple[bytes, ...]] = {name: (value,) for name, (_, value) in zip(names, self.fields)}
         if len(by_name) < len(names):  # a repeated name: its values in order
             by_name = {}
             for name, (_, value) in zip(names, self.fields):
@@ -207,11 +207,11 @@ class HeadCollector:
             return
         while not self._start_ok:
             if self._part == "version":  # HTTP/ DIGIT . DIGIT CR; which version is parse_request_head's call
-                seen = buffer[self._part_from : self._part_from + len(_VERSION_SHAPE)]
-                for offset, (byte, allowed) in enumerate(zip(seen, _VERSION_SHAPE)):
+                shape = buffer[self._part_from : self._part_from + len(_VERSION_SHAPE)]
+                for offset, (byte, allowed) in enumerate(zip(shape, _VERSION_SHAPE)):
                     if byte not in allowed:
                         raise self._bad_start(self._part_from + offset)
-                self._start_ok = len(seen) == len(_VERSION_SHAPE)
+                self._start_ok = len(shape) == len(_VERSION_SHAPE)
                 return
             pattern = _NOT_TCHAR if self._part == "method" else _NOT_TARGET
             bad = pattern.search(buffer, self._checked)

@@ -78,7 +78,7 @@ class ModelFinder:
         while pos < size:
             state = self._state
             if state in ("start", "key-or-end", "key", "colon", "value", "after-value"):
-                pos = _WS.match(data, pos).end()
+                pos = _WS.match(data, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
                 if pos >= size:
                     break
                 byte = data[pos]

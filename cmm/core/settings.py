@@ -53,7 +53,7 @@ class MappingLike(Protocol):
 def _as_list(value: object) -> list[str]:
     if value is None:
         return []
-    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr]
+    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[attr-defined]
 
 
 def _number(value: object, name: str, kind: type = float, minimum: float = 0) -> float:
@@ -63,7 +63,7 @@ def _number(value: object, name: str, kind: type = float, minimum: float = 0) ->
         raise ConfigError(f"--{name} must be a number, not {value!r}") from None
     if number <= minimum:
         raise ConfigError(f"--{name} must be greater than {minimum:g}, not {value!r}")
-    return number
+    return float(number)
 
 
 def _addresses(text: str | None, name: str, loopback_only: bool) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 
 from cmm.core.errors import error_body
 from cmm.core.http_head import Headers
@@ -70,7 +71,7 @@ def _quoted(body: bytes) -> str:
 
 
 def error_response(status_line: bytes, status: int, headers: Headers, body: bytes, target: str,
-                   extra_headers: list[tuple[bytes, bytes]] = ()) -> bytes:
+                   extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """The whole response to send the client for a target's error (status >= 400).
 
     Anthropic-format bodies pass unchanged; anything else is wrapped with the upstream text quoted.

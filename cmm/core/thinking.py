@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import attrs
 
@@ -139,7 +140,7 @@ def _count_solid(
             elif byte == _QUOTE:
                 in_string = False
         elif byte in _WS_BYTES:
-            pos = _WS.match(data, pos, stop).end()
+            pos = _WS.match(data, pos, stop).end()  # type: ignore[union-attr]  # the pattern matches the empty string
             continue
         elif byte == _QUOTE:
             in_string = True
@@ -200,7 +201,7 @@ def _value_end(data: bytes, pos: int) -> int:
     """
     size, depth = len(data), 1
     while True:
-        pos = _SKIP_RUN.match(data, pos).end()
+        pos = _SKIP_RUN.match(data, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
         if pos >= size:
             return -1
         byte = data[pos]
@@ -286,7 +287,7 @@ class _Scanner:
                 pos, self._state = match.start(), "after"
             else:
                 if data[pos] in _WS_BYTES:
-                    pos = _WS.match(data, pos).end()
+                    pos = _WS.match(data, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
                     if pos >= size:
                         break
                 pos = self._token_byte(data, pos, state)
@@ -600,7 +601,8 @@ class _Scanner:
         if b"\\" not in raw:
             return raw
         try:
-            return json.loads(b'"' + raw + b'"').encode("utf-8", "surrogatepass")
+            text: str = json.loads(b'"' + raw + b'"')
+            return text.encode("utf-8", "surrogatepass")
         except ValueError:
             return None
 
@@ -650,7 +652,7 @@ class _Scanner:
                 if self._depth == 0:
                     return self._skipped(pos)
                 continue
-            pos = _SKIP_RUN.match(data, pos).end()
+            pos = _SKIP_RUN.match(data, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
             if pos >= size:
                 return pos
             byte = data[pos]
@@ -874,7 +876,7 @@ def _may_mark(data: bytes | bytearray) -> bool:
     return b"signature" in data or b"redacted_thinking" in data or b"\\u" in data
 
 
-def _target(event: dict) -> tuple[dict, str] | None:
+def _target(event: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """The object and key of the signature an SSE event carries, if it is one to mark."""
     kind = event.get("type")
     if kind == "content_block_delta":
@@ -934,13 +936,13 @@ def _marked_event(event: bytes) -> bytes:
                 pass
     data = b"data: " + json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
     out, first = [], True
-    for line in event.splitlines(keepends=True):
-        if line.startswith(b"data:"):
+    for piece in event.splitlines(keepends=True):
+        if piece.startswith(b"data:"):
             if first:  # one data line in place of the first; the later ones go
-                out.append(data + line[len(line.rstrip(b"\r\n")) :])
+                out.append(data + piece[len(piece.rstrip(b"\r\n")) :])
             first = False
         else:
-            out.append(line)
+            out.append(piece)
     return b"".join(out)
 
 

@@ -1,7 +1,7 @@
 """``twistd cmm``: options, and the master service that binds, edits the hosts file, supervises
 the workers and writes the logs.
 
-Process model (see DESIGN.md): the master stays root only for what needs it — binding port 443
+Process model: the master stays root only for what needs it — binding port 443
 and editing /etc/hosts (and putting it back) — and serves nothing itself; workers adopt the
 listening sockets and serve as the invoking user (SUDO_USER), else ``nobody`` or ``--user``.
 ``--workers 0`` serves inside the master (tests, debugging).
@@ -415,7 +415,8 @@ class InterceptorService(Service):
 
     def _write_files(self) -> None:
         assert self.user_dir is not None
-        for name, text in ((paths.PID_FILE_NAME, f"{os.getpid()}\n"), (paths.STATE_FILE_NAME, json.dumps(self._state(), indent=2) + "\n")):
+        state = json.dumps(self._state(), indent=2) + "\n"
+        for name, text in ((paths.PID_FILE_NAME, f"{os.getpid()}\n"), (paths.STATE_FILE_NAME, state)):
             try:
                 self.user_dir.write_bytes(name, text.encode())
             except (OSError, UnsafeDirectory) as error:

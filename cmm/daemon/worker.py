@@ -2,7 +2,7 @@
 
 Started by the master as ``python -m cmm.daemon.worker --fd 3:inet --fd 4:inet6`` with the sockets at
 those descriptors. Its stdin carries the master's messages (configuration, reloads); its stdout
-carries request records, log lines and gauges back, one JSON object a line (``cmm.wire``). When
+carries request records, log lines and gauges back, one JSON object a line (``cmm.daemon.wire``). When
 stdin closes — the master stopped, or was killed — the worker drains and exits, so no worker
 outlives its master.
 """

@@ -112,7 +112,7 @@ class Assignment:
 
 def _content(line: str) -> str:
     """A line without its line end; a last line's lone ``\\r`` goes too, so that ending that line
-    cannot turn it into one of cmm's (as in cmm.hosts)."""
+    cannot turn it into one of cmm's (as in cmm.machine.hosts)."""
     if line.endswith("\n"):
         line = line[:-1]
     if line.endswith("\r"):

@@ -100,7 +100,7 @@ def format_json(record: RequestRecord) -> str:
 
 class UserLogFile(LogFile):
     """Twisted's size-rotating ``LogFile`` whose opening and renaming run as the log directory's
-    owner (see :mod:`cmm.userfiles`), never through a symbolic link, with mode 0600: the log names
+    owner (see :mod:`cmm.config.userfiles`), never through a symbolic link, with mode 0600: the log names
     the models and hosts a user asked for, and root must not be steered into another file."""
 
     synchronized = ["rotate"]  # write is LogFile's, synchronized already

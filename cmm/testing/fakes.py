@@ -1116,7 +1116,7 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
     try:
         check_loopback(args.interface)
     except ValueError as e:
-        print(f"cmm.fakes: {e}", file=sys.stderr)
+        print(f"cmm.testing.fakes: {e}", file=sys.stderr)
         return 2
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
@@ -1142,7 +1142,7 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
                 strict=args.strict,
             )
     except Exception as e:  # a port in use, unreadable certificates, ...
-        print(f"cmm.fakes: cannot start: {e}", file=sys.stderr)
+        print(f"cmm.testing.fakes: cannot start: {e}", file=sys.stderr)
         return 1
     print(f"listening on {fake.port}", flush=True)
     reactor.run()
