@@ -4,7 +4,7 @@ One ``ClientConnection`` per accepted (TLS) connection, one ``Exchange`` per req
 pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``); this module only
 moves bytes between transports, with backpressure in both directions and a deadline for every
 wait. What is held is bounded and small in practice: the request head, the body bytes up to the
-model, the thinking block being examined (``cmm.thinking``), a signed body's tail from its ``cch``
+model, the thinking block being examined (``cmm.core.thinking``), a signed body's tail from its ``cch``
 placeholder on, a compressed passthrough body that may need editing, and a target's error or
 JSON message that gets rewritten. Everything else flows through as it arrives.
 """
@@ -693,9 +693,9 @@ class Exchange:
         status_line = bytes(self.error_raw[: self.error_raw.index(b"\r\n")])
         self.error_raw = None
         self.response_started = True
-        extra = [PROVIDER_HEADER_FIELD] + ([(b"Connection", b"close")] if not self.client.head.keep_alive else [])
+        headers = [PROVIDER_HEADER_FIELD] + ([(b"Connection", b"close")] if not self.client.head.keep_alive else [])
         self._to_client(error_response_for_target(status_line, self.response.status, self.response.headers, body,
-                                                  self.mapping.upstream.url, extra))
+                                                  self.mapping.upstream.url, headers))
         self._finish(extra=extra, close=close)
 
     def _retry_later(self, delay: float, reusable: bool) -> None:

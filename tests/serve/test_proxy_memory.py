@@ -453,6 +453,18 @@ def test_retries_are_bounded_then_the_429_reaches_the_client_with_retry_after(ha
     assert error["type"] == "rate_limit_error" and "Please retry after 3 seconds" in error["message"]
 
 
+def test_the_target_connection_is_reused_after_a_rewritten_error(harness: Harness) -> None:
+    harness.upstreams["target"].reply = replies(plain(b"400 Bad Request", b"no such model"), OK_JSON)
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    harness.send(client, post(HAIKU))
+    got = responses(bytes(client.received))
+    assert [head.split(b"\r\n")[0] for head, _ in got] == [b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 200 OK"]
+    assert error_of(got[0][1])["type"] == "invalid_request_error"  # rewritten into Anthropic's format
+    assert harness.pool.opened == 1  # the error's connection served the second request too
+    assert not client.lost
+
+
 def test_a_long_requested_wait_is_passed_on_at_once(harness: Harness) -> None:
     harness.upstreams["target"].reply = replies(plain(b"429 Too Many Requests", b"", b"Retry-After: 120\r\n"))
     client, _ = harness.client()
