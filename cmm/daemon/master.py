@@ -21,7 +21,7 @@ from twisted.logger import LogLevel, Logger
 from twisted.python.failure import Failure
 
 from cmm.daemon import wire
-from cmm.serve.request_log import RequestRecord
+from cmm.core.records import RequestRecord
 
 log = Logger()
 

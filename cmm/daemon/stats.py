@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from cmm.serve.request_log import RequestRecord
+from cmm.core.records import RequestRecord
 
 _RATIO = 1.12
 _BOUNDS = [0.0001 * _RATIO**i for i in range(int(math.log(3600 / 0.0001, _RATIO)) + 2)]  # 0.1 ms .. 1 h

@@ -36,7 +36,8 @@ from cmm.machine import certs, dnsflush, hosts
 from cmm.serve import resolve
 from cmm.daemon.master import Supervisor, bind
 from cmm.serve.proxy import ProxyContext, ProxyFactory
-from cmm.serve.request_log import RequestLog, RequestRecord
+from cmm.core.records import RequestRecord
+from cmm.serve.request_log import RequestLog
 from cmm.serve.resolve import AddressBook
 from cmm.serve.serving import build_context
 from cmm.core.settings import ConfigError, ServeConfig, build_config

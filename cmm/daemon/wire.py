@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from cmm.core.values import Destination, ProxySettings
-from cmm.serve.request_log import RequestRecord
+from cmm.core.records import RequestRecord
 from cmm.core.router import Mapping, Router, Upstream
 
 

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from cmm.daemon import wire
 from cmm.serve.proxy import ProxyContext, ProxyFactory
-from cmm.serve.request_log import RequestRecord
+from cmm.core.records import RequestRecord
 from cmm.serve.resolve import AddressBook
 from cmm.serve.serving import build_context
 from cmm.serve.tls import ReloadableServerTLS, server_factory, server_options

@@ -31,7 +31,7 @@ from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
 from cmm.core.model_finder import Found, ModelFinder
-from cmm.serve.request_log import RequestRecord
+from cmm.core.records import RequestRecord
 from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, candidate_endpoint, decoded_head, intercepted_head,
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 
 from cmm.core.values import ProxySettings
 from cmm.serve.proxy import ProxyContext, fit_open_files
-from cmm.serve.request_log import RequestRecord
+from cmm.core.records import RequestRecord
 from cmm.serve.resolve import AddressBook
 from cmm.serve.upstream import Connector, Pool, anthropic_tls_options
 

@@ -30,7 +30,8 @@ from cmm.config import paths
 
 from cmm.machine import trust
 from cmm.testing.checkout import REPO, twistd_command
-from cmm.serve.request_log import RequestLog, RequestRecord
+from cmm.core.records import RequestRecord
+from cmm.serve.request_log import RequestLog
 from cmm.serve.resolve import AddressBook, Answer
 from cmm.daemon.tap import InterceptorService, Options, ensure_certificates
 from cmm.config.userfiles import Identity, UnsafeDirectory, UserDir, directory_problem, read_file, running_as

@@ -8,7 +8,8 @@ from twisted.internet.task import Clock
 
 from cmm.core.errors import error_body, error_response
 from cmm.serve.flow import Deadline, Valve
-from cmm.serve.request_log import RequestLog, RequestRecord, format_line
+from cmm.core.records import RequestRecord, format_line
+from cmm.serve.request_log import RequestLog
 from cmm.serve.resolve import usable_addresses
 
 

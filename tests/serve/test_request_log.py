@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cmm.serve.request_log import RequestLog, RequestRecord, escaped, format_json, format_line
+from cmm.core.records import RequestRecord, escaped, format_json, format_line
+from cmm.serve.request_log import RequestLog
 
 FORGED = "x\n[2026-01-01 00:00:00] claude-opus → PASSTHROUGH ✓"
 
