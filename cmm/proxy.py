@@ -31,7 +31,7 @@ from cmm.flow import Deadline, Valve
 from cmm.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
 from cmm.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
 from cmm.model_finder import Found, ModelFinder
-from cmm.request_log import RequestRecord
+from cmm.request_log import RequestRecord, escaped
 from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_endpoint, decoded_head, intercepted_head,
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
@@ -282,7 +282,8 @@ class ClientConnection(Protocol):
         self.decoder: BodyDecoder | None = None
         codings = [c.decode("latin-1") for c in head.headers.tokens(b"content-encoding")]
         if self.endpoint is not None and unsupported(codings):
-            log.warn("Cannot read a {codings} body to find its model; passing it through", codings=", ".join(codings))
+            log.warn("Cannot read a {codings} body to find its model; passing it through",
+                     codings=escaped(", ".join(codings)))
             self.endpoint = None
         elif self.endpoint is not None and any(c != "identity" for c in codings):
             self.decoder = BodyDecoder(codings, self.settings.body_limit)
@@ -480,7 +481,7 @@ class ClientConnection(Protocol):
             self.context.record(self._record(error.status, error.message))
         else:
             log.info("Refused a request from {peer}: {status} {message}", peer=str(self.transport.getPeer()),
-                     status=error.status, message=error.message)
+                     status=error.status, message=escaped(error.message))
         self.close()
 
     def _record(self, status: int | None, error: str | None, bytes_out: int = 0, model: str | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from twisted.logger import capturedLogs, formatEvent
 
 from cmm.framing import LAST_CHUNK, encode_chunk
 from cmm.proxy import FD_RESERVE, fit_open_files
@@ -355,3 +356,14 @@ def test_a_target_error_just_within_the_bound_is_still_rewritten(harness: Harnes
     client, _ = harness.client()
     harness.send(client, post(HAIKU))
     assert status_of(client) == 500 and "answered 500" in error_message(client)
+
+
+# -- logs that cannot be forged -------------------------------------------------------------------------
+
+def test_a_content_encoding_with_obs_text_is_logged_escaped(harness: Harness) -> None:
+    client, _ = harness.client()
+    with capturedLogs() as events:
+        harness.send(client, post(OPUS, b"Content-Encoding: x\x85\x9b31m\r\n"))
+    [text] = [formatEvent(event) for event in events if "body to find its model" in formatEvent(event)]
+    assert text == "Cannot read a x\\x85\\x9b31m body to find its model; passing it through"
+    assert harness.upstreams["anthropic"].exchanges  # passed through as it came
