@@ -36,7 +36,8 @@ from cmm.router import (PROVIDER_HEADER, Endpoint, Mapping, Router, candidate_en
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.thinking import Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message, thinking_off_if
+from cmm.thinking import (MAX_SSE_EVENT, Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message,
+                          thinking_off_if)
 from cmm.upstream import ANTHROPIC_HOST, Destination, Pool, UpstreamConnection, tune
 
 log = Logger()
@@ -551,6 +552,7 @@ class Exchange:
         self.response: ResponseHead | None = None
         self.tracker: BodyTracker | None = None
         self.marker: SseMarker | None = None  # an intercepted stream whose signatures get marked
+        self.unmarked_warned = False
         self.held_head: bytes | None = None  # an intercepted JSON message, held to be marked
         self.held_body = bytearray()
         self.error_raw: bytearray | None = None  # an intercepted error response, held to be rewritten
@@ -654,6 +656,7 @@ class Exchange:
             out = encode_chunk(self.marker.feed(b"".join(progress.payload)))  # one chunk for what came at once
             if progress.done:
                 out += encode_chunk(self.marker.finish()) + LAST_CHUNK
+            self._warn_if_unmarked(self.marker)
             if out:
                 self._to_client(out)
         elif self.held_head is not None:
@@ -664,6 +667,7 @@ class Exchange:
                 if b"event-stream" in (self.response.headers.get(b"content-type") or b""):
                     marker = SseMarker()  # a stream with a Content-Length: held whole, marked alike
                     body = marker.feed(body) + marker.finish()
+                    self._warn_if_unmarked(marker)
                 else:
                     body = mark_message(body)
                 self.response_started = True
@@ -684,6 +688,17 @@ class Exchange:
         if self.client.head is not None and not self.client.head.keep_alive:
             head = with_connection_close(head)
         return head
+
+    def _warn_if_unmarked(self, marker: SseMarker) -> None:
+        """Say once per response that an event went out unmarked: a signature in it (if any)
+        would not be recognised as the target's later, and Anthropic would refuse it."""
+        if marker.passed_unmarked and not self.unmarked_warned:
+            self.unmarked_warned = True
+            log.warn("{target} streamed an event larger than {limit} MiB: it went to the client as it came, "
+                     "so the thinking signatures in it were not marked as the target's (cmm holds at most "
+                     "{limit} MiB of one event to mark it)",
+                     target=self.mapping.upstream.url if self.mapping else self.destination.label,
+                     limit=MAX_SSE_EVENT // MiB)
 
     def _hold_error(self, raw: bytes, payload: tuple[bytes, ...]) -> None:
         assert self.error_raw is not None

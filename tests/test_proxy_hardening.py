@@ -12,7 +12,8 @@ from twisted.logger import capturedLogs, formatEvent
 from cmm.framing import LAST_CHUNK, encode_chunk
 from cmm.proxy import FD_RESERVE, fit_open_files
 from cmm.tls import CLOSE_TIMEOUT
-from memory_harness import Harness, make_pki, ok_reply, responses, settings
+from cmm.thinking import MAX_SSE_EVENT
+from memory_harness import TARGET_URL, Harness, make_pki, ok_reply, responses, settings
 
 PKI = make_pki()
 HAIKU = b'{"model":"claude-haiku-4-5-20251001","messages":[{"role":"user","content":"hi"}],"max_tokens":5}'
@@ -367,3 +368,29 @@ def test_a_content_encoding_with_obs_text_is_logged_escaped(harness: Harness) ->
     [text] = [formatEvent(event) for event in events if "body to find its model" in formatEvent(event)]
     assert text == "Cannot read a x\\x85\\x9b31m body to find its model; passing it through"
     assert harness.upstreams["anthropic"].exchanges  # passed through as it came
+
+
+def test_a_streamed_event_too_large_to_mark_is_passed_and_warned_about_once(harness: Harness) -> None:
+    event = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":' \
+            b'{"type":"signature_delta","signature":"tgt-' + b"A" * MAX_SSE_EVENT + b'"}}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # Two events that grow past the bound before their blank line arrives.
+    pieces = [event[:600_000], event[600_000:], b"\n\n" + event, b"\n\n"]
+    harness.upstreams["target"].reply = lambda server, exchange: None
+    client, _ = harness.client()
+    with capturedLogs() as events:
+        harness.send(client, post(HAIKU))
+        server = harness.upstreams["target"].servers[0]
+        server.transport.write(head)
+        for piece in pieces:
+            server.transport.write(encode_chunk(piece))
+            harness.flush()
+        server.transport.write(LAST_CHUNK)
+        harness.flush()
+    warnings = [formatEvent(event) for event in events if "not marked" in formatEvent(event)]
+    assert warnings == [f"{TARGET_URL} streamed an event larger than 1 MiB: it went to the client as it came, "
+                        "so the thinking signatures in it were not marked as the target's (cmm holds at most "
+                        "1 MiB of one event to mark it)"]
+    received = bytes(client.received)
+    assert received.count(b'"signature":"tgt-AAAA') == 2 and b"cmm1." not in received
+    assert harness.records[0].status == 200 and harness.records[0].error is None
