@@ -147,7 +147,7 @@ class Supervisor:
             if kind == "request":
                 self.record(wire.record_from_message(message), worker.name)
             elif kind == "gauges":
-                self.gauges(worker.name, message["values"])
+                self.gauges(worker.name, wire.gauges_from_message(message))
             elif kind == "log":
                 # One escaped line: a traceback's line breaks become "\n", and nothing a client or
                 # upstream slipped into a worker's message can forge a line or steer a terminal.

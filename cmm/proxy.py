@@ -85,7 +85,8 @@ class ProxyContext:
     draining: bool = False
     # Client connections the open-file limit has room for (see ``fit_open_files``); None: no bound.
     connection_budget: int | None = None
-    refused: int = 0
+    refused: int = 0  # connections refused because every one at the cap was busy
+    evicted_idle: int = 0  # idle keep-alive connections closed to make room for a new one
     _drained: list[defer.Deferred[None]] = attrs.field(factory=list)
     _refusal_logged: float | None = None
 
@@ -112,6 +113,7 @@ class ProxyContext:
                     self._refuse_one(limit)
                     return False
                 min(idle, key=lambda c: c.idle_since).close()
+                self.evicted_idle += 1
         self.connections.add(connection)
         return True
 
@@ -150,6 +152,8 @@ class ProxyContext:
             "in_flight": sum(1 for c in self.connections if c.exchange is not None),
             "upstream_idle": self.pool.idle_count(),
             "upstream_opened": self.pool.opened,
+            "refused": self.refused,
+            "evicted_idle": self.evicted_idle,
         }
 
 

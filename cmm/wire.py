@@ -71,6 +71,19 @@ def config_from_message(message: dict[str, Any]) -> WorkerConfig:
     )
 
 
+def gauges_message(values: dict[str, int]) -> dict[str, Any]:
+    return {"type": "gauges", "values": dict(values)}
+
+
+def gauges_from_message(message: dict[str, Any]) -> dict[str, int]:
+    """A worker's gauges: named counts, nothing else (they end up in ``cmm status``)."""
+    values = message["values"]
+    if not isinstance(values, dict) or not all(
+            isinstance(key, str) and type(value) is int for key, value in values.items()):
+        raise ValueError("gauges must be named whole numbers")
+    return values
+
+
 def request_message(record: RequestRecord) -> dict[str, Any]:
     return {"type": "request", "record": attrs.asdict(record)}
 
