@@ -254,7 +254,6 @@ class InterceptorService(Service):
             cert_pem=result.server.cert_pem,
             key_pem=result.server.key_pem,
             anthropic_addresses=tuple(config.anthropic_ips or known),
-            resolve=not config.anthropic_ips,
             connect_timeout=config.connect_timeout,
         )
 
