@@ -62,7 +62,7 @@ class ProxySettings:
     router: Router
     anthropic: Destination = Destination("https", ANTHROPIC_HOST, 443, anthropic=True)
     body_limit: int = 32 * MiB
-    head_timeout: float = 30.0  # from a head's first byte to its end (slow-loris)
+    head_timeout: float = 30.0  # from a head's first byte to its end, and from a body's start to its model
     idle_timeout: float = 120.0  # keep-alive idle, and silence from the client mid-body
     upstream_timeout: float = 600.0  # silence from the upstream (not total time: streams are long)
     log_content: bool = False  # log the head (credentials redacted) and the body's first bytes
@@ -197,6 +197,7 @@ class ClientConnection(Protocol):
         self.pending = b""  # bytes read ahead of the current state (next body part, next request)
         self.served = 0
         self.content: str | None = None
+        self.routing_deadline: Any = None  # the delayed call that ends a too-slow routing read
 
     # Twisted interface
 
@@ -235,6 +236,7 @@ class ClientConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.state = "closed"
         self.deadline.cancel()
+        self._routing_read_over()
         if self.exchange is not None:
             self.exchange.client_lost()
         self.context.connections.discard(self)
@@ -297,6 +299,7 @@ class ClientConnection(Protocol):
                 self.transport.write(CONTINUE)
             self.state = "sniff"
             self.finder = ModelFinder()
+            self.routing_deadline = self.context.clock.callLater(self.settings.head_timeout, self._routing_timed_out)
             if rest:
                 self._sniff_bytes(rest)
             return
@@ -329,6 +332,7 @@ class ClientConnection(Protocol):
     def _dispatch(self, result: object, mapping: Mapping | None, rest: bytes, body_done: bool) -> None:
         """Route decided: borrow an upstream connection and send what is in hand."""
         assert self.head is not None
+        self._routing_read_over()
         model = result.model if isinstance(result, Found) else None
         self.stages = self._stages_for(mapping)
         if self.stages and body_done and cannot_hold_a_mark(b"".join(self.sniffed_payload)):
@@ -468,6 +472,7 @@ class ClientConnection(Protocol):
         self._drain_pending()
 
     def close(self) -> None:
+        self._routing_read_over()
         if self.state != "closed":
             self.state = "closed"
             self.deadline.cancel()
@@ -507,6 +512,22 @@ class ClientConnection(Protocol):
             mapping=mapping.source if mapping else None,
             content=self.content,
         )
+
+    def _routing_read_over(self) -> None:
+        if self.routing_deadline is not None:
+            if self.routing_deadline.active():
+                self.routing_deadline.cancel()
+            self.routing_deadline = None
+
+    def _routing_timed_out(self) -> None:
+        """The body up to its model is read against ``head_timeout`` from the body's start, as a
+        head is: else a byte every few seconds (each under the silence timeout) holds a
+        connection and its buffer for ever. Once routed, the body is spliced and only needs to
+        keep moving (``idle_timeout``)."""
+        self.routing_deadline = None
+        if self.state == "sniff":
+            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body up to its model "
+                                     f"({self.settings.head_timeout:g} seconds)"))
 
     def _timed_out(self) -> None:
         if self.state == "head" and self.collector.pending == 0:

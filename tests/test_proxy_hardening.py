@@ -150,6 +150,69 @@ def test_a_keep_alive_connection_s_next_head_has_its_own_deadline(harness: Harne
     assert status_of(client) == 408
 
 
+def head_for(body: bytes, path: bytes = b"/v1/messages") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: %d\r\n\r\n" % (path, len(body))
+
+
+@pytest.mark.parametrize("path", [b"/v1/messages", b"/v1/messages/count_tokens"])
+def test_a_body_trickling_in_before_its_model_is_cut_after_the_head_timeout(harness: Harness, path: bytes) -> None:
+    """A byte every 119 s never meets the silence timeout: the read that routes has a total one."""
+    client, _ = harness.client()
+    harness.send(client, head_for(OPUS, path))
+    for index in range(20):  # '{"model":"claude-opu': the value is not complete yet
+        harness.send(client, OPUS[index : index + 1])
+        harness.advance(1.45)
+    assert client.received == b"" and not client.lost
+    harness.advance(1.5)  # 30.5 s after the body's start
+    assert status_of(client) == 408 and client.lost
+    assert "request body up to its model" in error_message(client)
+    assert harness.upstreams["anthropic"].servers == []  # nothing was sent anywhere
+    [record] = harness.records
+    assert record.status == 408 and record.model is None
+
+
+def test_the_routing_deadline_is_the_head_timeout_even_with_a_long_silence_timeout() -> None:
+    harness = Harness(PKI, settings(head_timeout=5, idle_timeout=1000))
+    client, _ = harness.client()
+    harness.send(client, head_for(OPUS) + OPUS[:3])
+    harness.advance(4)
+    harness.send(client, OPUS[3:5])
+    assert not client.lost
+    harness.advance(1.5)
+    assert status_of(client) == 408 and client.lost
+
+
+def test_a_slow_body_after_its_model_only_has_to_keep_moving(harness: Harness) -> None:
+    body = OPUS[:-1] + b' ' * 20 + b'}'
+    client, _ = harness.client()
+    harness.send(client, head_for(body) + body[:40])  # the model is known: routed, spliced from now on
+    for index in range(40, len(body)):  # ~50 bytes, one every 100 s: far past the head timeout in all
+        harness.advance(100)
+        assert not client.lost
+        harness.send(client, body[index : index + 1])
+    assert status_of(client) == 200
+    [exchange] = harness.upstreams["anthropic"].exchanges
+    assert exchange.raw.endswith(body)
+
+
+def test_a_routed_body_that_stops_moving_is_cut_after_the_silence_timeout(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, head_for(OPUS) + OPUS[:40])
+    harness.advance(119)
+    assert not client.lost
+    harness.advance(1.5)
+    assert status_of(client) == 408 and client.lost
+
+
+def test_a_whole_body_sent_at_once_leaves_no_routing_timer_behind(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(OPUS))
+    assert status_of(client) == 200
+    assert client.server.routing_deadline is None
+    harness.advance(31)
+    assert not client.lost  # idle keep-alive, well within its 120 s
+
+
 def test_empty_lines_do_not_keep_an_idle_connection_open(harness: Harness) -> None:
     client, _ = harness.client()
     for _ in range(5):
