@@ -124,6 +124,8 @@ class WorkerCounts:
     in_flight: int | None = None  # open requests, streams included
     upstream_idle: int | None = None
     upstream_opened: int | None = None
+    refused: int | None = None  # connections refused at --max-connections, every one busy
+    evicted_idle: int | None = None  # idle connections closed to make room at --max-connections
 
 
 @attrs.frozen
@@ -378,7 +380,8 @@ def parse_workers(data: object) -> tuple[WorkerCounts, ...]:
 
     return tuple(WorkerCounts(str(name), number(values, "requests") or 0, number(values, "connections"),
                               number(values, "in_flight"), number(values, "upstream_idle"),
-                              number(values, "upstream_opened"))
+                              number(values, "upstream_opened"), number(values, "refused"),
+                              number(values, "evicted_idle"))
                  for name, values in sorted(workers.items()) if isinstance(values, dict))
 
 
@@ -572,6 +575,10 @@ def _worker_line(worker: WorkerCounts) -> str:
         parts.append(f"{worker.in_flight} in flight")
     if worker.upstream_idle is not None:
         parts.append(f"{worker.upstream_idle} idle upstream connections ({worker.upstream_opened or 0} opened)")
+    if worker.evicted_idle:
+        parts.append(f"{worker.evicted_idle} idle connections closed to make room (--max-connections)")
+    if worker.refused:
+        parts.append(f"⚠ {worker.refused} connections refused, all busy (--max-connections)")
     return ", ".join(parts)
 
 
