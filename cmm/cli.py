@@ -379,6 +379,8 @@ def _setup(args: argparse.Namespace, ctx: _Context) -> int:
     if not (result.created_ca or result.issued_server):
         ctx.say(f"Certificates are in place in {directory} (server certificate valid until {until}).")
         ctx.say("Use --force to make new ones.")
+    else:
+        _say_reload(ctx, directory, result.created_ca)
     report = trust.setup_trust(
         result.paths.ca_cert,
         machine,
@@ -405,6 +407,19 @@ def _setup(args: argparse.Namespace, ctx: _Context) -> int:
     ctx.say()
     ctx.say("Claude Code must be started from a terminal that has it.")
     return EXIT_FAILURE if report.failed else EXIT_OK
+
+
+def _say_reload(ctx: _Context, directory: Path, created_ca: bool) -> None:
+    """A running cmm keeps serving the certificate it loaded until SIGHUP: say how to reload."""
+    from cmm import status
+
+    instance = status.find_instance(directory)
+    if not instance.running:
+        return
+    ctx.say(f"cmm is running (pid {instance.pid}) and still serves the previous certificate; "
+            f"load the new one with: sudo kill -HUP {instance.pid}")
+    if created_ca:
+        ctx.say("Claude Code sessions started before now trust the previous CA only: restart them.")
 
 
 def _mask(value: str) -> str:

@@ -253,6 +253,26 @@ def test_setup_creates_certificates_and_profile_line(tmp_path: Path) -> None:
     assert commands.calls == []
 
 
+def test_setup_force_while_cmm_runs_says_how_to_reload(tmp_path: Path) -> None:
+    environ = {"HOME": str(tmp_path), "SHELL": "/bin/zsh"}
+    machine, _ = fake_machine(tmp_path)
+    assert run(["setup"], environ, machine)[0] == 0
+    code, out, _ = run(["setup", "--force"], environ, machine)
+    assert code == 0 and "kill -HUP" not in out  # nothing runs: nothing to reload
+    child = start_stand_in()
+    try:
+        (tmp_path / ".cmm" / "cmm.pid").write_text(f"{child.pid}\n")
+        code, out, err = run(["setup", "--force"], environ, machine)
+        assert code == 0, err
+        assert f"cmm is running (pid {child.pid})" in out and f"sudo kill -HUP {child.pid}\n" in out
+        assert "restart them" in out  # a new CA
+        code, out, _ = run(["setup"], environ, machine)
+        assert code == 0 and "kill -HUP" not in out  # nothing new was issued
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_setup_edits_every_existing_profile_and_leaves_conflicts(tmp_path: Path) -> None:
     machine, _ = fake_machine(tmp_path, shell="/bin/bash")
     (tmp_path / ".bashrc").write_text("alias ll='ls -l'\n")
