@@ -598,6 +598,19 @@ def _add_map_parser(
     remove.add_argument("source", metavar="SOURCE")
 
 
+def _env_pair(folder: UserDir | None) -> tuple[str, str] | None:
+    """The .env DEFAULT_SOURCE_MODEL/DEFAULT_TARGET_MODEL pair, which applies next to the mappings
+    file unless the file maps the same source; None when unset or unreadable."""
+    if folder is None:
+        return None
+    try:
+        values = envfile.parse_env(envfile.load_from(folder))
+    except OSError:
+        return None
+    source, target = values.get("DEFAULT_SOURCE_MODEL", ""), values.get("DEFAULT_TARGET_MODEL", "")
+    return (source, target) if source and target else None
+
+
 def _lines(message: str) -> str:
     """Each line of a multi-problem message gets the ``cmm:`` prefix, as a single one would."""
     return message.replace("\n", "\ncmm: ")
@@ -622,6 +635,7 @@ def _map(args: argparse.Namespace, ctx: _Context) -> int:
     def key(spec: mappings.MappingSpec) -> str:
         return "(PROXY_API_KEY)" if spec.api_key is None else _mask(spec.api_key) if spec.api_key else "(no key)"
 
+    pair = _env_pair(folder)
     if args.action == "list":
         if not specs:
             ctx.say(f"No mappings in {path}; add one with `cmm map add SOURCE TARGET`.")
@@ -629,6 +643,8 @@ def _map(args: argparse.Namespace, ctx: _Context) -> int:
         widths = [max(map(len, column)) for column in zip(*rows)]
         for source, target, upstream, api_key in rows:
             ctx.say(f"{source:<{widths[0]}} → {target:<{widths[1]}}  {upstream:<{widths[2]}}  key {api_key}")
+        if pair is not None and all(spec.source != pair[0] for spec in specs):
+            ctx.say(f"and from .env (DEFAULT_SOURCE_MODEL/DEFAULT_TARGET_MODEL): {pair[0]} → {pair[1]}")
         return EXIT_OK
 
     try:
@@ -637,6 +653,8 @@ def _map(args: argparse.Namespace, ctx: _Context) -> int:
             verb = "Replaced" if any(s.source == spec.source for s in specs) else "Added"
             new_specs = mappings.add_mapping(specs, spec)
             message = f"{verb} {spec.source} → {spec.target} via {url(spec)} (key {key(spec)}) in {path}"
+            if pair is not None and pair[0] == spec.source:
+                message += f"; it replaces the .env pair {pair[0]} → {pair[1]}"
         else:  # remove
             new_specs = mappings.remove_mapping(specs, args.source)
             message = f"Removed the mapping for {args.source} from {path}"
