@@ -7,7 +7,8 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
