@@ -262,7 +262,8 @@ def read_settings(config_dir: Path) -> dict[str, str]:
 
 
 def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[MappingInfo, ...]:
-    """What ``twistd cmm`` without flags would map: mappings.toml, else the .env default pair."""
+    """What ``twistd cmm`` without flags would map: mappings.toml, and the .env default pair
+    unless the file maps its source too (as :mod:`cmm.settings` does)."""
     from cmm import mappings
 
     proxy_url = settings.get("PROXY_URL", "")
@@ -270,12 +271,11 @@ def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[
         specs = mappings.load(mappings.mappings_file(config_dir))
     except (mappings.MappingsError, OSError):
         specs = ()  # `cmm doctor` and `cmm map list` say what is wrong with it
-    if specs:
-        return tuple(MappingInfo(spec.source, spec.target, spec.url or proxy_url) for spec in specs)
+    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url) for spec in specs]
     source, target = settings.get("DEFAULT_SOURCE_MODEL", ""), settings.get("DEFAULT_TARGET_MODEL", "")
-    if not (source and target):
-        return ()
-    return (MappingInfo(source, target, proxy_url),)
+    if source and target and all(spec.source != source for spec in specs):
+        found.append(MappingInfo(source, target, proxy_url))
+    return tuple(found)
 
 
 def trust_info(config_dir: Path, environ: Mapping[str, str]) -> TrustInfo:
