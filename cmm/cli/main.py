@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import errno
 import functools
 import os
 import signal
@@ -132,6 +133,7 @@ class StopState(enum.Enum):
 class StopResult:
     state: StopState
     pid: int | None = None
+    reason: str = ""  # what is wrong with an unusable pid file
 
 
 def stop_process(
@@ -160,14 +162,14 @@ def stop_process(
         written = folder.lstat(pid_file.name).st_mtime
     except FileNotFoundError:
         return StopResult(StopState.NO_PID_FILE)
-    except OSError:
-        return StopResult(StopState.INVALID_PID_FILE)  # a link, a FIFO, unreadable: names no process
+    except OSError as error:  # a folder, a link, a FIFO, unreadable: names no process
+        return StopResult(StopState.INVALID_PID_FILE, reason=_file_problem(error))
     try:
         pid = int(text.strip())
     except ValueError:
-        return StopResult(StopState.INVALID_PID_FILE)
+        return StopResult(StopState.INVALID_PID_FILE, reason="holds no process id")
     if pid <= 1:  # 0 and negatives signal process groups; 1 is init
-        return StopResult(StopState.INVALID_PID_FILE, pid)
+        return StopResult(StopState.INVALID_PID_FILE, pid, f"names pid {pid}, which is never cmm")
     if not is_alive(pid):
         _remove_quietly(folder, pid_file.name)
         return StopResult(StopState.NOT_RUNNING, pid)
@@ -187,6 +189,29 @@ def stop_process(
         sleep(0.05)
     _remove_quietly(folder, pid_file.name)
     return StopResult(StopState.STOPPED, pid)
+
+
+def _file_problem(error: OSError) -> str:
+    if error.errno == errno.EISDIR or (error.errno == errno.EINVAL and "regular" in str(error.strerror)):
+        return "is not a regular file"
+    return f"cannot be read ({error.strerror or error})"
+
+
+def remove_stale_state(config_dir: Path, pid: int | None, environ: Mapping[str, str] = os.environ) -> bool:
+    """Remove the state file a dead run left behind (as the folder's owner), when it names ``pid``
+    (None: any pid) and that process is not a running cmm; whether it was removed.
+
+    Otherwise ``cmm status`` keeps reporting the previous run once its pid file is gone."""
+    from cmm.cli import status
+
+    instance = status.find_instance(config_dir)
+    if instance.running or instance.state is None or (pid is not None and instance.state.pid != pid):
+        return False
+    try:
+        folder = paths.user_dir(config_dir, environ, create=False)
+        return folder.unlink(status.state_file(config_dir).name)
+    except (OSError, UnsafeDirectory):
+        return False
 
 
 def _remove_quietly(folder: UserDir, name: str) -> None:
@@ -284,6 +309,8 @@ def _setup(args: argparse.Namespace, ctx: _Context) -> int:
     if not (result.created_ca or result.issued_server):
         ctx.say(f"Certificates are in place in {directory} (server certificate valid until {until}).")
         ctx.say("Use --force to make new ones.")
+    else:
+        _say_reload(ctx, directory, result.created_ca)
     report = trust.setup_trust(
         result.paths.ca_cert,
         machine,
@@ -310,6 +337,19 @@ def _setup(args: argparse.Namespace, ctx: _Context) -> int:
     ctx.say()
     ctx.say("Claude Code must be started from a terminal that has it.")
     return EXIT_FAILURE if report.failed else EXIT_OK
+
+
+def _say_reload(ctx: _Context, directory: Path, created_ca: bool) -> None:
+    """A running cmm keeps serving the certificate it loaded until SIGHUP: say how to reload."""
+    from cmm.cli import status
+
+    instance = status.find_instance(directory)
+    if not instance.running:
+        return
+    ctx.say(f"cmm is running (pid {instance.pid}) and still serves the previous certificate; "
+            f"load the new one with: sudo kill -HUP {instance.pid}")
+    if created_ca:
+        ctx.say("Claude Code sessions started before now trust the previous CA only: restart them.")
 
 
 def _mask(value: str) -> str:
@@ -379,10 +419,11 @@ def _config(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT) -> int:
+    config_dir = _config_dir(args, ctx)
     if args.pid_file is not None:  # named by whoever runs cmm (e.g. /var/run, a link to /run): its folder is resolved
         pid_file = Path(os.path.realpath(args.pid_file.parent)) / args.pid_file.name
     else:
-        pid_file = paths.pid_file(_config_dir(args, ctx))
+        pid_file = paths.pid_file(config_dir)
     try:
         result = stop_process(pid_file, timeout=timeout, environ=ctx.environ)
     except PermissionError:
@@ -393,23 +434,29 @@ def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT
             f"cmm (pid {pid}) did not exit within {timeout:g} s; end it with `sudo kill -9 {pid}`, "
             "then run `sudo cmm stop` again to clean up /etc/hosts"
         )
-    ctx.say(
-        {
+    code = EXIT_OK
+    if result.state is StopState.INVALID_PID_FILE:
+        fix = ("give --pid-file the file twistd wrote" if args.pid_file is not None
+               else f"if cmm is not running, move it away (mv {pid_file} {pid_file}.old)")
+        code = ctx.fail(f"{pid_file} {result.reason}, so it names no process to stop; {fix}")
+    else:
+        ctx.say({
             StopState.NO_PID_FILE: f"cmm is not running (no pid file at {pid_file}).",
-            StopState.INVALID_PID_FILE: f"cmm is not running ({pid_file} holds no usable process id).",
             StopState.NOT_RUNNING: f"cmm is not running (stale pid file {pid_file} named pid {pid}).",
             StopState.REUSED: f"cmm is not running (pid {pid} from {pid_file} is now another process; left alone).",
             StopState.NOT_CMM: f"cmm is not running: pid {pid} from {pid_file} is not cmm, so it was left alone "
                                f"and the stale pid file removed.",
             StopState.STOPPED: f"Stopped cmm (pid {pid}).",
-        }[result.state]
-    )
+        }[result.state])
+    if remove_stale_state(config_dir, None if pid is None or result.state is StopState.INVALID_PID_FILE else pid,
+                          ctx.environ):
+        ctx.say(f"Removed the state file the previous run left in {config_dir}.")
     hosts_file: Path = args.hosts_file
     try:
         changed = hosts.restore(hosts_file)
     except FileNotFoundError:
         ctx.say(f"{hosts_file} does not exist; nothing to restore.")
-        return EXIT_OK
+        return code
     except PermissionError:
         return ctx.fail(f"permission denied editing {hosts_file}; use `sudo cmm stop`")
     if changed:
@@ -417,7 +464,7 @@ def _stop(args: argparse.Namespace, ctx: _Context, timeout: float = STOP_TIMEOUT
         ctx.flush_dns()
     else:
         ctx.say(f"{hosts_file} has no cmm block.")
-    return EXIT_OK
+    return code
 
 
 # --- cmm uninstall ------------------------------------------------------------------------------
@@ -481,6 +528,19 @@ def _add_map_parser(
     remove.add_argument("source", metavar="SOURCE")
 
 
+def _env_pair(folder: UserDir | None) -> tuple[str, str] | None:
+    """The .env DEFAULT_SOURCE_MODEL/DEFAULT_TARGET_MODEL pair, which applies next to the mappings
+    file unless the file maps the same source; None when unset or unreadable."""
+    if folder is None:
+        return None
+    try:
+        values = envfile.parse_env(envfile.load_from(folder))
+    except OSError:
+        return None
+    source, target = values.get("DEFAULT_SOURCE_MODEL", ""), values.get("DEFAULT_TARGET_MODEL", "")
+    return (source, target) if source and target else None
+
+
 def _lines(message: str) -> str:
     """Each line of a multi-problem message gets the ``cmm:`` prefix, as a single one would."""
     return message.replace("\n", "\ncmm: ")
@@ -505,6 +565,7 @@ def _map(args: argparse.Namespace, ctx: _Context) -> int:
     def key(spec: mappings.MappingSpec) -> str:
         return "(PROXY_API_KEY)" if spec.api_key is None else _mask(spec.api_key) if spec.api_key else "(no key)"
 
+    pair = _env_pair(folder)
     if args.action == "list":
         if not specs:
             ctx.say(f"No mappings in {path}; add one with `cmm map add SOURCE TARGET`.")
@@ -512,6 +573,8 @@ def _map(args: argparse.Namespace, ctx: _Context) -> int:
         widths = [max(map(len, column)) for column in zip(*rows)]
         for source, target, upstream, api_key in rows:
             ctx.say(f"{source:<{widths[0]}} → {target:<{widths[1]}}  {upstream:<{widths[2]}}  key {api_key}")
+        if pair is not None and all(spec.source != pair[0] for spec in specs):
+            ctx.say(f"and from .env (DEFAULT_SOURCE_MODEL/DEFAULT_TARGET_MODEL): {pair[0]} → {pair[1]}")
         return EXIT_OK
 
     try:
@@ -520,6 +583,8 @@ def _map(args: argparse.Namespace, ctx: _Context) -> int:
             verb = "Replaced" if any(s.source == spec.source for s in specs) else "Added"
             new_specs = mappings.add_mapping(specs, spec)
             message = f"{verb} {spec.source} → {spec.target} via {url(spec)} (key {key(spec)}) in {path}"
+            if pair is not None and pair[0] == spec.source:
+                message += f"; it replaces the .env pair {pair[0]} → {pair[1]}"
         else:  # remove
             new_specs = mappings.remove_mapping(specs, args.source)
             message = f"Removed the mapping for {args.source} from {path}"

@@ -125,6 +125,8 @@ class WorkerCounts:
     in_flight: int | None = None  # open requests, streams included
     upstream_idle: int | None = None
     upstream_opened: int | None = None
+    refused: int | None = None  # connections refused at --max-connections, every one busy
+    evicted_idle: int | None = None  # idle connections closed to make room at --max-connections
 
 
 @attrs.frozen
@@ -261,7 +263,8 @@ def read_settings(config_dir: Path) -> dict[str, str]:
 
 
 def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[MappingInfo, ...]:
-    """What ``twistd cmm`` without flags would map: mappings.toml, else the .env default pair."""
+    """What ``twistd cmm`` without flags would map: mappings.toml, and the .env default pair
+    unless the file maps its source too (as :mod:`cmm.core.settings` does)."""
     from cmm.config import mappings
 
     proxy_url = settings.get("PROXY_URL", "")
@@ -269,12 +272,11 @@ def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[
         specs = mappings.load(mappings.mappings_file(config_dir))
     except (mappings.MappingsError, OSError):
         specs = ()  # `cmm doctor` and `cmm map list` say what is wrong with it
-    if specs:
-        return tuple(MappingInfo(spec.source, spec.target, spec.url or proxy_url) for spec in specs)
+    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url) for spec in specs]
     source, target = settings.get("DEFAULT_SOURCE_MODEL", ""), settings.get("DEFAULT_TARGET_MODEL", "")
-    if not (source and target):
-        return ()
-    return (MappingInfo(source, target, proxy_url),)
+    if source and target and all(spec.source != source for spec in specs):
+        found.append(MappingInfo(source, target, proxy_url))
+    return tuple(found)
 
 
 def trust_info(config_dir: Path, environ: Mapping[str, str]) -> TrustInfo:
@@ -379,7 +381,8 @@ def parse_workers(data: object) -> tuple[WorkerCounts, ...]:
 
     return tuple(WorkerCounts(str(name), number(values, "requests") or 0, number(values, "connections"),
                               number(values, "in_flight"), number(values, "upstream_idle"),
-                              number(values, "upstream_opened"))
+                              number(values, "upstream_opened"), number(values, "refused"),
+                              number(values, "evicted_idle"))
                  for name, values in sorted(workers.items()) if isinstance(values, dict))
 
 
@@ -573,6 +576,10 @@ def _worker_line(worker: WorkerCounts) -> str:
         parts.append(f"{worker.in_flight} in flight")
     if worker.upstream_idle is not None:
         parts.append(f"{worker.upstream_idle} idle upstream connections ({worker.upstream_opened or 0} opened)")
+    if worker.evicted_idle:
+        parts.append(f"{worker.evicted_idle} idle connections closed to make room (--max-connections)")
+    if worker.refused:
+        parts.append(f"⚠ {worker.refused} connections refused, all busy (--max-connections)")
     return ", ".join(parts)
 
 

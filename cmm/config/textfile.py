@@ -3,9 +3,12 @@ both must leave every line they do not own exactly as it was."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
@@ -26,12 +29,13 @@ def rewrite_in_place(path: Path, transform: Callable[[str], str]) -> bool:
     In place, not by rename: /etc/hosts is a bind mount in containers (rename fails there) and
     dotfiles may be symlinks; the file keeps its inode, mode and owner. Odd bytes survive
     (surrogateescape). True if the file changed; a file that needs no change is only read, so that
-    a user's `cmm stop` without root finds nothing to do instead of "permission denied"."""
-    with open(path, "rb") as handle:
+    a user's `cmm stop` without root finds nothing to do instead of "permission denied".
+    Only a regular file is read: a FIFO or device swapped in would otherwise block or never end."""
+    with _open_regular(path, os.O_RDONLY) as handle:
         old = handle.read()
     if transform(old.decode(_ENCODING, _ERRORS)).encode(_ENCODING, _ERRORS) == old:
         return False
-    with open(path, "r+b") as handle:
+    with _open_regular(path, os.O_RDWR) as handle:
         old = handle.read()
         new = transform(old.decode(_ENCODING, _ERRORS)).encode(_ENCODING, _ERRORS)
         if new == old:
@@ -46,3 +50,17 @@ def rewrite_in_place(path: Path, transform: Callable[[str], str]) -> bool:
         handle.flush()
         os.fsync(handle.fileno())
     return True
+
+
+def _open_regular(path: Path, flags: int) -> BinaryIO:
+    """A binary file object of the regular file at ``path`` (links followed), opened without
+    blocking on a FIFO; OSError(EINVAL) for anything else."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "rb")

@@ -84,9 +84,13 @@ def _addresses(text: str | None, name: str, loopback_only: bool) -> tuple[str, .
 
 def _mappings(options: MappingType[str, object], env: MappingType[str, str],
               file_mappings: Iterable[MappingLike]) -> tuple[Mapping, ...]:
-    """Flags first, then the mappings file (a flag wins for the same source), else the .env
-    default pair. Each mapping's URL and key default to --proxy-url/PROXY_URL and its key."""
+    """Flags first, then the mappings file (a flag wins for the same source), then the .env
+    default pair unless a flag or the file names its source.  The pair is what --source/--target
+    default to, so any such flag replaces it; adding a mapping to the file does not (the user
+    added a pair, not took one away).  Each mapping's URL and key default to --proxy-url/PROXY_URL
+    and its key."""
     sources, targets = _as_list(options.get("source")), _as_list(options.get("target"))
+    flagged = bool(sources or targets)
     # A lone --source or --target takes its partner from the .env defaults, as in the seed tool.
     if len(sources) == 1 and not targets and env.get("DEFAULT_TARGET_MODEL"):
         targets = [env["DEFAULT_TARGET_MODEL"]]
@@ -101,16 +105,16 @@ def _mappings(options: MappingType[str, object], env: MappingType[str, str],
                           f"{len(targets)} --target)")
     specs: list[tuple[str, str, str | None, str | None]] = [(s, t, None, None) for s, t in zip(sources, targets)]
     specs += [(m.source, m.target, m.url, m.api_key) for m in file_mappings if m.source not in sources]
-    if not specs:
-        source, target = env.get("DEFAULT_SOURCE_MODEL"), env.get("DEFAULT_TARGET_MODEL")
-        if not source or not target:
-            missing = " and ".join(n for n, v in (("--source", source), ("--target", target)) if not v)
-            raise ConfigError(
-                f"no mapping: give {missing} (e.g. --source claude-haiku-4-5 --target gemini-2.5-flash), "
-                f"add one with `cmm map add`, or set DEFAULT_SOURCE_MODEL and DEFAULT_TARGET_MODEL with "
-                f"`cmm config set`"
-            )
+    source, target = env.get("DEFAULT_SOURCE_MODEL"), env.get("DEFAULT_TARGET_MODEL")
+    if not flagged and source and target and all(spec[0] != source for spec in specs):
         specs.append((source, target, None, None))
+    if not specs:
+        missing = " and ".join(n for n, v in (("--source", source), ("--target", target)) if not v)
+        raise ConfigError(
+            f"no mapping: give {missing} (e.g. --source claude-haiku-4-5 --target gemini-2.5-flash), "
+            f"add one with `cmm map add`, or set DEFAULT_SOURCE_MODEL and DEFAULT_TARGET_MODEL with "
+            f"`cmm config set`"
+        )
     url = str(options.get("proxy-url") or env.get("PROXY_URL") or DEFAULT_PROXY_URL)
     flag_key = options.get("proxy-api-key")
     key = str(flag_key if flag_key is not None else env.get("PROXY_API_KEY", ""))

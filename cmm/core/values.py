@@ -38,7 +38,7 @@ class ProxySettings:
     router: Router
     anthropic: Destination = Destination("https", ANTHROPIC_HOST, 443, anthropic=True)
     body_limit: int = 32 * MiB
-    head_timeout: float = 30.0  # from a head's first byte to its end (slow-loris)
+    head_timeout: float = 30.0  # from a head's first byte to its end, and from a body's start to its model
     idle_timeout: float = 120.0  # keep-alive idle, and silence from the client mid-body
     upstream_timeout: float = 600.0  # silence from the upstream (not total time: streams are long)
     log_content: bool = False  # log the head (credentials redacted) and the body's first bytes

@@ -20,8 +20,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, Logger
 from twisted.python.failure import Failure
 
+from cmm.core.records import RequestRecord, escaped
 from cmm.daemon import wire
-from cmm.core.records import RequestRecord
 
 log = Logger()
 
@@ -82,7 +82,7 @@ class Worker(ProcessProtocol):
         self.errors += data
         *lines, self.errors = self.errors.split(b"\n")
         for line in lines:
-            log.error("{worker}: {line}", worker=self.name, line=line.decode("utf-8", "replace"))
+            log.error("{worker}: {line}", worker=self.name, line=escaped(line.decode("utf-8", "replace")))
 
     def processEnded(self, reason: Failure) -> None:
         self.supervisor.ended(self, reason)
@@ -147,13 +147,15 @@ class Supervisor:
             if kind == "request":
                 self.record(wire.record_from_message(message), worker.name)
             elif kind == "gauges":
-                self.gauges(worker.name, message["values"])
+                self.gauges(worker.name, wire.gauges_from_message(message))
             elif kind == "log":
+                # One escaped line: a traceback's line breaks become "\n", and nothing a client or
+                # upstream slipped into a worker's message can forge a line or steer a terminal.
                 log.emit(LogLevel.levelWithName(message.get("level", "error")), "{worker}: {text}",
-                         worker=worker.name, text=message.get("text", ""))
+                         worker=worker.name, text=escaped(str(message.get("text", ""))))
         except Exception as error:
             log.error("{worker} sent something unreadable ({error}): {line!r}", worker=worker.name,
-                      error=repr(error), line=line[:200])
+                      error=escaped(repr(error)), line=line[:200])
 
     def ended(self, worker: Worker, reason: Failure) -> None:
         if self.workers.get(worker.name) is worker:

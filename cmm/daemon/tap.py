@@ -74,7 +74,8 @@ class Options(usage.Options):
         ["user", None, None, "User the workers run as (default: SUDO_USER, else nobody)."],
         ["grace", None, "30", "Seconds in-flight requests get to finish on stop."],
         ["body-limit", None, "32", "Largest request body in MiB (Anthropic's own limit is 32)."],
-        ["head-timeout", None, "30", "Seconds a client may take to send a request head."],
+        ["head-timeout", None, "30", "Seconds a client may take to send a request head, and then the body up to "
+                                     "its model."],
         ["idle-timeout", None, "120", "Seconds an idle keep-alive client connection is kept."],
         ["connect-timeout", None, "10", "Seconds to connect to an upstream."],
         ["upstream-timeout", None, "600", "Seconds of upstream silence before giving up (not total time)."],
@@ -256,7 +257,6 @@ class InterceptorService(Service):
             cert_pem=result.server.cert_pem,
             key_pem=result.server.key_pem,
             anthropic_addresses=tuple(config.anthropic_ips or known),
-            resolve=not config.anthropic_ips,
             connect_timeout=config.connect_timeout,
         )
 

@@ -26,7 +26,6 @@ class WorkerConfig:
     cert_pem: bytes
     key_pem: bytes
     anthropic_addresses: tuple[str, ...]
-    resolve: bool  # keep refreshing the addresses from DNS (not fixed with --anthropic-ip)
     connect_timeout: float
 
 
@@ -49,7 +48,6 @@ def config_message(config: WorkerConfig) -> dict[str, Any]:
         "cert_pem": config.cert_pem.decode(),
         "key_pem": config.key_pem.decode(),
         "anthropic_addresses": list(config.anthropic_addresses),
-        "resolve": config.resolve,
         "connect_timeout": config.connect_timeout,
     }
 
@@ -65,9 +63,21 @@ def config_from_message(message: dict[str, Any]) -> WorkerConfig:
         cert_pem=message["cert_pem"].encode(),
         key_pem=message["key_pem"].encode(),
         anthropic_addresses=tuple(message["anthropic_addresses"]),
-        resolve=bool(message["resolve"]),
         connect_timeout=float(message["connect_timeout"]),
     )
+
+
+def gauges_message(values: dict[str, int]) -> dict[str, Any]:
+    return {"type": "gauges", "values": dict(values)}
+
+
+def gauges_from_message(message: dict[str, Any]) -> dict[str, int]:
+    """A worker's gauges: named counts, nothing else (they end up in ``cmm status``)."""
+    values = message["values"]
+    if not isinstance(values, dict) or not all(
+            isinstance(key, str) and type(value) is int for key, value in values.items()):
+        raise ValueError("gauges must be named whole numbers")
+    return values
 
 
 def request_message(record: RequestRecord) -> dict[str, Any]:

@@ -103,7 +103,7 @@ class WorkerControl(LineReceiver):
         gauges = self.context.gauges()
         if gauges != self._last_gauges:
             self._last_gauges = gauges
-            self.send({"type": "gauges", "values": gauges})
+            self.send(wire.gauges_message(gauges))
 
     # the end
 

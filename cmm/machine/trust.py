@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import hashlib
 import os
@@ -34,7 +35,8 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
@@ -42,10 +44,9 @@ import attrs
 from cryptography.hazmat.primitives import serialization
 
 from cmm.config import paths
-
-from cmm.machine import certs
 from cmm.config.textfile import rewrite_in_place, split_lines
-from cmm.config.userfiles import UserDir
+from cmm.config.userfiles import Identity, UserDir, read_file, running_as
+from cmm.machine import certs
 
 VARIABLE = "NODE_EXTRA_CA_CERTS"
 MARKER = "# cmm-managed"
@@ -432,7 +433,15 @@ def profiles(home: Path) -> tuple[Profile, ...]:
 
 
 def existing_profiles(home: Path) -> tuple[Profile, ...]:
-    return tuple(profile for profile in profiles(home) if profile.path.is_file())
+    """The profiles that are (or link to) regular files the caller can see."""
+    return tuple(profile for profile in profiles(home) if _is_file(profile.path))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a folder on the way its owner cannot search
+        return False
 
 
 def default_profile(home: Path, shell: str) -> Profile:
@@ -471,6 +480,7 @@ class ProfileAction(enum.Enum):
     SET_BY_USER = "already sets it to cmm's CA (your own line, left as it is)"
     CONFLICT = "left alone: it sets NODE_EXTRA_CA_CERTS to another file"
     REMOVED = "removed the line"
+    FAILED = "cannot be edited"
 
 
 @attrs.frozen
@@ -503,8 +513,20 @@ def plan_profile(
     return (ProfileAction.UPDATED if any(a.managed for a in found) else ProfileAction.ADDED), new, ()
 
 
-def _create(path: Path, text: str, home: Path, owner: tuple[int, int] | None) -> None:
-    """A new profile (and its folders below ``home``), the user's even when made under sudo."""
+def as_owner(machine: Machine) -> AbstractContextManager[None]:
+    """The profiles' owner's effective ids for the block (under sudo; else nothing changes).
+
+    Profiles are the user's files and may be links (into a dotfiles repository): root reads,
+    edits and creates them as the user, so a link planted there reaches only what the user could
+    edit anyway, never /etc/sudoers.d or another root file; what cmm creates is the user's.
+    """
+    if machine.owner is None:
+        return contextlib.nullcontext()
+    return running_as(Identity.of_uid(*machine.owner))
+
+
+def _create(path: Path, text: str, home: Path) -> None:
+    """A new profile (and its folders below ``home``); run as the profile's owner."""
     if not home.is_dir():
         raise FileNotFoundError(2, "No such directory", str(home))
     missing = []
@@ -514,59 +536,88 @@ def _create(path: Path, text: str, home: Path, owner: tuple[int, int] | None) ->
         parent = parent.parent
     for directory in reversed(missing):
         directory.mkdir(mode=0o755)
-        if owner is not None:
-            os.chown(directory, *owner)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "wb") as handle:
-        if owner is not None:
-            os.fchown(handle.fileno(), *owner)
         handle.write(text.encode("utf-8", "surrogateescape"))
         handle.flush()
         os.fsync(handle.fileno())
 
 
+def _failure(path: Path, error: OSError) -> ProfileChange:
+    return ProfileChange(path, ProfileAction.FAILED, (error.strerror or str(error),))
+
+
 def install_profiles(ca_cert: Path, machine: Machine, ca_pem: bytes | None = None) -> tuple[ProfileChange, ...]:
     """Put cmm's line in every existing profile (or create the shell's profile if there is none).
 
-    Files are rewritten in place, so they keep their mode, owner and symlinks.
+    Files are rewritten in place, so they keep their mode, owner and symlinks; all of it is done
+    as the profiles' owner (:func:`as_owner`).  A profile that cannot be read or written that way
+    is reported (FAILED) and left alone; the others are still edited.
     """
     if ca_pem is None:
-        ca_pem = _read_optional(ca_cert)
+        ca_pem = read_ca(ca_cert, machine)
 
     def is_ca(value: str) -> bool:
         return _points_at(value, ca_cert, ca_pem)
 
-    found = existing_profiles(machine.home)
-    if not found:
-        profile = default_profile(machine.home, machine.shell)
-        _create(profile.path, add_line("", profile.syntax, ca_cert), machine.home, machine.owner)
-        return (ProfileChange(profile.path, ProfileAction.CREATED),)
-    changes = []
-    for profile in found:
-        action, _, conflicts = plan_profile(_read(profile.path), profile.syntax, ca_cert, machine.home, is_ca)
-        if action in (ProfileAction.ADDED, ProfileAction.UPDATED):
-            # Recomputed on the text as read for writing, so a concurrent edit is not lost.
-            rewrite_in_place(profile.path, lambda text, s=profile.syntax: add_line(text, s, ca_cert))
-        changes.append(ProfileChange(profile.path, action, conflicts))
+    with as_owner(machine):
+        found = existing_profiles(machine.home)
+        if not found:
+            profile = default_profile(machine.home, machine.shell)
+            try:
+                _create(profile.path, add_line("", profile.syntax, ca_cert), machine.home)
+            except OSError as error:
+                return (_failure(profile.path, error),)
+            return (ProfileChange(profile.path, ProfileAction.CREATED),)
+        changes = []
+        for profile in found:
+            try:
+                action, _, conflicts = plan_profile(_read(profile.path), profile.syntax, ca_cert, machine.home, is_ca)
+                if action in (ProfileAction.ADDED, ProfileAction.UPDATED):
+                    # Recomputed on the text as read for writing, so a concurrent edit is not lost.
+                    rewrite_in_place(profile.path, lambda text, s=profile.syntax: add_line(text, s, ca_cert))
+            except OSError as error:
+                changes.append(_failure(profile.path, error))
+                continue
+            changes.append(ProfileChange(profile.path, action, conflicts))
     return tuple(changes)
 
 
 def remove_profiles(machine: Machine, ca_cert: Path | None = None) -> tuple[ProfileChange, ...]:
-    """Take cmm's line out of every profile; lines of the user's that name ``ca_cert`` are reported
-    (as SET_BY_USER) but left for the user to delete."""
+    """Take cmm's line out of every profile, as their owner; lines of the user's that name
+    ``ca_cert`` are reported (as SET_BY_USER) but left for the user to delete, and a profile that
+    cannot be edited is reported (FAILED)."""
     changes = []
-    for profile in existing_profiles(machine.home):
-        text = _read(profile.path)
-        if has_line(text):
-            rewrite_in_place(profile.path, remove_line)
-            changes.append(ProfileChange(profile.path, ProfileAction.REMOVED))
-        if ca_cert is not None:
-            own = tuple(
-                a.value for a in assignments(text, machine.home) if not a.managed and _points_at(a.value, ca_cert, None)
-            )
-            if own:
-                changes.append(ProfileChange(profile.path, ProfileAction.SET_BY_USER, own))
+    with as_owner(machine):
+        for profile in existing_profiles(machine.home):
+            try:
+                text = _read(profile.path)
+                if has_line(text):
+                    rewrite_in_place(profile.path, remove_line)
+                    changes.append(ProfileChange(profile.path, ProfileAction.REMOVED))
+            except OSError as error:
+                changes.append(_failure(profile.path, error))
+                continue
+            if ca_cert is not None:
+                own = tuple(
+                    a.value for a in assignments(text, machine.home)
+                    if not a.managed and _points_at(a.value, ca_cert, None)
+                )
+                if own:
+                    changes.append(ProfileChange(profile.path, ProfileAction.SET_BY_USER, own))
     return tuple(changes)
+
+
+def read_ca(ca_cert: Path, machine: Machine) -> bytes | None:
+    """The CA file's bytes as its owner reads them, never through a link (None: none usable).
+
+    Root must not read a path in the user's folder with its own rights: a link there could name
+    any file on the machine."""
+    with as_owner(machine):
+        try:
+            return read_file(ca_cert)
+        except OSError:
+            return None
 
 
 def _read_optional(path: Path) -> bytes | None:
@@ -742,14 +793,25 @@ def trusted_ca_pem(ca_cert: Path) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+@contextlib.contextmanager
+def _private_copy(ca_pem: bytes) -> Iterator[Path]:
+    """A file holding ``ca_pem`` in a folder only root can reach, for a store's tool to read:
+    never the user's path, whose file could be swapped after cmm checked it."""
+    with tempfile.TemporaryDirectory(prefix="cmm-ca-", dir=PRIVATE_COPY_PARENT) as private:
+        copy = Path(private) / certs.certificate_paths(Path(private)).ca_cert.name
+        certs.write_atomically(copy, ca_pem, certs.CERT_MODE)
+        yield copy
+
+
 def install_system_trust(store: SystemStore, ca_cert: Path, machine: Machine) -> str:
     """Make the store trust ``ca_cert``, replacing an older cmm CA there; says what it did.
 
-    Only a CA carrying exactly cmm's name constraint is installed. Tools that read a file get a
-    private copy of the checked bytes, never the user's path, which could change after the check.
+    Only a CA carrying exactly cmm's name constraint is installed, read as the folder's owner.
+    Tools that read a file get a private copy of the checked bytes, never the user's path.
     Raises TrustError when not root, when the CA is refused, or when the store's tool fails.
     """
-    ca_pem = trusted_ca_pem(ca_cert)
+    with as_owner(machine):
+        ca_pem = trusted_ca_pem(ca_cert)
     status = system_status(store, ca_pem, machine)
     if status.present and status.current:
         return f"already trusts cmm's CA: {store.describe()}"
@@ -763,9 +825,7 @@ def install_system_trust(store: SystemStore, ca_cert: Path, machine: Machine) ->
     else:
         if status.present:
             _remove_system_entries(store, machine, ca_pem)
-        with tempfile.TemporaryDirectory(prefix="cmm-ca-", dir=PRIVATE_COPY_PARENT) as private:
-            copy = Path(private) / certs.certificate_paths(Path(private)).ca_cert.name
-            certs.write_atomically(copy, ca_pem, certs.CERT_MODE)
+        with _private_copy(ca_pem) as copy:
             if store.kind is StoreKind.P11KIT:
                 _check(machine.run([store.command, "anchor", "--store", str(copy)]), "trust anchor --store")
             else:
@@ -776,9 +836,7 @@ def install_system_trust(store: SystemStore, ca_cert: Path, machine: Machine) ->
     return f"{verb} {store.describe()}"
 
 
-def _remove_system_entries(
-    store: SystemStore, machine: Machine, ca_pem: bytes | None, ca_cert: Path | None = None
-) -> bool:
+def _remove_system_entries(store: SystemStore, machine: Machine, ca_pem: bytes | None) -> bool:
     name, sha1, _ = _ca_facts(ca_pem)
     if store.kind in (StoreKind.DEBIAN, StoreKind.FEDORA):
         assert store.location is not None
@@ -795,8 +853,12 @@ def _remove_system_entries(
             _check(machine.run([store.command, "anchor", "--remove", uri]), "trust anchor --remove")
         return bool(entries)
     hashes = _keychain_hashes(store, machine, name)
-    if ca_cert is not None and sha1 in hashes:
-        machine.run([store.command, "remove-trusted-cert", "-d", str(ca_cert)])  # its trust setting
+    if ca_pem and sha1 in hashes:  # its trust setting, named by a private copy of that certificate
+        from cryptography import x509
+
+        single = x509.load_der_x509_certificate(pem_certificates(ca_pem)[0])
+        with _private_copy(single.public_bytes(serialization.Encoding.PEM)) as copy:
+            machine.run([store.command, "remove-trusted-cert", "-d", str(copy)])
     for digest in hashes:
         argv = [store.command, "delete-certificate", "-Z", digest, str(store.location)]
         _check(machine.run(argv), "security delete-certificate")
@@ -805,11 +867,11 @@ def _remove_system_entries(
 
 def remove_system_trust(store: SystemStore, machine: Machine, ca_cert: Path | None = None) -> str | None:
     """Take every cmm CA out of the store; what was done, or None when there was nothing."""
-    ca_pem = _read_optional(ca_cert) if ca_cert is not None else None
+    ca_pem = read_ca(ca_cert, machine) if ca_cert is not None else None
     if not system_status(store, ca_pem, machine).present:
         return None
     _need_root(machine, "removing cmm's CA from the system trust store")
-    if not _remove_system_entries(store, machine, ca_pem, ca_cert):
+    if not _remove_system_entries(store, machine, ca_pem):
         return None
     return f"removed cmm's CA from {store.describe()}"
 
@@ -906,18 +968,20 @@ def trust_status(
     if machine is None:
         machine = Machine.from_environ(os.environ if environ is None else environ)
     ca_cert = certs.certificate_paths(config_dir).ca_cert
-    ca_pem = _read_optional(ca_cert)
+    ca_pem = read_ca(ca_cert, machine)
     found = []
-    for profile in existing_profiles(machine.home):
-        try:
-            text = _read(profile.path)
-        except OSError:
-            continue
-        settings = assignments(text, machine.home)
-        ok = bool(settings) and _points_at(settings[-1].value, ca_cert, ca_pem)
-        found.append(ProfileStatus(profile.path, settings, ok))
+    with as_owner(machine):  # profiles may be links: read only what their owner could
+        for profile in existing_profiles(machine.home):
+            try:
+                text = _read(profile.path)
+            except OSError:
+                continue
+            settings = assignments(text, machine.home)
+            ok = bool(settings) and _points_at(settings[-1].value, ca_cert, ca_pem)
+            found.append(ProfileStatus(profile.path, settings, ok))
+        env = machine.environment_value
+        env_ok = env is not None and _points_at(env, ca_cert, ca_pem)
     store_status = system_status(detect_system_store(machine), ca_pem, machine) if system else SystemTrustStatus(None)
-    env = machine.environment_value
     return TrustStatus(
         ca_cert=ca_cert,
         ca_exists=ca_pem is not None,
@@ -925,7 +989,7 @@ def trust_status(
         profiles=tuple(found),
         system=store_status,
         environment_value=env,
-        environment_ok=env is not None and _points_at(env, ca_cert, ca_pem),
+        environment_ok=env_ok,
     )
 
 
@@ -1022,7 +1086,7 @@ def system_preflight(
         if not machine.is_root:
             return None, "--system-trust needs root: run `sudo cmm setup --system-trust`"
         return store, None
-    old = _read_optional(ca_cert)
+    old = read_ca(ca_cert, machine)
     if store is None or old is None or not system_status(store, old, machine).current:
         return None, None
     if force and not machine.is_root:
@@ -1057,6 +1121,9 @@ def setup_trust(
         for change in changes:
             if change.action is ProfileAction.CONFLICT:
                 warnings.append(conflict_advice(change.path, change.others, ca_cert, machine.home))
+            elif change.action is ProfileAction.FAILED:
+                warnings.append(_failure_advice(change, machine))
+                failed = True
             else:
                 lines.append(f"shell profile {display(change.path, machine.home)}: {change.action.value}")
     if store is not None and (system_requested or created_ca):
@@ -1092,12 +1159,24 @@ def uninstall_trust(ca_cert: Path, machine: Machine) -> Report:
         changes = remove_profiles(machine, ca_cert)
     except OSError as error:
         return Report(tuple(lines), (f"cannot edit {error.filename or 'a shell profile'}: {error.strerror}",), True)
+    failed = False
     for change in changes:
         if change.action is ProfileAction.REMOVED:
             lines.append(f"Shell profile {display(change.path, machine.home)}: removed the {VARIABLE} line.")
+        elif change.action is ProfileAction.FAILED:
+            warnings.append(_failure_advice(change, machine))
+            failed = True
         else:
             warnings.append(
                 f"{display(change.path, machine.home)} still sets {VARIABLE} to {', '.join(change.others)} "
                 "on a line cmm did not write; delete it yourself"
             )
-    return Report(tuple(lines), tuple(warnings), False)
+    return Report(tuple(lines), tuple(warnings), failed)
+
+
+def _failure_advice(change: ProfileChange, machine: Machine) -> str:
+    shown = display(change.path, machine.home)
+    reason = change.others[0] if change.others else "cannot be edited"
+    link = f" (a link to {os.path.realpath(change.path)})" if change.path.is_symlink() else ""
+    return (f"cannot edit {shown}{link} as its owner: {reason}; left it alone. "
+            f"Add the {VARIABLE} line to it yourself, or make it a file of your own")

@@ -31,12 +31,13 @@ from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
 from cmm.core.model_finder import Found, ModelFinder
-from cmm.core.records import RequestRecord
+from cmm.core.records import RequestRecord, escaped
 from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, candidate_endpoint, decoded_head, intercepted_head,
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.core.thinking import Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message, thinking_off_if
+from cmm.core.thinking import (MAX_SSE_EVENT, Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message,
+                               thinking_off_if)
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
 
@@ -67,7 +68,8 @@ class ProxyContext:
     draining: bool = False
     # Client connections the open-file limit has room for (see ``fit_open_files``); None: no bound.
     connection_budget: int | None = None
-    refused: int = 0
+    refused: int = 0  # connections refused because every one at the cap was busy
+    evicted_idle: int = 0  # idle keep-alive connections closed to make room for a new one
     _drained: list[defer.Deferred[None]] = attrs.field(factory=list)
     _refusal_logged: float | None = None
 
@@ -94,6 +96,7 @@ class ProxyContext:
                     self._refuse_one(limit)
                     return False
                 min(idle, key=lambda c: c.idle_since).close()
+                self.evicted_idle += 1
         self.connections.add(connection)
         return True
 
@@ -132,6 +135,8 @@ class ProxyContext:
             "in_flight": sum(1 for c in self.connections if c.exchange is not None),
             "upstream_idle": self.pool.idle_count(),
             "upstream_opened": self.pool.opened,
+            "refused": self.refused,
+            "evicted_idle": self.evicted_idle,
         }
 
 
@@ -175,6 +180,7 @@ class ClientConnection(Protocol):
         self.pending = b""  # bytes read ahead of the current state (next body part, next request)
         self.served = 0
         self.content: str | None = None
+        self.routing_deadline: Any = None  # the delayed call that ends a too-slow routing read
 
     # Twisted interface
 
@@ -213,6 +219,7 @@ class ClientConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.state = "closed"
         self.deadline.cancel()
+        self._routing_read_over()
         if self.exchange is not None:
             self.exchange.client_lost()
         self.context.connections.discard(self)
@@ -265,7 +272,8 @@ class ClientConnection(Protocol):
         self.decoder: BodyDecoder | None = None
         codings = [c.decode("latin-1") for c in head.headers.tokens(b"content-encoding")]
         if self.endpoint is not None and unsupported(codings):
-            log.warn("Cannot read a {codings} body to find its model; passing it through", codings=", ".join(codings))
+            log.warn("Cannot read a {codings} body to find its model; passing it through",
+                     codings=escaped(", ".join(codings)))
             self.endpoint = None
         elif self.endpoint is not None and any(c != "identity" for c in codings):
             self.decoder = BodyDecoder(codings, self.settings.body_limit)
@@ -274,6 +282,7 @@ class ClientConnection(Protocol):
                 self.transport.write(CONTINUE)
             self.state = "sniff"
             self.finder = ModelFinder()
+            self.routing_deadline = self.context.clock.callLater(self.settings.head_timeout, self._routing_timed_out)
             if rest:
                 self._sniff_bytes(rest)
             return
@@ -306,6 +315,7 @@ class ClientConnection(Protocol):
     def _dispatch(self, result: object, mapping: Mapping | None, rest: bytes, body_done: bool) -> None:
         """Route decided: borrow an upstream connection and send what is in hand."""
         assert self.head is not None
+        self._routing_read_over()
         model = result.model if isinstance(result, Found) else None
         self.stages = self._stages_for(mapping)
         if self.stages and body_done and cannot_hold_a_mark(b"".join(self.sniffed_payload)):
@@ -445,6 +455,7 @@ class ClientConnection(Protocol):
         self._drain_pending()
 
     def close(self) -> None:
+        self._routing_read_over()
         if self.state != "closed":
             self.state = "closed"
             self.deadline.cancel()
@@ -463,7 +474,7 @@ class ClientConnection(Protocol):
             self.context.record(self._record(error.status, error.message))
         else:
             log.info("Refused a request from {peer}: {status} {message}", peer=str(self.transport.getPeer()),
-                     status=error.status, message=error.message)
+                     status=error.status, message=escaped(error.message))
         self.close()
 
     def _record(self, status: int | None, error: str | None, bytes_out: int = 0, model: str | None = None,
@@ -484,6 +495,22 @@ class ClientConnection(Protocol):
             mapping=mapping.source if mapping else None,
             content=self.content,
         )
+
+    def _routing_read_over(self) -> None:
+        if self.routing_deadline is not None:
+            if self.routing_deadline.active():
+                self.routing_deadline.cancel()
+            self.routing_deadline = None
+
+    def _routing_timed_out(self) -> None:
+        """The body up to its model is read against ``head_timeout`` from the body's start, as a
+        head is: else a byte every few seconds (each under the silence timeout) holds a
+        connection and its buffer for ever. Once routed, the body is spliced and only needs to
+        keep moving (``idle_timeout``)."""
+        self.routing_deadline = None
+        if self.state == "sniff":
+            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body up to its model "
+                                     f"({self.settings.head_timeout:g} seconds)"))
 
     def _timed_out(self) -> None:
         if self.state == "head" and self.collector.pending == 0:
@@ -533,6 +560,7 @@ class Exchange:
         self.response: ResponseHead | None = None
         self.tracker: BodyTracker | None = None
         self.marker: SseMarker | None = None  # an intercepted stream whose signatures get marked
+        self.unmarked_warned = False
         self.held_head: bytes | None = None  # an intercepted JSON message, held to be marked
         self.held_body = bytearray()
         self.error_raw: bytearray | None = None  # an intercepted error response, held to be rewritten
@@ -636,6 +664,7 @@ class Exchange:
             out = encode_chunk(self.marker.feed(b"".join(progress.payload)))  # one chunk for what came at once
             if progress.done:
                 out += encode_chunk(self.marker.finish()) + LAST_CHUNK
+            self._warn_if_unmarked(self.marker)
             if out:
                 self._to_client(out)
         elif self.held_head is not None:
@@ -646,6 +675,7 @@ class Exchange:
                 if b"event-stream" in (self.response.headers.get(b"content-type") or b""):
                     marker = SseMarker()  # a stream with a Content-Length: held whole, marked alike
                     body = marker.feed(body) + marker.finish()
+                    self._warn_if_unmarked(marker)
                 else:
                     body = mark_message(body)
                 self.response_started = True
@@ -666,6 +696,17 @@ class Exchange:
         if self.client.head is not None and not self.client.head.keep_alive:
             head = with_connection_close(head)
         return head
+
+    def _warn_if_unmarked(self, marker: SseMarker) -> None:
+        """Say once per response that an event went out unmarked: a signature in it (if any)
+        would not be recognised as the target's later, and Anthropic would refuse it."""
+        if marker.passed_unmarked and not self.unmarked_warned:
+            self.unmarked_warned = True
+            log.warn("{target} streamed an event larger than {limit} MiB: it went to the client as it came, "
+                     "so the thinking signatures in it were not marked as the target's (cmm holds at most "
+                     "{limit} MiB of one event to mark it)",
+                     target=self.mapping.upstream.url if self.mapping else self.destination.label,
+                     limit=MAX_SSE_EVENT // MiB)
 
     def _hold_error(self, raw: bytes, payload: tuple[bytes, ...]) -> None:
         assert self.error_raw is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -17,12 +18,12 @@ import attrs
 import pytest
 
 from cmm.cli import main as cli
-
-from cmm.machine import trust
-from cmm.cli.main import StopState, main, stop_process
 from cmm.cli import processes
+from cmm.cli.main import StopState, main, stop_process
 from cmm.cli.processes import process_alive, process_start_time
+from cmm.machine import trust
 from cmm.machine.hosts import BEGIN_MARK, add_block
+from support import process_env
 
 
 # A process whose command line is cmm's checkout form (python -c '...twistd...' ... cmm): `cmm stop`
@@ -255,6 +256,26 @@ def test_setup_creates_certificates_and_profile_line(tmp_path: Path) -> None:
     assert commands.calls == []
 
 
+def test_setup_force_while_cmm_runs_says_how_to_reload(tmp_path: Path) -> None:
+    environ = {"HOME": str(tmp_path), "SHELL": "/bin/zsh"}
+    machine, _ = fake_machine(tmp_path)
+    assert run(["setup"], environ, machine)[0] == 0
+    code, out, _ = run(["setup", "--force"], environ, machine)
+    assert code == 0 and "kill -HUP" not in out  # nothing runs: nothing to reload
+    child = start_stand_in()
+    try:
+        (tmp_path / ".cmm" / "cmm.pid").write_text(f"{child.pid}\n")
+        code, out, err = run(["setup", "--force"], environ, machine)
+        assert code == 0, err
+        assert f"cmm is running (pid {child.pid})" in out and f"sudo kill -HUP {child.pid}\n" in out
+        assert "restart them" in out  # a new CA
+        code, out, _ = run(["setup"], environ, machine)
+        assert code == 0 and "kill -HUP" not in out  # nothing new was issued
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_setup_edits_every_existing_profile_and_leaves_conflicts(tmp_path: Path) -> None:
     machine, _ = fake_machine(tmp_path, shell="/bin/bash")
     (tmp_path / ".bashrc").write_text("alias ll='ls -l'\n")
@@ -448,11 +469,81 @@ def test_stop_with_stale_pid_file_still_cleans_hosts(tmp_path: Path, hosts_file:
 
 
 @pytest.mark.parametrize("content", ["", "garbage", "0", "-1", "1"])
-def test_stop_ignores_unusable_pid_file(tmp_path: Path, hosts_file: Path, content: str) -> None:
+def test_stop_refuses_an_unusable_pid_file(tmp_path: Path, hosts_file: Path, content: str) -> None:
     (tmp_path / "cmm.pid").write_text(content)
-    code, out, _ = run(["stop", "--config-dir", str(tmp_path), "--hosts-file", str(hosts_file)])
-    assert code == 0
-    assert "no usable process id" in out
+    hosts_file.write_text(add_block("127.0.0.1 localhost\n"))
+    code, out, err = run(["stop", "--config-dir", str(tmp_path), "--hosts-file", str(hosts_file)])
+    assert code == 1
+    assert err.startswith(f"cmm: {tmp_path / 'cmm.pid'} ") and "names no process to stop" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert hosts_file.read_text() == "127.0.0.1 localhost\n"  # the leftover block still goes
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_stop_with_a_folder_as_pid_file_says_so(tmp_path: Path, given: bool) -> None:
+    """`cmm stop --pid-file /tmp`, or a ~/.cmm/cmm.pid that is a folder: one line, exit 1."""
+    config = tmp_path / "cfg"
+    (config / "cmm.pid").mkdir(parents=True)
+    argv = ["--pid-file", str(tmp_path)] if given else ["--config-dir", str(config)]
+    result = subprocess.run([sys.executable, "-m", "cmm.cli", "stop", *argv, "--hosts-file", str(tmp_path / "none")],
+                            capture_output=True, text=True, env=process_env(HOME=str(tmp_path)), timeout=60)
+    named = tmp_path if given else config / "cmm.pid"
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"cmm: {named} is not a regular file, so it names no process to stop; "
+        + ("give --pid-file the file twistd wrote\n" if given else f"if cmm is not running, move it away "
+                                                                   f"(mv {named} {named}.old)\n")
+    )
+    assert named.is_dir()
+
+
+def test_stop_on_a_stale_pid_file_removes_the_state_file_too(tmp_path: Path) -> None:
+    """Else `cmm status` keeps reporting the dead run."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    config = tmp_path / "cfg"
+    config.mkdir(mode=0o700)
+    (config / "cmm.pid").write_text(f"{child.pid}\n")
+    state = config / "cmm.state.json"
+    state.write_text(json.dumps({"pid": child.pid, "port": 443}))
+    env = process_env(HOME=str(tmp_path))
+    before = subprocess.run([sys.executable, "-m", "cmm.cli", "status", "--config-dir", str(config),
+                             "--hosts-file", str(tmp_path / "none"), "--timeout", "0.5"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert "from a previous run is gone" in before.stdout
+
+    result = subprocess.run([sys.executable, "-m", "cmm.cli", "stop", "--config-dir", str(config),
+                             "--hosts-file", str(tmp_path / "none")], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "stale pid file" in result.stdout and "Removed the state file" in result.stdout
+    assert not state.exists() and not (config / "cmm.pid").exists()
+    after = subprocess.run([sys.executable, "-m", "cmm.cli", "status", "--config-dir", str(config),
+                            "--hosts-file", str(tmp_path / "none"), "--timeout", "0.5"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert "previous run" not in after.stdout
+
+
+def test_stop_keeps_a_state_file_of_another_process(tmp_path: Path, hosts_file: Path) -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    (tmp_path / "cmm.pid").write_text(f"{child.pid}\n")
+    stand_in = start_stand_in()
+    try:
+        state = tmp_path / "cmm.state.json"
+        state.write_text(json.dumps({"pid": stand_in.pid}))  # a run that is alive: not ours to remove
+        code, out, err = run(["stop", "--config-dir", str(tmp_path), "--hosts-file", str(hosts_file)])
+        assert code == 0, err
+        assert state.exists() and "state file" not in out
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "cmm.pid").write_text(f"{child.pid}\n")
+        (other / "cmm.state.json").write_text(json.dumps({"pid": child.pid + 100000}))  # names another pid
+        code, out, err = run(["stop", "--config-dir", str(other), "--hosts-file", str(hosts_file)])
+        assert code == 0 and (other / "cmm.state.json").exists(), err
+    finally:
+        stand_in.kill()
+        stand_in.wait()
 
 
 def test_stop_missing_hosts_file(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """``cmm test``: the judging of each answer, the temporary interceptor's plan, and whole runs against the fakes.
 
 The whole runs start the fake Anthropic and the fake target, and a cmm from *this checkout*
-(``cmm.checkout``) on a free high port with ``--no-hosts``; ``cmm test`` itself runs in a child
+(``cmm.testing.checkout``) on a free high port with ``--no-hosts``; ``cmm test`` itself runs in a child
 process, as a user would run it, so the test process never starts a reactor.
 """
 

@@ -161,7 +161,11 @@ def test_settings_and_configured_mappings(tmp_path: Path) -> None:
     (tmp_path / "mappings.toml").write_text('[[mapping]]\nsource = "a"\ntarget = "b"\n\n'
                                             '[[mapping]]\nsource = "c"\ntarget = "d"\nurl = "http://other:2/m"\n')
     assert status.configured_mappings(tmp_path, status.read_settings(tmp_path)) == (
-        MappingInfo("a", "b", "http://h:1/m"), MappingInfo("c", "d", "http://other:2/m"))
+        MappingInfo("a", "b", "http://h:1/m"), MappingInfo("c", "d", "http://other:2/m"),
+        MappingInfo("claude-haiku-4-5", "g", "http://h:1/m"))  # the .env pair still applies
+    (tmp_path / "mappings.toml").write_text('[[mapping]]\nsource = "claude-haiku-4-5"\ntarget = "x"\n')
+    assert status.configured_mappings(tmp_path, status.read_settings(tmp_path)) == (
+        MappingInfo("claude-haiku-4-5", "x", "http://h:1/m"),)  # the file wins for the same source
     (tmp_path / "mappings.toml").write_text("[[mapping]]\nsource = 1\n")
     assert status.configured_mappings(tmp_path, status.read_settings(tmp_path))[0].source == "claude-haiku-4-5"
 

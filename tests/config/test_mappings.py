@@ -359,3 +359,19 @@ def test_cli_broken_file_is_reported_and_left_alone(tmp_path: Path) -> None:
 def test_cli_map_needs_an_action(tmp_path: Path) -> None:
     code, out, err = run(["map"], tmp_path)
     assert code == 2 and "required: ACTION" in err
+
+
+def test_map_list_and_add_show_the_env_pair(tmp_path: Path) -> None:
+    """The .env pair applies next to the file: list says so, and add says when it replaces it."""
+    folder = tmp_path / ".cmm"
+    folder.mkdir(mode=0o700)
+    (folder / ".env").write_text("DEFAULT_SOURCE_MODEL=claude-haiku-4-5\nDEFAULT_TARGET_MODEL=gemini-2.5-flash\n")
+    code, out, err = run(["map", "add", "claude-sonnet-4", "gpt-5"], tmp_path)
+    assert code == 0 and "replaces" not in out, err
+    code, out, _ = run(["map", "list"], tmp_path)
+    assert out.splitlines()[-1] == ("and from .env (DEFAULT_SOURCE_MODEL/DEFAULT_TARGET_MODEL): "
+                                    "claude-haiku-4-5 → gemini-2.5-flash")
+    code, out, _ = run(["map", "add", "claude-haiku-4-5", "o3"], tmp_path)
+    assert code == 0 and "it replaces the .env pair claude-haiku-4-5 → gemini-2.5-flash" in out
+    code, out, _ = run(["map", "list"], tmp_path)
+    assert "from .env" not in out

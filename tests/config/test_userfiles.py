@@ -542,7 +542,7 @@ def test_stop_with_a_pid_file_in_a_linked_system_folder(tmp_path: Path) -> None:
     (tmp_path / "run" / "cmm.pid").write_text("0\n")
     code, out, err = main(["stop", "--pid-file", str(tmp_path / "var-run" / "cmm.pid"),
                            "--hosts-file", str(tmp_path / "hosts")], {})
-    assert code == 0 and "no usable process id" in out, err
+    assert code == 1 and f"{tmp_path / 'run' / 'cmm.pid'} names pid 0, which is never cmm" in err, err
 
 
 def test_status_reads_no_certificate_through_a_link(tmp_path: Path) -> None:

@@ -56,3 +56,41 @@ def test_no_hosts_and_addresses() -> None:
     assert config.hosts_file is None
     assert config.anthropic_ips == ("192.0.2.10", "2001:db8::10")
     assert config.listen == ("127.0.0.1",)
+
+
+class _Spec:
+    def __init__(self, source: str, target: str, url: str | None = None, api_key: str | None = None) -> None:
+        self.source, self.target, self.url, self.api_key = source, target, url, api_key
+
+
+ENV_PAIR = {"DEFAULT_SOURCE_MODEL": "claude-haiku-4-5", "DEFAULT_TARGET_MODEL": "gemini-2.5-flash"}
+
+
+def _pairs(options: dict, env: dict, specs: list) -> set[tuple[str, str]]:
+    return {(m.source, m.target) for m in build_config(options, env, DIR, specs).proxy.router.mappings}
+
+
+def test_env_pair_keeps_working_alongside_the_mappings_file() -> None:
+    """The first `cmm map add` must not silently stop the .env pair from being intercepted."""
+    assert _pairs({}, ENV_PAIR, []) == {("claude-haiku-4-5", "gemini-2.5-flash")}
+    assert _pairs({}, ENV_PAIR, [_Spec("claude-sonnet-4", "gpt-5")]) == {
+        ("claude-haiku-4-5", "gemini-2.5-flash"), ("claude-sonnet-4", "gpt-5")}
+
+
+def test_mappings_file_wins_over_the_env_pair_for_the_same_source() -> None:
+    assert _pairs({}, ENV_PAIR, [_Spec("claude-haiku-4-5", "gpt-5", "http://other:1/m")]) == {
+        ("claude-haiku-4-5", "gpt-5")}
+
+
+def test_flags_replace_the_env_pair_and_win_over_the_file() -> None:
+    specs = [_Spec("claude-sonnet-4", "gpt-5"), _Spec("a", "file")]
+    assert _pairs({"source": ["a"], "target": ["flag"]}, ENV_PAIR, specs) == {("a", "flag"), ("claude-sonnet-4", "gpt-5")}
+    # a lone --target takes DEFAULT_SOURCE_MODEL as its partner: that is the pair, once
+    assert _pairs({"target": "o3"}, ENV_PAIR, specs) == {("claude-haiku-4-5", "o3"), ("claude-sonnet-4", "gpt-5"),
+                                                          ("a", "file")}
+
+
+def test_half_an_env_pair_is_ignored_when_the_file_maps_something() -> None:
+    assert _pairs({}, {"DEFAULT_SOURCE_MODEL": "claude-haiku-4-5"}, [_Spec("a", "b")]) == {("a", "b")}
+    with pytest.raises(ConfigError, match="--target"):
+        build_config({}, {"DEFAULT_SOURCE_MODEL": "claude-haiku-4-5"}, DIR, [])

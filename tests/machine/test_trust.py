@@ -12,7 +12,8 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote_from_bytes
@@ -309,6 +310,9 @@ class FakeTools:
                 cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
             )
             return CommandResult(0)
+        if args[0] == "remove-trusted-cert":
+            self.read(args[-1])
+            return CommandResult(0)
         if args[0] == "delete-certificate":
             self.keychain.pop(args[args.index("-Z") + 1])
             return CommandResult(0)
@@ -409,14 +413,116 @@ def test_profile_of_the_shell_is_created_when_there_is_none(tmp_path: Path, shel
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
-def test_created_profile_belongs_to_the_sudo_user(tmp_path: Path) -> None:
-    machine = attrs.evolve(make_machine(tmp_path, shell="/usr/bin/fish"), owner=(4321, 8765))
+USER = 65534  # nobody: the user who ran sudo, in the tests that act as another user
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+
+
+@pytest.fixture
+def user_home() -> Iterator[Path]:
+    """A home of uid 65534 that uid can reach (pytest's tmp_path is under root's 0700 folder)."""
+    base = Path(tempfile.mkdtemp(prefix="cmm-home-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        home = base / "home"
+        home.mkdir(mode=0o755)
+        os.chown(home, USER, USER)
+        yield home
+    finally:
+        shutil.rmtree(base)
+
+
+def _users_file(path: Path, text: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.chown(path, USER, USER)
+    return path
+
+
+def _victim(path: Path) -> Path:
+    """A root file the user can read but not write, as /etc/sudoers.d/x or /etc/profile would be."""
+    path.write_text("root's own\n")
+    path.chmod(0o644)
+    return path
+
+
+@needs_root
+def test_created_profile_belongs_to_the_sudo_user(tmp_path: Path, user_home: Path) -> None:
+    machine = attrs.evolve(make_machine(tmp_path, shell="/usr/bin/fish"), home=user_home, owner=(USER, USER))
     ca = write_ca(tmp_path / "cfg")
-    trust.install_profiles(ca, machine)
-    for path in (machine.home / ".config", machine.home / ".config/fish", machine.home / ".config/fish/config.fish"):
-        assert (path.stat().st_uid, path.stat().st_gid) == (4321, 8765)
-    assert machine.home.stat().st_uid != 4321  # the home itself is not cmm's to give away
+    assert [c.action for c in trust.install_profiles(ca, machine)] == [ProfileAction.CREATED]
+    for path in (user_home / ".config", user_home / ".config/fish", user_home / ".config/fish/config.fish"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (USER, USER)
+    assert (user_home / ".config/fish/config.fish").read_text() == add_line("", Syntax.FISH, ca)
+
+
+@needs_root
+def test_sudo_setup_edits_profiles_only_as_their_owner(tmp_path: Path, user_home: Path) -> None:
+    """A profile linked to a root file is reported and left alone; the user's own files, linked
+    or not, are edited in place and stay the user's."""
+    machine = attrs.evolve(make_machine(tmp_path), home=user_home, owner=(USER, USER))
+    config = user_home / ".cmm"
+    config.mkdir(mode=0o700)
+    os.chown(config, USER, USER)
+    ca = _users_file(config / "ca.crt", certs.make_ca(NOW).cert_pem.decode())
+    victim = _victim(user_home.parent / "sudoers")
+    (user_home / ".bashrc").symlink_to(victim)
+    os.lchown(user_home / ".bashrc", USER, USER)
+    zshrc = _users_file(user_home / ".zshrc", "alias ll='ls -l'\n")
+    dotfile = _users_file(user_home / "dotfiles" / "profile", "PATH=$PATH:~/bin\n")
+    (user_home / ".profile").symlink_to(dotfile)
+
+    report = trust.setup_trust(ca, machine, profile=True)
+    assert victim.read_text() == "root's own\n" and victim.stat().st_uid == 0
+    assert report.failed
+    assert len(report.warnings) == 1 and "~/.bashrc" in report.warnings[0] and str(victim) in report.warnings[0]
+    assert report.lines == (
+        "shell profile ~/.zshrc: added the NODE_EXTRA_CA_CERTS line",
+        "shell profile ~/.profile: added the NODE_EXTRA_CA_CERTS line",
+    )
+    for path in (zshrc, dotfile):
+        assert has_line(path.read_text()) and path.stat().st_uid == USER
+    assert (user_home / ".profile").is_symlink()
+
+    victim.write_text(f'export NODE_EXTRA_CA_CERTS="{ca}" {MARKER}\n')  # cmm's line in root's file
+    before = victim.read_text()
+    report = trust.uninstall_trust(ca, machine)
+    assert victim.read_text() == before
+    assert report.failed and "~/.bashrc" in report.warnings[0]
+    assert not has_line(zshrc.read_text()) and not has_line(dotfile.read_text())
+
+
+@needs_root
+def test_fish_folder_is_made_as_the_user(tmp_path: Path, user_home: Path) -> None:
+    """A ~/.config linked to a root folder: root does not create config.fish in it."""
+    machine = attrs.evolve(make_machine(tmp_path, shell="/usr/bin/fish"), home=user_home, owner=(USER, USER))
+    ca = write_ca(tmp_path / "cfg")
+    target = user_home.parent / "rootdir"
+    target.mkdir(mode=0o755)
+    (user_home / ".config").symlink_to(target)
+    report = trust.setup_trust(ca, machine, profile=True)
+    assert report.failed and "config.fish" in report.warnings[0]
+    assert list(target.iterdir()) == []
+
+
+@needs_root
+def test_ca_is_read_as_the_user_never_through_a_link(tmp_path: Path, user_home: Path) -> None:
+    """ca.crt linked to a file only root can read gives root's tools nothing of it."""
+    tools = FakeTools()
+    machine = attrs.evolve(make_machine(tmp_path, tools, have=["trust"]), home=user_home, owner=(USER, USER))
+    secret = tmp_path / "root-only.pem"
+    secret.write_bytes(certs.make_ca(NOW).cert_pem)
+    secret.chmod(0o600)
+    config = user_home / ".cmm"
+    config.mkdir()
+    os.chown(config, USER, USER)
+    (config / "ca.crt").symlink_to(secret)
+    assert trust.read_ca(config / "ca.crt", machine) is None
+    store = trust.detect_system_store(machine)
+    assert store is not None
+    with pytest.raises(TrustError):
+        trust.install_system_trust(store, config / "ca.crt", machine)
+    assert tools.stored == []
+    assert trust.system_preflight(config / "ca.crt", machine, requested=False, force=True) == (None, None)
 
 
 def test_profile_pointing_elsewhere_is_left_alone(tmp_path: Path) -> None:
@@ -567,6 +673,9 @@ def test_macos_keychain(tmp_path: Path) -> None:
 
     assert trust.remove_system_trust(store, machine, new_ca) is not None
     assert tools.keychain == {}
+    removal = next(c for c in tools.calls if c[1] == "remove-trusted-cert")
+    assert removal[-1] != str(new_ca)  # root's own copy of the checked certificate, not the user's path
+    assert_private_copy(tools, new_ca)
     assert any(c.startswith("security delete-certificate -Z ") for c in tools.commands())
 
 

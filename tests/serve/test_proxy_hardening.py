@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from twisted.logger import capturedLogs, formatEvent
 
 from cmm.core.framing import LAST_CHUNK, encode_chunk
+from cmm.core.thinking import MAX_SSE_EVENT
 from cmm.serve.proxy import FD_RESERVE, fit_open_files
 from cmm.serve.tls import CLOSE_TIMEOUT
-from memory_harness import Harness, make_pki, ok_reply, responses, settings
+from memory_harness import TARGET_URL, Harness, make_pki, ok_reply, responses, settings
 
 PKI = make_pki()
 HAIKU = b'{"model":"claude-haiku-4-5-20251001","messages":[{"role":"user","content":"hi"}],"max_tokens":5}'
@@ -146,6 +148,69 @@ def test_a_keep_alive_connection_s_next_head_has_its_own_deadline(harness: Harne
     assert client.received == b"" and not client.lost  # past the idle timeout, within the head's
     harness.advance(1.5)
     assert status_of(client) == 408
+
+
+def head_for(body: bytes, path: bytes = b"/v1/messages") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: %d\r\n\r\n" % (path, len(body))
+
+
+@pytest.mark.parametrize("path", [b"/v1/messages", b"/v1/messages/count_tokens"])
+def test_a_body_trickling_in_before_its_model_is_cut_after_the_head_timeout(harness: Harness, path: bytes) -> None:
+    """A byte every 119 s never meets the silence timeout: the read that routes has a total one."""
+    client, _ = harness.client()
+    harness.send(client, head_for(OPUS, path))
+    for index in range(20):  # '{"model":"claude-opu': the value is not complete yet
+        harness.send(client, OPUS[index : index + 1])
+        harness.advance(1.45)
+    assert client.received == b"" and not client.lost
+    harness.advance(1.5)  # 30.5 s after the body's start
+    assert status_of(client) == 408 and client.lost
+    assert "request body up to its model" in error_message(client)
+    assert harness.upstreams["anthropic"].servers == []  # nothing was sent anywhere
+    [record] = harness.records
+    assert record.status == 408 and record.model is None
+
+
+def test_the_routing_deadline_is_the_head_timeout_even_with_a_long_silence_timeout() -> None:
+    harness = Harness(PKI, settings(head_timeout=5, idle_timeout=1000))
+    client, _ = harness.client()
+    harness.send(client, head_for(OPUS) + OPUS[:3])
+    harness.advance(4)
+    harness.send(client, OPUS[3:5])
+    assert not client.lost
+    harness.advance(1.5)
+    assert status_of(client) == 408 and client.lost
+
+
+def test_a_slow_body_after_its_model_only_has_to_keep_moving(harness: Harness) -> None:
+    body = OPUS[:-1] + b' ' * 20 + b'}'
+    client, _ = harness.client()
+    harness.send(client, head_for(body) + body[:40])  # the model is known: routed, spliced from now on
+    for index in range(40, len(body)):  # ~50 bytes, one every 100 s: far past the head timeout in all
+        harness.advance(100)
+        assert not client.lost
+        harness.send(client, body[index : index + 1])
+    assert status_of(client) == 200
+    [exchange] = harness.upstreams["anthropic"].exchanges
+    assert exchange.raw.endswith(body)
+
+
+def test_a_routed_body_that_stops_moving_is_cut_after_the_silence_timeout(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, head_for(OPUS) + OPUS[:40])
+    harness.advance(119)
+    assert not client.lost
+    harness.advance(1.5)
+    assert status_of(client) == 408 and client.lost
+
+
+def test_a_whole_body_sent_at_once_leaves_no_routing_timer_behind(harness: Harness) -> None:
+    client, _ = harness.client()
+    harness.send(client, post(OPUS))
+    assert status_of(client) == 200
+    assert client.server.routing_deadline is None
+    harness.advance(31)
+    assert not client.lost  # idle keep-alive, well within its 120 s
 
 
 def test_empty_lines_do_not_keep_an_idle_connection_open(harness: Harness) -> None:
@@ -355,3 +420,40 @@ def test_a_target_error_just_within_the_bound_is_still_rewritten(harness: Harnes
     client, _ = harness.client()
     harness.send(client, post(HAIKU))
     assert status_of(client) == 500 and "answered 500" in error_message(client)
+
+
+# -- logs that cannot be forged -------------------------------------------------------------------------
+
+def test_a_content_encoding_with_obs_text_is_logged_escaped(harness: Harness) -> None:
+    client, _ = harness.client()
+    with capturedLogs() as events:
+        harness.send(client, post(OPUS, b"Content-Encoding: x\x85\x9b31m\r\n"))
+    [text] = [formatEvent(event) for event in events if "body to find its model" in formatEvent(event)]
+    assert text == "Cannot read a x\\x85\\x9b31m body to find its model; passing it through"
+    assert harness.upstreams["anthropic"].exchanges  # passed through as it came
+
+
+def test_a_streamed_event_too_large_to_mark_is_passed_and_warned_about_once(harness: Harness) -> None:
+    event = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":' \
+            b'{"type":"signature_delta","signature":"tgt-' + b"A" * MAX_SSE_EVENT + b'"}}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # Two events that grow past the bound before their blank line arrives.
+    pieces = [event[:600_000], event[600_000:], b"\n\n" + event, b"\n\n"]
+    harness.upstreams["target"].reply = lambda server, exchange: None
+    client, _ = harness.client()
+    with capturedLogs() as events:
+        harness.send(client, post(HAIKU))
+        server = harness.upstreams["target"].servers[0]
+        server.transport.write(head)
+        for piece in pieces:
+            server.transport.write(encode_chunk(piece))
+            harness.flush()
+        server.transport.write(LAST_CHUNK)
+        harness.flush()
+    warnings = [formatEvent(event) for event in events if "not marked" in formatEvent(event)]
+    assert warnings == [f"{TARGET_URL} streamed an event larger than 1 MiB: it went to the client as it came, "
+                        "so the thinking signatures in it were not marked as the target's (cmm holds at most "
+                        "1 MiB of one event to mark it)"]
+    received = bytes(client.received)
+    assert received.count(b'"signature":"tgt-AAAA') == 2 and b"cmm1." not in received
+    assert harness.records[0].status == 200 and harness.records[0].error is None

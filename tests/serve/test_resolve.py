@@ -426,7 +426,7 @@ def test_new_addresses_reach_the_workers(tmp_path: Path) -> None:
 
     service = InterceptorService(config, reactor=Clock(), install_signals=False)
     service.worker_config = WorkerConfig(proxy=config.proxy, cert_pem=b"c", key_pem=b"k", anthropic_addresses=(),
-                                         resolve=True, connect_timeout=1.0)
+                                         connect_timeout=1.0)
     service.supervisor = Supervisor()  # type: ignore[assignment]
     book, lookups, _ = book_for(on_change=service._addresses_changed)
     book.start()
@@ -455,8 +455,7 @@ def test_a_worker_takes_the_addresses_each_config_brings(tmp_path: Path) -> None
     paths = certs.ensure_certificates(tmp_path).paths
     config = build_config({"source": "a", "target": "b"}, {}, tmp_path)
     worker_config = WorkerConfig(proxy=config.proxy, cert_pem=paths.server_cert.read_bytes(),
-                                 key_pem=paths.server_key.read_bytes(), anthropic_addresses=(), resolve=True,
-                                 connect_timeout=1.0)
+                                 key_pem=paths.server_key.read_bytes(), anthropic_addresses=(), connect_timeout=1.0)
     worker = WorkerControl(Clock(), fds=[], grace=1.0)
     worker.configure(worker_config)  # the master had no address yet
     assert worker.addresses is not None
