@@ -42,9 +42,9 @@ class UserLogFile(LogFile):
         with self.user_dir.acting() as fd:
             numbers = []
             for entry in os.listdir(fd):
-                number = entry[len(self.name) + 1:] if entry.startswith(self.name + ".") else ""
-                if number.isdigit() and int(number) > 0:
-                    numbers.append(int(number))
+                suffix = entry[len(self.name) + 1:] if entry.startswith(self.name + ".") else ""
+                if suffix.isdigit() and int(suffix) > 0:
+                    numbers.append(int(suffix))
             for number in sorted(numbers, reverse=True):
                 if self.maxRotatedFiles is not None and number >= self.maxRotatedFiles:
                     os.unlink(f"{self.name}.{number}", dir_fd=fd)
