@@ -18,7 +18,7 @@ import attrs
 import pytest
 
 from cmm.cli import main as cli
-from cmm.cli import processes
+from cmm.cli import context, processes, setup, stop
 from cmm.cli.main import StopState, main, stop_process
 from cmm.cli.processes import process_alive, process_start_time
 from cmm.machine import trust
@@ -315,7 +315,7 @@ def test_setup_fish_syntax(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_export_line_survives_odd_paths(tmp_path: Path) -> None:
     odd = tmp_path / 'we"ird $dir `x` \\'
-    line, _ = cli._shell_line("/bin/bash", odd / "ca.crt")
+    line, _ = setup._shell_line("/bin/bash", odd / "ca.crt")
     printed = subprocess.run(
         ["bash", "-c", f'{line}; printf %s "$NODE_EXTRA_CA_CERTS"'], capture_output=True, text=True
     )
@@ -556,7 +556,7 @@ def test_stop_hosts_permission_error(tmp_path: Path, hosts_file: Path, monkeypat
     def denied(path: Path) -> bool:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(cli.hosts, "restore", denied)
+    monkeypatch.setattr(stop.hosts, "restore", denied)
     code, out, err = run(["stop", "--config-dir", str(tmp_path), "--hosts-file", str(hosts_file)])
     assert code == 1
     assert "sudo cmm stop" in err
@@ -674,7 +674,7 @@ def test_stop_times_out_through_main(tmp_path: Path, hosts_file: Path) -> None:
         args = cli._build_parser(out, err).parse_args(
             ["stop", "--config-dir", str(tmp_path), "--hosts-file", str(hosts_file)]
         )
-        code = cli._stop(args, cli._Context({}, out, err), timeout=0.3)
+        code = stop.run(args, context.Context({}, out, err), timeout=0.3)
         assert code == 1
         assert "did not exit" in err.getvalue() and f"kill -9 {child.pid}" in err.getvalue()
         assert BEGIN_MARK in hosts_file.read_text()
@@ -760,7 +760,7 @@ def test_uninstall_stops_when_stop_fails(tmp_path: Path, hosts_file: Path, monke
     def denied(path: Path) -> bool:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(cli.hosts, "restore", denied)
+    monkeypatch.setattr(stop.hosts, "restore", denied)
     code, _, err = run(["uninstall", "--hosts-file", str(hosts_file)], {"HOME": str(tmp_path)}, machine)
     assert code == 1
     assert "sudo cmm stop" in err and "nothing else was removed" in err
