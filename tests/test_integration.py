@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from cmm.testing.checkout import ANNOUNCE, twistd_command
-from cmm.testing.processes import Process, fake_command, free_port
+from cmm.testing.processes import Fakes, Process, free_port
 from support import HeaderLookup, process_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -343,10 +343,6 @@ class Fake:
         return [r for r in self.requests() if r.header(header) == value]
 
 
-def start_fake(kind: str, args: list[str], out: Path) -> Process:
-    return Process(f"fake {kind}", fake_command(kind, *args), _env(), out)
-
-
 # -- cmm ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -436,14 +432,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     closed.bind(("127.0.0.1", 0))
     closed_port = closed.getsockname()[1]
     try:
-        fake_a = start_fake("anthropic", ["--cert-dir", str(pki)], base / "fake-anthropic.out")
-        processes.append(fake_a)
-        fake_t = start_fake("target", [], base / "fake-target.out")
-        processes.append(fake_t)
-        a_port = int(fake_a.wait_for(r"listening on (\d+)").group(1))
-        t_port = int(fake_t.wait_for(r"listening on (\d+)").group(1))
-        anthropic = Fake(fake_a, a_port, pki / "ca.pem")
-        target = Fake(fake_t, t_port, None)
+        fakes = Fakes(base, _env())
+        processes += [fakes.anthropic, fakes.target]
+        a_port, t_port = fakes.anthropic_port, fakes.target_port
+        anthropic = Fake(fakes.anthropic, a_port, fakes.ca)
+        target = Fake(fakes.target, t_port, None)
 
         mapping = ["--source", SOURCE_PREFIX, "--target", TARGET_MODEL, "--proxy-api-key", PROXY_KEY,
                    "--anthropic-ip", "127.0.0.1", "--anthropic-port", str(a_port)]

@@ -82,3 +82,30 @@ class Process:
                     pass
                 self.proc.wait(timeout=timeout)
         self._file.close()
+
+
+class Fakes:
+    """The two fakes every stack starts first: the fake Anthropic (TLS; its test CA is ``ca``) and
+    the fake target (plain HTTP), each on a port it chose, output in ``base``."""
+
+    def __init__(self, base: Path, env: dict[str, str], *extra: str) -> None:
+        pki = base / "pki"
+        self.ca = pki / "ca.pem"
+        self.anthropic = Process("fake anthropic", fake_command("anthropic", "--cert-dir", str(pki), *extra), env,
+                                 base / "fake-anthropic.out")
+        try:
+            self.target = Process("fake target", fake_command("target", *extra), env, base / "fake-target.out")
+            self.anthropic_port = self.anthropic.port()
+            self.target_port = self.target.port()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def target_url(self) -> str:
+        return f"http://127.0.0.1:{self.target_port}/v1/messages"
+
+    def stop(self) -> None:
+        for process in (getattr(self, "target", None), self.anthropic):
+            if process is not None:
+                process.stop()

@@ -25,7 +25,7 @@ from cmm.cli import selftest
 
 from cmm.machine import certs
 from cmm.testing.checkout import REPO, twistd_command
-from cmm.testing.processes import Process, fake_command, free_port
+from cmm.testing.processes import Fakes, Process, free_port
 from cmm.cli.doctor import Check
 from cmm.machine.hosts import add_block
 from cmm.cli.selftest import Options, Reply, Target
@@ -231,13 +231,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     closed = socket.socket()  # bound, never listening: connections are refused
     closed.bind(("127.0.0.1", 0))
     try:
-        fake_a = Process("fake anthropic", fake_command("anthropic", "--cert-dir", str(pki)), _env(),
-                         base / "fake-anthropic.out")
-        children.append(fake_a)
-        fake_t = Process("fake target", fake_command("target"), _env(), base / "fake-target.out")
-        children.append(fake_t)
-        a_port = int(fake_a.wait_for(r"listening on (\d+)").group(1))
-        t_port = int(fake_t.wait_for(r"listening on (\d+)").group(1))
+        fakes = Fakes(base, _env())
+        children += [fakes.anthropic, fakes.target]
+        a_port, t_port = fakes.anthropic_port, fakes.target_port
         instance_dir = base / "instance"
         port = free_port()
         running = Process("cmm", twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--no-hosts", "--workers", "0",

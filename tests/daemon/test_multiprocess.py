@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cmm.testing.checkout import twistd_command
-from cmm.testing.processes import Process, fake_command, free_port
+from cmm.testing.processes import Fakes, Process, free_port
 from test_integration import Conn, _env, json_body, new_tag, simple_post
 
 SOURCE = "claude-haiku-4-5-20251001"
@@ -71,16 +71,12 @@ def write_mappings(config_dir: Path, target: str, url: str) -> None:
 class Stack:
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.processes: list[Process] = []
-        self.anthropic = self._fake("anthropic", ["--cert-dir", str(base / "pki")])
-        self.target = self._fake("target", [])
-        self.ca_bundle = base / "pki" / "ca.pem"
+        fakes = Fakes(base, _env())
+        self.processes: list[Process] = [fakes.anthropic, fakes.target]
+        self.anthropic = fakes.anthropic_port
+        self.target = fakes.target_port
+        self.ca_bundle = fakes.ca
         self.master: Process | None = None
-
-    def _fake(self, kind: str, args: list[str]) -> int:
-        process = Process(f"fake {kind}", fake_command(kind, *args), _env(), self.base / f"{kind}.out")
-        self.processes.append(process)
-        return int(process.wait_for(r"listening on (\d+)").group(1))
 
     @property
     def target_url(self) -> str:
