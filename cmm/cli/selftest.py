@@ -43,7 +43,7 @@ TIMEOUT = 60.0  # an intercepted request may really reach Gemini or GPT through 
 STARTUP_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0  # a live cmm answers at once; only a stuck or starting one is slower
 STOP_TIMEOUT = 10.0
-FALLBACK_MAPPING = ("claude-haiku-4-5", "gemini-2.5-flash")  # the seed's example
+FALLBACK_MAPPING = ("claude-haiku-4-5", "gemini-2.5-flash")  # the README's example
 PASSTHROUGH_CANDIDATES = ("claude-opus-4-6", "claude-sonnet-4-5", "claude-3-5-haiku-latest", "cmm-selftest")
 
 TARGET_FIX = ("start the target server (CLIProxyAPI listens on localhost:8317 by default), or point cmm at it: "
@@ -305,7 +305,7 @@ class Plan:
 
     args: tuple[str, ...]
     sources: tuple[str, ...]
-    fallback: bool  # nothing configured a mapping: the seed's example is used
+    fallback: bool  # nothing configured a mapping: the README's example is used
 
 
 def temporary_args(options: Options, workdir: Path, port: int, fallback: bool) -> list[str]:

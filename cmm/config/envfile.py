@@ -1,4 +1,4 @@
-"""The seed-compatible settings file ``~/.cmm/.env``: ``KEY=value`` lines.
+"""The settings file ``~/.cmm/.env``: ``KEY=value`` lines, as the tool cmm replaces wrote them.
 
 Users of the Node tool already have this file, and some edit it by hand, so reading is lenient
 (comments, blank lines, ``export`` prefixes, quoted values) and editing changes only the line of

@@ -1,7 +1,7 @@
 """Sans-IO assembly of the serving configuration from command-line values and ``.env``.
 
-Command-line flags win over ``~/.cmm/.env`` (the seed's file and keys), which wins over built-in
-defaults. Everything is checked here, before anything binds or edits the hosts file, so a typo
+Command-line flags win over ``~/.cmm/.env`` (the keys the tool cmm replaces used), which wins
+over built-in defaults. Everything is checked here, before anything binds or edits the hosts file, so a typo
 ends in one clear sentence instead of a half-started interceptor.
 """
 
@@ -91,7 +91,7 @@ def _mappings(options: MappingType[str, object], env: MappingType[str, str],
     and its key."""
     sources, targets = _as_list(options.get("source")), _as_list(options.get("target"))
     flagged = bool(sources or targets)
-    # A lone --source or --target takes its partner from the .env defaults, as in the seed tool.
+    # A lone --source or --target takes its partner from the .env defaults (as the tool cmm replaces did).
     if len(sources) == 1 and not targets and env.get("DEFAULT_TARGET_MODEL"):
         targets = [env["DEFAULT_TARGET_MODEL"]]
     if len(targets) == 1 and not sources and env.get("DEFAULT_SOURCE_MODEL"):
