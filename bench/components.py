@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 
 from OpenSSL import SSL
 
-from cmm import certs
-from cmm.cch import Resigner
-from cmm.framing import LengthBody
-from cmm.thinking import Neutraliser, Unmarker
-from cmm.tls import server_options
+from cmm.machine import certs
+from cmm.core.cch import Resigner
+from cmm.core.framing import LengthBody
+from cmm.core.thinking import Neutraliser, Unmarker
+from cmm.serve.tls import server_options
 
 PIECE = 16 * 1024  # one TLS record's payload
 

@@ -37,7 +37,8 @@ import brotli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
 
-from cmm.checkout import checkout_env, twistd_command  # noqa: E402
+from cmm.testing.checkout import checkout_env, twistd_command  # noqa: E402
+from cmm.testing.processes import free_port  # noqa: E402
 
 HOST = "api.anthropic.com"
 
@@ -60,12 +61,6 @@ def gzip_gzip_bomb(mib: int = 1024) -> bytes:
     layer = b"".join(inner.compress(b"\0" * (1 << 20)) for _ in range(mib)) + inner.flush()
     outer = zlib.compressobj(9, wbits=31)
     return outer.compress(layer) + outer.flush()
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def proc_mib(pid: int, key: str) -> float:

@@ -22,8 +22,8 @@ Opt-in, after the default sections (or alone with --only), on the same cmm: --sc
 req/s direct and via cmm at 1 to 64 connections and latency against body size from 1 KB to
 32 MB on both routes; --streams, cmm's memory per open stream with
 N concurrent routed streams and that all of them complete; --soak, a long run at about half
-the peak routed rate, with cmm's RSS sampled every 10 s. The table ends with the targets of
-issue 7, each with its figure, the direct run beside it and whether it was met.
+the peak routed rate, with cmm's RSS sampled every 10 s. The table ends with cmm's performance
+targets, each with its figure, the direct run beside it and whether it was met.
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from components import ROUTE_STAGES, component_costs
-from httpclient import Connection, Response
-from plot import kb_per_stream, missing_dependency, plot
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
-from cmm.checkout import checkout_env, twistd_command  # noqa: E402
+from cmm.testing.checkout import checkout_env, twistd_command  # noqa: E402
+from cmm.testing.processes import fake_command, free_port  # noqa: E402
+
+from components import ROUTE_STAGES, component_costs  # noqa: E402  (imports cmm: after the path)
+from httpclient import Connection, Response  # noqa: E402
+from plot import kb_per_stream, missing_dependency, plot  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_SCRIPT = BENCH_DIR / "post.lua"
@@ -265,10 +266,10 @@ class Stack:
         pki = self.work / "pki"
         anthropic = self._spawn(
             "fake-anthropic",
-            [python, "-m", "cmm.fakes", "anthropic", "--port", "0", "--cert-dir", str(pki), "--keep-requests", "0"],
+            fake_command("anthropic", "--cert-dir", str(pki), "--keep-requests", "0", python=python),
         )
         target = self._spawn(
-            "fake-target", [python, "-m", "cmm.fakes", "target", "--port", "0", "--keep-requests", "0"]
+            "fake-target", fake_command("target", "--keep-requests", "0", python=python)
         )
         self.anthropic_port = self._wait_listening("fake-anthropic", anthropic)
         self.target_port = self._wait_listening("fake-target", target)
@@ -276,7 +277,7 @@ class Stack:
 
     def start_cmm(self, name: str, extra_args: list[str]) -> Cmm:
         """Start a cmm in front of the fakes, on a port and in a config dir of its own."""
-        config, port = self.work / f"{name}-config", free_port()
+        config, port = self.work / f"{name}-config", free_port(LOOPBACK)
         # cmm trusts the fake's test CA only through SSL_CERT_FILE, as a test would.
         env = {**checkout_env(), "SSL_CERT_FILE": str(self.work / "pki" / "ca.pem")}
         argv = twistd_command([
@@ -322,12 +323,6 @@ class Stack:
             "routed": {"direct": Endpoint("target", self.target_port, None, None), "via": via},
             "passthrough": {"direct": Endpoint("anthropic", self.anthropic_port, fake_ca, ANTHROPIC_NAME), "via": via},
         }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 ROUTE_MODELS = {"routed": ROUTED_MODEL, "passthrough": PASSTHROUGH_MODEL}
@@ -1402,7 +1397,7 @@ def verdict(met: bool | None) -> str:
 
 
 def targets_report(m: dict[str, Any]) -> str:
-    """The performance targets (issue 7), each with this run's figure and the direct run beside it."""
+    """The performance targets, each with this run's figure and the direct run beside it."""
     rows: list[list[str]] = []
     floors = {"routed": 0.35, "passthrough": 0.45}
     for route, floor in floors.items():
@@ -1456,7 +1451,7 @@ def targets_report(m: dict[str, Any]) -> str:
     else:
         rows.append(["10-minute soak at half the peak rate", "no errors, RSS growth < 5 %", "n/a", "-", verdict(None)])
     return "\n".join([
-        "Targets (issue 7); each figure against the direct run of this same run (--full runs every row)",
+        "Targets; each figure against the direct run of this same run (--full runs every row)",
         table(["measure", "target", "this run", "direct", "verdict"], rows, left=5),
     ])
 
@@ -1474,7 +1469,7 @@ def spread_cells(run: dict[str, Any]) -> tuple[str, str]:
 def workers_report(workers: dict[str, Any], wrk: dict[str, Any], plan: Plan, problems: list[str]) -> str:
     """Section 5's table; adds what went wrong to ``problems``."""
     rows = []
-    for key, entry in workers.items():
+    for entry in workers.values():
         label = entry["label"]
         count = int(entry["args"][entry["args"].index("--workers") + 1])
         problems += [f"{label}: {p}" for p in entry["problems"] + entry.get("cmm_output", {}).get("problems", [])]

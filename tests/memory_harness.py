@@ -14,13 +14,15 @@ from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
-from cmm import certs
-from cmm.framing import tracker_for
-from cmm.http_head import HeadCollector, parse_request_head
-from cmm.proxy import ProxyContext, ProxyFactory, ProxySettings
-from cmm.router import Mapping, Router, Upstream
-from cmm.tls import server_factory, server_options
-from cmm.upstream import Destination, Pool, UpstreamConnection
+from cmm.machine import certs
+from cmm.core.framing import tracker_for
+from cmm.core.http_head import HeadCollector, parse_request_head
+from cmm.core.values import ProxySettings
+from cmm.serve.proxy import ProxyContext, ProxyFactory
+from cmm.core.router import Mapping, Router, Upstream
+from cmm.serve.tls import server_factory, server_options
+from cmm.core.values import Destination
+from cmm.serve.upstream import Pool, UpstreamConnection
 
 NOW = datetime(2026, 11, 24, tzinfo=timezone.utc)
 TARGET_URL = "http://127.0.0.1:8317/v1/messages"

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.selectreactor import SelectReactor
+from twisted.names import common, dns, error as dns_error, server
 from twisted.python.failure import Failure
 
-from cmm.checkout import checkout_env
+from cmm.testing.checkout import checkout_env
 
 
 def process_env(**changes: str | None) -> dict[str, str]:
@@ -48,3 +55,66 @@ class HeaderLookup:
 # break str.splitlines knows besides "\n", blanks, a comment sign, non-ASCII and a byte that was
 # not UTF-8 (surrogate-escaped, as read from such a file). Mixed with each edit's own lines.
 AWKWARD_TEXT_PIECES = [" ", "#", "\n", "\r\n", "\r", "\t", "\x0c", "\u2028", "\x1c", "é", "\udcff"]
+
+
+# -- a name server on loopback, for resolving api.anthropic.com -----------------------------------
+
+HOST = b"api.anthropic.com"
+
+
+class Records(common.ResolverBase):
+    """An authority answering from a dict, as a name server would: NXDOMAIN for other names."""
+
+    def __init__(self, records: dict[bytes, list[Any]]) -> None:
+        super().__init__()
+        self.records = records
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> defer.Deferred:
+        name = name.lower()
+        if name not in self.records:
+            return defer.fail(dns_error.DomainError(name))
+        return defer.succeed(([dns.RRHeader(name, r.TYPE, dns.IN, r.ttl or 60, r, auth=True)
+                               for r in self.records[name] if r.TYPE == type], [], []))
+
+
+@contextmanager
+def dns_server(records: dict[bytes, list[Any]]) -> Iterator[int]:
+    """A twisted.names DNSServerFactory on 127.0.0.1 (its own reactor, in a thread); yields its port."""
+    reactor = SelectReactor()
+    factory = server.DNSServerFactory(authorities=[Records(records)])
+    port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory, reactor=reactor), interface="127.0.0.1")
+    thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
+    thread.start()
+    try:
+        yield port.getHost().port
+    finally:
+        reactor.callFromThread(reactor.stop)
+        thread.join(5)
+
+
+ANTHROPIC = {HOST: [dns.Record_A("160.79.104.10", ttl=300), dns.Record_A("127.0.0.1", ttl=5),
+                    dns.Record_AAAA("2607:6bc0::10", ttl=120)]}
+
+
+def spin(reactor: SelectReactor, deferred: defer.Deferred, timeout: float = 5.0) -> Any:
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    deadline = time.monotonic() + timeout
+    while not results and time.monotonic() < deadline:
+        reactor.iterate(0.005)
+    assert results, f"nothing within {timeout} s"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def queries_received(sock: socket.socket) -> list[dns.Message]:
+    found = []
+    while True:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return found
+        message = dns.Message()
+        message.fromStr(data)
+        found.append(message)

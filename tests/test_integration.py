@@ -25,11 +25,8 @@ import http.client
 import json
 import os
 import re
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,7 +36,8 @@ from typing import Any
 
 import pytest
 
-from cmm.checkout import ANNOUNCE, twistd_command
+from cmm.testing.checkout import ANNOUNCE, twistd_command
+from cmm.testing.processes import Fakes, Process, free_port
 from support import HeaderLookup, process_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +63,7 @@ def sse_order(deltas: int) -> list[str]:
     return SSE_HEAD + ["content_block_delta"] * deltas + SSE_TAIL
 
 
-# A body signed by Claude Code's cch scheme (see CLAUDE_CODE_TRAFFIC.md): a haiku request with a
+# A body signed by Claude Code's cch scheme (see cmm/core/cch.py): a haiku request with a
 # nested "model" in a tool input and in a tool schema, an escaped quote and non-ASCII text.
 CCH_BODY = (
     '{"model":"claude-haiku-4-5-20251001","messages":[{"role":"user","content":"title this: été '
@@ -86,12 +84,6 @@ CCH_SEED = 0x4D659218E32A3268
 _env = process_env
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
@@ -99,52 +91,6 @@ def _ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
-
-
-class Process:
-    """A subprocess in its own process group, its stdout+stderr going to a file."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], out: Path) -> None:
-        self.name = name
-        self.out = out
-        self._file = out.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=REPO, start_new_session=True)
-
-    def output(self) -> str:
-        return self.out.read_bytes().decode("utf-8", "replace")
-
-    def wait_for(self, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match[str]:
-        """Poll the output for ``pattern``; fail with the whole output if it never shows."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.output())
-            if match:
-                return match
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before {pattern!r}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {pattern!r} after {timeout}s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=5)
-        self._file.close()
 
 
 # -- raw HTTP/1.1 over TLS ------------------------------------------------------------------------
@@ -397,10 +343,6 @@ class Fake:
         return [r for r in self.requests() if r.header(header) == value]
 
 
-def start_fake(kind: str, args: list[str], out: Path) -> Process:
-    return Process(f"fake {kind}", [sys.executable, "-m", "cmm.fakes", kind, "--port", "0", *args], _env(), out)
-
-
 # -- cmm ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -420,7 +362,7 @@ class Cmm:
 
     def launch(self) -> None:
         self.attempt += 1
-        self.port = _free_port()
+        self.port = free_port()
         argv = twistd_command(["--port", str(self.port), "--config-dir", str(self.config_dir), "--no-hosts", *self.args])
         self.process = Process(f"cmm {self.name}", argv, self.env, self.out_dir / f"cmm-{self.name}-{self.attempt}.out")
 
@@ -490,14 +432,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     closed.bind(("127.0.0.1", 0))
     closed_port = closed.getsockname()[1]
     try:
-        fake_a = start_fake("anthropic", ["--cert-dir", str(pki)], base / "fake-anthropic.out")
-        processes.append(fake_a)
-        fake_t = start_fake("target", [], base / "fake-target.out")
-        processes.append(fake_t)
-        a_port = int(fake_a.wait_for(r"listening on (\d+)").group(1))
-        t_port = int(fake_t.wait_for(r"listening on (\d+)").group(1))
-        anthropic = Fake(fake_a, a_port, pki / "ca.pem")
-        target = Fake(fake_t, t_port, None)
+        fakes = Fakes(base, _env())
+        processes += [fakes.anthropic, fakes.target]
+        a_port, t_port = fakes.anthropic_port, fakes.target_port
+        anthropic = Fake(fakes.anthropic, a_port, fakes.ca)
+        target = Fake(fakes.target, t_port, None)
 
         mapping = ["--source", SOURCE_PREFIX, "--target", TARGET_MODEL, "--proxy-api-key", PROXY_KEY,
                    "--anthropic-ip", "127.0.0.1", "--anthropic-port", str(a_port)]
@@ -778,7 +717,7 @@ def test_intercepted_body_differs_only_in_model(stack: Stack) -> None:
 
 
 def cch_of(raw: bytes) -> str:
-    """Claude Code's body hash (CLAUDE_CODE_TRAFFIC.md), computed on raw bytes."""
+    """Claude Code's body hash (as cmm/core/cch.py describes it), computed on raw bytes."""
     xxhash = pytest.importorskip("xxhash")
     data = re.sub(rb"(cch=)[0-9a-f]{5}", rb"\g<1>00000", raw, count=1)
     data = re.sub(rb'"model":"(?:[^"\\]|\\.)*"', b'"model":""', data)
@@ -826,7 +765,7 @@ def test_pipelined_requests_are_answered_in_order(stack: Stack) -> None:
     plan = [(SOURCE_MODEL, "target"), (PASS_MODEL, "anthropic"), (SOURCE_MODEL, "target")]
     with stack.main.connect() as conn:
         conn.send(b"".join(simple_post(model, tag) for tag, (model, _) in zip(tags, plan)))
-        for tag, (model, provider) in zip(tags, plan):
+        for _tag, (_model, provider) in zip(tags, plan):
             response = conn.response()
             assert response.status == 200
             assert response.header("x-fake-provider") == provider
@@ -1224,7 +1163,7 @@ def test_bad_connection_does_not_affect_others(stack: Stack) -> None:
     assert sse_text(events).startswith("hello from anthropic")
 
 
-# -- compressed request bodies (CLAUDE_CODE_TRAFFIC.md: Claude Code may gzip its messages body) -----
+# -- compressed request bodies (Claude Code may gzip its messages body) -----------------------------
 
 
 COMPRESSORS = {
@@ -1237,7 +1176,7 @@ COMPRESSORS = {
 
 @pytest.mark.parametrize("coding", sorted(COMPRESSORS))
 def test_compressed_messages_bodies_are_routed(stack: Stack, coding: str) -> None:
-    """CLAUDE_CODE_TRAFFIC.md: without NODE_EXTRA_CA_CERTS Claude Code gzips its messages body."""
+    """Without NODE_EXTRA_CA_CERTS Claude Code gzips its messages body."""
     plain = json_body(SOURCE_MODEL)
     tag = new_tag()
     body = COMPRESSORS[coding](plain)
@@ -1296,7 +1235,7 @@ def test_slow_reader_does_not_grow_cmm_memory(stack: Stack, model: str, provider
     assert while_stalled - before < 24, f"cmm grew {while_stalled - before:.1f} MiB while the client did not read"
 
 
-# -- target errors and rate limits (issue 5) ---------------------------------------------------------
+# -- target errors and rate limits -------------------------------------------------------------------
 
 
 def test_target_429_with_the_delay_in_prose_is_retried_by_cmm(stack: Stack) -> None:
@@ -1316,7 +1255,7 @@ def test_target_plain_text_errors_reach_the_client_in_anthropic_format(stack: St
     assert "upstream gemini exploded" in error["message"] and response.header("x-cmm-provider") == "cliproxyapi"
 
 
-# -- a session that alternates providers, against the strict fake Anthropic (issue 5) -------------------
+# -- a session that alternates providers, against the strict fake Anthropic ---------------------------
 
 THINKING = {"budget_tokens": 31999, "type": "enabled", "display": "omitted"}
 
@@ -1330,7 +1269,7 @@ def turn(stack: Stack, model: str, messages: list[dict[str, Any]], tool: str | N
 
 
 def test_a_session_alternating_providers_keeps_both_happy(stack: Stack) -> None:
-    from cmm.fakes import verify_signature
+    from cmm.testing.fakes import verify_signature
 
     history: list[dict[str, Any]] = [{"role": "user", "content": "plan the change"}]
     # 1. The mapped model thinks; its signature comes back marked.
@@ -1394,7 +1333,7 @@ def test_a_tool_loop_the_target_started_can_be_continued_at_anthropic(stack: Sta
     body = ('{"model":"%s","messages":%s,"system":[%s],"tools":[],"max_tokens":32000,"thinking":%s,"stream":false}' % (
         PASS_MODEL, json.dumps(history, separators=(",", ":")), signed,
         json.dumps(THINKING, separators=(",", ":")))).encode()
-    from cmm import cch
+    from cmm.core import cch
 
     body = cch.resign(body)
     tag = new_tag()

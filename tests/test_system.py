@@ -77,13 +77,13 @@ PRELUDE = textwrap.dedent(r'''
             time.sleep(0.05)
         raise SystemExit(f"{name} never said {text!r}:\n" + (work / f"{name}.out").read_text(errors="replace"))
 
-    fakes = [start(["-m", "cmm.fakes", "anthropic", "--port", "8443", "--cert-dir", str(work / "pki")], "anthropic"),
-             start(["-m", "cmm.fakes", "target", "--port", "8317"], "target")]
+    fakes = [start(["-m", "cmm.testing.fakes", "anthropic", "--port", "8443", "--cert-dir", str(work / "pki")], "anthropic"),
+             start(["-m", "cmm.testing.fakes", "target", "--port", "8317"], "target")]
     wait_for("anthropic", "listening on"); wait_for("target", "listening on")
 ''')
 
 DRIVER = PRELUDE + textwrap.dedent(r'''
-    from cmm.checkout import twistd_command
+    from cmm.testing.checkout import twistd_command
     twistd = twistd_command(["--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
                              "--config-dir", str(work / "cfg"), "--anthropic-ip", "127.0.0.1",
                              "--anthropic-port", "8443"])[1:]  # start() adds the interpreter
@@ -124,7 +124,7 @@ DRIVER = PRELUDE + textwrap.dedent(r'''
         cmm.send_signal(signal.SIGKILL)
         cmm.wait(timeout=20)
         report["block_left_by_kill"] = b"cmm-managed" in hosts_now()
-        stop = subprocess.run([sys.executable, "-c", "import sys; from cmm.cli import main; sys.exit(main(sys.argv[1:]))",
+        stop = subprocess.run([sys.executable, "-c", "import sys; from cmm.cli.main import main; sys.exit(main(sys.argv[1:]))",
                                "stop", "--config-dir", str(work / "cfg")], env=env, cwd=repo, capture_output=True, text=True)
         report["stop_exit"] = stop.returncode
         report["stop_output"] = stop.stdout + stop.stderr
@@ -154,6 +154,7 @@ DNS_SERVER = textwrap.dedent("""
 """)
 
 CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
+    from cmm.daemon.launch import TWISTD_CODE
     # The user, uid 65534, runs cmm as themselves with their home in /home/cmmuser, and reaches the
     # checkout (/home/src) and this Python: scratch folders go over /home (and /root, where Python
     # lives under it), so nothing of the real ones is seen or changed.
@@ -248,7 +249,7 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         cmm(f"{phase} test", "test", "--anthropic-ip", "127.0.0.1", "--anthropic-port", "8443", "--timeout", "10")
         cmm(f"{phase} doctor", "doctor", extra={"NODE_EXTRA_CA_CERTS": str(ca)})
 
-    twistd = ["-c", "from twisted.scripts.twistd import run; import sys; sys.argv[0] = 'twistd'; run()",
+    twistd = ["-c", TWISTD_CODE,
               "-n", "--pidfile=", "cmm", "--anthropic-ip", "127.0.0.1", "--anthropic-port", "8443"]
     try:
         cmm("help", "--help")

@@ -1,0 +1,1 @@
+"""The ``cmm`` command: ``main`` parses and dispatches, one module per larger command."""

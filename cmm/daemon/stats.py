@@ -1,0 +1,91 @@
+"""Live counters for ``cmm status``: per route (each mapping, and passthrough) and per worker.
+
+Kept in the master from the request records the workers send, so no worker holds shared state.
+Durations go into fixed log-spaced buckets: p50/p99 cost a few hundred integers per route no
+matter how long cmm runs, with at most ~6 % error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import Counter
+from typing import Any
+
+import attrs
+
+from cmm.core.records import RequestRecord
+
+_RATIO = 1.12
+_BOUNDS = [0.0001 * _RATIO**i for i in range(int(math.log(3600 / 0.0001, _RATIO)) + 2)]  # 0.1 ms .. 1 h
+
+
+@attrs.define
+class Histogram:
+    counts: list[int] = attrs.field(factory=lambda: [0] * (len(_BOUNDS) + 1))
+    total: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(_BOUNDS, seconds)] += 1
+        self.total += 1
+
+    def quantile(self, q: float) -> float | None:
+        if not self.total:
+            return None
+        wanted = q * self.total
+        seen = 0
+        for index, count in enumerate(self.counts):
+            seen += count
+            if seen >= wanted and count:
+                return _BOUNDS[min(index, len(_BOUNDS) - 1)]
+        return _BOUNDS[-1]
+
+
+@attrs.define
+class RouteStats:
+    requests: int = 0
+    errors: Counter[str] = attrs.field(factory=Counter)  # by status ("-" when none was sent)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    durations: Histogram = attrs.field(factory=Histogram)
+
+    def add(self, record: RequestRecord) -> None:
+        self.requests += 1
+        if record.error is not None or record.status is None or record.status >= 400:
+            self.errors["-" if record.status is None else str(record.status)] += 1
+        self.bytes_in += record.bytes_in
+        self.bytes_out += record.bytes_out
+        self.durations.add(record.duration)
+
+    def snapshot(self) -> dict[str, Any]:
+        p50, p99 = self.durations.quantile(0.5), self.durations.quantile(0.99)
+        return {
+            "requests": self.requests,
+            "errors": dict(sorted(self.errors.items())),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "p99_ms": None if p99 is None else round(p99 * 1000, 1),
+        }
+
+
+@attrs.define
+class LiveStats:
+    routes: dict[str, RouteStats] = attrs.field(factory=dict)
+    workers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+
+    def add(self, record: RequestRecord, worker: str) -> None:
+        key = f"{record.mapping}* → {record.target}" if record.intercepted else "passthrough"
+        self.routes.setdefault(key, RouteStats()).add(record)
+        self.workers.setdefault(worker, {}).setdefault("requests", 0)
+        self.workers[worker]["requests"] += 1
+
+    def gauges(self, worker: str, values: dict[str, Any]) -> None:
+        self.workers.setdefault(worker, {"requests": 0}).update(values)
+
+    def forget_worker(self, worker: str) -> None:
+        self.workers.pop(worker, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"routes": {name: stats.snapshot() for name, stats in sorted(self.routes.items())},
+                "workers": dict(sorted(self.workers.items()))}

@@ -1,0 +1,88 @@
+"""The messages between the master and its workers: one JSON object a line, both ways.
+
+Master → worker (the worker's stdin): ``config`` (settings, key material, addresses) at start
+and after every reload. Worker → master (the worker's stdout): ``request`` records, ``log``
+lines and ``gauges``. Key material travels in the pipe so that an unprivileged worker never needs
+to read the root-owned or user-only key file itself.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from cmm.core.values import Destination, ProxySettings
+from cmm.core.records import RequestRecord
+from cmm.core.router import Mapping, Router, Upstream
+
+
+@attrs.frozen
+class WorkerConfig:
+    """Everything a worker needs to serve; replaced whole on reload."""
+
+    proxy: ProxySettings
+    cert_pem: bytes
+    key_pem: bytes
+    anthropic_addresses: tuple[str, ...]
+    connect_timeout: float
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    message = json.loads(line)
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ValueError("not a cmm message")
+    return message
+
+
+def config_message(config: WorkerConfig) -> dict[str, Any]:
+    proxy = attrs.asdict(config.proxy)
+    return {
+        "type": "config",
+        "proxy": proxy,
+        "cert_pem": config.cert_pem.decode(),
+        "key_pem": config.key_pem.decode(),
+        "anthropic_addresses": list(config.anthropic_addresses),
+        "connect_timeout": config.connect_timeout,
+    }
+
+
+def config_from_message(message: dict[str, Any]) -> WorkerConfig:
+    proxy = dict(message["proxy"])
+    mappings = tuple(
+        Mapping(m["source"], m["target"], Upstream(**m["upstream"])) for m in proxy.pop("router")["mappings"]
+    )
+    settings = ProxySettings(router=Router(mappings), anthropic=Destination(**proxy.pop("anthropic")), **proxy)
+    return WorkerConfig(
+        proxy=settings,
+        cert_pem=message["cert_pem"].encode(),
+        key_pem=message["key_pem"].encode(),
+        anthropic_addresses=tuple(message["anthropic_addresses"]),
+        connect_timeout=float(message["connect_timeout"]),
+    )
+
+
+def gauges_message(values: dict[str, int]) -> dict[str, Any]:
+    return {"type": "gauges", "values": dict(values)}
+
+
+def gauges_from_message(message: dict[str, Any]) -> dict[str, int]:
+    """A worker's gauges: named counts, nothing else (they end up in ``cmm status``)."""
+    values = message["values"]
+    if not isinstance(values, dict) or not all(
+            isinstance(key, str) and type(value) is int for key, value in values.items()):
+        raise ValueError("gauges must be named whole numbers")
+    return values
+
+
+def request_message(record: RequestRecord) -> dict[str, Any]:
+    return {"type": "request", "record": attrs.asdict(record)}
+
+
+def record_from_message(message: dict[str, Any]) -> RequestRecord:
+    return RequestRecord(**message["record"])

@@ -1,0 +1,220 @@
+"""A worker process: serves on listening sockets the master bound, as an unprivileged user.
+
+Started by the master as ``python -m cmm.daemon.worker --fd 3:inet --fd 4:inet6`` with the sockets at
+those descriptors. Its stdin carries the master's messages (configuration, reloads); its stdout
+carries request records, log lines and gauges back, one JSON object a line (``cmm.daemon.wire``). When
+stdin closes — the master stopped, or was killed — the worker drains and exits, so no worker
+outlives its master.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable, Sequence
+
+from twisted.internet import defer, stdio
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, globalLogBeginner
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from cmm.daemon import wire
+from cmm.serve.proxy import ProxyContext, ProxyFactory
+from cmm.core.records import RequestRecord
+from cmm.serve.resolve import AddressBook
+from cmm.serve.serving import build_context
+from cmm.serve.tls import ReloadableServerTLS, server_factory, server_options
+
+log = Logger()
+
+FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
+GAUGE_INTERVAL = 1.0
+MAX_LINE = 64 * 1024 * 1024  # a configuration carries key material and mappings: generous
+
+
+@implementer(IHalfCloseableProtocol)
+class WorkerControl(LineReceiver):
+    """The worker's end of the pipe pair to the master."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self, reactor: Any, fds: Sequence[tuple[int, int]], grace: float,
+                 user: tuple[int, int] | None = None, drop: Callable[[int, int], None] | None = None) -> None:
+        self.reactor = reactor
+        self.fds = fds
+        self.grace = grace
+        self.user = user
+        self.drop = drop or drop_privileges
+        self.context: ProxyContext | None = None
+        self.addresses: AddressBook | None = None
+        self.tls: ReloadableServerTLS | None = None
+        self.ports: list[IListeningPort] = []
+        self.stopping = False
+        self._last_gauges: dict[str, int] = {}
+
+    # master → worker
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            message = wire.decode(line)
+            if message["type"] == "config":
+                self.configure(wire.config_from_message(message))
+        except Exception as error:  # a bad message must not take the worker down
+            log.error("Ignoring a message from the master: {error}", error=repr(error))
+
+    def configure(self, config: wire.WorkerConfig) -> None:
+        options = server_options(config.cert_pem, config.key_pem)
+        if self.context is None:
+            # The master resolves (and keeps resolving) and sends every new answer with the config.
+            self.addresses = AddressBook.fixed(config.anthropic_addresses)
+            self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
+                                         self.send_record)
+            self.tls = ReloadableServerTLS(options)
+            factory = server_factory(self.tls, ProxyFactory(self.context))
+            for fd, family in self.fds:
+                self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+            if self.user is not None:
+                self.drop(*self.user)  # sockets adopted, keys loaded: nothing left that needs root
+            LoopingCall(self.send_gauges).start(GAUGE_INTERVAL, now=False)
+            return
+        assert self.tls is not None and self.addresses is not None
+        self.addresses.update(config.anthropic_addresses)
+        self.context.settings = config.proxy  # new requests route by it; those in flight finish as they began
+        self.tls.options = options
+
+    # worker → master
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None:
+            self.transport.write(wire.encode(message))
+
+    def send_record(self, record: RequestRecord) -> None:
+        self.send(wire.request_message(record))
+
+    def send_gauges(self) -> None:
+        if self.context is None:
+            return
+        gauges = self.context.gauges()
+        if gauges != self._last_gauges:
+            self._last_gauges = gauges
+            self.send(wire.gauges_message(gauges))
+
+    # the end
+
+    def readConnectionLost(self) -> None:
+        """stdin closed: the master wants us gone (or is gone). Drain, then exit; stdout stays
+        open meanwhile so the last requests' records still reach the master."""
+        self.stop()
+
+    def writeConnectionLost(self) -> None:
+        """The master stopped reading: nothing to tell it any more, but requests may finish."""
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.reactor.callLater(0, self.shut_down)
+
+    @defer.inlineCallbacks
+    def shut_down(self) -> Any:
+        for port in self.ports:
+            yield port.stopListening()
+        if self.context is not None:
+            drained = self.context.drain()
+            timeout = self.reactor.callLater(self.grace, drained.cancel)
+            try:
+                yield drained
+            except defer.CancelledError:
+                for connection in list(self.context.connections):
+                    connection.transport.abortConnection()
+            else:
+                timeout.cancel()
+            self.context.pool.close_idle()
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+@implementer(ILogObserver)
+class MasterLogObserver:
+    """Sends this worker's warnings and errors to the master, which owns the log files."""
+
+    def __init__(self, control: WorkerControl) -> None:
+        self.control = control
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        if level < LogLevel.warn or self.control.transport is None:
+            return
+        text = formatEvent(event)
+        if "log_failure" in event:
+            text += "\n" + event["log_failure"].getTraceback()
+        self.control.transport.write(wire.encode({"type": "log", "level": level.name, "text": text}))
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` for good (real, effective and saved ids): a compromised worker
+    cannot regain root. Modules serving needs are imported before, since the interpreter's own
+    files may not be readable by that user."""
+    import encodings.idna  # noqa: F401  (host names in TLS options, imported lazily otherwise)
+
+    os.setgroups([])
+    if hasattr(os, "setresuid"):  # Linux
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    else:  # macOS: as root, setuid/setgid set the real, effective and saved ids alike
+        os.setgid(gid)
+        os.setuid(uid)
+    if os.geteuid() != uid or os.getuid() != uid or (uid != 0 and _can_regain_root()):
+        raise SystemExit(f"cmm worker: could not drop privileges to uid {uid}")
+
+
+def _can_regain_root() -> bool:
+    try:
+        os.seteuid(0)
+    except PermissionError:
+        return False
+    return True
+
+
+def parse_user(text: str) -> tuple[int, int]:
+    uid, _, gid = text.partition(":")
+    return int(uid), int(gid or uid)
+
+
+def parse_fd(text: str) -> tuple[int, int]:
+    fd, _, family = text.partition(":")
+    if family not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"expected FD:inet or FD:inet6, not {text!r}")
+    return int(fd), FAMILIES[family]
+
+
+def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cmm.daemon.worker", description="A cmm worker; started by the master.")
+    parser.add_argument("--fd", type=parse_fd, action="append", required=True, help="listening socket FD:inet|inet6")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests when told to stop")
+    parser.add_argument("--user", type=parse_user, default=None, help="UID:GID to serve as, once set up")
+    args = parser.parse_args(argv)
+    if reactor is None:
+        from twisted.internet import reactor
+    control = WorkerControl(reactor, args.fd, args.grace, args.user)
+    globalLogBeginner.beginLoggingTo([MasterLogObserver(control)], redirectStandardIO=False)
+    stdio.StandardIO(control, reactor=reactor)
+    # Ctrl-C reaches the whole foreground process group: the master decides when workers stop
+    # (it closes their stdin). A SIGTERM sent to a worker alone drains it the same way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(control.stop))
+    reactor.run(installSignalHandlers=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

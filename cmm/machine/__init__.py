@@ -1,0 +1,1 @@
+"""Root-only work on the machine: certificates, the hosts file, DNS flush, trust stores, shell profiles."""

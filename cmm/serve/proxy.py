@@ -1,0 +1,894 @@
+"""The serving protocol: read a request head, find the model if it matters, splice to an upstream.
+
+One ``ClientConnection`` per accepted (TLS) connection, one ``Exchange`` per request on it. The
+pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``); this module only
+moves bytes between transports, with backpressure in both directions and a deadline for every
+wait. What is held is bounded and small in practice: the request head, the body bytes up to the
+model, the thinking block being examined (``cmm.core.thinking``), a signed body's tail from its ``cch``
+placeholder on, a compressed passthrough body that may need editing, and a target's error or
+JSON message that gets rewritten. Everything else flows through as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError, TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cmm.core.cch import Resigner
+from cmm.core.decoding import BodyDecoder, unsupported
+from cmm.core.errors import HttpError, error_response
+from cmm.serve.flow import Deadline, Valve
+from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
+from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
+from cmm.core.model_finder import Found, ModelFinder
+from cmm.core.records import RequestRecord, escaped
+from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, candidate_endpoint, decoded_head, intercepted_head,
+                        redacted_head, rewrite_model, with_connection_close, with_content_length,
+                        with_provider_header)
+from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
+from cmm.core.thinking import (MAX_SSE_EVENT, Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message,
+                               thinking_off_if)
+from cmm.core.values import MiB, Destination, ProxySettings
+from cmm.serve.upstream import Pool, UpstreamConnection, tune
+
+log = Logger()
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PROVIDER_HEADER_FIELD = tuple(PROVIDER_HEADER.rstrip(b"\r\n").split(b": ", 1))
+CONTENT_LOG_BYTES = 4096
+# Passthrough bodies up to this size are checked for the target's thinking blocks; the cch
+# re-signing keeps the body's pieces for the hash, so larger ones (far beyond any Claude Code
+# session) pass as they came.
+NEUTRALISE_MAX = 8 * MiB
+# A target's JSON message is held whole to mark its thinking signatures; one declaring more than
+# this (far beyond any message) passes as it comes, unmarked.
+MAX_HELD_MESSAGE = 16 * MiB
+
+
+@attrs.define
+class ProxyContext:
+    """Shared by every connection of a serving unit."""
+
+    settings: ProxySettings
+    pool: Pool
+    clock: IReactorTime
+    record: Callable[[RequestRecord], None]
+    wall_clock: Callable[[], float] = time.time
+    connections: set[ClientConnection] = attrs.field(factory=set)
+    draining: bool = False
+    # Client connections the open-file limit has room for (see ``fit_open_files``); None: no bound.
+    connection_budget: int | None = None
+    refused: int = 0  # connections refused because every one at the cap was busy
+    evicted_idle: int = 0  # idle keep-alive connections closed to make room for a new one
+    _drained: list[defer.Deferred[None]] = attrs.field(factory=list)
+    _refusal_logged: float | None = None
+
+    @property
+    def max_connections(self) -> int:
+        limit = self.settings.max_connections
+        return limit if self.connection_budget is None else min(limit, self.connection_budget)
+
+    def admit(self, connection: ClientConnection) -> bool:
+        """Take a new client connection if there is room, making room by closing the connection
+        that has been idle between requests longest; refuse it only when every other one is busy.
+
+        Idle keep-alive connections cost a descriptor each and nothing else; a flood of them (or of
+        connections that never send a byte) must not lock Claude Code out, while a request in
+        flight is never cut to make room. Connections still closing are not counted: they go
+        within the TLS close timeout.
+        """
+        limit = self.max_connections
+        if len(self.connections) >= limit:
+            open_now = [c for c in self.connections if c.state != "closed"]
+            if len(open_now) >= limit:
+                idle = [c for c in open_now if c.idle]
+                if not idle:
+                    self._refuse_one(limit)
+                    return False
+                min(idle, key=lambda c: c.idle_since).close()
+                self.evicted_idle += 1
+        self.connections.add(connection)
+        return True
+
+    def _refuse_one(self, limit: int) -> None:
+        self.refused += 1
+        now = self.clock.seconds()
+        if self._refusal_logged is None or now - self._refusal_logged >= 60:
+            self._refusal_logged = now
+            log.warn("{limit} client connections are busy (--max-connections); refusing new ones "
+                     "({refused} so far)", limit=limit, refused=self.refused)
+
+    def drain(self) -> defer.Deferred[None]:
+        """Finish what is in flight, take no new requests; fires once every connection is gone.
+
+        Idle keep-alive connections close at once; a connection with a request in flight closes
+        when its response has been sent.
+        """
+        self.draining = True
+        done: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(done)
+        for connection in list(self.connections):
+            if connection.idle:
+                connection.close()
+        self.check_drained()
+        return done
+
+    def check_drained(self) -> None:
+        if self.draining and not self.connections:
+            waiting, self._drained = self._drained, []
+            for done in waiting:
+                done.callback(None)
+
+    def gauges(self) -> dict[str, int]:
+        return {
+            "connections": len(self.connections),
+            "in_flight": sum(1 for c in self.connections if c.exchange is not None),
+            "upstream_idle": self.pool.idle_count(),
+            "upstream_opened": self.pool.opened,
+            "refused": self.refused,
+            "evicted_idle": self.evicted_idle,
+        }
+
+
+# Descriptors kept beside two per client connection (its own and its upstream's): the listening
+# sockets, idle pooled upstream connections, logs, pipes, DNS.
+FD_RESERVE = 256
+
+
+def fit_open_files(connections: int, limits: Any = None) -> int:
+    """Raise the soft open-file limit toward the hard one so that ``connections`` client
+    connections fit, each with an upstream connection; return how many fit after all.
+
+    The usual soft limit (1024) would otherwise run out before the connection cap, and accept()
+    failing with EMFILE refuses everyone alike, Claude Code included. ``limits`` is the
+    ``resource`` module (injected by tests).
+    """
+    if limits is None:
+        import resource as limits
+    wanted = 2 * connections + FD_RESERVE
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    if soft != limits.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == limits.RLIM_INFINITY else min(wanted, hard)
+        try:
+            limits.setrlimit(limits.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass  # e.g. macOS refuses more than OPEN_MAX: keep what there is
+    if soft == limits.RLIM_INFINITY:
+        return connections
+    return max(1, min(connections, (soft - FD_RESERVE) // 2))
+
+
+class ClientConnection(Protocol):
+    """One client connection: a sequence of requests, each routed on its own."""
+
+    def __init__(self, context: ProxyContext) -> None:
+        self.context = context
+        self.settings = context.settings
+        self.exchange: Exchange | None = None
+        self.state = "head"
+        self.pending = b""  # bytes read ahead of the current state (next body part, next request)
+        self.served = 0
+        self.content: str | None = None
+        self.routing_deadline: Any = None  # the delayed call that ends a too-slow routing read
+
+    # Twisted interface
+
+    def connectionMade(self) -> None:
+        tune(self.transport)
+        self.valve = Valve(self.transport)
+        self.deadline = Deadline(self.context.clock, self._timed_out)
+        if not self.context.admit(self):
+            self.state = "closed"
+            self.transport.abortConnection()  # before the TLS handshake: nothing to answer with
+            return
+        self._await_head()
+        if self.context.draining:
+            self.close()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state != "head":  # a head's deadline is total time, from its first byte
+            self.deadline.touch()
+        if self.state in ("connecting", "response"):
+            self.pending += data  # read ahead: more body while connecting, or a pipelined request
+            if self.state == "response":
+                self.valve.pause("pipelined")
+            return
+        if self.state == "closed":
+            return
+        try:
+            if self.state == "head":
+                self._head_bytes(data)
+            elif self.state == "sniff":
+                self._sniff_bytes(data)
+            elif self.state == "body":
+                self._body_bytes(data)
+        except HttpError as error:
+            self.fail(error)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.state = "closed"
+        self.deadline.cancel()
+        self._routing_read_over()
+        if self.exchange is not None:
+            self.exchange.client_lost()
+        self.context.connections.discard(self)
+        self.context.check_drained()
+
+    @property
+    def idle(self) -> bool:
+        """Between requests with nothing read yet: safe to close when draining or short of room."""
+        return self.state == "head" and self.collector.pending == 0 and not self.pending
+
+    # Reading the request
+
+    def _await_head(self) -> None:
+        """Wait for the next request: ``idle_timeout`` until its first byte, then ``head_timeout``
+        from that byte to the head's end, neither extended by what trickles in (a byte every few
+        seconds must not hold a connection for ever). Stray empty lines are not a first byte."""
+        self.state = "head"
+        self.collector = HeadCollector()
+        self.head: RequestHead | None = None
+        self.idle_since = self.context.clock.seconds()
+        self.deadline.start(self.settings.idle_timeout)
+
+    def _head_bytes(self, data: bytes) -> None:
+        first_bytes = self.collector.pending == 0
+        done = self.collector.feed(data)
+        if done is None:
+            if first_bytes and self.collector.pending:
+                self.deadline.start(self.settings.head_timeout)
+            return
+        raw, rest = done
+        self.settings = self.context.settings  # a reload applies from the next request on
+        head = parse_request_head(raw)
+        self.head = head
+        self.started = self.context.wall_clock()
+        self.started_clock = self.context.clock.seconds()
+        self.bytes_in = len(raw)
+        self.deadline.start(self.settings.idle_timeout)
+        if head.framing.kind == "length" and head.framing.length > self.settings.body_limit:
+            raise HttpError(413, f"Request body of {head.framing.length} bytes exceeds the {self.settings.body_limit}-byte limit")
+        self.tracker: BodyTracker = tracker_for(head.framing)
+        self.endpoint = candidate_endpoint(head)
+        self.payload_size = 0
+        self.content = None
+        self.sniffed_raw: list[bytes] = []
+        self.sniffed_payload: list[bytes] = []
+        self.stages: list[Any] = []
+        self.neutraliser: Neutraliser | None = None
+        self.held_raw: list[bytes] = []
+        self.held_out = bytearray()
+        self.decoder: BodyDecoder | None = None
+        codings = [c.decode("latin-1") for c in head.headers.tokens(b"content-encoding")]
+        if self.endpoint is not None and unsupported(codings):
+            log.warn("Cannot read a {codings} body to find its model; passing it through",
+                     codings=escaped(", ".join(codings)))
+            self.endpoint = None
+        elif self.endpoint is not None and any(c != "identity" for c in codings):
+            self.decoder = BodyDecoder(codings, self.settings.body_limit)
+        if self.endpoint is not None and head.framing.kind != "none":
+            if head.expects_continue:
+                self.transport.write(CONTINUE)
+            self.state = "sniff"
+            self.finder = ModelFinder()
+            self.routing_deadline = self.context.clock.callLater(self.settings.head_timeout, self._routing_timed_out)
+            if rest:
+                self._sniff_bytes(rest)
+            return
+        self._dispatch(None, None, rest, body_done=head.framing.kind == "none")
+
+    def _track(self, data: bytes) -> tuple[bytes, tuple[bytes, ...], bool, bytes]:
+        """Split ``data`` into this body's raw bytes, payload and what follows; enforce the limit."""
+        progress = self.tracker.feed(data)
+        raw = data if progress.consumed == len(data) else data[: progress.consumed]
+        self.bytes_in += progress.consumed
+        self.payload_size += sum(len(piece) for piece in progress.payload)
+        if self.payload_size > self.settings.body_limit:
+            raise HttpError(413, f"Request body exceeds the {self.settings.body_limit}-byte limit")
+        return raw, progress.payload, progress.done, data[progress.consumed :]
+
+    def _sniff_bytes(self, data: bytes) -> None:
+        raw, payload, done, rest = self._track(data)
+        self.sniffed_raw.append(raw)
+        result = None
+        for piece in self._decoded(payload, done):
+            self.sniffed_payload.append(piece)
+            result = self.finder.feed(piece)
+        if result is None and done:
+            result = self.finder.finish()
+        if result is None:
+            return
+        mapping = self.settings.router.match(result.model) if isinstance(result, Found) else None
+        self._dispatch(result, mapping, rest, body_done=done)
+
+    def _dispatch(self, result: object, mapping: Mapping | None, rest: bytes, body_done: bool) -> None:
+        """Route decided: borrow an upstream connection and send what is in hand."""
+        assert self.head is not None
+        self._routing_read_over()
+        model = result.model if isinstance(result, Found) else None
+        self.stages = self._stages_for(mapping)
+        if self.stages and body_done and cannot_hold_a_mark(b"".join(self.sniffed_payload)):
+            self.stages = []  # the whole body is in hand and has nothing to edit: no scan
+        if mapping is not None:
+            assert isinstance(result, Found) and self.endpoint is not None
+            first = self._intercepted_start(result, mapping, self.endpoint, body_done)
+            destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
+        elif self.stages and self.decoder is not None:
+            # Compressed: held whole (Claude Code's are small) until it is known whether it changes.
+            self.held_raw = list(self.sniffed_raw)
+            self.held_out = bytearray(self._staged(b"".join(self.sniffed_payload), body_done))
+            first = self._release_held() if body_done else b""
+            destination = self.settings.anthropic
+        elif self.stages:
+            first = self.head.raw + self._staged(b"".join(self.sniffed_payload), body_done)
+            destination = self.settings.anthropic
+        else:
+            first = self.head.raw + b"".join(self.sniffed_raw)
+            destination = self.settings.anthropic
+        if self.settings.log_content:
+            body = b"".join(self.sniffed_payload)[:CONTENT_LOG_BYTES].decode("utf-8", "replace")
+            self.content = redacted_head(self.head) + ("\n\n" + body if body else "")
+        self.sniffed_raw, self.sniffed_payload = [], []
+        self.pending = rest + self.pending
+        self.state = "connecting"
+        self.exchange = Exchange(self, destination, model, mapping, first, body_done)
+        self.exchange.start()
+        if self.state == "connecting":  # no pooled connection at hand: hold the client back meanwhile
+            self.valve.pause("connecting")
+
+    def _stages_for(self, mapping: Mapping | None) -> list[Any]:
+        """Edits a messages body gets on its way, all keeping its length (so its framing):
+        the target gets its own thinking signatures back unmarked; Anthropic gets the target's
+        thinking blocks blanked out and, if that changed the body, the cch hash re-signed.
+
+        A compressed passthrough body is held whole and decoded for this (see ``_release_held``);
+        a chunked one goes as it came (Claude Code does not send chunked bodies).
+        """
+        if self.endpoint is None or self.head is None:
+            return []
+        if mapping is not None:
+            return [Unmarker()]
+        if self.head.framing.kind == "length" and self.head.framing.length <= NEUTRALISE_MAX:
+            neutraliser = Neutraliser()
+            self.neutraliser = neutraliser
+            return [neutraliser, Resigner(lambda: neutraliser.changed, lambda tail: thinking_off_if(neutraliser, tail))]
+        return []
+
+    def _release_held(self) -> bytes:
+        """A whole compressed passthrough body: as it came if nothing in it changed, else decoded
+        (Anthropic takes plain bodies; re-compressing 2 MB would cost ~14 ms for nothing)."""
+        assert self.head is not None
+        held_raw, held_out, self.held_raw, self.held_out = self.held_raw, self.held_out, [], bytearray()
+        if self.neutraliser is not None and self.neutraliser.changed:
+            return decoded_head(self.head, len(held_out)) + bytes(held_out)
+        return self.head.raw + b"".join(held_raw)
+
+    def _staged(self, data: bytes, done: bool) -> bytes:
+        for stage in self.stages:
+            data = stage.feed(data) + (stage.finish() if done else b"")
+        return data
+
+    def _intercepted_start(self, found: Found, mapping: Mapping, endpoint: Endpoint, body_done: bool) -> bytes:
+        assert self.head is not None
+        payload = rewrite_model(b"".join(self.sniffed_payload), found.start, found.end, mapping.target)
+        payload = self._staged(payload, body_done)
+        if self.head.framing.kind == "length" and self.decoder is None:
+            length = self.head.framing.length + len(json.dumps(mapping.target)) - (found.end - found.start)
+            return intercepted_head(self.head, mapping.upstream, endpoint, length) + payload
+        # Chunked, or decoded from a Content-Encoding (its length is unknown until the end).
+        tail = LAST_CHUNK if body_done else b""
+        return intercepted_head(self.head, mapping.upstream, endpoint, None, decoded=self.decoder is not None) + \
+            encode_chunk(payload) + tail
+
+    def _decoded(self, payload: tuple[bytes, ...], done: bool) -> list[bytes] | tuple[bytes, ...]:
+        """The body as JSON: through the Content-Encoding decoder when there is one."""
+        if self.decoder is None:
+            return payload
+        pieces = [out for piece in payload for out in self.decoder.feed(piece)]
+        if done:
+            self.decoder.finish()
+        return pieces
+
+    def upstream_ready(self, body_done: bool) -> None:
+        """The exchange sent the start of the request; go on reading the client."""
+        self.state = "response" if body_done else "body"
+        if self.state == "response" and self.pending:
+            self.valve.pause("pipelined")
+        self.valve.resume("connecting")
+        if self.state == "body":
+            self._drain_pending()
+
+    def _body_bytes(self, data: bytes) -> None:
+        assert self.exchange is not None
+        raw, payload, done, rest = self._track(data)
+        if self.stages and self.decoder is not None and self.exchange.mapping is None:
+            self.held_raw.append(raw)
+            self.held_out += self._staged(b"".join(self._decoded(payload, done)), done)
+            out = self._release_held() if done else b""
+            if not done and len(self.held_out) > NEUTRALISE_MAX and not self.neutraliser.changed:
+                # It decodes past what is checked: send what came as it came, the rest as it comes.
+                out, self.stages = self.head.raw + b"".join(self.held_raw), []
+                self.held_raw, self.held_out = [], bytearray()
+        elif self.stages:
+            body = self._staged(b"".join(self._decoded(payload, done)), done)
+            out = encode_chunk(body) + (LAST_CHUNK if done else b"") if self.exchange.rechunk else body
+        elif self.exchange.rechunk:
+            pieces = self._decoded(payload, done)
+            out = b"".join(encode_chunk(piece) for piece in pieces) + (LAST_CHUNK if done else b"")
+        else:
+            out = raw
+        if out:
+            self.exchange.send(out)
+        if done:
+            self.state = "response"
+            self.exchange.request_complete()
+            if rest:
+                self.pending = rest + self.pending
+                self.valve.pause("pipelined")
+
+    def _drain_pending(self) -> None:
+        if self.pending:
+            data, self.pending = self.pending, b""
+            self.dataReceived(data)
+
+    # The end of an exchange
+
+    def exchange_done(self, reusable: bool) -> None:
+        self.exchange = None
+        self.served += 1
+        if not reusable or self.state == "closed" or self.context.draining:
+            self.close()
+            return
+        self._await_head()
+        self.valve.resume("pipelined")
+        self._drain_pending()
+
+    def close(self) -> None:
+        self._routing_read_over()
+        if self.state != "closed":
+            self.state = "closed"
+            self.deadline.cancel()
+            self.valve.open()
+            self.transport.loseConnection()
+
+    def fail(self, error: HttpError) -> None:
+        """Answer in Anthropic's error format if no response has begun; else cut the connection."""
+        if self.exchange is not None:
+            self.exchange.fail(error)
+            return
+        if self.state == "closed":
+            return
+        self.transport.write(error_response(error.status, error.message))
+        if self.head is not None:
+            self.context.record(self._record(error.status, error.message))
+        else:
+            log.info("Refused a request from {peer}: {status} {message}", peer=str(self.transport.getPeer()),
+                     status=error.status, message=escaped(error.message))
+        self.close()
+
+    def _record(self, status: int | None, error: str | None, bytes_out: int = 0, model: str | None = None,
+                mapping: Mapping | None = None) -> RequestRecord:
+        assert self.head is not None
+        return RequestRecord(
+            started=self.started,
+            method=self.head.method.decode("ascii", "replace"),
+            path=self.head.path.decode("ascii", "replace"),
+            model=model,
+            intercepted=mapping is not None,
+            target=mapping.target if mapping else None,
+            status=status,
+            duration=self.context.clock.seconds() - self.started_clock,
+            bytes_in=self.bytes_in,
+            bytes_out=bytes_out,
+            error=error,
+            mapping=mapping.source if mapping else None,
+            content=self.content,
+        )
+
+    def _routing_read_over(self) -> None:
+        if self.routing_deadline is not None:
+            if self.routing_deadline.active():
+                self.routing_deadline.cancel()
+            self.routing_deadline = None
+
+    def _routing_timed_out(self) -> None:
+        """The body up to its model is read against ``head_timeout`` from the body's start, as a
+        head is: else a byte every few seconds (each under the silence timeout) holds a
+        connection and its buffer for ever. Once routed, the body is spliced and only needs to
+        keep moving (``idle_timeout``)."""
+        self.routing_deadline = None
+        if self.state == "sniff":
+            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body up to its model "
+                                     f"({self.settings.head_timeout:g} seconds)"))
+
+    def _timed_out(self) -> None:
+        if self.state == "head" and self.collector.pending == 0:
+            self.close()  # keep-alive idle: nothing to answer
+        elif self.state in ("head", "sniff", "body"):
+            self.fail(HttpError(408, "Timed out waiting for the client to send the request"))
+
+
+class Exchange:
+    """One request/response pair over a borrowed upstream connection."""
+
+    def __init__(self, client: ClientConnection, destination: Destination, model: str | None,
+                 mapping: Mapping | None, first: bytes, body_done: bool) -> None:
+        self.client = client
+        self.context = client.context
+        self.destination = destination
+        self.model = model
+        self.mapping = mapping
+        self.first = first
+        self.body_done = body_done
+        self.replayable = body_done  # ``first`` holds the whole request: safe to send again
+        self.rechunk = mapping is not None and (client.decoder is not None or client.head.framing.kind == "chunked")
+        self.connection: UpstreamConnection | None = None
+        self.connecting: defer.Deferred | None = None
+        self.response_started = False  # a byte of the final response reached the client
+        self.bytes_out = 0
+        self.finished = False
+        self.retried = False
+        self.reused = False
+        self.deadline = Deadline(self.context.clock, self._timed_out)
+        settings = client.settings
+        # Intercepted requests small enough to keep can be sent again after a 429: what was sent
+        # is kept by reference, so a body is not copied for a retry that seldom comes.
+        self.kept: list[bytes] | None = [first] if mapping is not None and settings.retries > 1 and \
+            len(first) <= settings.retry_body_cap else None
+        self.kept_size = len(first)
+        self.tries = 1
+        self.waiting: Any = None  # the delayed call of a retry
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        """Forget everything about the upstream's answer: before the first try, and before a
+        request is sent again (a 429 retried, a stale pooled connection replayed), so that no
+        half-read head or held body of one try leaks into the next."""
+        self.received = 0  # bytes of this try's answer read from the upstream, interim ones included
+        self.collector = HeadCollector(what="upstream response", response=True)
+        self.response: ResponseHead | None = None
+        self.tracker: BodyTracker | None = None
+        self.marker: SseMarker | None = None  # an intercepted stream whose signatures get marked
+        self.unmarked_warned = False
+        self.held_head: bytes | None = None  # an intercepted JSON message, held to be marked
+        self.held_body = bytearray()
+        self.error_raw: bytearray | None = None  # an intercepted error response, held to be rewritten
+        self.error_body = bytearray()
+
+    def start(self, fresh: bool = False) -> None:
+        self.deadline.start(self.client.settings.upstream_timeout)
+        self.connecting = self.context.pool.acquire(self.destination, fresh=fresh)
+        self.connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, result: tuple[UpstreamConnection, bool]) -> None:
+        self.connecting = None
+        connection, self.reused = result
+        if self.finished:  # the client went away while we connected
+            connection.transport.loseConnection()
+            return
+        self.connection = connection
+        connection.handler = self
+        self.valve = Valve(connection.transport)
+        connection.transport.registerProducer(self.client.valve, True)
+        self.client.transport.registerProducer(self.valve, True)
+        connection.transport.write(self.first)
+        self.deadline.touch()
+        self.client.upstream_ready(self.body_done)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self.connecting = None
+        if self.finished:
+            return
+        if failure.check(ConnectTimeout, defer.TimeoutError):
+            self.fail(HttpError(504, f"Timed out connecting to {self.destination.label}"))
+        else:
+            self.fail(HttpError(502, f"Cannot reach {self.destination.label}: {_reason(failure)}"))
+
+    def send(self, data: bytes) -> None:
+        if self.kept is not None:
+            self.kept.append(data)
+            self.kept_size += len(data)
+            if self.kept_size > self.client.settings.retry_body_cap:
+                self.kept = None
+        if self.connection is not None and not self.finished:
+            self.connection.transport.write(data)
+            self.deadline.touch()
+
+    def request_complete(self) -> None:
+        self.body_done = True
+
+    # Upstream events
+
+    def upstream_data(self, data: bytes) -> None:
+        self.deadline.touch()
+        self.received += len(data)
+        if self.finished:
+            return
+        try:
+            while data and self.tracker is None:
+                done = self.collector.feed(data)
+                if done is None:
+                    return
+                raw, data = done
+                response = parse_response_head(raw, self.client.head.method)
+                if response.status == 101:
+                    raise HttpError(502, "Upstream switched protocols; cmm proxies HTTP/1.1 only")
+                if response.interim:
+                    self._to_client(raw)
+                    self.collector = HeadCollector(what="upstream response", response=True)
+                    continue
+                self.response = response
+                self.tracker = tracker_for(response.framing, "upstream response")
+                plain = response.headers.get(b"content-encoding") in (None, b"identity")
+                if self.mapping is not None and response.status >= 400 and plain and \
+                        _holdable(response, MAX_ERROR_BODY):
+                    self.error_raw = bytearray(raw)  # held: it may be rewritten, or retried
+                    self.error_body = bytearray()
+                elif self.mapping is not None and response.status < 300 and plain and \
+                        self.client.endpoint == "messages" and response.framing.kind in ("length", "chunked") and \
+                        _holdable(response, MAX_HELD_MESSAGE):
+                    # The target's thinking signatures get marked, so that cmm knows them later.
+                    if response.framing.kind == "length":
+                        self.held_head = self._intercepted_head(raw)
+                        self.held_body = bytearray()
+                    else:
+                        self.marker = SseMarker()
+                        self.response_started = True
+                        self._to_client(self._intercepted_head(raw))
+                else:
+                    self.response_started = True
+                    self._to_client(self._intercepted_head(raw) if self.mapping is not None else raw)
+                if response.status != 429:
+                    self.kept = None  # no retry to come: let the request go while the answer streams
+            if self.tracker is None:
+                return
+            progress = self.tracker.feed(data)
+        except HttpError as error:
+            self.fail(HttpError(502, error.message) if error.status != 502 else error)
+            return
+        consumed = data if progress.consumed == len(data) else data[: progress.consumed]
+        if self.error_raw is not None:
+            self._hold_error(consumed, progress.payload)
+        elif self.marker is not None:
+            out = encode_chunk(self.marker.feed(b"".join(progress.payload)))  # one chunk for what came at once
+            if progress.done:
+                out += encode_chunk(self.marker.finish()) + LAST_CHUNK
+            self._warn_if_unmarked(self.marker)
+            if out:
+                self._to_client(out)
+        elif self.held_head is not None:
+            for piece in progress.payload:
+                self.held_body += piece
+            if progress.done:
+                body = bytes(self.held_body)
+                if b"event-stream" in (self.response.headers.get(b"content-type") or b""):
+                    marker = SseMarker()  # a stream with a Content-Length: held whole, marked alike
+                    body = marker.feed(body) + marker.finish()
+                    self._warn_if_unmarked(marker)
+                else:
+                    body = mark_message(body)
+                self.response_started = True
+                self._to_client(with_content_length(self.held_head, len(body)) + body)
+        elif consumed:
+            self._to_client(consumed)
+        if progress.done:
+            if self.error_raw is not None:
+                self._error_complete(extra=progress.consumed < len(data))
+            else:
+                self._finish(extra=progress.consumed < len(data))
+
+    def _intercepted_head(self, raw: bytes) -> bytes:
+        """The target's response head as the client gets it: marked as intercepted, and saying
+        ``Connection: close`` when the client asked for that (the target, which cmm keeps
+        pooled, was not told to close)."""
+        head = with_provider_header(raw)
+        if self.client.head is not None and not self.client.head.keep_alive:
+            head = with_connection_close(head)
+        return head
+
+    def _warn_if_unmarked(self, marker: SseMarker) -> None:
+        """Say once per response that an event went out unmarked: a signature in it (if any)
+        would not be recognised as the target's later, and Anthropic would refuse it."""
+        if marker.passed_unmarked and not self.unmarked_warned:
+            self.unmarked_warned = True
+            log.warn("{target} streamed an event larger than {limit} MiB: it went to the client as it came, "
+                     "so the thinking signatures in it were not marked as the target's (cmm holds at most "
+                     "{limit} MiB of one event to mark it)",
+                     target=self.mapping.upstream.url if self.mapping else self.destination.label,
+                     limit=MAX_SSE_EVENT // MiB)
+
+    def _hold_error(self, raw: bytes, payload: tuple[bytes, ...]) -> None:
+        assert self.error_raw is not None
+        self.error_raw += raw
+        for piece in payload:
+            self.error_body += piece
+        if len(self.error_body) > MAX_ERROR_BODY:  # not an error document any more: pass it on as it is
+            held, self.error_raw = self.error_raw, None
+            self.response_started = True
+            head_end = held.index(b"\r\n\r\n") + 4
+            self._to_client(self._intercepted_head(bytes(held[:head_end])) + bytes(held[head_end:]))
+
+    def _error_complete(self, extra: bool = False, close: bool = False) -> None:
+        """A whole intercepted error: retry a 429 if allowed, else answer in Anthropic's format."""
+        assert self.response is not None and self.mapping is not None
+        body = bytes(self.error_body)
+        delay = retry_after(self.response.headers, body) if self.response.status == 429 else None
+        settings = self.client.settings
+        if (self.response.status == 429 and self.tries < settings.retries and self.kept is not None
+                and self.body_done and self.client.state == "response"
+                and (delay is None or delay <= settings.retry_max_delay)):
+            self._retry_later(1.0 if delay is None else delay, reusable=not (extra or close) and
+                              self.response.keep_alive)
+            return
+        status_line = bytes(self.error_raw[: self.error_raw.index(b"\r\n")])
+        self.error_raw = None
+        self.response_started = True
+        headers = [PROVIDER_HEADER_FIELD] + ([(b"Connection", b"close")] if not self.client.head.keep_alive else [])
+        self._to_client(error_response_for_target(status_line, self.response.status, self.response.headers, body,
+                                                  self.mapping.upstream.url, headers))
+        self._finish(extra=extra, close=close)
+
+    def _retry_later(self, delay: float, reusable: bool) -> None:
+        log.info("{target} answered 429 (try {tries} of {limit}); trying again in {delay:g}s",
+                 target=self.mapping.upstream.url, tries=self.tries, limit=self.client.settings.retries, delay=delay)
+        self._detach("release" if reusable else "close")
+        self.tries += 1
+        self._reset_response()
+        self.first = b"".join(self.kept or ())
+        self.waiting = self.context.clock.callLater(delay, self._retry)
+
+    def _retry(self) -> None:
+        self.waiting = None
+        if not self.finished:
+            self.start()
+
+    def upstream_lost(self, reason: Failure) -> None:
+        self.connection = None
+        if self.finished:
+            return
+        if not self.received and self.reused and self.replayable and not self.retried:
+            # A pooled connection closed under us before a single byte of answer: the server never
+            # took the request up, and the whole of it is in hand. Once anything came (a partial
+            # head, an interim 100), the server may have acted on it: no second try then.
+            self.retried = True
+            self._detach("close")  # the connection is gone already: this undoes the client side
+            self._reset_response()
+            self.start(fresh=True)
+            return
+        if isinstance(self.tracker, CloseBody):
+            if self.error_raw is not None:
+                self._error_complete(close=True)
+            else:
+                self._finish(close=True)
+        elif not self.response_started:
+            self.fail(HttpError(502, f"{self.destination.label} closed the connection before responding: {_reason(reason)}"))
+        else:
+            self._end(status=self.response.status if self.response else None,
+                      error=f"upstream closed mid-response: {_reason(reason)}", abort=True)
+
+    # Client events
+
+    def client_lost(self) -> None:
+        if self.finished:
+            return
+        if self.waiting is not None and self.waiting.active():
+            self.waiting.cancel()
+        if self.connecting is not None:
+            self.finished = True
+            self.connecting.cancel()
+        self._end(status=self.response.status if self.response else None, error="client closed the connection",
+                  abort=True)
+
+    # Endings
+
+    def _to_client(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.client.transport.write(data)
+
+    def _finish(self, extra: bool = False, close: bool = False) -> None:
+        """The response is complete. Reuse both connections where both sides allow it.
+
+        An upstream that answered before the whole request body was sent (an early error) leaves
+        the rest of that body unframed on both connections, so both are closed then.
+        """
+        assert self.response is not None and self.client.head is not None
+        reusable = self.client.state == "response" and not close and self.response.keep_alive
+        self._end(status=self.response.status, error=None, abort=False, upstream_reusable=reusable and not extra,
+                  client_reusable=reusable and self.client.head.keep_alive)
+
+    def fail(self, error: HttpError) -> None:
+        if self.finished:
+            return
+        if not self.response_started and self.client.state != "closed":
+            self.client.transport.write(error_response(error.status, error.message))
+            self._end(status=error.status, error=error.message, abort=False)
+        else:
+            self._end(status=self.response.status if self.response else None, error=error.message, abort=True)
+
+    def _end(self, status: int | None, error: str | None, abort: bool, upstream_reusable: bool = False,
+             client_reusable: bool = False) -> None:
+        self.finished = True
+        self.deadline.cancel()
+        self._detach("release" if upstream_reusable else "abort" if abort else "close")
+        self.context.record(self.client._record(status, error, self.bytes_out, self.model, self.mapping))
+        if self.client.state == "closed":
+            self.client.exchange = None
+            return
+        if abort:
+            self.client.exchange = None
+            self.client.state = "closed"
+            self.client.deadline.cancel()
+            self.client.transport.abortConnection()
+            return
+        self.client.exchange_done(reusable=client_reusable and error is None)
+
+    def _detach(self, dispose: str) -> None:
+        """Undo what ``_connected`` joined (handler, producers both ways, backpressure pauses)
+        and dispose of the upstream connection: "release" to the pool, "close" or "abort"."""
+        connection, self.connection = self.connection, None
+        self.client.valve.resume("backpressure")
+        if self.client.state != "closed":
+            self.client.transport.unregisterProducer()
+        if connection is None:
+            return
+        connection.handler = None
+        connection.transport.unregisterProducer()
+        self.valve.resume("backpressure")
+        if dispose == "release":
+            self.context.pool.release(connection)
+        elif dispose == "abort":
+            connection.transport.abortConnection()
+        else:
+            connection.transport.loseConnection()
+
+    def _timed_out(self) -> None:
+        connecting, self.connecting = self.connecting, None
+        self.fail(HttpError(504, f"{self.destination.label} sent nothing for {self.client.settings.upstream_timeout:g} seconds"))
+        if connecting is not None:
+            connecting.cancel()
+
+
+def _holdable(response: ResponseHead, limit: int) -> bool:
+    """Whether a response may be held whole: a declared length beyond ``limit`` is passed on as
+    it comes instead, so that a Content-Length of 10 GB never turns into a buffer."""
+    return response.framing.kind != "length" or response.framing.length <= limit
+
+
+def _reason(failure: Failure) -> str:
+    """A short human reason for a connection failure (no tracebacks reach users)."""
+    value = failure.value
+    if isinstance(value, DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(value, ConnectionDone):
+        return "connection closed"
+    if isinstance(value, ConnectError) and isinstance(value.osError, int):
+        return os.strerror(value.osError)  # "Connection refused", not "111"
+    text = str(value).strip() or type(value).__name__
+    if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
+        return "TLS certificate verification failed"
+    if "VerificationError" in type(value).__name__ or "DNSMismatch" in text:
+        return "TLS certificate does not match the host name"
+    return text.splitlines()[0][:200]
+
+
+class ProxyFactory(Factory):
+    """Builds client connections that share one context (settings, pool, log)."""
+
+    noisy = False
+
+    def __init__(self, context: ProxyContext) -> None:
+        self.context = context
+
+    def buildProtocol(self, addr: object) -> ClientConnection:
+        return ClientConnection(self.context)

@@ -1,0 +1,239 @@
+"""Connections to the two kinds of upstream, and a keep-alive pool of them.
+
+Claude Code opens a new TLS connection for most requests; cmm keeps its own connections to
+Anthropic and to the target alive between requests so that a request costs no TCP or TLS set-up
+upstream. A connection is lent to one exchange at a time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Mapping, Protocol as TypingProtocol
+
+import attrs
+from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
+from twisted.python.failure import Failure
+
+from cmm.core.values import ANTHROPIC_HOST, Destination
+from cmm.serve.tls import DirectTLSEndpoint
+
+
+
+# Read and buffer up to this much per connection before pausing the other side (Twisted's
+# default is 64 KiB): a 2 MB body then moves in fewer reads, pauses and resumes, for about 15%
+# less CPU (bench/run.py section 3); an SSE stream never comes near it.
+SPLICE_BUFFER = 256 * 1024
+
+
+def tune(transport: object) -> None:
+    """Socket settings for one side of a splice (TLS wrappers are seen through to TCP).
+
+    Nagle's algorithm goes: a splice writes each SSE event or body piece the moment it
+    arrives, and Nagle would hold a small write back until the peer's delayed ACK (~40 ms),
+    batching events and stalling uploads. Reads and the write buffer grow to SPLICE_BUFFER.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+    tcp = getattr(transport, "transport", transport)  # under TLS, the TCP transport
+    if hasattr(tcp, "bufferSize"):
+        tcp.bufferSize = SPLICE_BUFFER
+
+
+class UpstreamHandler(TypingProtocol):
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_lost(self, reason: Failure) -> None: ...
+
+
+class UpstreamConnection(Protocol):
+    """One upstream connection; forwards its events to the exchange that borrowed it."""
+
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+        self.handler: UpstreamHandler | None = None
+        self.connected_now = False
+        self.on_lost: Callable[[UpstreamConnection], None] | None = None
+
+    def connectionMade(self) -> None:
+        tune(self.transport)
+        self.connected_now = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.handler is not None:
+            self.handler.upstream_data(data)
+        else:  # an idle connection must stay silent; anything else means it is out of step
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.connected_now = False
+        if self.on_lost is not None:
+            self.on_lost(self)
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.upstream_lost(reason)
+
+
+class _ConnectionFactory(Factory):
+    """Builds one UpstreamConnection; quiet, since a busy cmm opens many."""
+
+    noisy = False
+
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+
+    def buildProtocol(self, addr: object) -> UpstreamConnection:
+        return UpstreamConnection(self.destination)
+
+
+def _open(endpoint: object, destination: Destination) -> defer.Deferred[UpstreamConnection]:
+    return endpoint.connect(_ConnectionFactory(destination))
+
+
+Connect = Callable[[Destination], "defer.Deferred[UpstreamConnection]"]
+
+
+class Pool:
+    """Idle keep-alive connections per destination, closed after ``idle_timeout`` seconds.
+
+    The idle timeout is kept shorter than the servers' own so that a connection is seldom
+    closed by the server just as cmm sends on it; the exchange retries once when that happens
+    and the whole request is still in hand.
+    """
+
+    def __init__(self, connect: Connect, clock: IReactorTime, idle_timeout: float = 20.0, max_idle: int = 16) -> None:
+        self._connect = connect
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._max_idle = max_idle
+        self._idle: dict[Destination, list[tuple[UpstreamConnection, IDelayedCall]]] = defaultdict(list)
+        self.opened = 0
+
+    def acquire(self, destination: Destination, fresh: bool = False) -> defer.Deferred[tuple[UpstreamConnection, bool]]:
+        """A connection and whether it was reused."""
+        idle = self._idle.get(destination)
+        while idle and not fresh:
+            connection, call = idle.pop()
+            call.cancel()
+            if connection.connected_now:
+                connection.on_lost = None
+                return defer.succeed((connection, True))
+        self.opened += 1
+        return self._connect(destination).addCallback(lambda connection: (connection, False))
+
+    def release(self, connection: UpstreamConnection) -> None:
+        idle = self._idle[connection.destination]
+        if not connection.connected_now or len(idle) >= self._max_idle:
+            connection.transport.loseConnection()
+            return
+        connection.handler = None
+        call = self._clock.callLater(self._idle_timeout, connection.transport.loseConnection)
+        idle.append((connection, call))
+        connection.on_lost = self._forget
+
+    def _forget(self, connection: UpstreamConnection) -> None:
+        idle = self._idle.get(connection.destination, [])
+        for index, (candidate, call) in enumerate(idle):
+            if candidate is connection:
+                if call.active():
+                    call.cancel()
+                del idle[index]
+                return
+
+    def close_idle(self) -> None:
+        for idle in list(self._idle.values()):
+            for connection, call in list(idle):
+                call.cancel()
+                connection.transport.loseConnection()
+        self._idle.clear()
+
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+
+def system_trust(environ: Mapping[str, str] = os.environ) -> object:
+    """The platform trust store, honouring SSL_CERT_FILE and SSL_CERT_DIR.
+
+    A bundle named by SSL_CERT_FILE is read now rather than by OpenSSL at the first handshake:
+    a worker drops its privileges after start-up and might no longer be allowed to read it.
+    """
+    bundle = environ.get("SSL_CERT_FILE")
+    if bundle:
+        try:
+            with warnings.catch_warnings():  # old roots with odd serials are the bundle owner's call
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                found = x509.load_pem_x509_certificates(Path(bundle).read_bytes())
+        except (OSError, ValueError):
+            return platformTrust()  # let OpenSSL report it at the handshake, as it would anyway
+        return trustRootFromCertificates(
+            [Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM)) for cert in found])
+    return platformTrust()
+
+
+@attrs.define
+class Connector:
+    """Opens connections: Anthropic by its real addresses with TLS for its name, targets by URL.
+
+    ``anthropic_addresses`` returns the current addresses (a Deferred: DNS may still be
+    answering); each is tried in turn until one connects, and the one that worked goes first
+    next time.
+    """
+
+    reactor: object
+    anthropic_addresses: Callable[[], defer.Deferred[list[str]]]
+    anthropic_tls: IOpenSSLClientConnectionCreator
+    target_trust: object = attrs.field(factory=system_trust)
+    connect_timeout: float = 10.0
+    _preferred: str | None = None
+
+    def connect(self, destination: Destination) -> defer.Deferred[UpstreamConnection]:
+        if destination.anthropic:
+            return defer.ensureDeferred(self._connect_anthropic(destination))
+        endpoint = HostnameEndpoint(self.reactor, destination.host, destination.port, timeout=self.connect_timeout)
+        if destination.scheme == "https":
+            endpoint = DirectTLSEndpoint(
+                optionsForClientTLS(destination.host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"]),
+                endpoint,
+            )
+        return _open(endpoint, destination)
+
+    async def _connect_anthropic(self, destination: Destination) -> UpstreamConnection:
+        addresses = list(await self.anthropic_addresses())
+        if not addresses:
+            raise ConnectionError(f"no address known for {ANTHROPIC_HOST}")
+        if self._preferred in addresses:
+            addresses.remove(self._preferred)
+            addresses.insert(0, self._preferred)
+        failure: Exception | None = None
+        for address in addresses:
+            kind = TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6 else TCP4ClientEndpoint
+            endpoint = DirectTLSEndpoint(
+                self.anthropic_tls, kind(self.reactor, address, destination.port, timeout=self.connect_timeout)
+            )
+            try:
+                connection = await _open(endpoint, destination)
+            except Exception as error:  # try the next address
+                failure = error
+                continue
+            self._preferred = address
+            return connection
+        assert failure is not None
+        raise failure
+
+
+def anthropic_tls_options(trust_root: object | None = None) -> IOpenSSLClientConnectionCreator:
+    """TLS to the real API: its name for SNI and verification, HTTP/1.1 only."""
+    return optionsForClientTLS(
+        ANTHROPIC_HOST, trustRoot=trust_root if trust_root is not None else system_trust(),
+        acceptableProtocols=[b"http/1.1"],
+    )
