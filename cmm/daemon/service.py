@@ -164,7 +164,7 @@ class InterceptorService(Service):
     environ: Mapping[str, str] = attrs.field(factory=lambda: os.environ)
     console: TextIO | None = None
     euid: int = attrs.field(factory=os.geteuid)
-    pid: int = attrs.field(factory=os.getpid)
+    getpid: Callable[[], int] = os.getpid  # asked late: twistd may fork after making the service
     user_dir: UserDir | None = None  # the config dir, where all I/O runs as its owner
 
     # collaborators: the real ones by default
@@ -373,7 +373,7 @@ class InterceptorService(Service):
     def _state(self) -> dict[str, Any]:
         config = self.config
         return {
-            "pid": self.pid,
+            "pid": self.getpid(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
             "port": config.port,
             "listen": list(config.listen),
@@ -404,7 +404,7 @@ class InterceptorService(Service):
     def _write_files(self) -> None:
         assert self.user_dir is not None
         state = json.dumps(self._state(), indent=2) + "\n"
-        for name, text in ((paths.PID_FILE_NAME, f"{self.pid}\n"), (paths.STATE_FILE_NAME, state)):
+        for name, text in ((paths.PID_FILE_NAME, f"{self.getpid()}\n"), (paths.STATE_FILE_NAME, state)):
             try:
                 self.user_dir.write_bytes(name, text.encode())
             except (OSError, UnsafeDirectory) as error:
@@ -454,7 +454,7 @@ class InterceptorService(Service):
         if self.user_dir is not None:
             for name in (paths.PID_FILE_NAME, paths.STATE_FILE_NAME, paths.CONTROL_SOCKET_NAME):
                 try:
-                    if name != paths.PID_FILE_NAME or self.user_dir.read_bytes(name).strip() == str(self.pid).encode():
+                    if name != paths.PID_FILE_NAME or self.user_dir.read_bytes(name).strip() == str(self.getpid()).encode():
                         self.user_dir.unlink(name)
                 except (OSError, UnsafeDirectory):
                     pass  # gone already, or not a file of ours

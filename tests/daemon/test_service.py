@@ -188,7 +188,7 @@ def master(world: World, key_pair: certs.EnsureResult, workers: int = 0, **more:
     directory = UserDir.open(world.tmp / "cfg")
     return InterceptorService(
         build_config(flags, {}, directory.path), reactor=world.reactor, environ={}, console=io.StringIO(), euid=1000,
-        pid=4242, user_dir=directory, load_config=functools.partial(load_config, flags),
+        getpid=lambda: 4242, user_dir=directory, load_config=functools.partial(load_config, flags),
         binder=world.bind, supervisor_factory=world.supervisor, certificates=lambda _: key_pair,
         hosts_editor=world, flush_dns=world.flush, request_log_factory=world.request_log,
         address_book_factory=world.address_book, install_signal=world.signals.__setitem__,
