@@ -57,7 +57,7 @@ class Options(usage.Options):
         ["log-file", None, None, "Request log file (default: cmm.log in the config dir)."],
         ["log-max-bytes", None, "1000000", "Rotate the request log at this size."],
         ["log-backups", None, "3", "Rotated request logs to keep."],
-        ["log-format", None, "text", "Request log format: text (the seed's lines) or json."],
+        ["log-format", None, "text", "Request log format: text (one readable line a request) or json."],
         ["accept", None, "shared", "How workers share connections: shared (one listening socket) or reuseport "
                                    "(one SO_REUSEPORT socket per worker)."],
     ]
