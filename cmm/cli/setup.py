@@ -19,7 +19,7 @@ def _shell_line(shell: str, ca_cert: Path) -> tuple[str, str]:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     from cmm.machine import certs, trust  # imported here: only setup and uninstall need cryptography
 
-    from cmm.daemon.tap import ensure_certificates
+    from cmm.machine.usercerts import ensure_certificates
 
     directory = config_dir(args, ctx)
     machine = machine_of(ctx)

@@ -44,10 +44,19 @@ class ServeConfig:
 
 
 class MappingLike(Protocol):
-    source: str
-    target: str
-    url: str | None
-    api_key: str | None
+    """A mapping as a file gives it; read-only, so a frozen value fits."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def url(self) -> str | None: ...
+
+    @property
+    def api_key(self) -> str | None: ...
 
 
 def _as_list(value: object) -> list[str]:

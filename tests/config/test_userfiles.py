@@ -33,7 +33,9 @@ from cmm.testing.checkout import REPO, twistd_command
 from cmm.core.records import RequestRecord
 from cmm.serve.request_log import RequestLog
 from cmm.serve.resolve import AddressBook, Answer
-from cmm.daemon.tap import InterceptorService, Options, ensure_certificates
+from cmm.daemon.service import InterceptorService
+from cmm.daemon.tap import Options
+from cmm.machine.usercerts import ensure_certificates
 from cmm.config.userfiles import Identity, UnsafeDirectory, UserDir, directory_problem, read_file, running_as
 from support import process_env
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from cmm.daemon.tap import Options
+from cmm.daemon.tap import Options, makeService
 
 
 def parse(args: list[str], environ: dict[str, str], **collaborators: object) -> Options:
@@ -52,3 +52,13 @@ def test_the_connection_cap_reaches_the_serving_settings(tmp_path: Path) -> None
     base = ["--config-dir", str(tmp_path), "--source", "a", "--target", "b"]
     assert parse([*base, "--max-connections", "200"], {}).config.proxy.max_connections == 200
     assert parse(base, {}).config.proxy.max_connections == 1024
+
+
+def test_the_service_reads_the_command_line_and_the_dir_again_on_reload(tmp_path: Path) -> None:
+    options = parse(["--config-dir", str(tmp_path), "--source", "a", "--target", "b", "--port", "8443"], {})
+    service = makeService(options)
+    assert service.config is options.config and service.user_dir is options.user_dir
+    (tmp_path / "mappings.toml").write_text("[[mapping]]\nsource = 'c'\ntarget = 'd'\n")
+    assert service.user_dir is not None
+    again = service.load_config(service.user_dir)
+    assert [m.source for m in again.proxy.router.mappings] == ["a", "c"] and again.port == 8443

@@ -412,7 +412,7 @@ def test_no_cache_and_no_dns_serves_after_the_short_wait_with_a_clear_502(tmp_pa
 
 def test_new_addresses_reach_the_workers(tmp_path: Path) -> None:
     """The master's book tells the service, which sends the workers a config with the new addresses."""
-    from cmm.daemon.tap import InterceptorService
+    from cmm.daemon.service import InterceptorService
     from cmm.core.settings import build_config
     from cmm.daemon.wire import WorkerConfig
 
@@ -424,7 +424,7 @@ def test_new_addresses_reach_the_workers(tmp_path: Path) -> None:
         def reload(self, worker_config: WorkerConfig) -> None:
             sent.append(worker_config)
 
-    service = InterceptorService(config, reactor=Clock(), install_signals=False)
+    service = InterceptorService(config, reactor=Clock())
     service.worker_config = WorkerConfig(proxy=config.proxy, cert_pem=b"c", key_pem=b"k", anthropic_addresses=(),
                                          connect_timeout=1.0)
     service.supervisor = Supervisor()  # type: ignore[assignment]
