@@ -77,7 +77,7 @@ def reset_peak(pid: int) -> None:
 
 def make_certificates(config_dir: Path) -> None:
     config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    code = f"from pathlib import Path; from cmm import certs; certs.ensure_certificates(Path({str(config_dir)!r}))"
+    code = f"from pathlib import Path; from cmm.machine import certs; certs.ensure_certificates(Path({str(config_dir)!r}))"
     subprocess.run([sys.executable, "-c", code], env=checkout_env(), check=True)
 
 
