@@ -14,9 +14,12 @@ symbolic links, temporary files are created exclusively, and ownership is handed
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import ipaddress
 import os
+import re
 import secrets
 import stat
 from datetime import datetime, timedelta, timezone
@@ -429,6 +432,26 @@ def read_ca_certificate(path: Path) -> x509.Certificate:
     if not has_cmm_constraint(cert):
         raise CertificateError(refused_ca_message(path))
     return cert
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.*?)\s*-----END CERTIFICATE-----", re.DOTALL)
+
+
+def pem_certificates(data: bytes) -> tuple[bytes, ...]:
+    """The DER of every PEM certificate in ``data`` (a single CA file or a bundle)."""
+    found = []
+    for body in _PEM_CERT.findall(data):
+        try:
+            found.append(base64.b64decode(b"".join(body.split()), validate=True))
+        except (binascii.Error, ValueError):
+            continue
+    return tuple(found)
+
+
+def pem_bundle_contains(bundle: bytes, ca_pem: bytes) -> bool:
+    """Whether a PEM bundle holds the CA (a user who combined cmm's CA with another one)."""
+    wanted = set(pem_certificates(ca_pem))
+    return bool(wanted) and not wanted.isdisjoint(pem_certificates(bundle))
 
 
 def ca_is_usable(pair: KeyPair | None, now: datetime) -> bool:
