@@ -14,6 +14,7 @@ from cmm.config import paths
 from cmm.config.userfiles import UserDir
 
 
+#: Every file cmm writes in its folder: certificates and keys, settings, mappings, pid and state
 #: files, the request log with its rotations, the DNS cache, and the temporary files of atomic
 #: writes.  A new file kept there must be added here, or `cmm uninstall` leaves the folder.
 OWN_FILES = (
