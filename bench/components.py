@@ -20,7 +20,7 @@ from OpenSSL import SSL
 from cmm.machine import certs
 from cmm.core.cch import Resigner
 from cmm.core.framing import LengthBody
-from cmm.core.thinking import Neutraliser, Unmarker
+from cmm.core.thinking_edits import Neutraliser, Unmarker
 from cmm.serve.tls import server_options
 
 PIECE = 16 * 1024  # one TLS record's payload

@@ -14,7 +14,8 @@ from cmm.config.userfiles import UserDir
 from cmm.machine import dnsflush
 
 if TYPE_CHECKING:  # cmm.machine.trust loads cryptography: only setup and uninstall import it, when run
-    from cmm.machine.trust import Machine, Report
+    from cmm.machine.commands import Machine
+    from cmm.machine.trust import Report
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -57,9 +58,9 @@ def existing_user_dir(args: argparse.Namespace, ctx: Context) -> UserDir | None:
 
 
 def machine_of(ctx: Context) -> Machine:
-    from cmm.machine import trust
+    from cmm.machine import commands
 
-    return ctx.machine if ctx.machine is not None else trust.Machine.from_environ(ctx.environ)
+    return ctx.machine if ctx.machine is not None else commands.Machine.from_environ(ctx.environ)
 
 
 def say_report(ctx: Context, report: Report, indent: str = "") -> None:

@@ -140,12 +140,12 @@ def check_name_constraint(ca_pem: bytes | None) -> Check:
 def check_ca_variable(environ: Mapping[str, str], ca_cert: Path, ca_pem: bytes | None,
                       read_bytes: Callable[[Path], bytes] = Path.read_bytes) -> Check:
     """Claude Code trusts cmm only if NODE_EXTRA_CA_CERTS names a file holding cmm's CA."""
-    from cmm.machine import trust
+    from cmm.machine import profile_lines
 
-    name = trust.VARIABLE
-    line = trust.export_line(trust.syntax_of(environ.get("SHELL", "")), ca_cert)
+    name = profile_lines.VARIABLE
+    line = profile_lines.export_line(profile_lines.syntax_of(environ.get("SHELL", "")), ca_cert)
     fix = f"{line}   (new terminals get it from your shell profile: `cmm setup` adds it there)"
-    value = environ.get(trust.VARIABLE, "")
+    value = environ.get(profile_lines.VARIABLE, "")
     if not value:
         if environ.get("SUDO_USER"):
             return Check(name, None, "not visible under sudo (it clears the environment): run `cmm doctor` as yourself")
@@ -156,7 +156,7 @@ def check_ca_variable(environ: Mapping[str, str], ca_cert: Path, ca_pem: bytes |
         held = read_bytes(Path(value))
     except OSError as error:
         return Check(name, False, f"set to {value}, which cannot be read ({error.strerror})", fix)
-    if trust.pem_bundle_contains(held, ca_pem):
+    if certs.pem_bundle_contains(held, ca_pem):
         return Check(name, True, f"{value} holds cmm's CA")
     return Check(name, False, f"set to {value}, which does not hold cmm's CA ({ca_cert})", fix)
 

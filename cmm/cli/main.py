@@ -24,8 +24,8 @@ from cmm.config import paths
 from cmm.config.userfiles import UnsafeDirectory
 from cmm.machine import dnsflush
 
-if TYPE_CHECKING:  # cmm.machine.trust loads cryptography: only setup and uninstall import it, when run
-    from cmm.machine.trust import Machine
+if TYPE_CHECKING:  # for annotations only: commands that use the machine import it when run
+    from cmm.machine.commands import Machine
 
 # Named here too: callers and tests reach them as cmm.cli.main.<name>.
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "STOP_TIMEOUT", "StopResult", "StopState", "main",

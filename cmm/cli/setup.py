@@ -11,9 +11,10 @@ from cmm.machine import hosts
 
 def _shell_line(shell: str, ca_cert: Path) -> tuple[str, str]:
     """The NODE_EXTRA_CA_CERTS line for the user's shell and the profile it belongs in."""
-    from cmm.machine import trust
+    from cmm.machine import profile_lines, profiles
 
-    return trust.export_line(trust.syntax_of(shell), ca_cert), str(trust.default_profile(Path("~"), shell).path)
+    line = profile_lines.export_line(profile_lines.syntax_of(shell), ca_cert)
+    return line, str(profiles.default_profile(Path("~"), shell).path)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:

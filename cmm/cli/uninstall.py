@@ -13,7 +13,8 @@ from cmm.config import paths
 def run(args: argparse.Namespace, ctx: Context) -> int:
     """Everything cmm set up, in the order that leaves nothing half done: the running instance
     and /etc/hosts first, then trust, and only then the folder holding the CA."""
-    from cmm.machine import certs, trust
+    from cmm.config import removal
+    from cmm.machine import certs, profile_lines, trust
 
     from cmm.cli import service as unit
 
@@ -30,9 +31,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if report.failed:
         return ctx.fail(f"{directory} was kept; fix the above and run `cmm uninstall` again")
     try:
-        folder = trust.remove_config_dir(paths.user_dir(directory, ctx.environ, create=False))
+        folder = removal.remove_config_dir(paths.user_dir(directory, ctx.environ, create=False))
     except FileNotFoundError:
-        folder = trust.RemovedFolder((), (), False)
+        folder = removal.RemovedFolder((), (), False)
     except OSError as error:
         return ctx.fail(f"cannot remove {error.filename or directory}: {error.strerror or error}")
     if folder.folder_removed:
@@ -43,8 +44,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         ctx.err.write(f"cmm: kept {directory}: it also holds {names}, which cmm did not make\n")
     else:
         ctx.say(f"{directory} does not exist.")
-    syntax = trust.syntax_of(machine.shell)
+    syntax = profile_lines.syntax_of(machine.shell)
     ctx.say()
-    ctx.say(f"cmm is uninstalled. Open a new terminal, or run `{trust.unset_line(syntax)}` in this one.")
+    ctx.say(f"cmm is uninstalled. Open a new terminal, or run `{profile_lines.unset_line(syntax)}` in this one.")
     return EXIT_OK
 

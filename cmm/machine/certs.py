@@ -14,11 +14,15 @@ symbolic links, temporary files are created exclusively, and ownership is handed
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import ipaddress
 import os
+import re
 import secrets
 import stat
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -400,16 +404,6 @@ def read_key_pair(cert_path: Path, key_path: Path) -> KeyPair | None:
     return KeyPair(cert_pem=cert_pem, key_pem=key_pem)
 
 
-def _read_pair_at(
-    dir_fd: int, cert: Path, key: Path, owner: tuple[int, int] | None
-) -> KeyPair | None:
-    cert_pem = _read_at(cert.name, dir_fd, owner, cert)
-    key_pem = _read_at(key.name, dir_fd, owner, key)
-    if cert_pem is None or key_pem is None:
-        return None
-    return KeyPair(cert_pem=cert_pem, key_pem=key_pem)
-
-
 def read_ca_certificate(path: Path) -> x509.Certificate:
     """The CA in ``path`` if it is cmm's constrained CA, for handing to a system trust store.
 
@@ -429,6 +423,26 @@ def read_ca_certificate(path: Path) -> x509.Certificate:
     if not has_cmm_constraint(cert):
         raise CertificateError(refused_ca_message(path))
     return cert
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.*?)\s*-----END CERTIFICATE-----", re.DOTALL)
+
+
+def pem_certificates(data: bytes) -> tuple[bytes, ...]:
+    """The DER of every PEM certificate in ``data`` (a single CA file or a bundle)."""
+    found = []
+    for body in _PEM_CERT.findall(data):
+        try:
+            found.append(base64.b64decode(b"".join(body.split()), validate=True))
+        except (binascii.Error, ValueError):
+            continue
+    return tuple(found)
+
+
+def pem_bundle_contains(bundle: bytes, ca_pem: bytes) -> bool:
+    """Whether a PEM bundle holds the CA (a user who combined cmm's CA with another one)."""
+    wanted = set(pem_certificates(ca_pem))
+    return bool(wanted) and not wanted.isdisjoint(pem_certificates(bundle))
 
 
 def ca_is_usable(pair: KeyPair | None, now: datetime) -> bool:
@@ -465,6 +479,73 @@ def server_needs_issue(
     return cert.not_valid_after_utc - renew_within <= now
 
 
+@attrs.frozen
+class FileWrite:
+    """One file of cmm's folder to (re)write: its name there, its bytes and its mode."""
+
+    name: str
+    data: bytes
+    mode: int
+
+
+@attrs.frozen
+class CertificatePlan:
+    """What :func:`plan_certificates` decided: the files to write, in order, and the outcome."""
+
+    writes: tuple[FileWrite, ...]  # each key before its certificate, the CA before the server
+    created_ca: bool
+    issued_server: bool
+    server: KeyPair  # what the files hold once the writes are done
+    server_not_after: datetime
+
+
+def _pair_in(files: Mapping[str, bytes], cert: Path, key: Path) -> KeyPair | None:
+    cert_pem, key_pem = files.get(cert.name), files.get(key.name)
+    if cert_pem is None or key_pem is None:
+        return None
+    return KeyPair(cert_pem=cert_pem, key_pem=key_pem)
+
+
+def plan_certificates(
+    files: Mapping[str, bytes],
+    now: datetime,
+    *,
+    force: bool = False,
+    renew_within: timedelta = timedelta(days=30),
+    shown: Path = Path("."),
+) -> CertificatePlan:
+    """The decisions of :func:`ensure_certificates` without any IO: ``files`` maps the names of
+    the folder's certificate files (``ca.crt``, ``ca.key``, ``server.crt``, ``server.key``) to the
+    bytes they hold now (a missing file is left out); the plan says which to write, with what
+    bytes and mode, and what the folder then holds.
+
+    So whoever reads and writes the folder (directly, or as its owner from a staging copy) gets
+    the same decisions. ``shown`` is the folder as messages name it. A usable CA without cmm's
+    name constraint raises :class:`CertificateError` (unless ``force``).
+    """
+    now = _utc(now)
+    names = certificate_paths(Path(shown))
+    ca = _pair_in(files, names.ca_cert, names.ca_key)
+    writes: list[FileWrite] = []
+    created_ca = force or not ca_is_usable(ca, now)
+    if created_ca:
+        ca = make_ca(now)
+        writes += [FileWrite(names.ca_key.name, ca.key_pem, KEY_MODE), FileWrite(names.ca_cert.name, ca.cert_pem, CERT_MODE)]
+    assert ca is not None
+    if not has_cmm_constraint(x509.load_pem_x509_certificate(ca.cert_pem)):
+        raise CertificateError(refused_ca_message(names.ca_cert))
+    server = _pair_in(files, names.server_cert, names.server_key)
+    issued_server = created_ca or server_needs_issue(server, ca.cert_pem, now, renew_within)
+    if issued_server:
+        server = make_server_certificate(ca, now)
+        writes += [
+            FileWrite(names.server_key.name, server.key_pem, KEY_MODE),
+            FileWrite(names.server_cert.name, server.cert_pem, CERT_MODE),
+        ]
+    assert server is not None
+    return CertificatePlan(tuple(writes), created_ca, issued_server, server, server_not_after(server.cert_pem))
+
+
 def ensure_certificates(
     config_dir: Path,
     *,
@@ -479,37 +560,30 @@ def ensure_certificates(
     ``force`` is set, because a new CA has to be trusted again by the user. A usable CA without
     cmm's name constraint raises :class:`CertificateError` (unless ``force``): replacing it
     silently would break trust, using it would keep its wider reach. ``owner`` (uid, gid) hands
-    the folder and files to the user who ran ``sudo``.
+    the folder and files to the user who ran ``sudo``. The decisions are :func:`plan_certificates`'.
     """
     config_dir = Path(config_dir)
-    now = _utc(now if now is not None else datetime.now(timezone.utc))
     paths = certificate_paths(config_dir)
     dir_fd = open_config_dir(config_dir, owner)
     try:
-        ca = _read_pair_at(dir_fd, paths.ca_cert, paths.ca_key, owner)
-        created_ca = force or not ca_is_usable(ca, now)
-        if created_ca:
-            ca = make_ca(now)
-            _write_at(dir_fd, paths.ca_key.name, ca.key_pem, KEY_MODE, owner)
-            _write_at(dir_fd, paths.ca_cert.name, ca.cert_pem, CERT_MODE, owner)
-        assert ca is not None
-        if not has_cmm_constraint(x509.load_pem_x509_certificate(ca.cert_pem)):
-            raise CertificateError(refused_ca_message(paths.ca_cert))
-
-        server = _read_pair_at(dir_fd, paths.server_cert, paths.server_key, owner)
-        issued_server = created_ca or server_needs_issue(server, ca.cert_pem, now, renew_within)
-        if issued_server:
-            server = make_server_certificate(ca, now)
-            _write_at(dir_fd, paths.server_key.name, server.key_pem, KEY_MODE, owner)
-            _write_at(dir_fd, paths.server_cert.name, server.cert_pem, CERT_MODE, owner)
-        assert server is not None
+        files: dict[str, bytes] = {}
+        for path in attrs.astuple(paths, recurse=False):
+            data = _read_at(path.name, dir_fd, owner, path)
+            if data is not None:
+                files[path.name] = data
+        plan = plan_certificates(
+            files, now if now is not None else datetime.now(timezone.utc), force=force,
+            renew_within=renew_within, shown=config_dir,
+        )
+        for write in plan.writes:
+            _write_at(dir_fd, write.name, write.data, write.mode, owner)
     finally:
         os.close(dir_fd)
 
     return EnsureResult(
         paths=paths,
-        created_ca=created_ca,
-        issued_server=issued_server,
-        server_not_after=server_not_after(server.cert_pem),
-        server=server,
+        created_ca=plan.created_ca,
+        issued_server=plan.issued_server,
+        server_not_after=plan.server_not_after,
+        server=plan.server,
     )

@@ -4,7 +4,7 @@ One ``ClientConnection`` per accepted (TLS) connection, one ``Exchange`` per req
 pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``); this module only
 moves bytes between transports, with backpressure in both directions and a deadline for every
 wait. What is held is bounded and small in practice: the request head, the body bytes up to the
-model, the thinking block being examined (``cmm.core.thinking``), a signed body's tail from its ``cch``
+model, the thinking block being examined (``cmm.core.thinking_edits``), a signed body's tail from its ``cch``
 placeholder on, a compressed passthrough body that may need editing, and a target's error or
 JSON message that gets rewritten. Everything else flows through as it arrives.
 """
@@ -36,8 +36,8 @@ from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, candidate_endpo
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.core.thinking import (MAX_SSE_EVENT, Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message,
-                               thinking_off_if)
+from cmm.core.thinking_edits import Neutraliser, Unmarker, cannot_hold_a_mark, thinking_off_if
+from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
 

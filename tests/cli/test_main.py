@@ -21,7 +21,7 @@ from cmm.cli import main as cli
 from cmm.cli import context, processes, setup, stop
 from cmm.cli.main import StopState, main, stop_process
 from cmm.cli.processes import process_alive, process_start_time
-from cmm.machine import trust
+from cmm.machine.commands import CommandResult, Machine
 from cmm.machine.hosts import BEGIN_MARK, add_block
 from support import process_env
 
@@ -41,7 +41,7 @@ def start_stand_in() -> subprocess.Popen[bytes]:
 
 
 def run(
-    argv: list[str], environ: dict[str, str] | None = None, machine: trust.Machine | None = None
+    argv: list[str], environ: dict[str, str] | None = None, machine: Machine | None = None
 ) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = main(argv, environ=environ if environ is not None else {}, stdout=out, stderr=err, machine=machine)
@@ -200,18 +200,18 @@ class Commands:
     calls: list[str] = attrs.field(factory=list)
     fail: bool = False
 
-    def __call__(self, argv: Sequence[str]) -> trust.CommandResult:
+    def __call__(self, argv: Sequence[str]) -> CommandResult:
         self.calls.append(" ".join([Path(argv[0]).name, *argv[1:]]))
-        return trust.CommandResult(1, "", "it broke") if self.fail else trust.CommandResult(0)
+        return CommandResult(1, "", "it broke") if self.fail else CommandResult(0)
 
 
 def fake_machine(
     tmp_path: Path, *, shell: str = "/bin/zsh", debian: bool = False, is_root: bool = False
-) -> tuple[trust.Machine, Commands]:
+) -> tuple[Machine, Commands]:
     """Home is tmp_path; the system root is tmp_path/root, with update-ca-certificates if ``debian``."""
     commands = Commands()
     (tmp_path / "root").mkdir(exist_ok=True)
-    machine = trust.Machine(
+    machine = Machine(
         home=tmp_path,
         shell=shell,
         is_root=is_root,

@@ -26,9 +26,8 @@ from twisted.python import usage
 
 from cmm.cli import main as cli, processes, status
 
-from cmm.config import paths
+from cmm.config import paths, removal
 
-from cmm.machine import trust
 from cmm.testing.checkout import REPO, twistd_command
 from cmm.core.records import RequestRecord
 from cmm.serve.request_log import RequestLog
@@ -126,7 +125,7 @@ def test_write_is_atomic_0600_and_replaces_a_link_instead_of_following_it(tmp_pa
     assert not (folder.path / "cmm.pid").is_symlink() and folder.read_bytes("cmm.pid") == b"42\n"
     assert stat.S_IMODE((folder.path / "cmm.pid").stat().st_mode) == 0o600
     assert sorted(p.name for p in folder.path.iterdir()) == ["cmm.pid"]  # no temporary left
-    assert trust.is_own_file(".env.0123456789ab.tmp")  # what an interrupted write leaves, uninstall removes
+    assert removal.is_own_file(".env.0123456789ab.tmp")  # what an interrupted write leaves, uninstall removes
 
 
 def test_reads_refuse_links_and_fifos(tmp_path: Path) -> None:
@@ -390,7 +389,7 @@ def test_uninstall_removes_links_themselves_as_the_user(tmp_path: Path) -> None:
     config = owned(tmp_path / "cfg")
     (config / "ca.crt").symlink_to(target)
     (config / "cmm.log").write_text("x")
-    result = trust.remove_config_dir(UserDir.open(config))
+    result = removal.remove_config_dir(UserDir.open(config))
     assert result.folder_removed and untouched(target)
 
 

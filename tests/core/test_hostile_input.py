@@ -13,11 +13,12 @@ from typing import Callable
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cmm.core import cch, target_errors, thinking
+from cmm.core import cch, target_errors, thinking_edits, thinking_marks
 from cmm.core.http_head import HeadCollector, Headers, parse_request_head
 from cmm.core.model_finder import Found, ModelFinder, NotFound
 from cmm.core.target_errors import delay_from_text, error_response, is_anthropic_error
-from cmm.core.thinking import Neutraliser, SseMarker, Unmarker, mark_event, mark_message
+from cmm.core.thinking_edits import Neutraliser, Unmarker
+from cmm.core.thinking_marks import SseMarker, mark_event, mark_message
 
 FACTOR = 8
 # Linear time gives a ratio near FACTOR and quadratic near FACTOR**2: the bound sits between,
@@ -70,8 +71,8 @@ def test_thinking_off_is_linear_on_a_member_that_never_closes() -> None:
     def make(size: int) -> bytes:
         return b'"max_tokens":1,"thinking":{' + b'"type":"enabled",' * (size // 17)
 
-    assert_linear(lambda tail: thinking.thinking_off_if(ForeignToolTurn(), tail), make, 68_000, 1.0)
-    assert thinking.thinking_off_if(ForeignToolTurn(), make(1000)) == make(1000)  # not closed: kept
+    assert_linear(lambda tail: thinking_edits.thinking_off_if(ForeignToolTurn(), tail), make, 68_000, 1.0)
+    assert thinking_edits.thinking_off_if(ForeignToolTurn(), make(1000)) == make(1000)  # not closed: kept
 
 
 def _thinking_on_by_pattern(tail: bytes) -> tuple[int, int] | None:
@@ -86,10 +87,10 @@ def _thinking_on_by_pattern(tail: bytes) -> tuple[int, int] | None:
     b'"budget_tokens":1', b'"thinking":"x"', b"]", b" ",
 ]), max_size=14).map(b"".join))
 def test_thinking_off_finds_what_the_pattern_found(tail: bytes) -> None:
-    assert thinking._thinking_on(tail) == _thinking_on_by_pattern(tail)
+    assert thinking_edits._thinking_on(tail) == _thinking_on_by_pattern(tail)
 
 
-@pytest.mark.parametrize("scan", [thinking.neutralise, thinking.unmark, mark_message, cch.signing_form])
+@pytest.mark.parametrize("scan", [thinking_edits.neutralise, thinking_edits.unmark, mark_message, cch.signing_form])
 @pytest.mark.parametrize("shape", [
     lambda n: b'{"messages":' + b"[" * n,
     lambda n: b'{"messages":[{"role":"user","content":[' + b'{"a":' * n,
@@ -332,7 +333,7 @@ def test_selftest_reads_no_message_from_a_deeply_nested_error() -> None:
     assert error_message(b'{"type":"error","error":{"type":"x","message":"m"}}') == "m"
 
 
-@pytest.mark.parametrize("kind", [Neutraliser, Unmarker, thinking._Marker, ModelFinder,
+@pytest.mark.parametrize("kind", [Neutraliser, Unmarker, thinking_marks._Marker, ModelFinder,
                                   lambda: cch.Resigner(lambda: True)], ids=["neutralise", "unmark", "mark", "finder", "resign"])
 def test_body_stages_fed_in_small_pieces_are_linear(kind) -> None:
     """What the serving protocol does: 1 KB pieces of many blocks spelled with whitespace (each

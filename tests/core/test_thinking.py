@@ -14,20 +14,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from cmm.core import cch, thinking
-from cmm.core.thinking import (
-    MARK,
-    OMITTED,
-    OMITTED_SHORT,
-    Neutraliser,
-    Removed,
-    SseMarker,
-    Unmarker,
-    mark_event,
-    mark_message,
-    neutralise,
-    unmark,
-)
+from cmm.core import cch, thinking_marks, thinking_scan
+from cmm.core.thinking_edits import OMITTED, OMITTED_SHORT, Neutraliser, Removed, Unmarker, neutralise, unmark
+from cmm.core.thinking_marks import SseMarker, mark_event, mark_message
+from cmm.core.thinking_scan import MARK
 
 M = MARK.decode()
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -286,9 +276,9 @@ def test_claude_code_blocks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) 
     """Every block of a Claude Code session in one piece is decided without the general walk."""
     body = claude_code_body(100_000, 2)
     walked: list[int] = []
-    general = thinking._Scanner._open_block
+    general = thinking_scan.Scanner._open_block
     monkeypatch.setattr(
-        thinking._Scanner, "_open_block", lambda self, data, pos: walked.append(pos) or general(self, data, pos)
+        thinking_scan.Scanner, "_open_block", lambda self, data, pos: walked.append(pos) or general(self, data, pos)
     )
     for kind in (Neutraliser, Unmarker):
         transform = kind()
@@ -372,8 +362,8 @@ def test_real_claude_code_bodies_pass_untouched(name: str) -> None:
 
 
 def test_is_marked() -> None:
-    assert thinking.is_marked("cmm1.EqQB") and thinking.is_marked(b"cmm1.")
-    assert not thinking.is_marked("EqQB") and not thinking.is_marked(b"cmm1")
+    assert thinking_marks.is_marked("cmm1.EqQB") and thinking_marks.is_marked(b"cmm1.")
+    assert not thinking_marks.is_marked("EqQB") and not thinking_marks.is_marked(b"cmm1")
 
 
 def test_short_all_marked_block_gets_the_short_replacement() -> None:
@@ -452,8 +442,8 @@ def test_closing_quote_at_any_escape_density(parts: list[str]) -> None:
     """Quotes behind runs of backslashes: the candidate search, and the flattening past four."""
     raw = "".join(parts).encode()
     data = b'"' + raw + b'","x":"' + raw + b'"'
-    assert thinking._closing_quote(data, 1) == len(raw) + 2
-    assert thinking._closing_quote(data[: len(raw) + 1], 1) == -1
+    assert thinking_scan._closing_quote(data, 1) == len(raw) + 2
+    assert thinking_scan._closing_quote(data[: len(raw) + 1], 1) == -1
     assert json.loads(data[: len(raw) + 2]) == json.loads(b'"' + raw + b'"')
 
 
@@ -477,7 +467,7 @@ def test_damaged_bodies_keep_their_length_and_never_raise(body: bytes, points: l
         out = run_split(transform(), body, points)
         assert len(out) == len(body)
         assert out == one_shot(body)
-    assert run_split(thinking._Marker(), body, points) == mark_message(body)
+    assert run_split(thinking_marks._Marker(), body, points) == mark_message(body)
 
 
 def test_odd_keys_are_read_like_json_loads() -> None:
@@ -690,7 +680,7 @@ def test_sse_unterminated_tail_goes_out_at_finish() -> None:
 def claude_code_body(size: int, foreign_every: int) -> bytes:
     """A long tool-using session as Claude Code serialises it: thinking, tool calls, file reads."""
     rnd = random.Random(7)
-    source = (Path(thinking.__file__).parents[1] / "serve" / "proxy.py").read_text()
+    source = (Path(thinking_scan.__file__).parents[1] / "serve" / "proxy.py").read_text()
     reads = [source[i : i + 6000] for i in range(0, len(source) - 6000, 1000)]
     msgs, turn, total = [{"role": "user", "content": [{"type": "text", "text": "fix the bug"}]}], 0, 0
     while total < size:
@@ -767,7 +757,7 @@ def test_foreign_tool_turn_is_only_the_final_tool_use_turn_that_lost_its_first_b
 
 
 def test_thinking_off_blanks_the_top_level_member_only() -> None:
-    from cmm.core.thinking import thinking_off_if
+    from cmm.core.thinking_edits import thinking_off_if
 
     class Foreign:
         foreign_tool_turn = True
@@ -794,7 +784,8 @@ def _json_ok(data: bytes) -> bool:
 
 
 def test_bodies_that_cannot_hold_a_mark_need_no_scan() -> None:
-    from cmm.core.thinking import cannot_hold_a_mark, mark_message, neutralise, unmark
+    from cmm.core.thinking_edits import cannot_hold_a_mark, neutralise, unmark
+    from cmm.core.thinking_marks import mark_message
 
     plain = b'{"messages":[{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"sig"}]}]}'
     assert cannot_hold_a_mark(plain) and neutralise(plain) == plain and unmark(plain) == plain
@@ -822,14 +813,15 @@ def test_sse_marker_holds_no_more_than_one_bounded_event(piece: bytes) -> None:
     marker = SseMarker()
     fed = sent = 0
     out = []
-    for _ in range(3 * thinking.MAX_SSE_EVENT // len(piece)):
+    for _ in range(3 * thinking_marks.MAX_SSE_EVENT // len(piece)):
         out.append(marker.feed(piece))
         fed, sent = fed + len(piece), sent + len(out[-1])
-        assert fed - sent <= thinking.MAX_SSE_EVENT
+        assert fed - sent <= thinking_marks.MAX_SSE_EVENT
     assert marker.passed_unmarked == 1 and marker.marked == 0
     out.append(marker.feed(b"\n\n" + SIGNATURE_EVENT[:50]))
     out.append(marker.feed(SIGNATURE_EVENT[50:]) + marker.finish())
-    expected = piece * (3 * thinking.MAX_SSE_EVENT // len(piece)) + b"\n\n" + SIGNATURE_EVENT.replace(b'"sig"', b'"cmm1.sig"')
+    expected = (piece * (3 * thinking_marks.MAX_SSE_EVENT // len(piece)) + b"\n\n"
+                + SIGNATURE_EVENT.replace(b'"sig"', b'"cmm1.sig"'))
     assert b"".join(out) == expected and marker.marked == 1
 
 

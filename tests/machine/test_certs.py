@@ -550,3 +550,71 @@ def test_twistd_refuses_to_start_with_an_old_ca(tmp_path: Path) -> None:
     assert "cmm setup --force" in done.stdout + done.stderr
     assert (tmp_path / "ca.crt").read_bytes() == old.cert_pem
     assert not (tmp_path / "server.crt").exists()
+
+
+# --- the plan, without IO ----------------------------------------------------------------------
+
+
+def written(plan: certs.CertificatePlan) -> dict[str, bytes]:
+    return {write.name: write.data for write in plan.writes}
+
+
+def test_plan_for_an_empty_folder_writes_all_four_keys_first() -> None:
+    plan = certs.plan_certificates({}, NOW)
+    assert [(w.name, w.mode) for w in plan.writes] == [
+        ("ca.key", certs.KEY_MODE), ("ca.crt", certs.CERT_MODE),
+        ("server.key", certs.KEY_MODE), ("server.crt", certs.CERT_MODE),
+    ]
+    assert plan.created_ca and plan.issued_server
+    files = written(plan)
+    assert plan.server == KeyPair(files["server.crt"], files["server.key"])
+    assert certs.has_cmm_constraint(load(files["ca.crt"]))
+    verifier(KeyPair(files["ca.crt"], files["ca.key"])).verify(load(files["server.crt"]), [])
+    assert plan.server_not_after == load(files["server.crt"]).not_valid_after_utc
+
+
+def test_plan_of_its_own_result_writes_nothing() -> None:
+    files = written(certs.plan_certificates({}, NOW))
+    again = certs.plan_certificates(files, NOW + timedelta(days=1))
+    assert again.writes == () and not again.created_ca and not again.issued_server
+    assert again.server == KeyPair(files["server.crt"], files["server.key"])
+
+
+def test_plan_renews_an_expiring_server_only() -> None:
+    files = written(certs.plan_certificates({}, NOW))
+    later = load(files["server.crt"]).not_valid_after_utc - timedelta(days=10)
+    plan = certs.plan_certificates(files, later)
+    assert [w.name for w in plan.writes] == ["server.key", "server.crt"]
+    assert plan.issued_server and not plan.created_ca
+    verifier(KeyPair(files["ca.crt"], files["ca.key"]), at=later).verify(load(written(plan)["server.crt"]), [])
+
+
+def test_plan_treats_half_a_pair_as_missing() -> None:
+    files = written(certs.plan_certificates({}, NOW))
+    del files["ca.key"]
+    plan = certs.plan_certificates(files, NOW)
+    assert plan.created_ca and written(plan)["ca.crt"] != files["ca.crt"]
+    del files["server.crt"]
+    files.update({"ca.key": b"garbage"})
+    assert certs.plan_certificates(files, NOW).created_ca
+
+
+def test_plan_force_replaces_everything() -> None:
+    files = written(certs.plan_certificates({}, NOW))
+    plan = certs.plan_certificates(files, NOW, force=True)
+    assert [w.name for w in plan.writes] == ["ca.key", "ca.crt", "server.key", "server.crt"]
+    assert all(files[w.name] != w.data for w in plan.writes)
+
+
+def test_plan_refuses_a_ca_without_cmms_constraint_naming_the_folder() -> None:
+    old = make_ca(NOW, **OLD_CA_OPTIONS)
+    files = {"ca.crt": old.cert_pem, "ca.key": old.key_pem}
+    with pytest.raises(certs.CertificateError, match=r"cmm setup --force") as refused:
+        certs.plan_certificates(files, NOW, shown=Path("/home/me/.cmm"))
+    assert "/home/me/.cmm/ca.crt" in str(refused.value)
+    assert certs.plan_certificates(files, NOW, force=True).created_ca
+
+
+def test_plan_takes_a_naive_time_as_utc() -> None:
+    files = written(certs.plan_certificates({}, NOW))
+    assert certs.plan_certificates(files, NOW.replace(tzinfo=None)).writes == ()

@@ -10,7 +10,7 @@ import pytest
 from twisted.logger import capturedLogs, formatEvent
 
 from cmm.core.framing import LAST_CHUNK, encode_chunk
-from cmm.core.thinking import MAX_SSE_EVENT
+from cmm.core.thinking_marks import MAX_SSE_EVENT
 from cmm.serve.proxy import FD_RESERVE, fit_open_files
 from cmm.serve.tls import CLOSE_TIMEOUT
 from memory_harness import TARGET_URL, Harness, make_pki, ok_reply, responses, settings

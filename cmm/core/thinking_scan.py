@@ -1,55 +1,35 @@
-"""Thinking blocks across providers: mark, neutralise and unmark signatures, sans-IO.
+"""Thinking blocks across providers, part one: the JSON walk down to content blocks, sans-IO.
 
 A session can send one conversation to Anthropic and to the target. Anthropic rejects thinking
 blocks whose signature it did not make ("Invalid `signature` in `thinking` block") and wants its
 own back byte for byte; the target may want its own back too. Workers share no state, so the
-signature itself records where a block came from:
+signature itself records where a block came from: responses from the target get the prefix
+:data:`MARK` (:mod:`cmm.core.thinking_marks`), passthrough requests lose the marked blocks and
+intercepted requests lose the mark (:mod:`cmm.core.thinking_edits`). Each of them is a
+:class:`Scanner` that decides what to do with each block.
 
-* **Mark** intercepted responses: every signature (and ``redacted_thinking`` ``data``) the target
-  makes gets the prefix :data:`MARK` — in SSE (:class:`SseMarker`) and in JSON message responses
-  (:func:`mark_message`, empty signatures included: a block the target left unsigned is still
-  not Anthropic's). Responses grow by ``len(MARK)`` per mark; the caller re-frames them.
-* **Neutralise** passthrough requests (:class:`Neutraliser`): a marked block in
-  ``messages[*].content[*]`` is replaced by spaces together with one adjacent comma, so the body
-  keeps its length (JSON allows whitespace between tokens) and ``Content-Length`` stays right.
-  Anthropic's own blocks pass byte for byte. A content array whose every block is marked would
-  be empty, which Anthropic rejects: its last block becomes :data:`OMITTED` (or, if that does
-  not fit, :data:`OMITTED_SHORT`), padded with spaces to the same length. What fits is judged
-  by the block's length without whitespace between tokens: however it is spaced, a block gets
-  the same text. The last block, not the first: whether a marked block stands alone is known
-  at the ``,`` or ``]`` after it, so nothing beyond that block has to wait. (A marked block is
-  at least 39 bytes long, so the short form always fits.)
-* **Unmark** intercepted requests (:class:`Unmarker`): ``"signature":"cmm1.XYZ"`` becomes
-  ``"signature":     "XYZ"`` — the opening quote moves right over the mark, same length.
-
-The request transforms are incremental: they hold back only the content block whose fate is not
-known yet (with the comma before it, which may go with it), and the blanks of a marked block
-with no kept block before it until the next ``,`` or ``]``; everything else goes out at once.
-The output depends on the body only, never on how it was split, so the same history is edited
-the same way on every turn (Anthropic binds thinking blocks to the conversation before them).
-Blocks may have any key order, whitespace and string escapes; Claude Code's form
+The walk is incremental: it holds back only the content block whose fate is not known yet (with
+the comma before it, which may go with it), and the blanks of a marked block with no kept block
+before it until the next ``,`` or ``]``; everything else goes out at once. The output depends on
+the body only, never on how it was split, so the same history is edited the same way on every
+turn (Anthropic binds thinking blocks to the conversation before them). Blocks may have any key
+order, whitespace and string escapes; Claude Code's form
 (``{"type":"thinking","thinking":"...","signature":"..."}``) is decided after its first member
 or at its signature. Duplicate keys in a block: the first ``type``, ``signature`` or ``data``
 counts. Skipping runs in C: a regular expression jumps over runs between brackets (short strings
 included), another from quote to quote in long strings; Claude Code's spelling of messages,
 blocks and keys is matched in one step, and a block in that spelling that ends in the piece at
-hand is decided whole, without the general walk. The SSE marker parses only events that can
-carry a signature, and holds at most :data:`MAX_SSE_EVENT` bytes of one: a larger event passes
-unmarked. No pattern here has nested or overlapping unbounded runs: whatever a client or a
-target sends is scanned in linear time, and JSON nested past the parser's limit passes as it is.
+hand is decided whole, without the general walk. No pattern here has nested or overlapping
+unbounded runs: whatever a client or a target sends is scanned in linear time, and JSON nested
+past the parser's limit passes as it is.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
-
-import attrs
 
 MARK = b"cmm1."  # "cmm", version 1: signatures made by the target, as cmm relayed them
-OMITTED = b'{"type":"text","text":"[thinking from another model omitted]"}'
-OMITTED_SHORT = b'{"type":"text","text":"."}'  # Anthropic rejects empty text blocks
 
 _MARK_RAW_MAX = 6 * len(MARK)  # each character of the mark is at most a \uXXXX escape
 _KEY_MAX = 64
@@ -74,16 +54,11 @@ _ESCAPES = {  # the byte an escape letter stands for, \uXXXX aside
     0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09,
 }
 
-_QUOTE, _COMMA, _COLON = 0x22, 0x2C, 0x3A
+_QUOTE, COMMA, _COLON = 0x22, 0x2C, 0x3A
 _LBRACE, _RBRACE, _LBRACKET, _RBRACKET = 0x7B, 0x7D, 0x5B, 0x5D
 _ROOT, _MESSAGES, _MESSAGE, _CONTENT, _BLOCK = range(5)
 _OBJECTS = (_ROOT, _MESSAGE, _BLOCK)
-_PASS, _HOLD, _BLANK, _PEND = range(4)  # where processed input goes: out, held, spaces, counted
-
-
-def is_marked(value: str | bytes) -> bool:
-    """Whether a decoded signature (or redacted ``data``) was marked by cmm."""
-    return (value.encode() if isinstance(value, str) else value).startswith(MARK)
+PASS, HOLD, BLANK, PEND = range(4)  # where processed input goes: out, held, spaces, counted
 
 
 def _mark_length(raw: bytes) -> int:
@@ -107,30 +82,17 @@ def _mark_length(raw: bytes) -> int:
     return pos
 
 
-def _replacement(size: int, solid: int) -> bytes:
-    """A text block padded to ``size`` bytes, standing in for a turn that was all foreign.
-
-    The choice goes by ``solid``, the block's length without whitespace between tokens, so that
-    the same block gets the same text however it is spaced.
-    """
-    for block in (OMITTED, OMITTED_SHORT):
-        if solid >= len(block):
-            return block + b" " * (size - len(block))
-    return b" " * size  # unreachable: a marked block is at least 39 bytes long
-
-
-def _count_solid(
-    data: bytes | bytearray, pos: int, stop: int, state: tuple[int, bool, bool]
+def count_solid(
+    data: bytes | bytearray, pos: int, stop: int, state: tuple[int, bool, bool], limit: int
 ) -> tuple[int, bool, bool]:
     """Count a block's bytes in ``data[pos:stop]`` that are not whitespace between tokens, up to
-    ``len(OMITTED)``.
+    ``limit``.
 
     ``state`` is (count, inside a string, after a backslash in it), carried across pieces. Only
     the first bytes are looked at and whitespace runs are jumped in C: the cost is bounded.
     """
     count, in_string, escape = state
-    want = len(OMITTED)
-    while count < want and pos < stop:
+    while count < limit and pos < stop:
         byte = data[pos]
         if in_string:
             if escape:
@@ -197,7 +159,7 @@ def _flattened_quote(data: bytes, pos: int) -> int:
 def _value_end(data: bytes, pos: int) -> int:
     """Just past the bracket that closes the container open at ``pos``; -1 if not in ``data``.
 
-    The same walk as :meth:`_Scanner._skip`, for a value that is whole in the piece.
+    The same walk as :meth:`Scanner._skip`, for a value that is whole in the piece.
     """
     size, depth = len(data), 1
     while True:
@@ -219,15 +181,7 @@ def _value_end(data: bytes, pos: int) -> int:
                 return pos
 
 
-@attrs.frozen
-class Removed:
-    """A blanked block: its message's index in ``messages`` and its index in that ``content``."""
-
-    message: int
-    block: int
-
-
-class _Scanner:
+class Scanner:
     """Walk a JSON body incrementally down to content blocks; subclasses decide what to do.
 
     Blocks are ``messages[*].content[*]`` in requests, ``content[*]`` in responses. Processed
@@ -255,7 +209,7 @@ class _Scanner:
         self._decided = False
         self._message_index = -1
         self._element_index = -1
-        self._sink = _PASS
+        self._sink = PASS
         self._held = bytearray()
         self._held_at = 0  # absolute offset of the first held byte
         self._pending = 0
@@ -300,7 +254,7 @@ class _Scanner:
         """The body ended; whatever is still held goes out (a truncated body keeps its length)."""
         out = bytes(self._held) + b" " * self._pending
         self._held.clear()
-        self._pending, self._sink, self._state = 0, _PASS, "rest"
+        self._pending, self._sink, self._state = 0, PASS, "rest"
         return out
 
     # -- sinks -------------------------------------------------------------------------------------
@@ -308,11 +262,11 @@ class _Scanner:
     def _flush(self, pos: int) -> None:
         if pos > self._mark:
             sink = self._sink
-            if sink == _PASS:
+            if sink == PASS:
                 self._out.append(self._data[self._mark : pos])
-            elif sink == _HOLD:
+            elif sink == HOLD:
                 self._held += self._data[self._mark : pos]
-            elif sink == _BLANK:
+            elif sink == BLANK:
                 self._out.append(b" " * (pos - self._mark))
             else:
                 self._pending += pos - self._mark
@@ -323,16 +277,16 @@ class _Scanner:
         self._sink = sink
 
     def _hold(self, pos: int) -> None:
-        self._switch(pos, _HOLD)
+        self._switch(pos, HOLD)
         self._held_at = self._consumed + pos
 
     def _release(self, pos: int) -> None:
         """Send what is held (edited or not) and pass from ``pos`` on."""
-        if self._sink == _HOLD:
+        if self._sink == HOLD:
             if not self._held:  # all held bytes are in this piece, unedited: they just pass
-                self._sink = _PASS
+                self._sink = PASS
                 return
-            self._switch(pos, _PASS)
+            self._switch(pos, PASS)
             self._out.append(bytes(self._held))
             self._held.clear()
 
@@ -359,7 +313,7 @@ class _Scanner:
             self._state = "value"
             return pos + 1
         kind = self._stack[-1]  # after a value, or "elem-or-end" at "]"
-        if byte == _COMMA and state == "after":
+        if byte == COMMA and state == "after":
             if kind == _CONTENT:
                 self._on_comma(pos)
             pos += 1
@@ -562,11 +516,11 @@ class _Scanner:
     def _give_up(self, pos: int) -> int:
         """Not JSON past here: send everything as it is (what was decided stays decided)."""
         self._flush(pos)
-        if self._sink == _HOLD:
+        if self._sink == HOLD:
             self._out.append(bytes(self._held))
             self._held.clear()
         self._out.append(b" " * self._pending)
-        self._pending, self._sink, self._state = 0, _PASS, "rest"
+        self._pending, self._sink, self._state = 0, PASS, "rest"
         return len(self._data)
 
     # -- strings and skipping ----------------------------------------------------------------------
@@ -705,374 +659,6 @@ class _Scanner:
         pass
 
 
-class Neutraliser(_Scanner):
-    """Passthrough requests: blank the marked blocks, keep the length, keep Anthropic's blocks.
-
-    ``changed`` tells whether anything was blanked (the ``cch`` hash then needs re-signing);
-    ``removed`` lists the blanked blocks.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.removed: list[Removed] = []
-        self.tool_use_messages: set[int] = set()  # messages with a tool_use block
-        self._kept = False  # an element of the current content array stays
-        self._foreign_pending = False  # the previous element was marked and nothing stays yet
-        self._block_len = 0  # that element's length
-        self._solid = (0, False, False)  # its solid length so far: see _count_solid
-
-    def _on_content_start(self) -> None:
-        self._kept = self._foreign_pending = False
-
-    def _on_element(self, pos: int) -> None:
-        if self._type == b"tool_use":
-            self.tool_use_messages.add(self._message_index)
-        self._release(pos)
-        self._kept = True
-
-    def _on_block_start(self, pos: int) -> None:
-        if self._sink == _PASS:  # else the comma before it is held already
-            self._hold(pos)
-
-    @property
-    def foreign_tool_turn(self) -> bool:
-        """The final assistant turn uses a tool and lost its leading thinking block (it was the
-        target's): with thinking on, Anthropic requires that turn to start with one."""
-        last = self._message_index
-        return any(Removed(m, 0) in self.removed for m in self.tool_use_messages if m >= last - 1)
-
-    def _on_decided(self, pos: int, field: tuple[int, int] | None) -> None:
-        if self._type == b"tool_use":
-            self.tool_use_messages.add(self._message_index)
-        if field is None or not field[1]:
-            self._release(pos)
-            self._kept = True
-            return
-        self.changed = True
-        self.removed.append(Removed(self._message_index, self._element_index))
-        self._flush(pos)
-        if self._kept:  # blank ",block": spaces from here to the block's end
-            self._out.append(b" " * len(self._held))
-            self._sink = _BLANK
-        else:  # blank "block," unless it turns out to be the last of an all-foreign array
-            self._pending += len(self._held)
-            self._solid = _count_solid(self._held, 0, len(self._held), (0, False, False))
-            self._sink, self._foreign_pending = _PEND, True
-        self._held.clear()
-
-    def _flush(self, pos: int) -> None:
-        if self._sink == _PEND and self._solid[0] < len(OMITTED):
-            self._solid = _count_solid(self._data, self._mark, pos, self._solid)
-        super()._flush(pos)
-
-    def _on_block_end(self, pos: int) -> None:
-        if self._sink == _BLANK:
-            self._switch(pos, _PASS)
-        elif self._sink == _PEND:
-            self._flush(pos)
-            self._block_len = self._pending
-
-    def _on_comma(self, pos: int) -> None:
-        if self._foreign_pending:
-            self._switch(pos + 1, _PASS)  # the comma goes with the marked block before it
-            self._out.append(b" " * self._pending)
-            self._pending, self._foreign_pending = 0, False
-        elif self._kept:
-            self._hold(pos)  # the comma goes with the next block if that one is marked
-
-    def _on_content_end(self, pos: int) -> None:
-        if self._foreign_pending:  # every element was marked: the last becomes a text block
-            self._switch(pos, _PASS)
-            replacement = _replacement(self._block_len, self._solid[0])
-            self._out.append(replacement + b" " * (self._pending - self._block_len))
-            self._pending, self._foreign_pending = 0, False
-
-
-class Unmarker(_Scanner):
-    """Intercepted requests: strip the mark from the target's signatures, keep the length.
-
-    Unmarked signatures (Anthropic's, sent to the target) are left alone.
-    """
-
-    def _on_decided(self, pos: int, field: tuple[int, int] | None) -> None:
-        if field is None or not field[1]:
-            self._release(pos)
-            return
-        self._flush(pos)
-        held, (at, size) = self._held, field
-        at -= self._held_at
-        held[at : at + 1 + size] = b" " * size + b'"'
-        self.changed = True
-        self._release(pos)
-
-
-class _Marker(_Scanner):
-    """JSON message responses: prefix every thinking signature and redacted data with the mark."""
-
-    _response = True
-
-    def _on_decided(self, pos: int, field: tuple[int, int] | None) -> None:
-        if field is None:
-            self._release(pos)
-            return
-        self._flush(pos)
-        at = field[0] - self._held_at + 1
-        self._held[at:at] = MARK
-        self.changed = True
-        self._release(pos)
-
-
-def _run(scanner: _Scanner, body: bytes) -> bytes:
+def run_whole(scanner: Scanner, body: bytes) -> bytes:
+    """A whole body through a fresh scanner (one-shot transforms, tests)."""
     return scanner.feed(body) + scanner.finish()
-
-
-def neutralise(body: bytes) -> bytes:
-    """One-shot :class:`Neutraliser` (tests, whole bodies)."""
-    return _run(Neutraliser(), body)
-
-
-def unmark(body: bytes) -> bytes:
-    """One-shot :class:`Unmarker`."""
-    return _run(Unmarker(), body)
-
-
-def mark_message(body: bytes) -> bytes:
-    """A complete JSON message response with the target's signatures marked (longer by the marks).
-
-    A message without thinking blocks is returned as it is without a scan: both block types
-    spell "thinking" in their type, unless written with ``\\u`` escapes.
-    """
-    if b"thinking" not in body and b"\\u" not in body:
-        return body
-    return _run(_Marker(), body)
-
-
-_ESCAPED_MARK_CHAR = re.compile(rb"\\u00(?:63|6[dD]|31|2[eE])")  # c, m, 1 or . spelled as an escape
-
-
-def cannot_hold_a_mark(body: bytes) -> bool:
-    """True when no signature in ``body`` can carry :data:`MARK`: then every request transform
-    here is the identity, and a whole body in hand need not be scanned at all."""
-    return MARK not in body and _ESCAPED_MARK_CHAR.search(body) is None
-
-
-# -- SSE ---------------------------------------------------------------------------------------------
-
-MAX_SSE_EVENT = 1024 * 1024  # the most of one event held to mark it; see SseMarker
-_MAY_OVERLAP = len(b"redacted_thinking") - 1  # a word _may_mark looks for, cut by a feed
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
-_DATA_LINE = re.compile(rb"^data:[ ]?([^\r\n]*)", re.MULTILINE)
-
-
-def _field_pattern(name: bytes) -> re.Pattern[bytes]:
-    return re.compile(rb'"' + name + rb'"[ \t\r\n]*:[ \t\r\n]*"')
-
-
-_FIELD_PATTERNS = {b"signature": _field_pattern(b"signature"), b"data": _field_pattern(b"data")}
-
-
-def _may_mark(data: bytes | bytearray) -> bool:
-    """Cheap test: could these bytes hold an event to mark (a key spelled with escapes included)?"""
-    return b"signature" in data or b"redacted_thinking" in data or b"\\u" in data
-
-
-def _target(event: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """The object and key of the signature an SSE event carries, if it is one to mark."""
-    kind = event.get("type")
-    if kind == "content_block_delta":
-        delta = event.get("delta")
-        if isinstance(delta, dict) and delta.get("type") == "signature_delta":
-            if isinstance(delta.get("signature"), str):
-                return delta, "signature"
-    elif kind == "content_block_start":
-        block = event.get("content_block")
-        if isinstance(block, dict):
-            signature = block.get("signature")
-            if block.get("type") == "thinking" and isinstance(signature, str) and signature:
-                return block, "signature"  # an empty one is filled in by a signature_delta
-            if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
-                return block, "data"
-    return None
-
-
-def mark_event(event: bytes) -> bytes:
-    """One complete SSE event (terminator included), with its signature marked if it has one.
-
-    The mark is inserted into the raw data line when that can be verified; otherwise the data
-    is re-serialised on one line. Other events come back as the same object, and so does one
-    nested too deeply for the JSON parser: it holds no signature a client would send back.
-    """
-    if not _may_mark(event):
-        return event
-    try:
-        return _marked_event(event)
-    except RecursionError:
-        return event
-
-
-def _marked_event(event: bytes) -> bytes:
-    lines = list(_DATA_LINE.finditer(event))
-    if not lines:
-        return event
-    try:
-        parsed = json.loads(b"\n".join(line.group(1) for line in lines))
-    except ValueError:
-        return event
-    found = _target(parsed) if isinstance(parsed, dict) else None
-    if found is None:
-        return event
-    holder, key = found
-    holder[key] = MARK.decode() + holder[key]
-    if len(lines) == 1:
-        line = lines[0]
-        value = line.group(1)
-        hits = list(_FIELD_PATTERNS[key.encode()].finditer(value))
-        if len(hits) == 1:
-            edited = value[: hits[0].end()] + MARK + value[hits[0].end() :]
-            try:
-                if json.loads(edited) == parsed:
-                    return event[: line.start(1)] + edited + event[line.end(1) :]
-            except ValueError:
-                pass
-    data = b"data: " + json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
-    out, first = [], True
-    for piece in event.splitlines(keepends=True):
-        if piece.startswith(b"data:"):
-            if first:  # one data line in place of the first; the later ones go
-                out.append(data + piece[len(piece.rstrip(b"\r\n")) :])
-            first = False
-        else:
-            out.append(piece)
-    return b"".join(out)
-
-
-class SseMarker:
-    """Intercepted SSE responses: mark every signature the target streams, event by event.
-
-    Events end at a blank line (LF or CRLF line endings). Each goes out as soon as its blank line
-    arrived, whatever the split; events without a signature come back untouched. ``marked``
-    counts the marks made.
-
-    An event is held until it ends, but never beyond ``max_event`` bytes: an event that
-    grows past that (a stream that never sends a blank line, say) goes out unmarked as it is,
-    the rest of it passes at once up to its blank line, and marking resumes with the next
-    event. ``passed_unmarked`` counts such events. Signatures are a few kilobytes; an event that
-    large carries none worth holding a stream for. Each byte is looked at a bounded number of
-    times, whatever the split.
-    """
-
-    def __init__(self, max_event: int = MAX_SSE_EVENT) -> None:
-        self.marked = 0
-        self.passed_unmarked = 0
-        self._max_event = max_event
-        self._buf = bytearray()  # the start of an event whose blank line has not arrived
-        self._may = False  # whether the held start could hold a signature (see _may_mark)
-        self._passing = False  # inside an oversized event: its bytes pass until its blank line
-        self._tail = b""  # the last bytes passed, where a blank line may begin
-
-    def feed(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        if self._passing:
-            return self._pass(data)
-        held = len(self._buf)
-        search = max(0, held - 3)  # a blank line may straddle the feeds
-        if self._buf:
-            self._buf += data
-            buf: bytes | bytearray = self._buf
-        else:
-            buf = bytes(data)
-        out: list[bytes] = []
-        begin = 0
-        may = self._may or _may_mark(buf[max(0, held - _MAY_OVERLAP) :])
-        if not may:  # the usual text and thinking deltas: every complete event at once
-            lf, crlf = buf.rfind(b"\n\n", search), buf.rfind(b"\n\r\n", search)
-            begin = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
-            if begin:
-                out.append(bytes(buf[:begin]))
-                search = begin
-        while (match := _EVENT_END.search(buf, search)) is not None:
-            event = bytes(buf[begin : match.end()])
-            marked = mark_event(event)
-            if marked is not event:
-                self.marked += 1
-            out.append(marked)
-            begin = search = match.end()
-        if begin:
-            may = may and _may_mark(buf[begin:])
-        if buf is self._buf:
-            del self._buf[:begin]
-        else:
-            self._buf += buf[begin:]
-        self._may = may
-        if len(self._buf) > self._max_event:
-            out.append(bytes(self._buf))
-            self._tail = bytes(self._buf[-3:])
-            self._buf.clear()
-            self._passing, self._may = True, False
-            self.passed_unmarked += 1
-        return b"".join(out)
-
-    def _pass(self, data: bytes) -> bytes:
-        """An oversized event goes on: as it is up to its blank line, events after it as usual."""
-        window = self._tail + data[:3]
-        match = _EVENT_END.search(window)
-        if match is None:
-            match = _EVENT_END.search(data)
-            end = -1 if match is None else match.end()
-        else:
-            end = match.end() - len(self._tail)
-        if end < 0:
-            self._tail = (self._tail + data)[-3:]
-            return data
-        self._passing, self._tail = False, b""
-        return data[:end] + self.feed(data[end:])
-
-    def finish(self) -> bytes:
-        """The stream ended: an unterminated last event goes out as it is."""
-        rest = bytes(self._buf)
-        self._buf.clear()
-        self._may = self._passing = False
-        return rest
-
-
-_THINKING_KEY = b'"thinking":{'
-_THINKING_ON = (b'"type":"enabled"', b'"type":"adaptive"')
-_BRACE = re.compile(rb"[{}]")
-
-
-def _thinking_on(tail: bytes) -> tuple[int, int] | None:
-    """Where the last ``"thinking":{...}`` member (no braces inside) that turns thinking on is,
-    with the comma after it if there is one.
-
-    Each candidate is looked at only up to its next brace, and those stretches do not overlap:
-    linear time, where one pattern with two unbounded runs backtracked quadratically on a tail
-    of ``"type":"enabled"`` without a closing brace.
-    """
-    end = len(tail)
-    while (start := tail.rfind(_THINKING_KEY, 0, end)) >= 0:
-        inner = start + len(_THINKING_KEY)
-        brace = _BRACE.search(tail, inner)
-        if brace is not None and brace.group() == b"}":
-            close = brace.start()
-            if any(tail.find(on, inner, close) >= 0 for on in _THINKING_ON):
-                return start, close + 1 + (tail[close + 1 : close + 2] == b",")
-        end = start
-    return None
-
-
-def thinking_off_if(neutraliser: Neutraliser, tail: bytes) -> bytes:
-    """Turn thinking off for a request whose final tool-use turn was the target's: Anthropic
-    would refuse it otherwise ("a final assistant message must start with a thinking block").
-    The top-level ``thinking`` member (after the messages and the ``cch`` placeholder in Claude
-    Code's order, so inside the held tail) is blanked, same length; the hash is re-signed."""
-    if not neutraliser.foreign_tool_turn:
-        return tail
-    found = _thinking_on(tail)
-    if found is None:
-        return tail
-    start, end = found
-    if tail[end - 1] != _COMMA:  # the last member: its comma goes before it
-        comma = tail.rfind(b",", 0, start)
-        start = comma if comma >= 0 and not tail[comma + 1 : start].strip() else start
-    return tail[:start] + b" " * (end - start) + tail[end:]
