@@ -407,12 +407,12 @@ def test_setup_under_sudo_makes_the_certificates_as_the_user(tmp_path: Path) -> 
 
 
 def test_setup_permission_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cmm.machine import certs
+    from cmm.config.userfiles import UserDir
 
-    def denied(config_dir: Path, **kwargs: object) -> object:
-        raise PermissionError(13, "Permission denied", str(config_dir / "ca.key"))
+    def denied(self: UserDir, name: str, data: bytes, mode: int = 0o600) -> None:
+        raise PermissionError(13, "Permission denied", str(self.path / name))
 
-    monkeypatch.setattr(certs, "ensure_certificates", denied)
+    monkeypatch.setattr(UserDir, "write_bytes", denied)
     code, out, err = run(["setup", "--config-dir", str(tmp_path)], {}, fake_machine(tmp_path)[0])
     assert code == 1
     assert "permission denied" in err and "ca.key" in err
