@@ -300,12 +300,19 @@ async def diagnose(
 
     addresses = ("127.0.0.1", "::1")
     urls = status.target_urls(instance, status.configured_mappings(config_dir, settings), settings.get("PROXY_URL", ""))
-    gathered = await defer.gatherResults(
-        [defer.ensureDeferred(connect(a, port)) for a in addresses]  # type: ignore[arg-type]
-        + [defer.ensureDeferred(dns())]  # type: ignore[arg-type]
-        + [defer.ensureDeferred(probe(url)) for url in urls]  # type: ignore[arg-type]
-    )
-    accepted = dict(zip(addresses, gathered[:2], strict=True))
+    async def accepts(address: str) -> bool | None:
+        return await connect(address, port)
+
+    async def answers(url: str) -> Probe:
+        return await probe(url)
+
+    # All at once (a slow name server need not wait for the port checks), each kind kept typed.
+    connecting = defer.gatherResults([defer.ensureDeferred(accepts(a)) for a in addresses])
+    looking = defer.ensureDeferred(dns())
+    probing = defer.gatherResults([defer.ensureDeferred(answers(url)) for url in urls])
+    accepted = dict(zip(addresses, await connecting, strict=True))
+    answer = await looking
+    probes = await probing
     checks = [
         check_certificates(files, now),
         check_name_constraint(files.ca_cert),
@@ -317,10 +324,10 @@ async def diagnose(
         check_ca_variable(environ, ca_cert, files.ca_cert),
         check_port(port, accepted, instance, platform),
         check_hosts(status.read_hosts(running_hosts), instance),
-        check_dns(gathered[2]),
+        check_dns(answer),
         check_settings(envfile.parse_env(_quiet_text(env_path)), env_path),
         *_mappings_check(config_dir),
-        *(check_target(p) for p in gathered[3:]),
+        *(check_target(p) for p in probes),
     ]
     return checks
 
