@@ -21,6 +21,7 @@ from cryptography import x509
 from cmm.cli import status
 
 from cmm.config import envfile, paths
+from cmm.core.values import Servers
 
 from cmm.machine import certs, hosts
 
@@ -261,7 +262,7 @@ async def port_accepts(reactor: Any, host: str, port: int, timeout: float = CONN
     return True
 
 
-async def dns_lookup(reactor: Any, servers: resolve.Servers = ()) -> list[str]:
+async def dns_lookup(reactor: Any, servers: Servers = ()) -> list[str]:
     """The addresses cmm would use, asked as cmm asks: ``servers``, else those in resolv.conf."""
     answer = await resolve.lookup(resolve.QuietResolver(reactor=reactor, servers=servers))
     return list(answer.addresses)
@@ -377,7 +378,7 @@ def exit_code(checks: Sequence[Check]) -> int:
 
 
 def run(config_dir: Path, *, environ: Mapping[str, str], hosts_file: Path, port: int, timeout: float,
-        write: Callable[[str], object], dns_servers: resolve.Servers = ()) -> int:
+        write: Callable[[str], object], dns_servers: Servers = ()) -> int:
     """``cmm doctor`` on the real reactor."""
 
     async def work(reactor: Any) -> list[Check]:

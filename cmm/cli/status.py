@@ -419,7 +419,7 @@ def run_async(work: Callable[[Any], Awaitable[T]], reactor: Any = None) -> T:
     KeyboardInterrupt when a signal stopped the reactor before the work was done.
     """
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     outcome: list[object] = []
 
     async def run() -> T:

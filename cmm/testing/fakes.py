@@ -1132,7 +1132,7 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
         print(f"cmm.testing.fakes: {e}", file=sys.stderr)
         return 2
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     try:
         if args.kind == "anthropic":
             fake = start_fake_anthropic(
