@@ -134,7 +134,7 @@ def _build_parser(out: TextIO, err: TextIO) -> _ArgumentParser:
 # --- cmm status, test, doctor and service: thin shells over their modules ------------------------
 
 
-def _add_check_parsers(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_check_parsers(commands: argparse._SubParsersAction[_ArgumentParser], common: _ArgumentParser) -> None:
     status = commands.add_parser("status", parents=[common], help="is cmm running, with what; exit 1 when not")
     status.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
     status.add_argument("--timeout", type=float, default=3.0, metavar="S", help="for the target probe (default: 3)")

@@ -378,7 +378,7 @@ def parse_workers(data: object) -> tuple[WorkerCounts, ...]:
     if not isinstance(workers, dict):
         return ()
 
-    def number(values: dict, key: str) -> int | None:
+    def number(values: dict[str, Any], key: str) -> int | None:
         value = values.get(key)
         return value if isinstance(value, int) else None
 
@@ -408,7 +408,8 @@ async def read_live(socket_path: Path, *, reactor: Any, timeout: float = 1.0) ->
     collect = Collect()
     try:
         await connectProtocol(UNIXClientEndpoint(reactor, str(socket_path), timeout=timeout), collect)
-        return json.loads(await collect.done.addTimeout(timeout, reactor))
+        counters: object = json.loads(await collect.done.addTimeout(timeout, reactor))
+        return counters
     except Exception:  # no socket (an older cmm), no permission, a stuck master: no counters
         return None
 

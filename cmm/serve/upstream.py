@@ -177,6 +177,7 @@ def system_trust(environ: Mapping[str, str] = os.environ) -> IOpenSSLTrustRoot:
     A bundle named by SSL_CERT_FILE is read now rather than by OpenSSL at the first handshake:
     a worker drops its privileges after start-up and might no longer be allowed to read it.
     """
+    # Twisted's two trust-root factories are unannotated: IOpenSSLTrustRoot(...) checks what they give.
     bundle = environ.get("SSL_CERT_FILE")
     if bundle:
         try:
@@ -184,10 +185,10 @@ def system_trust(environ: Mapping[str, str] = os.environ) -> IOpenSSLTrustRoot:
                 warnings.simplefilter("ignore", CryptographyDeprecationWarning)
                 found = x509.load_pem_x509_certificates(Path(bundle).read_bytes())
         except (OSError, ValueError):
-            return platformTrust()  # let OpenSSL report it at the handshake, as it would anyway
-        return trustRootFromCertificates(
-            [Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM)) for cert in found])
-    return platformTrust()
+            return IOpenSSLTrustRoot(platformTrust())  # let OpenSSL report it at the handshake, as it would anyway
+        return IOpenSSLTrustRoot(trustRootFromCertificates(
+            [Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM)) for cert in found]))
+    return IOpenSSLTrustRoot(platformTrust())
 
 
 @attrs.define
