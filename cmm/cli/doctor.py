@@ -21,6 +21,7 @@ from cryptography import x509
 from cmm.cli import status
 
 from cmm.config import envfile, paths
+from cmm.core.values import Servers
 
 from cmm.machine import certs, hosts
 
@@ -261,7 +262,7 @@ async def port_accepts(reactor: Any, host: str, port: int, timeout: float = CONN
     return True
 
 
-async def dns_lookup(reactor: Any, servers: resolve.Servers = ()) -> list[str]:
+async def dns_lookup(reactor: Any, servers: Servers = ()) -> list[str]:
     """The addresses cmm would use, asked as cmm asks: ``servers``, else those in resolv.conf."""
     answer = await resolve.lookup(resolve.QuietResolver(reactor=reactor, servers=servers))
     return list(answer.addresses)
@@ -300,12 +301,19 @@ async def diagnose(
 
     addresses = ("127.0.0.1", "::1")
     urls = status.target_urls(instance, status.configured_mappings(config_dir, settings), settings.get("PROXY_URL", ""))
-    gathered = await defer.gatherResults(
-        [defer.ensureDeferred(connect(a, port)) for a in addresses]  # type: ignore[arg-type]
-        + [defer.ensureDeferred(dns())]  # type: ignore[arg-type]
-        + [defer.ensureDeferred(probe(url)) for url in urls]  # type: ignore[arg-type]
-    )
-    accepted = dict(zip(addresses, gathered[:2], strict=True))
+    async def accepts(address: str) -> bool | None:
+        return await connect(address, port)
+
+    async def answers(url: str) -> Probe:
+        return await probe(url)
+
+    # All at once (a slow name server need not wait for the port checks), each kind kept typed.
+    connecting = defer.gatherResults([defer.ensureDeferred(accepts(a)) for a in addresses])
+    looking = defer.ensureDeferred(dns())
+    probing = defer.gatherResults([defer.ensureDeferred(answers(url)) for url in urls])
+    accepted = dict(zip(addresses, await connecting, strict=True))
+    answer = await looking
+    probes = await probing
     checks = [
         check_certificates(files, now),
         check_name_constraint(files.ca_cert),
@@ -317,10 +325,10 @@ async def diagnose(
         check_ca_variable(environ, ca_cert, files.ca_cert),
         check_port(port, accepted, instance, platform),
         check_hosts(status.read_hosts(running_hosts), instance),
-        check_dns(gathered[2]),
+        check_dns(answer),
         check_settings(envfile.parse_env(_quiet_text(env_path)), env_path),
         *_mappings_check(config_dir),
-        *(check_target(p) for p in gathered[3:]),
+        *(check_target(p) for p in probes),
     ]
     return checks
 
@@ -370,7 +378,7 @@ def exit_code(checks: Sequence[Check]) -> int:
 
 
 def run(config_dir: Path, *, environ: Mapping[str, str], hosts_file: Path, port: int, timeout: float,
-        write: Callable[[str], object], dns_servers: resolve.Servers = ()) -> int:
+        write: Callable[[str], object], dns_servers: Servers = ()) -> int:
     """``cmm doctor`` on the real reactor."""
 
     async def work(reactor: Any) -> list[Check]:

@@ -9,7 +9,6 @@ code instead of exiting, so tests drive it like a user would without touching th
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -42,10 +41,11 @@ class _Exit(Exception):
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def __init__(self, *args: object, out: TextIO, err: TextIO, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._out = out
-        self._err = err
+    """Writes to ``_out`` and ``_err``, which :func:`_parser_class` binds: argparse builds the
+    subcommands' parsers from a class, so the streams travel on the class."""
+
+    _out: TextIO
+    _err: TextIO
 
     def _print_message(self, message: str, file: object = None) -> None:
         if message:
@@ -57,10 +57,18 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise _Exit(status)
 
 
+def _parser_class(out: TextIO, err: TextIO) -> type[_ArgumentParser]:
+    class StreamParser(_ArgumentParser):
+        _out = out
+        _err = err
+
+    return StreamParser
+
+
 def _build_parser(out: TextIO, err: TextIO) -> _ArgumentParser:
-    parser_class = functools.partial(_ArgumentParser, out=out, err=err)
+    parser_class = _parser_class(out, err)
     # SUPPRESS: the option may be given at any level without a lower level resetting it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = parser_class(add_help=False)
     common.add_argument(
         "--config-dir",
         type=Path,
@@ -126,7 +134,7 @@ def _build_parser(out: TextIO, err: TextIO) -> _ArgumentParser:
 # --- cmm status, test, doctor and service: thin shells over their modules ------------------------
 
 
-def _add_check_parsers(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_check_parsers(commands: argparse._SubParsersAction[_ArgumentParser], common: _ArgumentParser) -> None:
     status = commands.add_parser("status", parents=[common], help="is cmm running, with what; exit 1 when not")
     status.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
     status.add_argument("--timeout", type=float, default=3.0, metavar="S", help="for the target probe (default: 3)")

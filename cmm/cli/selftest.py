@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 import attrs
 from zope.interface import implementer
@@ -231,6 +231,7 @@ async def handshake(reactor: Any, target: Target, timeout: float) -> str | None:
         def handshakeCompleted(self) -> None:
             if not self.done.called:
                 self.done.callback(None)
+            assert self.transport is not None  # the handshake happened on it
             self.transport.loseConnection()
 
         def connectionLost(self, reason: Any = None) -> None:
@@ -394,7 +395,7 @@ class TemporaryInterceptor:
     process: subprocess.Popen[bytes] | None = None
     plan: Plan | None = None
     port: int = 0
-    _log: TextIO | None = None
+    _log: IO[bytes] | None = None
 
     def __enter__(self) -> Target:
         self.workdir = Path(tempfile.mkdtemp(prefix="cmm-test-"))

@@ -332,11 +332,14 @@ def http_client(reactor: Any, timeout: float, endpoints: Any = None) -> Any:
 
 def discard_body(response: Any) -> None:
     """Drop the body unread: a probe needs only the status, and the body may be endless."""
+    from twisted.internet.interfaces import IPushProducer
     from twisted.internet.protocol import Protocol
 
     class _Drop(Protocol):
         def connectionMade(self) -> None:
-            self.transport.stopProducing()
+            transport = self.transport
+            assert IPushProducer.providedBy(transport)  # deliverBody's transport: the body as a producer
+            transport.stopProducing()
 
     response.original.deliverBody(_Drop())
 
@@ -375,7 +378,7 @@ def parse_workers(data: object) -> tuple[WorkerCounts, ...]:
     if not isinstance(workers, dict):
         return ()
 
-    def number(values: dict, key: str) -> int | None:
+    def number(values: dict[str, Any], key: str) -> int | None:
         value = values.get(key)
         return value if isinstance(value, int) else None
 
@@ -405,7 +408,8 @@ async def read_live(socket_path: Path, *, reactor: Any, timeout: float = 1.0) ->
     collect = Collect()
     try:
         await connectProtocol(UNIXClientEndpoint(reactor, str(socket_path), timeout=timeout), collect)
-        return json.loads(await collect.done.addTimeout(timeout, reactor))
+        counters: object = json.loads(await collect.done.addTimeout(timeout, reactor))
+        return counters
     except Exception:  # no socket (an older cmm), no permission, a stuck master: no counters
         return None
 
@@ -416,11 +420,14 @@ def run_async(work: Callable[[Any], Awaitable[T]], reactor: Any = None) -> T:
     KeyboardInterrupt when a signal stopped the reactor before the work was done.
     """
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     outcome: list[object] = []
 
+    async def run() -> T:
+        return await work(reactor)
+
     def start() -> None:
-        done = defer.ensureDeferred(work(reactor))  # type: ignore[arg-type]
+        done = defer.ensureDeferred(run())
         done.addBoth(outcome.append)
         done.addBoth(lambda _: reactor.stop())
 
@@ -473,7 +480,10 @@ async def collect(
         hosts_path, cert_dir = hosts_file, config_dir
     configured = configured_mappings(config_dir, settings)
     urls = target_urls(instance, configured, settings.get("PROXY_URL", ""))
-    probes = await defer.gatherResults([defer.ensureDeferred(probe(url)) for url in urls])  # type: ignore[arg-type]
+    async def answer(url: str) -> Probe:
+        return await probe(url)
+
+    probes = await defer.gatherResults([defer.ensureDeferred(answer(url)) for url in urls])
     return StatusReport(
         config_dir=config_dir,
         now=now or datetime.now(timezone.utc),
@@ -561,11 +571,12 @@ def _route_line(counts: RouteCounts) -> str:
 
 
 def _size(count: int) -> str:
+    size: float = count
     for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return str(count)
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return str(size)
 
 
 def _worker_line(worker: WorkerCounts) -> str:

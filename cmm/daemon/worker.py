@@ -28,7 +28,7 @@ from cmm.serve.proxy import ProxyContext, ProxyFactory
 from cmm.core.records import RequestRecord
 from cmm.serve.resolve import AddressBook
 from cmm.serve.serving import build_context
-from cmm.serve.tls import ReloadableServerTLS, server_factory, server_options
+from cmm.serve.tls import ReloadableServerTLS, connected, server_factory, server_options
 
 log = Logger()
 
@@ -135,7 +135,7 @@ class WorkerControl(LineReceiver):
                 yield drained
             except defer.CancelledError:
                 for connection in list(self.context.connections):
-                    connection.transport.abortConnection()
+                    connected(connection).abortConnection()
             else:
                 timeout.cancel()
             self.context.pool.close_idle()

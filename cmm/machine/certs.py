@@ -217,7 +217,8 @@ def _load_ca(ca: KeyPair) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
     key = serialization.load_pem_private_key(ca.key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("the CA key is not an ECDSA key")
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    public = cert.public_key()  # of any kind: an Ed25519 one has no public_numbers to compare
+    if not isinstance(public, ec.EllipticCurvePublicKey) or key.public_key().public_numbers() != public.public_numbers():
         raise ValueError("the CA key does not belong to the CA certificate")
     return cert, key
 
@@ -470,11 +471,10 @@ def server_needs_issue(
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
         return True
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
-        cert.public_key(), ec.EllipticCurvePublicKey
-    ):
+    public = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(public, ec.EllipticCurvePublicKey):
         return True
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    if key.public_key().public_numbers() != public.public_numbers():
         return True
     return cert.not_valid_after_utc - renew_within <= now
 

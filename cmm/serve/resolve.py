@@ -19,11 +19,11 @@ import math
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor, IUDPTransport
 from twisted.logger import Logger
 from twisted.names import client, dns, error as dns_error
 from twisted.python.failure import Failure
@@ -105,7 +105,7 @@ class _QuietDatagramPort:
         self.socket.setblocking(False)
         self.socket.bind(("::" if family == socket.AF_INET6 else "", 0))  # a random source port per query
         protocol.noisy = False
-        protocol.makeConnection(self)
+        protocol.makeConnection(cast(IUDPTransport, self))  # DNSDatagramProtocol only writes and stops
         reactor.addReader(self)
 
     def fileno(self) -> int:
@@ -162,12 +162,14 @@ class QuietResolver(client.Resolver):
 
     def parseConfig(self, resolvConf: Iterable[bytes]) -> None:
         """Only the name servers matter here, read without a log line for each."""
-        servers = []
+        servers: list[tuple[str, int]] = []
         for line in resolvConf:
             words = line.split()
             if len(words) >= 2 and words[0] == b"nameserver":
                 servers.append((words[1].decode("ascii", "replace"), dns.PORT))
-        self.dynServers = servers or [("127.0.0.1", dns.PORT)]
+        # Twisted's class attribute ``dynServers = ()`` types it as an empty tuple; its own
+        # parseConfig assigns a list as well.
+        self.dynServers = servers or [("127.0.0.1", dns.PORT)]  # type: ignore[assignment]
 
 
 def _why(failure: Failure) -> str:
@@ -179,7 +181,7 @@ def _why(failure: Failure) -> str:
         return "the name server failed"
     if failure.check(dns_error.DNSQueryRefusedError):
         return "the name server refused"
-    return failure.getErrorMessage() or failure.type.__name__
+    return failure.getErrorMessage() or type(failure.value).__name__
 
 
 async def lookup(resolver: Any, name: str = ANTHROPIC_HOST) -> Answer:
@@ -216,7 +218,10 @@ def file_cache(path: Path) -> tuple[Callable[[], str | None], Callable[[str], No
         except FileNotFoundError:
             return None
 
-    return load, path.write_text
+    def save(text: str) -> None:
+        path.write_text(text)
+
+    return load, save
 
 
 @attrs.define(eq=False)

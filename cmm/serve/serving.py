@@ -13,13 +13,13 @@ from cmm.core.values import ProxySettings
 from cmm.serve.proxy import ProxyContext, fit_open_files
 from cmm.core.records import RequestRecord
 from cmm.serve.resolve import AddressBook
-from cmm.serve.upstream import Connector, Pool, anthropic_tls_options
+from cmm.serve.upstream import Connector, Pool, TrustRoot, anthropic_tls_options
 
 log = Logger()
 
 
 def build_context(settings: ProxySettings, addresses: AddressBook, connect_timeout: float, reactor: Any,
-                  record: Callable[[RequestRecord], None], anthropic_trust: object | None = None) -> ProxyContext:
+                  record: Callable[[RequestRecord], None], anthropic_trust: TrustRoot | None = None) -> ProxyContext:
     connector = Connector(
         reactor=reactor,
         anthropic_addresses=addresses.current,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union, cast
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IOpenSSLContextFactory, \
-    IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+    IOpenSSLServerConnectionCreator, IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -18,6 +20,26 @@ from zope.interface import implementer
 # Seconds a connection cmm closes may wait for the peer's close_notify (or its FIN) before it is
 # cut: a peer that never answers would otherwise keep the socket, and its descriptor, for ever.
 CLOSE_TIMEOUT = 5.0
+
+# What TLSMemoryBIOFactory takes to make its connections' contexts.
+TLSCreator = Union[IOpenSSLContextFactory, IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator]
+
+# The private keys pyOpenSSL can put in a context (``Context.use_privatekey``); cryptography loads
+# more kinds (X25519, DH, ...), which would fail only at the first handshake.
+TLS_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey,
+                 dsa.DSAPrivateKey)
+
+
+def connected(protocol: Protocol) -> ITCPTransport:
+    """The transport of a protocol that is connected, with abortConnection.
+
+    Twisted types ``transport`` as an optional ITransport: None until makeConnection. Every
+    connection cmm makes or accepts is TCP, bare or under TLS (which provides ITCPTransport too).
+    """
+    transport = protocol.transport
+    if transport is None:
+        raise RuntimeError(f"{type(protocol).__name__} has no transport: it is not connected yet")
+    return cast(ITCPTransport, transport)
 
 
 def unsent_bytes(transport: object) -> int:
@@ -40,6 +62,7 @@ class ClosingTLSProtocol(TLSMemoryBIOProtocol):
     period each time the bytes cmm has yet to send went down.
     """
 
+    factory: DirectTLSFactory
     _close_timer: IDelayedCall | None = None
     _unsent_at_arming: int = 0
 
@@ -62,7 +85,7 @@ class ClosingTLSProtocol(TLSMemoryBIOProtocol):
         else:
             self.abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
@@ -81,7 +104,7 @@ class DirectTLSFactory(TLSMemoryBIOFactory):
     protocol = ClosingTLSProtocol
     noisy = False
 
-    def __init__(self, contextFactory: object, isClient: bool, wrappedFactory: IProtocolFactory,
+    def __init__(self, contextFactory: TLSCreator, isClient: bool, wrappedFactory: IProtocolFactory,
                  clock: IReactorTime | None = None, close_timeout: float = CLOSE_TIMEOUT) -> None:
         super().__init__(contextFactory, isClient, wrappedFactory, clock)
         self.close_timeout = close_timeout
@@ -106,18 +129,31 @@ class DirectTLSEndpoint:
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         connecting = self.endpoint.connect(DirectTLSFactory(self.creator, True, factory))
-        return connecting.addCallback(lambda tls: tls.wrappedProtocol)
+        return connecting.addCallback(_wrapped)
+
+
+def _wrapped(tls: IProtocol) -> IProtocol:
+    """The protocol inside the TLS one that DirectTLSFactory built."""
+    assert isinstance(tls, TLSMemoryBIOProtocol)
+    return tls.wrappedProtocol
 
 
 def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
     """Options for the listening side; ALPN offers only ``http/1.1`` (cmm never speaks h2).
 
     Built from PEM bytes rather than paths so that a process that no longer may read the key
-    file (an unprivileged worker) can still be handed the material.
+    file (an unprivileged worker) can still be handed the material. A key of a kind TLS cannot
+    use is refused here, not at the first handshake.
     """
+    key = load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, TLS_KEY_TYPES):
+        raise ValueError(f"the TLS private key is {type(key).__name__}: not a kind OpenSSL serves with "
+                         "(RSA, EC, Ed25519, Ed448 or DSA)")
+    # Twisted annotates pyOpenSSL's PKey and X509 (deprecated), but hands both straight to
+    # Context.use_privatekey/use_certificate, which take cryptography's objects as well.
     return CertificateOptions(
-        privateKey=load_pem_private_key(key_pem, password=None),
-        certificate=x509.load_pem_x509_certificate(cert_pem),
+        privateKey=key,  # type: ignore[arg-type]  # see above: Twisted's annotation is too narrow
+        certificate=x509.load_pem_x509_certificate(cert_pem),  # type: ignore[arg-type]  # likewise
         acceptableProtocols=[b"http/1.1"],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Mapping, Protocol as TypingProtocol
+from typing import Callable, Mapping, Protocol as TypingProtocol, Union
 
 import attrs
 from cryptography import x509
@@ -20,14 +20,18 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IProtocol, IReactorTime, \
+    IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet._sslverify import IOpenSSLTrustRoot  # optionsForClientTLS's own annotation; not re-exported
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.python.failure import Failure
 
 from cmm.core.values import ANTHROPIC_HOST, Destination
-from cmm.serve.tls import DirectTLSEndpoint
+from cmm.serve.tls import DirectTLSEndpoint, connected
 
+# What optionsForClientTLS verifies a server's certificate against.
+TrustRoot = Union[IOpenSSLTrustRoot, Certificate]
 
 
 # Read and buffer up to this much per connection before pausing the other side (Twisted's
@@ -73,9 +77,9 @@ class UpstreamConnection(Protocol):
         if self.handler is not None:
             self.handler.upstream_data(data)
         else:  # an idle connection must stay silent; anything else means it is out of step
-            self.transport.abortConnection()
+            connected(self).abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_now = False
         if self.on_lost is not None:
             self.on_lost(self)
@@ -96,8 +100,14 @@ class _ConnectionFactory(Factory):
         return UpstreamConnection(self.destination)
 
 
-def _open(endpoint: object, destination: Destination) -> defer.Deferred[UpstreamConnection]:
-    return endpoint.connect(_ConnectionFactory(destination))
+def _open(endpoint: IStreamClientEndpoint, destination: Destination) -> defer.Deferred[UpstreamConnection]:
+    return endpoint.connect(_ConnectionFactory(destination)).addCallback(_built)
+
+
+def _built(protocol: IProtocol) -> UpstreamConnection:
+    """What a connecting endpoint fires with: the protocol _ConnectionFactory built."""
+    assert isinstance(protocol, UpstreamConnection)
+    return protocol
 
 
 Connect = Callable[[Destination], "defer.Deferred[UpstreamConnection]"]
@@ -134,10 +144,10 @@ class Pool:
     def release(self, connection: UpstreamConnection) -> None:
         idle = self._idle[connection.destination]
         if not connection.connected_now or len(idle) >= self._max_idle:
-            connection.transport.loseConnection()
+            connected(connection).loseConnection()
             return
         connection.handler = None
-        call = self._clock.callLater(self._idle_timeout, connection.transport.loseConnection)
+        call = self._clock.callLater(self._idle_timeout, connected(connection).loseConnection)
         idle.append((connection, call))
         connection.on_lost = self._forget
 
@@ -154,19 +164,20 @@ class Pool:
         for idle in list(self._idle.values()):
             for connection, call in list(idle):
                 call.cancel()
-                connection.transport.loseConnection()
+                connected(connection).loseConnection()
         self._idle.clear()
 
     def idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
 
-def system_trust(environ: Mapping[str, str] = os.environ) -> object:
+def system_trust(environ: Mapping[str, str] = os.environ) -> IOpenSSLTrustRoot:
     """The platform trust store, honouring SSL_CERT_FILE and SSL_CERT_DIR.
 
     A bundle named by SSL_CERT_FILE is read now rather than by OpenSSL at the first handshake:
     a worker drops its privileges after start-up and might no longer be allowed to read it.
     """
+    # Twisted's two trust-root factories are unannotated: IOpenSSLTrustRoot(...) checks what they give.
     bundle = environ.get("SSL_CERT_FILE")
     if bundle:
         try:
@@ -174,10 +185,10 @@ def system_trust(environ: Mapping[str, str] = os.environ) -> object:
                 warnings.simplefilter("ignore", CryptographyDeprecationWarning)
                 found = x509.load_pem_x509_certificates(Path(bundle).read_bytes())
         except (OSError, ValueError):
-            return platformTrust()  # let OpenSSL report it at the handshake, as it would anyway
-        return trustRootFromCertificates(
-            [Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM)) for cert in found])
-    return platformTrust()
+            return IOpenSSLTrustRoot(platformTrust())  # let OpenSSL report it at the handshake, as it would anyway
+        return IOpenSSLTrustRoot(trustRootFromCertificates(
+            [Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM)) for cert in found]))
+    return IOpenSSLTrustRoot(platformTrust())
 
 
 @attrs.define
@@ -192,14 +203,15 @@ class Connector:
     reactor: object
     anthropic_addresses: Callable[[], defer.Deferred[list[str]]]
     anthropic_tls: IOpenSSLClientConnectionCreator
-    target_trust: object = attrs.field(factory=system_trust)
+    target_trust: TrustRoot = attrs.field(factory=system_trust)
     connect_timeout: float = 10.0
     _preferred: str | None = None
 
     def connect(self, destination: Destination) -> defer.Deferred[UpstreamConnection]:
         if destination.anthropic:
             return defer.ensureDeferred(self._connect_anthropic(destination))
-        endpoint = HostnameEndpoint(self.reactor, destination.host, destination.port, timeout=self.connect_timeout)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, destination.host, destination.port, timeout=self.connect_timeout)
         if destination.scheme == "https":
             endpoint = DirectTLSEndpoint(
                 optionsForClientTLS(destination.host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"]),
@@ -231,7 +243,7 @@ class Connector:
         raise failure
 
 
-def anthropic_tls_options(trust_root: object | None = None) -> IOpenSSLClientConnectionCreator:
+def anthropic_tls_options(trust_root: TrustRoot | None = None) -> IOpenSSLClientConnectionCreator:
     """TLS to the real API: its name for SNI and verification, HTTP/1.1 only."""
     return optionsForClientTLS(
         ANTHROPIC_HOST, trustRoot=trust_root if trust_root is not None else system_trust(),

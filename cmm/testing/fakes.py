@@ -68,13 +68,16 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from cmm.machine import certs
+from cmm.serve.tls import connected
 
 ANTHROPIC_PATH = "/v1/messages"
 FAKE_CONTROL_PATH = "/_fake/requests"
@@ -628,7 +631,6 @@ def plan_reply(
             and messages[-1].get("role") == "assistant"
         )
         thinking = thinking_enabled(payload) and not prefill
-    blocks = {"thinking": thinking, "redacted": controls.redacted, "tool_use": controls.tool_use}
     if payload.get("stream") is True:
         events = sse_events(
             message_id=message_id,
@@ -637,7 +639,9 @@ def plan_reply(
             input_tokens=input_tokens,
             deltas=controls.deltas,
             delta_size=controls.delta_size,
-            **blocks,
+            thinking=thinking,
+            redacted=controls.redacted,
+            tool_use=controls.tool_use,
         )
         headers = common + (
             ("content-type", "text/event-stream; charset=utf-8"),
@@ -650,7 +654,9 @@ def plan_reply(
         provider=provider,
         input_tokens=input_tokens,
         pad_to=controls.response_bytes,
-        **blocks,
+        thinking=thinking,
+        redacted=controls.redacted,
+        tool_use=controls.tool_use,
     )
     return Reply(200, common + (("content-type", "application/json"),), body)
 
@@ -709,10 +715,11 @@ def _tls_options(cert_dir: Path) -> ssl.CertificateOptions:
     make_test_pki(cert_dir)
     cert_pem = (Path(cert_dir) / TEST_SERVER_CERT_FILE).read_bytes()
     key_pem = (Path(cert_dir) / TEST_SERVER_KEY_FILE).read_bytes()
-    # cryptography objects, not pyOpenSSL's (deprecated); CertificateOptions hands them to OpenSSL.
+    # cryptography objects, not pyOpenSSL's (deprecated); CertificateOptions hands them to OpenSSL,
+    # which takes both kinds, though Twisted annotates only pyOpenSSL's PKey and X509.
     return ssl.CertificateOptions(
-        privateKey=serialization.load_pem_private_key(key_pem, password=None),
-        certificate=x509.load_pem_x509_certificate(cert_pem),
+        privateKey=serialization.load_pem_private_key(key_pem, password=None),  # type: ignore[arg-type]  # see above
+        certificate=x509.load_pem_x509_certificate(cert_pem),  # type: ignore[arg-type]  # see above
         acceptableProtocols=[b"http/1.1"],
     )
 
@@ -738,6 +745,7 @@ class _TrackingFactory(WrappingFactory):
 
     def buildProtocol(self, addr: Any) -> _NumberedConnection:
         proto = super().buildProtocol(addr)
+        assert isinstance(proto, _NumberedConnection)  # our ``protocol``
         self.connections_made += 1
         proto.connection_number = self.connections_made
         return proto
@@ -765,7 +773,7 @@ class _QuietSite(Site):
 
     displayTracebacks = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -892,6 +900,7 @@ def _record(request: Request) -> RecordedRequest:
         for name, values in request.requestHeaders.getAllRawHeaders()
         for value in values
     )
+    assert request.content is not None  # the body, read in full before render
     request.content.seek(0)
     return RecordedRequest(
         method=request.method.decode("latin-1"),
@@ -915,7 +924,8 @@ def _abort_soon(request: Request, clock: IReactorTime, busy: Callable[[], bool])
         if busy():
             pending.append(clock.callLater(ABORT_GRACE, attempt))
         else:
-            request.channel.transport.abortConnection()
+            assert request.channel is not None  # notifyFinish would have cancelled this
+            connected(request.channel).abortConnection()
 
     def cancel(_: object) -> None:
         for call in pending:
@@ -975,7 +985,9 @@ class FakeUpstream:
     @property
     def port(self) -> int:
         assert self._listening is not None
-        return self._listening.getHost().port
+        address = self._listening.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))  # fakes listen on TCP
+        return address.port
 
     @property
     def connections_made(self) -> int:
@@ -986,12 +998,13 @@ class FakeUpstream:
         if self._listening is None or self._factory is None:
             return succeed(None)
         listening, self._listening = self._listening, None
-        stopped = DeferredList(
-            [maybeDeferred(listening.stopListening), self._factory.close_all()],
-            fireOnOneErrback=True,
-            consumeErrors=True,
-        )
-        return stopped.addCallback(lambda _: None)
+
+        def stop_listening() -> Deferred[None]:  # IListeningPort may return None for 'done already'
+            stopped = listening.stopListening()
+            return stopped if stopped is not None else succeed(None)
+
+        stopping = [maybeDeferred(stop_listening), self._factory.close_all()]
+        return gatherResults(stopping, consumeErrors=True).addCallback(lambda _: None)
 
 
 def _start(
@@ -1119,7 +1132,7 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
         print(f"cmm.testing.fakes: {e}", file=sys.stderr)
         return 2
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     try:
         if args.kind == "anthropic":
             fake = start_fake_anthropic(

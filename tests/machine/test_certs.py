@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import DNSName
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
@@ -323,6 +323,19 @@ def test_key_must_match_ca() -> None:
     a, b = make_ca(NOW), make_ca(NOW)
     with pytest.raises(ValueError):
         make_server_certificate(KeyPair(cert_pem=a.cert_pem, key_pem=b.key_pem), NOW)
+
+
+def test_a_ca_certificate_with_a_non_ec_key_is_refused_as_not_matching() -> None:
+    """An Ed25519 CA certificate has no public numbers to compare: a clear ValueError, not an
+    AttributeError from deep in the comparison."""
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not cmm's CA")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ed_key.public_key())
+            .serial_number(1).not_valid_before(NOW).not_valid_after(NOW + timedelta(days=1))
+            .sign(ed_key, None))
+    with pytest.raises(ValueError, match="does not belong to the CA certificate"):
+        make_server_certificate(
+            KeyPair(cert_pem=cert.public_bytes(serialization.Encoding.PEM), key_pem=make_ca(NOW).key_pem), NOW)
 
 
 def mode(path: Path) -> int:

@@ -1,0 +1,40 @@
+"""The listening side's TLS options: a key OpenSSL cannot serve with is refused when loaded."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import x25519
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+
+from cmm.machine import certs
+from cmm.serve.tls import ReloadableServerTLS, connected, server_options
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def test_a_key_pair_from_certs_makes_a_context() -> None:
+    ca = certs.make_ca(NOW)
+    server = certs.make_server_certificate(ca, NOW, hostnames=("api.anthropic.com",))
+    context = ReloadableServerTLS(server_options(server.cert_pem, server.key_pem)).getContext()
+    context.check_privatekey()  # raises if the key does not match the certificate
+
+
+def test_a_key_tls_cannot_use_is_refused_at_load_not_at_the_first_handshake() -> None:
+    ca = certs.make_ca(NOW)
+    x25519_pem = x25519.X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    with pytest.raises(ValueError, match="X25519PrivateKey"):
+        server_options(ca.cert_pem, x25519_pem)
+
+
+def test_connected_gives_the_transport_and_refuses_an_unconnected_protocol() -> None:
+    protocol = Protocol()
+    with pytest.raises(RuntimeError, match="not connected"):
+        connected(protocol)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert connected(protocol) is transport
