@@ -142,7 +142,7 @@ def listen_control(directory: UserDir, factory: Factory[Any], reactor: Any) -> I
     sock = directory.bind_unix(paths.CONTROL_SOCKET_NAME)
     try:
         sock.setblocking(False)
-        port = ControlPort._fromListeningDescriptor(reactor, sock.fileno(), factory)
+        port: ControlPort = ControlPort._fromListeningDescriptor(reactor, sock.fileno(), factory)
         with directory.acting():  # startListening chmods the socket by its (relative) name
             port.mode = 0o600
             port.startListening()

@@ -9,6 +9,7 @@ and reported: Node reads a single file, so the user has to combine the PEMs or c
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -170,7 +171,7 @@ def install_profiles(ca_cert: Path, machine: Machine, ca_pem: bytes | None = Non
                 action, _, conflicts = plan_profile(read_profile(profile.path), profile.syntax, ca_cert, machine.home, is_ca)
                 if action in (ProfileAction.ADDED, ProfileAction.UPDATED):
                     # Recomputed on the text as read for writing, so a concurrent edit is not lost.
-                    rewrite_in_place(profile.path, lambda text, s=profile.syntax: add_line(text, s, ca_cert))
+                    rewrite_in_place(profile.path, functools.partial(add_line, syntax=profile.syntax, ca_cert=ca_cert))
             except OSError as error:
                 changes.append(_failure(profile.path, error))
                 continue

@@ -101,7 +101,7 @@ class SystemStore:
     def describe(self) -> str:
         if self.kind in (StoreKind.DEBIAN, StoreKind.FEDORA):
             return f"{self.kind.value} ({self.location})"
-        return self.kind.value
+        return str(self.kind.value)
 
 
 class TrustError(Exception):
@@ -203,8 +203,7 @@ def system_status(store: SystemStore | None, ca_pem: bytes | None, machine: Mach
         if not entries:
             return SystemTrustStatus(store)
         ids = [_uri_id(uri) for uri, _ in entries]
-        current = None if ski is None or None in ids else ski in ids
-        return SystemTrustStatus(store, True, current)
+        return SystemTrustStatus(store, True, None if ski is None or None in ids else ski in ids)
     hashes = _keychain_hashes(store, machine, name)
     if not hashes:
         return SystemTrustStatus(store)
