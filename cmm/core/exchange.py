@@ -16,10 +16,10 @@ import attrs
 from cmm.core.decoding import BodyDecoder, unsupported
 from cmm.core.errors import HttpError
 from cmm.core.framing import BodyTracker, Progress, tracker_for
-from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_response_head
+from cmm.core.http_head import Framing, HeadCollector, RequestHead, ResponseHead, parse_response_head
 from cmm.core.model_finder import Found, ModelFinder, Result
 from cmm.core.router import Endpoint, Mapping, Router, candidate_endpoint
-from cmm.core.thinking import SseMarker
+from cmm.core.thinking import SseMarker, cannot_hold_a_mark
 
 
 class ClientState(enum.StrEnum):
@@ -100,6 +100,88 @@ class HeldMessage:
 
 
 ResponseState = Splice | HeldError | MarkedStream | HeldMessage
+
+
+class Edits(enum.Enum):
+    """What a messages body gets on its way, all keeping its length (so its framing)."""
+
+    NONE = "none"
+    UNMARK = "unmark"  # to the target: its own thinking signatures back, unmarked
+    NEUTRALISE = "neutralise"  # to Anthropic: the target's thinking blocks blanked, the cch re-signed
+
+
+def edits_for(endpoint: Endpoint | None, intercepted: bool, framing: Framing, neutralise_max: int,
+              whole: bytes | None) -> Edits:
+    """Choose the body's edits. A passthrough body is checked only with a declared length up to
+    ``neutralise_max`` (re-signing keeps its pieces for the hash; a chunked one goes as it came, and
+    Claude Code sends none). ``whole`` is the whole body when it is already in hand: one in which no
+    signature can carry cmm's mark needs no scan at all."""
+    if endpoint is None:
+        edits = Edits.NONE
+    elif intercepted:
+        edits = Edits.UNMARK
+    elif framing.kind == "length" and framing.length <= neutralise_max:
+        edits = Edits.NEUTRALISE
+    else:
+        edits = Edits.NONE
+    if edits is not Edits.NONE and whole is not None and cannot_hold_a_mark(whole):
+        return Edits.NONE
+    return edits
+
+
+class Start(enum.Enum):
+    """How the start of a routed request (head and the body read so far) is sent."""
+
+    INTERCEPT = "intercept"  # to the target: head rewritten, model replaced, body edited
+    HOLD_DECODED = "hold-decoded"  # compressed passthrough with edits: held whole until it is known whether it changes
+    EDIT = "edit"  # to Anthropic, the body edited as it goes
+    PASS = "pass"  # to Anthropic, byte for byte
+
+
+def start_for(intercepted: bool, edits: Edits, decoding: bool) -> Start:
+    if intercepted:
+        return Start.INTERCEPT
+    if edits is Edits.NONE:
+        return Start.PASS
+    return Start.HOLD_DECODED if decoding else Start.EDIT
+
+
+class ClientTimeout(enum.Enum):
+    CLOSE = "close"  # idle between requests: nothing to answer
+    REFUSE = "refuse"  # 408: the request stopped coming
+    IGNORE = "ignore"  # the request is sent; the exchange keeps its own deadline
+
+
+def on_client_timeout(state: ClientState, head_begun: bool) -> ClientTimeout:
+    if state is ClientState.HEAD and not head_begun:
+        return ClientTimeout.CLOSE
+    if state in (ClientState.HEAD, ClientState.SNIFF, ClientState.BODY):
+        return ClientTimeout.REFUSE
+    return ClientTimeout.IGNORE
+
+
+def can_answer_error(response_started: bool, client_state: ClientState) -> bool:
+    """An error can still be answered in Anthropic's format only before any of the response went
+    out; after that the client connection is cut, so that a truncated answer is never taken whole."""
+    return not response_started and client_state is not ClientState.CLOSED
+
+
+class Lost(enum.Enum):
+    """What an upstream connection closing under an exchange means."""
+
+    REPLAY = "replay"  # a stale pooled connection: send the whole request again on a fresh one
+    COMPLETE = "complete"  # the end of a close-delimited body
+    REFUSE = "refuse"  # 502: nothing of the response went out yet
+    ABORT = "abort"  # cut mid-response: cut the client too
+
+
+def on_upstream_lost(received: int, reused: bool, replayable: bool, retried: bool, close_delimited: bool,
+                     response_started: bool) -> Lost:
+    if replay_on_fresh(received, reused, replayable, retried):
+        return Lost.REPLAY
+    if close_delimited:
+        return Lost.COMPLETE
+    return Lost.ABORT if response_started else Lost.REFUSE
 
 
 def needs_rechunk(intercepted: bool, decoded: bool, request_chunked: bool) -> bool:

@@ -27,10 +27,11 @@ from twisted.python.failure import Failure
 from cmm.core.cch import Resigner
 from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError, error_response
-from cmm.core.exchange import (Body, BodyPart, ClientState, Dispose, HeldError, HeldMessage, Interim, MarkedStream,
-                               ModelSniffer, RequestBody, ResponseMode, ResponseReader, ResponseState, Sniffed, Splice,
-                               decoded, dispose_for, keep_for_retry, needs_rechunk, plan_request, replay_on_fresh,
-                               response_mode, retry_decision, reuse_after, route)
+from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispose, Edits, HeldError, HeldMessage,
+                               Interim, Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
+                               ResponseState, Sniffed, Splice, Start, can_answer_error, decoded, dispose_for,
+                               edits_for, keep_for_retry, needs_rechunk, on_client_timeout, on_upstream_lost,
+                               plan_request, response_mode, retry_decision, reuse_after, route, start_for)
 from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
@@ -40,7 +41,7 @@ from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, decoded_head, i
                         redacted_head, rewrite_model, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.core.thinking import (MAX_SSE_EVENT, Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, mark_message,
+from cmm.core.thinking import (MAX_SSE_EVENT, Neutraliser, SseMarker, Unmarker, mark_message,
                                thinking_off_if)
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
@@ -306,20 +307,21 @@ class ClientConnection(Protocol):
         self._routing_read_over()
         result = sniffed.result
         model = result.model if isinstance(result, Found) else None
-        self.stages = self._stages_for(mapping)
-        if self.stages and body_done and cannot_hold_a_mark(sniffed.payload):
-            self.stages = []  # the whole body is in hand and has nothing to edit: no scan
-        if mapping is not None:
-            assert isinstance(result, Found) and self.endpoint is not None
+        edits = edits_for(self.endpoint, mapping is not None, self.head.framing, NEUTRALISE_MAX,
+                          sniffed.payload if body_done else None)
+        self.stages = self._stages_for(edits)
+        start = start_for(mapping is not None, edits, self.decoder is not None)
+        if start is Start.INTERCEPT:
+            assert mapping is not None and isinstance(result, Found) and self.endpoint is not None
             first = self._intercepted_start(result, mapping, self.endpoint, sniffed.payload, body_done)
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
-        elif self.stages and self.decoder is not None:
+        elif start is Start.HOLD_DECODED:
             # Compressed: held whole (Claude Code's are small) until it is known whether it changes.
             self.held_raw = [sniffed.raw]
             self.held_out = bytearray(self._staged(sniffed.payload, body_done))
             first = self._release_held() if body_done else b""
             destination = self.settings.anthropic
-        elif self.stages:
+        elif start is Start.EDIT:
             first = self.head.raw + self._staged(sniffed.payload, body_done)
             destination = self.settings.anthropic
         else:
@@ -335,19 +337,12 @@ class ClientConnection(Protocol):
         if self.state == ClientState.CONNECTING:  # no pooled connection at hand: hold the client back meanwhile
             self.valve.pause("connecting")
 
-    def _stages_for(self, mapping: Mapping | None) -> list[Any]:
-        """Edits a messages body gets on its way, all keeping its length (so its framing):
-        the target gets its own thinking signatures back unmarked; Anthropic gets the target's
-        thinking blocks blanked out and, if that changed the body, the cch hash re-signed.
-
-        A compressed passthrough body is held whole and decoded for this (see ``_release_held``);
-        a chunked one goes as it came (Claude Code does not send chunked bodies).
-        """
-        if self.endpoint is None or self.head is None:
-            return []
-        if mapping is not None:
+    def _stages_for(self, edits: Edits) -> list[Any]:
+        """The stages that make ``edits`` (see ``edits_for``). A compressed passthrough body is
+        held whole and decoded for them (see ``_release_held``)."""
+        if edits is Edits.UNMARK:
             return [Unmarker()]
-        if self.head.framing.kind == "length" and self.head.framing.length <= NEUTRALISE_MAX:
+        if edits is Edits.NEUTRALISE:
             neutraliser = Neutraliser()
             self.neutraliser = neutraliser
             return [neutraliser, Resigner(lambda: neutraliser.changed, lambda tail: thinking_off_if(neutraliser, tail))]
@@ -501,9 +496,10 @@ class ClientConnection(Protocol):
                                      f"({self.settings.head_timeout:g} seconds)"))
 
     def _timed_out(self) -> None:
-        if self.state == ClientState.HEAD and self.collector.pending == 0:
-            self.close()  # keep-alive idle: nothing to answer
-        elif self.state in (ClientState.HEAD, ClientState.SNIFF, ClientState.BODY):
+        action = on_client_timeout(self.state, head_begun=self.collector.pending > 0)
+        if action is ClientTimeout.CLOSE:
+            self.close()
+        elif action is ClientTimeout.REFUSE:
             self.fail(HttpError(408, "Timed out waiting for the client to send the request"))
 
 
@@ -741,21 +737,23 @@ class Exchange:
         self.connection = None
         if self.finished:
             return
-        if replay_on_fresh(self.received, self.reused, self.replayable, self.retried):
+        outcome = on_upstream_lost(self.received, self.reused, self.replayable, self.retried,
+                                   close_delimited=isinstance(self.tracker, CloseBody),
+                                   response_started=self.response_started)
+        if outcome is Lost.REPLAY:
             # A pooled connection closed under us before a single byte of answer: the server never
-            # took the request up, and the whole of it is in hand. Once anything came (a partial
-            # head, an interim 100), the server may have acted on it: no second try then.
+            # took the request up, and the whole of it is in hand.
             self.retried = True
             self._detach(Dispose.CLOSE)  # the connection is gone already: this undoes the client side
             self._reset_response()
             self.start(fresh=True)
             return
-        if isinstance(self.tracker, CloseBody):
+        if outcome is Lost.COMPLETE:
             if isinstance(self.mode, HeldError):
                 self._error_complete(close=True)
             else:
                 self._finish(close=True)
-        elif not self.response_started:
+        elif outcome is Lost.REFUSE:
             self.fail(HttpError(502, f"{self.destination.label} closed the connection before responding: {_reason(reason)}"))
         else:
             self._end(status=self.response.status if self.response else None,
@@ -795,7 +793,7 @@ class Exchange:
     def fail(self, error: HttpError) -> None:
         if self.finished:
             return
-        if not self.response_started and self.client.state != ClientState.CLOSED:
+        if can_answer_error(self.response_started, self.client.state):
             self.client.transport.write(error_response(error.status, error.message))
             self._end(status=error.status, error=error.message, abort=False)
         else:

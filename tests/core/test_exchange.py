@@ -11,12 +11,13 @@ from hypothesis import given, settings, strategies as st
 
 from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError
-from cmm.core.exchange import (Body, ClientState, Dispose, Head, Interim, ModelSniffer, RequestBody, ResponseMode,
-                               ResponseReader, RetryLater, Reuse, Sniffed, dispose_for, keep_for_retry,
-                               needs_rechunk, plan_request, replay_on_fresh, response_mode, retry_decision,
-                               reuse_after, route)
+from cmm.core.exchange import (Body, ClientState, ClientTimeout, Dispose, Edits, Head, Interim, Lost, ModelSniffer,
+                               RequestBody, ResponseMode, ResponseReader, RetryLater, Reuse, Sniffed, Start,
+                               can_answer_error, dispose_for, edits_for, keep_for_retry, needs_rechunk,
+                               on_client_timeout, on_upstream_lost, plan_request, replay_on_fresh, response_mode,
+                               retry_decision, reuse_after, route, start_for)
 from cmm.core.framing import LAST_CHUNK, encode_chunk
-from cmm.core.http_head import HeadCollector, RequestHead, parse_request_head, parse_response_head
+from cmm.core.http_head import Framing, HeadCollector, RequestHead, parse_request_head, parse_response_head
 from cmm.core.model_finder import Found, NotFound
 from cmm.core.router import Mapping, Router, Upstream
 
@@ -315,3 +316,43 @@ def test_request_framing_and_retry_keeping() -> None:
 def test_client_states_compare_as_their_names() -> None:
     assert ClientState.CLOSED == "closed" and ClientState("sniff") is ClientState.SNIFF
     assert len(ClientState) == 6
+
+
+def test_the_edits_a_body_gets() -> None:
+    length, big, chunked = Framing("length", 100), Framing("length", 101), Framing("chunked", 0)
+    signed = b'{"messages":[{"type":"thinking","signature":"cmm1.x"}]}'
+    assert edits_for("messages", True, chunked, 100, None) is Edits.UNMARK
+    assert edits_for("messages", False, length, 100, None) is Edits.NEUTRALISE
+    assert edits_for("count_tokens", False, length, 100, None) is Edits.NEUTRALISE
+    assert edits_for("messages", False, big, 100, None) is Edits.NONE  # beyond what is checked
+    assert edits_for("messages", False, chunked, 100, None) is Edits.NONE
+    assert edits_for(None, True, length, 100, None) is Edits.NONE  # not a candidate
+    assert edits_for("messages", True, length, 100, b'{"model":"x"}') is Edits.NONE  # whole, nothing to edit
+    assert edits_for("messages", False, length, 100, signed) is Edits.NEUTRALISE
+    assert edits_for("messages", True, length, 100, signed) is Edits.UNMARK
+    assert start_for(True, Edits.NONE, True) is Start.INTERCEPT
+    assert start_for(False, Edits.NEUTRALISE, True) is Start.HOLD_DECODED
+    assert start_for(False, Edits.NEUTRALISE, False) is Start.EDIT
+    assert start_for(False, Edits.NONE, True) is Start.PASS
+
+
+def test_what_a_client_timeout_means() -> None:
+    assert on_client_timeout(ClientState.HEAD, head_begun=False) is ClientTimeout.CLOSE
+    assert on_client_timeout(ClientState.HEAD, head_begun=True) is ClientTimeout.REFUSE
+    assert on_client_timeout(ClientState.SNIFF, head_begun=False) is ClientTimeout.REFUSE
+    assert on_client_timeout(ClientState.BODY, head_begun=False) is ClientTimeout.REFUSE
+    for state in (ClientState.CONNECTING, ClientState.RESPONSE, ClientState.CLOSED):
+        assert on_client_timeout(state, head_begun=True) is ClientTimeout.IGNORE
+
+
+def test_an_error_is_answered_only_before_the_response_began() -> None:
+    assert can_answer_error(False, ClientState.RESPONSE) and can_answer_error(False, ClientState.BODY)
+    assert not can_answer_error(True, ClientState.RESPONSE) and not can_answer_error(False, ClientState.CLOSED)
+
+
+def test_what_an_upstream_closing_means() -> None:
+    assert on_upstream_lost(0, True, True, False, close_delimited=False, response_started=False) is Lost.REPLAY
+    assert on_upstream_lost(0, True, True, True, close_delimited=False, response_started=False) is Lost.REFUSE
+    assert on_upstream_lost(5, True, True, False, close_delimited=True, response_started=True) is Lost.COMPLETE
+    assert on_upstream_lost(5, True, True, False, close_delimited=False, response_started=False) is Lost.REFUSE
+    assert on_upstream_lost(5, False, True, False, close_delimited=False, response_started=True) is Lost.ABORT
