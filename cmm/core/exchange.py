@@ -9,17 +9,21 @@ bytes into events (interim heads, the final head, body progress) whatever their 
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterator
+from typing import Protocol
 
 import attrs
 
+from cmm.core.cch import Resigner
 from cmm.core.decoding import BodyDecoder, unsupported
 from cmm.core.errors import HttpError
-from cmm.core.framing import BodyTracker, Progress, tracker_for
+from cmm.core.framing import LAST_CHUNK, BodyTracker, Progress, encode_chunk, tracker_for
 from cmm.core.http_head import Framing, HeadCollector, RequestHead, ResponseHead, parse_response_head
 from cmm.core.model_finder import Found, ModelFinder, Result
-from cmm.core.router import Endpoint, Mapping, Router, candidate_endpoint
-from cmm.core.thinking import SseMarker, cannot_hold_a_mark
+from cmm.core.router import (Endpoint, Mapping, Router, candidate_endpoint, decoded_head, intercepted_head,
+                             rewrite_model)
+from cmm.core.thinking import Neutraliser, SseMarker, Unmarker, cannot_hold_a_mark, thinking_off_if
 
 
 class ClientState(enum.StrEnum):
@@ -410,3 +414,106 @@ class ResponseReader:
         progress = self.tracker.feed(data)
         raw = data if progress.consumed == len(data) else data[: progress.consumed]
         yield Body(raw, progress, extra=progress.consumed < len(data))
+
+
+# Sending the request upstream
+
+class _Stage(Protocol):
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class UpstreamRequest:
+    """The request's bytes on their way upstream once routed: its start (the head and the body read
+    to route it), then each later body part, edited, decoded and re-framed as the route needs.
+
+    A compressed passthrough body with edits is held whole (Claude Code's are small) until it is
+    known whether it changes: as it came if not (Anthropic takes plain bodies; re-compressing 2 MB
+    would cost ~14 ms for nothing), else decoded. One that decodes past ``hold_max`` unchanged goes
+    as it came, the rest as it comes.
+    """
+
+    def __init__(self, head: RequestHead, edits: Edits, decoder: BodyDecoder | None, mapping: Mapping | None,
+                 hold_max: int) -> None:
+        self._head = head
+        self._decoder = decoder
+        self._mapping = mapping
+        self._hold_max = hold_max
+        self._neutraliser: Neutraliser | None = None
+        self._stages = self._stages_for(edits)
+        self.start = start_for(mapping is not None, edits, decoder is not None)
+        self.rechunk = needs_rechunk(mapping is not None, decoder is not None, head.framing.kind == "chunked")
+        self._held_raw: list[bytes] = []
+        self._held_out = bytearray()
+
+    @property
+    def editing(self) -> bool:
+        """Whether later body parts still go through edits (a held body past ``hold_max`` stops)."""
+        return bool(self._stages)
+
+    def _stages_for(self, edits: Edits) -> list[_Stage]:
+        if edits is Edits.UNMARK:
+            return [Unmarker()]
+        if edits is Edits.NEUTRALISE:
+            neutraliser = Neutraliser()
+            self._neutraliser = neutraliser
+            return [neutraliser, Resigner(lambda: neutraliser.changed, lambda tail: thinking_off_if(neutraliser, tail))]
+        return []
+
+    def first(self, sniffed: Sniffed, endpoint: Endpoint | None, done: bool) -> bytes:
+        """The bytes that open the upstream request: what was read to route it, as it goes."""
+        if self.start is Start.INTERCEPT:
+            assert self._mapping is not None and isinstance(sniffed.result, Found) and endpoint is not None
+            return self._intercepted_start(sniffed.result, self._mapping, endpoint, sniffed.payload, done)
+        if self.start is Start.HOLD_DECODED:
+            self._held_raw = [sniffed.raw]
+            self._held_out = bytearray(self._staged(sniffed.payload, done))
+            return self._release_held() if done else b""
+        if self.start is Start.EDIT:
+            return self._head.raw + self._staged(sniffed.payload, done)
+        return self._head.raw + sniffed.raw
+
+    def feed(self, part: BodyPart) -> bytes:
+        """What to send upstream for a later part of the body (may be nothing yet)."""
+        raw, payload, done = part.raw, part.payload, part.done
+        if self._stages and self._decoder is not None and self._mapping is None:
+            self._held_raw.append(raw)
+            self._held_out += self._staged(b"".join(decoded(self._decoder, payload, done)), done)
+            out = self._release_held() if done else b""
+            assert self._neutraliser is not None
+            if not done and len(self._held_out) > self._hold_max and not self._neutraliser.changed:
+                # It decodes past what is checked: send what came as it came, the rest as it comes.
+                out, self._stages = self._head.raw + b"".join(self._held_raw), []
+                self._held_raw, self._held_out = [], bytearray()
+            return out
+        if self._stages:
+            body = self._staged(b"".join(decoded(self._decoder, payload, done)), done)
+            return encode_chunk(body) + (LAST_CHUNK if done else b"") if self.rechunk else body
+        if self.rechunk:
+            pieces = decoded(self._decoder, payload, done)
+            return b"".join(encode_chunk(piece) for piece in pieces) + (LAST_CHUNK if done else b"")
+        return raw
+
+    def _release_held(self) -> bytes:
+        held_raw, held_out, self._held_raw, self._held_out = self._held_raw, self._held_out, [], bytearray()
+        if self._neutraliser is not None and self._neutraliser.changed:
+            return decoded_head(self._head, len(held_out)) + bytes(held_out)
+        return self._head.raw + b"".join(held_raw)
+
+    def _staged(self, data: bytes, done: bool) -> bytes:
+        for stage in self._stages:
+            data = stage.feed(data) + (stage.finish() if done else b"")
+        return data
+
+    def _intercepted_start(self, found: Found, mapping: Mapping, endpoint: Endpoint, sniffed: bytes,
+                           done: bool) -> bytes:
+        payload = rewrite_model(sniffed, found.start, found.end, mapping.target)
+        payload = self._staged(payload, done)
+        if self._head.framing.kind == "length" and self._decoder is None:
+            length = self._head.framing.length + len(json.dumps(mapping.target)) - (found.end - found.start)
+            return intercepted_head(self._head, mapping.upstream, endpoint, length) + payload
+        # Chunked, or decoded from a Content-Encoding (its length is unknown until the end).
+        tail = LAST_CHUNK if done else b""
+        return intercepted_head(self._head, mapping.upstream, endpoint, None, decoded=self._decoder is not None) + \
+            encode_chunk(payload) + tail

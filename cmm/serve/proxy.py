@@ -11,7 +11,6 @@ JSON message that gets rewritten. Everything else flows through as it arrives.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -24,25 +23,22 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cmm.core.cch import Resigner
 from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError, error_response
-from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispose, Edits, HeldError, HeldMessage,
-                               Interim, Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
-                               ResponseState, Sniffed, Splice, Start, can_answer_error, decoded, dispose_for,
-                               edits_for, keep_for_retry, needs_rechunk, on_client_timeout, on_upstream_lost,
-                               plan_request, response_mode, retry_decision, reuse_after, route, start_for)
+from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispose, HeldError, HeldMessage, Interim,
+                               Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
+                               ResponseState, Sniffed, Splice, UpstreamRequest, can_answer_error, dispose_for,
+                               edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
+                               response_mode, retry_decision, reuse_after, route)
 from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
 from cmm.core.model_finder import Found
 from cmm.core.records import RequestRecord, escaped
-from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, decoded_head, intercepted_head,
-                        redacted_head, rewrite_model, with_connection_close, with_content_length,
+from cmm.core.router import (PROVIDER_HEADER, Mapping, redacted_head, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.core.thinking import (MAX_SSE_EVENT, Neutraliser, SseMarker, Unmarker, mark_message,
-                               thinking_off_if)
+from cmm.core.thinking import MAX_SSE_EVENT, SseMarker, mark_message
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
 
@@ -266,10 +262,6 @@ class ClientConnection(Protocol):
         self.body = RequestBody(head, self.settings.body_limit)
         self.endpoint = plan.endpoint
         self.content = None
-        self.stages: list[Any] = []
-        self.neutraliser: Neutraliser | None = None
-        self.held_raw: list[bytes] = []
-        self.held_out = bytearray()
         self.decoder: BodyDecoder | None = None
         if plan.unreadable:
             log.warn("Cannot read a {codings} body to find its model; passing it through",
@@ -309,23 +301,11 @@ class ClientConnection(Protocol):
         model = result.model if isinstance(result, Found) else None
         edits = edits_for(self.endpoint, mapping is not None, self.head.framing, NEUTRALISE_MAX,
                           sniffed.payload if body_done else None)
-        self.stages = self._stages_for(edits)
-        start = start_for(mapping is not None, edits, self.decoder is not None)
-        if start is Start.INTERCEPT:
-            assert mapping is not None and isinstance(result, Found) and self.endpoint is not None
-            first = self._intercepted_start(result, mapping, self.endpoint, sniffed.payload, body_done)
+        self.forward = UpstreamRequest(self.head, edits, self.decoder, mapping, NEUTRALISE_MAX)
+        first = self.forward.first(sniffed, self.endpoint, body_done)
+        if mapping is not None:
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
-        elif start is Start.HOLD_DECODED:
-            # Compressed: held whole (Claude Code's are small) until it is known whether it changes.
-            self.held_raw = [sniffed.raw]
-            self.held_out = bytearray(self._staged(sniffed.payload, body_done))
-            first = self._release_held() if body_done else b""
-            destination = self.settings.anthropic
-        elif start is Start.EDIT:
-            first = self.head.raw + self._staged(sniffed.payload, body_done)
-            destination = self.settings.anthropic
         else:
-            first = self.head.raw + sniffed.raw
             destination = self.settings.anthropic
         if self.settings.log_content:
             body = sniffed.payload[:CONTENT_LOG_BYTES].decode("utf-8", "replace")
@@ -336,44 +316,6 @@ class ClientConnection(Protocol):
         self.exchange.start()
         if self.state == ClientState.CONNECTING:  # no pooled connection at hand: hold the client back meanwhile
             self.valve.pause("connecting")
-
-    def _stages_for(self, edits: Edits) -> list[Any]:
-        """The stages that make ``edits`` (see ``edits_for``). A compressed passthrough body is
-        held whole and decoded for them (see ``_release_held``)."""
-        if edits is Edits.UNMARK:
-            return [Unmarker()]
-        if edits is Edits.NEUTRALISE:
-            neutraliser = Neutraliser()
-            self.neutraliser = neutraliser
-            return [neutraliser, Resigner(lambda: neutraliser.changed, lambda tail: thinking_off_if(neutraliser, tail))]
-        return []
-
-    def _release_held(self) -> bytes:
-        """A whole compressed passthrough body: as it came if nothing in it changed, else decoded
-        (Anthropic takes plain bodies; re-compressing 2 MB would cost ~14 ms for nothing)."""
-        assert self.head is not None
-        held_raw, held_out, self.held_raw, self.held_out = self.held_raw, self.held_out, [], bytearray()
-        if self.neutraliser is not None and self.neutraliser.changed:
-            return decoded_head(self.head, len(held_out)) + bytes(held_out)
-        return self.head.raw + b"".join(held_raw)
-
-    def _staged(self, data: bytes, done: bool) -> bytes:
-        for stage in self.stages:
-            data = stage.feed(data) + (stage.finish() if done else b"")
-        return data
-
-    def _intercepted_start(self, found: Found, mapping: Mapping, endpoint: Endpoint, sniffed: bytes,
-                           body_done: bool) -> bytes:
-        assert self.head is not None
-        payload = rewrite_model(sniffed, found.start, found.end, mapping.target)
-        payload = self._staged(payload, body_done)
-        if self.head.framing.kind == "length" and self.decoder is None:
-            length = self.head.framing.length + len(json.dumps(mapping.target)) - (found.end - found.start)
-            return intercepted_head(self.head, mapping.upstream, endpoint, length) + payload
-        # Chunked, or decoded from a Content-Encoding (its length is unknown until the end).
-        tail = LAST_CHUNK if body_done else b""
-        return intercepted_head(self.head, mapping.upstream, endpoint, None, decoded=self.decoder is not None) + \
-            encode_chunk(payload) + tail
 
     def upstream_ready(self, body_done: bool) -> None:
         """The exchange sent the start of the request; go on reading the client."""
@@ -387,23 +329,8 @@ class ClientConnection(Protocol):
     def _body_bytes(self, data: bytes) -> None:
         assert self.exchange is not None
         part = self._track(data)
-        raw, payload, done, rest = part.raw, part.payload, part.done, part.rest
-        if self.stages and self.decoder is not None and self.exchange.mapping is None:
-            self.held_raw.append(raw)
-            self.held_out += self._staged(b"".join(decoded(self.decoder, payload, done)), done)
-            out = self._release_held() if done else b""
-            if not done and len(self.held_out) > NEUTRALISE_MAX and not self.neutraliser.changed:
-                # It decodes past what is checked: send what came as it came, the rest as it comes.
-                out, self.stages = self.head.raw + b"".join(self.held_raw), []
-                self.held_raw, self.held_out = [], bytearray()
-        elif self.stages:
-            body = self._staged(b"".join(decoded(self.decoder, payload, done)), done)
-            out = encode_chunk(body) + (LAST_CHUNK if done else b"") if self.exchange.rechunk else body
-        elif self.exchange.rechunk:
-            pieces = decoded(self.decoder, payload, done)
-            out = b"".join(encode_chunk(piece) for piece in pieces) + (LAST_CHUNK if done else b"")
-        else:
-            out = raw
+        done, rest = part.done, part.rest
+        out = self.forward.feed(part)
         if out:
             self.exchange.send(out)
         if done:
@@ -516,8 +443,6 @@ class Exchange:
         self.first = first
         self.body_done = body_done
         self.replayable = body_done  # ``first`` holds the whole request: safe to send again
-        self.rechunk = needs_rechunk(mapping is not None, client.decoder is not None,
-                                     client.head.framing.kind == "chunked")
         self.connection: UpstreamConnection | None = None
         self.connecting: defer.Deferred | None = None
         self.response_started = False  # a byte of the final response reached the client

@@ -13,9 +13,9 @@ from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError
 from cmm.core.exchange import (Body, ClientState, ClientTimeout, Dispose, Edits, Head, Interim, Lost, ModelSniffer,
                                RequestBody, ResponseMode, ResponseReader, RetryLater, Reuse, Sniffed, Start,
-                               can_answer_error, dispose_for, edits_for, keep_for_retry, needs_rechunk,
-                               on_client_timeout, on_upstream_lost, plan_request, replay_on_fresh, response_mode,
-                               retry_decision, reuse_after, route, start_for)
+                               UpstreamRequest, can_answer_error, dispose_for, edits_for, keep_for_retry,
+                               needs_rechunk, on_client_timeout, on_upstream_lost, plan_request, replay_on_fresh,
+                               response_mode, retry_decision, reuse_after, route, start_for)
 from cmm.core.framing import LAST_CHUNK, encode_chunk
 from cmm.core.http_head import Framing, HeadCollector, RequestHead, parse_request_head, parse_response_head
 from cmm.core.model_finder import Found, NotFound
@@ -356,3 +356,68 @@ def test_what_an_upstream_closing_means() -> None:
     assert on_upstream_lost(5, True, True, False, close_delimited=True, response_started=True) is Lost.COMPLETE
     assert on_upstream_lost(5, True, True, False, close_delimited=False, response_started=False) is Lost.REFUSE
     assert on_upstream_lost(5, False, True, False, close_delimited=False, response_started=True) is Lost.ABORT
+
+
+# -- the request as sent upstream -----------------------------------------------------------------
+
+OPUS_FIRST = CLAUDE_CODE.replace(b"claude-haiku-4-5-20251001", b"claude-opus-4-6")
+FORWARDED = [  # (the client's request, whether cmm may re-frame it, the body the upstream must get)
+    (request(CLAUDE_CODE), False, CLAUDE_CODE.replace(b'"claude-haiku-4-5-20251001"', b'"gemini-2.5-flash"')),
+    (request(CLAUDE_CODE, chunked=True), True,
+     CLAUDE_CODE.replace(b'"claude-haiku-4-5-20251001"', b'"gemini-2.5-flash"')),
+    (request(gzip.compress(CLAUDE_CODE, mtime=0), extra=b"Content-Encoding: gzip\r\n"), True,
+     CLAUDE_CODE.replace(b'"claude-haiku-4-5-20251001"', b'"gemini-2.5-flash"')),
+    (request(MODEL_LAST, chunked=True), False, MODEL_LAST),
+    (request(OPUS_FIRST), False, OPUS_FIRST),
+    (request(gzip.compress(OPUS_FIRST, mtime=0), extra=b"Content-Encoding: gzip\r\n"), False,
+     gzip.compress(OPUS_FIRST, mtime=0)),  # held to check, unchanged: sent as it came
+]
+
+
+def forward(pieces: list[bytes]) -> bytes:
+    """Everything sent upstream for one request arriving in ``pieces``, as the proxy sends it."""
+    collector, pieces = HeadCollector(), list(pieces)
+    while (done := collector.feed(pieces.pop(0))) is None:
+        pass
+    raw, data = done
+    head = parse_request_head(raw)
+    plan = plan_request(head, LIMIT)
+    decoder = BodyDecoder(list(plan.codings), LIMIT) if plan.codings else None
+    sniffer, body = ModelSniffer(decoder), RequestBody(head, LIMIT)
+    while (sniffed := sniffer.feed(part := body.feed(data))) is None:
+        data = pieces.pop(0)
+    mapping = route(sniffed.result, ROUTER)
+    edits = edits_for(plan.endpoint, mapping is not None, head.framing, LIMIT, sniffed.payload if part.done else None)
+    upstream = UpstreamRequest(head, edits, decoder, mapping, LIMIT)
+    out = upstream.first(sniffed, plan.endpoint, part.done)
+    remaining = ([part.rest] if part.rest else []) + pieces
+    while not part.done:
+        part = body.feed(remaining.pop(0))
+        out += upstream.feed(part)
+    assert not part.rest and not remaining
+    return out
+
+
+def request_body(data: bytes) -> tuple[RequestHead, bytes]:
+    raw, rest = HeadCollector().feed(data)
+    head = parse_request_head(raw)
+    progress = RequestBody(head, LIMIT).feed(rest)
+    assert progress.done and not progress.rest
+    return head, b"".join(progress.payload)
+
+
+@pytest.mark.parametrize("stream, reframed, expected", FORWARDED,
+                         ids=["intercepted", "intercepted-chunked", "intercepted-gzip", "passthrough-chunked",
+                              "passthrough", "passthrough-gzip"])
+@settings(max_examples=60, deadline=None)
+@given(points=cuts)
+def test_what_goes_upstream_does_not_depend_on_the_split(stream: bytes, reframed: bool, expected: bytes,
+                                                         points: list[int]) -> None:
+    whole = forward([stream])
+    sent = forward(split(stream, points))
+    head, body = request_body(sent)
+    assert body == expected and head == request_body(whole)[0]
+    if not reframed:
+        assert sent == whole  # byte for byte: only a body cmm re-chunks may be framed differently
+    if expected in (OPUS_FIRST, MODEL_LAST, gzip.compress(OPUS_FIRST, mtime=0)):
+        assert sent == stream  # passthrough: exactly what the client sent
