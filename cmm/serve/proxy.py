@@ -1,12 +1,14 @@
 """The serving protocol: read a request head, find the model if it matters, splice to an upstream.
 
 One ``ClientConnection`` per accepted (TLS) connection, one ``Exchange`` per request on it. The
-pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``); this module only
-moves bytes between transports, with backpressure in both directions and a deadline for every
-wait. What is held is bounded and small in practice: the request head, the body bytes up to the
-model, the thinking block being examined (``cmm.core.thinking``), a signed body's tail from its ``cch``
-placeholder on, a compressed passthrough body that may need editing, and a target's error or
-JSON message that gets rewritten. Everything else flows through as it arrives.
+pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``, and ``exchange``: the
+connection's states, the route, the bytes that go upstream, the response's mode, reuse, retry and
+replay); this module only moves bytes between transports and runs timers, with backpressure in
+both directions and a deadline for every wait. What is held is bounded and small in practice:
+the request head, the body bytes up to the model, the thinking block being examined
+(``cmm.core.thinking``), a signed body's tail from its ``cch`` placeholder on, a compressed
+passthrough body that may need editing, and a target's error or JSON message that gets rewritten.
+Everything else flows through as it arrives.
 """
 
 from __future__ import annotations
@@ -357,7 +359,17 @@ class ClientConnection(Protocol):
         self.valve.resume("pipelined")
         self._drain_pending()
 
-    def exchange_aborted(self) -> None:
+    def exchange_ended(self, abort: bool, reusable: bool) -> None:
+        """The exchange is over (this connection alone writes its state and its exchange): read
+        the next request, or close, or cut the connection when its response broke off."""
+        if self.state == ClientState.CLOSED:
+            self.exchange = None
+        elif abort:
+            self._exchange_aborted()
+        else:
+            self.exchange_done(reusable)
+
+    def _exchange_aborted(self) -> None:
         """The exchange failed after its response began: nothing can be answered, cut the client."""
         self.exchange = None
         self.state = ClientState.CLOSED
@@ -730,13 +742,7 @@ class Exchange:
         self.deadline.cancel()
         self._detach(dispose_for(upstream_reusable, abort))
         self.context.record(self.client._record(status, error, self.bytes_out, self.model, self.mapping))
-        if self.client.state == ClientState.CLOSED:
-            self.client.exchange = None
-            return
-        if abort:
-            self.client.exchange_aborted()
-            return
-        self.client.exchange_done(reusable=client_reusable and error is None)
+        self.client.exchange_ended(abort, reusable=client_reusable and error is None)
 
     def _detach(self, dispose: Dispose) -> None:
         """Undo what ``_connected`` joined (handler, producers both ways, backpressure pauses)
