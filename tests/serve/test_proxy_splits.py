@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from cmm.core.framing import LAST_CHUNK, encode_chunk, tracker_for
 from cmm.core.http_head import HeadCollector, parse_response_head
-from memory_harness import Harness, make_pki, settings as proxy_settings
+from memory_harness import Harness, make_pki, responses, settings as proxy_settings
 
 PKI = make_pki()
 HAIKU = json.dumps({"model": "claude-haiku-4-5-20251001", "max_tokens": 5, "messages": [
@@ -116,3 +116,32 @@ def test_what_the_unsplit_runs_send() -> None:
     assert records == [(200, "claude-opus-4-6", False, None)]
     _, _, _, head, body, _, records = run("intercepted-error", [], [])
     assert head.startswith(b"HTTP/1.1 400 ") and json.loads(body)["type"] == "error"
+
+
+def run_keep_alive(request_cuts: list[int], hold: bool) -> tuple[object, ...]:
+    """Two requests back to back on one connection, the second possibly read ahead (pipelined);
+    ``hold``: the target's connection completes only once every byte was sent, so that what
+    comes meanwhile is read ahead."""
+    harness = Harness(PKI, proxy_settings())
+    harness.upstreams["target"].hold = hold
+    client, _ = harness.client()
+    for piece in split(post(HAIKU) + post(OPUS, chunked=True), request_cuts):
+        harness.send(client, piece)
+    harness.complete_connects("target")
+    target, anthropic = (harness.upstreams[name].exchanges for name in ("target", "anthropic"))
+    return ([e.raw for e in target], [e.raw for e in anthropic], responses(bytes(client.received)),
+            [(r.status, r.model, r.intercepted) for r in harness.records], client.lost)
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["answered-at-once", "connecting-meanwhile"])
+@settings(max_examples=25, deadline=None)
+@given(request_cuts=cuts)
+def test_keep_alive_requests_are_served_alike_however_they_arrive(hold: bool, request_cuts: list[int]) -> None:
+    assert run_keep_alive(request_cuts, hold) == run_keep_alive([], False)
+
+
+def test_the_unsplit_keep_alive_run() -> None:
+    [intercepted], [passed], answers, records, lost = run_keep_alive([], False)
+    assert b'"gemini-2.5-flash"' in intercepted and passed == post(OPUS, chunked=True)
+    assert [head.split(b" ")[1] for head, _ in answers] == [b"200", b"200"] and not lost
+    assert records == [(200, "claude-haiku-4-5-20251001", True), (200, "claude-opus-4-6", False)]
