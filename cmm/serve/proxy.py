@@ -1,17 +1,18 @@
 """The serving protocol: read a request head, find the model if it matters, splice to an upstream.
 
 One ``ClientConnection`` per accepted (TLS) connection, one ``Exchange`` per request on it. The
-pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``); this module only
-moves bytes between transports, with backpressure in both directions and a deadline for every
-wait. What is held is bounded and small in practice: the request head, the body bytes up to the
-model, the thinking block being examined (``cmm.core.thinking_edits``), a signed body's tail from its ``cch``
-placeholder on, a compressed passthrough body that may need editing, and a target's error or
-JSON message that gets rewritten. Everything else flows through as it arrives.
+pure cores decide (``http_head``, ``framing``, ``model_finder``, ``router``, and ``exchange``: the
+connection's states, the route, the bytes that go upstream, the response's mode, reuse, retry and
+replay); this module only moves bytes between transports and runs timers, with backpressure in
+both directions and a deadline for every wait. What is held is bounded and small in practice:
+the request head, the body bytes up to the model, the thinking block being examined
+(``cmm.core.thinking_edits``), a signed body's tail from its ``cch`` placeholder on, a compressed
+passthrough body that may need editing, and a target's error or JSON message that gets rewritten.
+Everything else flows through as it arrives.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -24,19 +25,21 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cmm.core.cch import Resigner
-from cmm.core.decoding import BodyDecoder, unsupported
+from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError, error_response
+from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispose, HeldError, HeldMessage, Interim,
+                               Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
+                               ResponseState, Sniffed, Splice, UpstreamRequest, can_answer_error, dispose_for,
+                               edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
+                               response_mode, retry_decision, reuse_after, route)
 from cmm.serve.flow import Deadline, Valve
-from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk, tracker_for
-from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head, parse_response_head
-from cmm.core.model_finder import Found, ModelFinder
+from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
+from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
+from cmm.core.model_finder import Found
 from cmm.core.records import RequestRecord, escaped
-from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, candidate_endpoint, decoded_head, intercepted_head,
-                        redacted_head, rewrite_model, with_connection_close, with_content_length,
+from cmm.core.router import (PROVIDER_HEADER, Mapping, redacted_head, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
-from cmm.core.thinking_edits import Neutraliser, Unmarker, cannot_hold_a_mark, thinking_off_if
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
@@ -89,7 +92,7 @@ class ProxyContext:
         """
         limit = self.max_connections
         if len(self.connections) >= limit:
-            open_now = [c for c in self.connections if c.state != "closed"]
+            open_now = [c for c in self.connections if c.state != ClientState.CLOSED]
             if len(open_now) >= limit:
                 idle = [c for c in open_now if c.idle]
                 if not idle:
@@ -176,7 +179,7 @@ class ClientConnection(Protocol):
         self.context = context
         self.settings = context.settings
         self.exchange: Exchange | None = None
-        self.state = "head"
+        self.state: ClientState = ClientState.HEAD  # written by this connection only
         self.pending = b""  # bytes read ahead of the current state (next body part, next request)
         self.served = 0
         self.content: str | None = None
@@ -189,7 +192,7 @@ class ClientConnection(Protocol):
         self.valve = Valve(self.transport)
         self.deadline = Deadline(self.context.clock, self._timed_out)
         if not self.context.admit(self):
-            self.state = "closed"
+            self.state = ClientState.CLOSED
             self.transport.abortConnection()  # before the TLS handshake: nothing to answer with
             return
         self._await_head()
@@ -197,27 +200,27 @@ class ClientConnection(Protocol):
             self.close()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state != "head":  # a head's deadline is total time, from its first byte
+        if self.state != ClientState.HEAD:  # a head's deadline is total time, from its first byte
             self.deadline.touch()
-        if self.state in ("connecting", "response"):
+        if self.state in (ClientState.CONNECTING, ClientState.RESPONSE):
             self.pending += data  # read ahead: more body while connecting, or a pipelined request
-            if self.state == "response":
+            if self.state == ClientState.RESPONSE:
                 self.valve.pause("pipelined")
             return
-        if self.state == "closed":
+        if self.state == ClientState.CLOSED:
             return
         try:
-            if self.state == "head":
+            if self.state == ClientState.HEAD:
                 self._head_bytes(data)
-            elif self.state == "sniff":
+            elif self.state == ClientState.SNIFF:
                 self._sniff_bytes(data)
-            elif self.state == "body":
+            elif self.state == ClientState.BODY:
                 self._body_bytes(data)
         except HttpError as error:
             self.fail(error)
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self.state = "closed"
+        self.state = ClientState.CLOSED
         self.deadline.cancel()
         self._routing_read_over()
         if self.exchange is not None:
@@ -228,7 +231,7 @@ class ClientConnection(Protocol):
     @property
     def idle(self) -> bool:
         """Between requests with nothing read yet: safe to close when draining or short of room."""
-        return self.state == "head" and self.collector.pending == 0 and not self.pending
+        return self.state == ClientState.HEAD and self.collector.pending == 0 and not self.pending
 
     # Reading the request
 
@@ -236,7 +239,7 @@ class ClientConnection(Protocol):
         """Wait for the next request: ``idle_timeout`` until its first byte, then ``head_timeout``
         from that byte to the head's end, neither extended by what trickles in (a byte every few
         seconds must not hold a connection for ever). Stray empty lines are not a first byte."""
-        self.state = "head"
+        self.state = ClientState.HEAD
         self.collector = HeadCollector()
         self.head: RequestHead | None = None
         self.idle_since = self.context.clock.seconds()
@@ -257,181 +260,83 @@ class ClientConnection(Protocol):
         self.started_clock = self.context.clock.seconds()
         self.bytes_in = len(raw)
         self.deadline.start(self.settings.idle_timeout)
-        if head.framing.kind == "length" and head.framing.length > self.settings.body_limit:
-            raise HttpError(413, f"Request body of {head.framing.length} bytes exceeds the {self.settings.body_limit}-byte limit")
-        self.tracker: BodyTracker = tracker_for(head.framing)
-        self.endpoint = candidate_endpoint(head)
-        self.payload_size = 0
+        plan = plan_request(head, self.settings.body_limit)
+        self.body = RequestBody(head, self.settings.body_limit)
+        self.endpoint = plan.endpoint
         self.content = None
-        self.sniffed_raw: list[bytes] = []
-        self.sniffed_payload: list[bytes] = []
-        self.stages: list[Any] = []
-        self.neutraliser: Neutraliser | None = None
-        self.held_raw: list[bytes] = []
-        self.held_out = bytearray()
         self.decoder: BodyDecoder | None = None
-        codings = [c.decode("latin-1") for c in head.headers.tokens(b"content-encoding")]
-        if self.endpoint is not None and unsupported(codings):
+        if plan.unreadable:
             log.warn("Cannot read a {codings} body to find its model; passing it through",
-                     codings=escaped(", ".join(codings)))
-            self.endpoint = None
-        elif self.endpoint is not None and any(c != "identity" for c in codings):
-            self.decoder = BodyDecoder(codings, self.settings.body_limit)
-        if self.endpoint is not None and head.framing.kind != "none":
+                     codings=escaped(", ".join(plan.unreadable)))
+        elif plan.codings:
+            self.decoder = BodyDecoder(list(plan.codings), self.settings.body_limit)
+        if plan.sniff:
             if head.expects_continue:
                 self.transport.write(CONTINUE)
-            self.state = "sniff"
-            self.finder = ModelFinder()
+            self.state = ClientState.SNIFF
+            self.sniffer = ModelSniffer(self.decoder)
             self.routing_deadline = self.context.clock.callLater(self.settings.head_timeout, self._routing_timed_out)
             if rest:
                 self._sniff_bytes(rest)
             return
-        self._dispatch(None, None, rest, body_done=head.framing.kind == "none")
+        self._dispatch(None, Sniffed(None, b"", b""), rest, body_done=head.framing.kind == "none")
 
-    def _track(self, data: bytes) -> tuple[bytes, tuple[bytes, ...], bool, bytes]:
+    def _track(self, data: bytes) -> BodyPart:
         """Split ``data`` into this body's raw bytes, payload and what follows; enforce the limit."""
-        progress = self.tracker.feed(data)
-        raw = data if progress.consumed == len(data) else data[: progress.consumed]
-        self.bytes_in += progress.consumed
-        self.payload_size += sum(len(piece) for piece in progress.payload)
-        if self.payload_size > self.settings.body_limit:
-            raise HttpError(413, f"Request body exceeds the {self.settings.body_limit}-byte limit")
-        return raw, progress.payload, progress.done, data[progress.consumed :]
+        part = self.body.feed(data)
+        self.bytes_in += len(part.raw)
+        self.body.check_limit()
+        return part
 
     def _sniff_bytes(self, data: bytes) -> None:
-        raw, payload, done, rest = self._track(data)
-        self.sniffed_raw.append(raw)
-        result = None
-        for piece in self._decoded(payload, done):
-            self.sniffed_payload.append(piece)
-            result = self.finder.feed(piece)
-        if result is None and done:
-            result = self.finder.finish()
-        if result is None:
+        part = self._track(data)
+        sniffed = self.sniffer.feed(part)
+        if sniffed is None:
             return
-        mapping = self.settings.router.match(result.model) if isinstance(result, Found) else None
-        self._dispatch(result, mapping, rest, body_done=done)
+        self._dispatch(route(sniffed.result, self.settings.router), sniffed, part.rest, body_done=part.done)
 
-    def _dispatch(self, result: object, mapping: Mapping | None, rest: bytes, body_done: bool) -> None:
+    def _dispatch(self, mapping: Mapping | None, sniffed: Sniffed, rest: bytes, body_done: bool) -> None:
         """Route decided: borrow an upstream connection and send what is in hand."""
         assert self.head is not None
         self._routing_read_over()
+        result = sniffed.result
         model = result.model if isinstance(result, Found) else None
-        self.stages = self._stages_for(mapping)
-        if self.stages and body_done and cannot_hold_a_mark(b"".join(self.sniffed_payload)):
-            self.stages = []  # the whole body is in hand and has nothing to edit: no scan
+        edits = edits_for(self.endpoint, mapping is not None, self.head.framing, NEUTRALISE_MAX,
+                          sniffed.payload if body_done else None)
+        self.forward = UpstreamRequest(self.head, edits, self.decoder, mapping, NEUTRALISE_MAX)
+        first = self.forward.first(sniffed, self.endpoint, body_done)
         if mapping is not None:
-            assert isinstance(result, Found) and self.endpoint is not None
-            first = self._intercepted_start(result, mapping, self.endpoint, body_done)
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
-        elif self.stages and self.decoder is not None:
-            # Compressed: held whole (Claude Code's are small) until it is known whether it changes.
-            self.held_raw = list(self.sniffed_raw)
-            self.held_out = bytearray(self._staged(b"".join(self.sniffed_payload), body_done))
-            first = self._release_held() if body_done else b""
-            destination = self.settings.anthropic
-        elif self.stages:
-            first = self.head.raw + self._staged(b"".join(self.sniffed_payload), body_done)
-            destination = self.settings.anthropic
         else:
-            first = self.head.raw + b"".join(self.sniffed_raw)
             destination = self.settings.anthropic
         if self.settings.log_content:
-            body = b"".join(self.sniffed_payload)[:CONTENT_LOG_BYTES].decode("utf-8", "replace")
+            body = sniffed.payload[:CONTENT_LOG_BYTES].decode("utf-8", "replace")
             self.content = redacted_head(self.head) + ("\n\n" + body if body else "")
-        self.sniffed_raw, self.sniffed_payload = [], []
         self.pending = rest + self.pending
-        self.state = "connecting"
+        self.state = ClientState.CONNECTING
         self.exchange = Exchange(self, destination, model, mapping, first, body_done)
         self.exchange.start()
-        if self.state == "connecting":  # no pooled connection at hand: hold the client back meanwhile
+        if self.state == ClientState.CONNECTING:  # no pooled connection at hand: hold the client back meanwhile
             self.valve.pause("connecting")
-
-    def _stages_for(self, mapping: Mapping | None) -> list[Any]:
-        """Edits a messages body gets on its way, all keeping its length (so its framing):
-        the target gets its own thinking signatures back unmarked; Anthropic gets the target's
-        thinking blocks blanked out and, if that changed the body, the cch hash re-signed.
-
-        A compressed passthrough body is held whole and decoded for this (see ``_release_held``);
-        a chunked one goes as it came (Claude Code does not send chunked bodies).
-        """
-        if self.endpoint is None or self.head is None:
-            return []
-        if mapping is not None:
-            return [Unmarker()]
-        if self.head.framing.kind == "length" and self.head.framing.length <= NEUTRALISE_MAX:
-            neutraliser = Neutraliser()
-            self.neutraliser = neutraliser
-            return [neutraliser, Resigner(lambda: neutraliser.changed, lambda tail: thinking_off_if(neutraliser, tail))]
-        return []
-
-    def _release_held(self) -> bytes:
-        """A whole compressed passthrough body: as it came if nothing in it changed, else decoded
-        (Anthropic takes plain bodies; re-compressing 2 MB would cost ~14 ms for nothing)."""
-        assert self.head is not None
-        held_raw, held_out, self.held_raw, self.held_out = self.held_raw, self.held_out, [], bytearray()
-        if self.neutraliser is not None and self.neutraliser.changed:
-            return decoded_head(self.head, len(held_out)) + bytes(held_out)
-        return self.head.raw + b"".join(held_raw)
-
-    def _staged(self, data: bytes, done: bool) -> bytes:
-        for stage in self.stages:
-            data = stage.feed(data) + (stage.finish() if done else b"")
-        return data
-
-    def _intercepted_start(self, found: Found, mapping: Mapping, endpoint: Endpoint, body_done: bool) -> bytes:
-        assert self.head is not None
-        payload = rewrite_model(b"".join(self.sniffed_payload), found.start, found.end, mapping.target)
-        payload = self._staged(payload, body_done)
-        if self.head.framing.kind == "length" and self.decoder is None:
-            length = self.head.framing.length + len(json.dumps(mapping.target)) - (found.end - found.start)
-            return intercepted_head(self.head, mapping.upstream, endpoint, length) + payload
-        # Chunked, or decoded from a Content-Encoding (its length is unknown until the end).
-        tail = LAST_CHUNK if body_done else b""
-        return intercepted_head(self.head, mapping.upstream, endpoint, None, decoded=self.decoder is not None) + \
-            encode_chunk(payload) + tail
-
-    def _decoded(self, payload: tuple[bytes, ...], done: bool) -> list[bytes] | tuple[bytes, ...]:
-        """The body as JSON: through the Content-Encoding decoder when there is one."""
-        if self.decoder is None:
-            return payload
-        pieces = [out for piece in payload for out in self.decoder.feed(piece)]
-        if done:
-            self.decoder.finish()
-        return pieces
 
     def upstream_ready(self, body_done: bool) -> None:
         """The exchange sent the start of the request; go on reading the client."""
-        self.state = "response" if body_done else "body"
-        if self.state == "response" and self.pending:
+        self.state = ClientState.RESPONSE if body_done else ClientState.BODY
+        if self.state == ClientState.RESPONSE and self.pending:
             self.valve.pause("pipelined")
         self.valve.resume("connecting")
-        if self.state == "body":
+        if self.state == ClientState.BODY:
             self._drain_pending()
 
     def _body_bytes(self, data: bytes) -> None:
         assert self.exchange is not None
-        raw, payload, done, rest = self._track(data)
-        if self.stages and self.decoder is not None and self.exchange.mapping is None:
-            self.held_raw.append(raw)
-            self.held_out += self._staged(b"".join(self._decoded(payload, done)), done)
-            out = self._release_held() if done else b""
-            if not done and len(self.held_out) > NEUTRALISE_MAX and not self.neutraliser.changed:
-                # It decodes past what is checked: send what came as it came, the rest as it comes.
-                out, self.stages = self.head.raw + b"".join(self.held_raw), []
-                self.held_raw, self.held_out = [], bytearray()
-        elif self.stages:
-            body = self._staged(b"".join(self._decoded(payload, done)), done)
-            out = encode_chunk(body) + (LAST_CHUNK if done else b"") if self.exchange.rechunk else body
-        elif self.exchange.rechunk:
-            pieces = self._decoded(payload, done)
-            out = b"".join(encode_chunk(piece) for piece in pieces) + (LAST_CHUNK if done else b"")
-        else:
-            out = raw
+        part = self._track(data)
+        done, rest = part.done, part.rest
+        out = self.forward.feed(part)
         if out:
             self.exchange.send(out)
         if done:
-            self.state = "response"
+            self.state = ClientState.RESPONSE
             self.exchange.request_complete()
             if rest:
                 self.pending = rest + self.pending
@@ -447,17 +352,34 @@ class ClientConnection(Protocol):
     def exchange_done(self, reusable: bool) -> None:
         self.exchange = None
         self.served += 1
-        if not reusable or self.state == "closed" or self.context.draining:
+        if not reusable or self.state == ClientState.CLOSED or self.context.draining:
             self.close()
             return
         self._await_head()
         self.valve.resume("pipelined")
         self._drain_pending()
 
+    def exchange_ended(self, abort: bool, reusable: bool) -> None:
+        """The exchange is over (this connection alone writes its state and its exchange): read
+        the next request, or close, or cut the connection when its response broke off."""
+        if self.state == ClientState.CLOSED:
+            self.exchange = None
+        elif abort:
+            self._exchange_aborted()
+        else:
+            self.exchange_done(reusable)
+
+    def _exchange_aborted(self) -> None:
+        """The exchange failed after its response began: nothing can be answered, cut the client."""
+        self.exchange = None
+        self.state = ClientState.CLOSED
+        self.deadline.cancel()
+        self.transport.abortConnection()
+
     def close(self) -> None:
         self._routing_read_over()
-        if self.state != "closed":
-            self.state = "closed"
+        if self.state != ClientState.CLOSED:
+            self.state = ClientState.CLOSED
             self.deadline.cancel()
             self.valve.open()
             self.transport.loseConnection()
@@ -467,7 +389,7 @@ class ClientConnection(Protocol):
         if self.exchange is not None:
             self.exchange.fail(error)
             return
-        if self.state == "closed":
+        if self.state == ClientState.CLOSED:
             return
         self.transport.write(error_response(error.status, error.message))
         if self.head is not None:
@@ -508,14 +430,15 @@ class ClientConnection(Protocol):
         connection and its buffer for ever. Once routed, the body is spliced and only needs to
         keep moving (``idle_timeout``)."""
         self.routing_deadline = None
-        if self.state == "sniff":
+        if self.state == ClientState.SNIFF:
             self.fail(HttpError(408, f"Timed out waiting for the client to send the request body up to its model "
                                      f"({self.settings.head_timeout:g} seconds)"))
 
     def _timed_out(self) -> None:
-        if self.state == "head" and self.collector.pending == 0:
-            self.close()  # keep-alive idle: nothing to answer
-        elif self.state in ("head", "sniff", "body"):
+        action = on_client_timeout(self.state, head_begun=self.collector.pending > 0)
+        if action is ClientTimeout.CLOSE:
+            self.close()
+        elif action is ClientTimeout.REFUSE:
             self.fail(HttpError(408, "Timed out waiting for the client to send the request"))
 
 
@@ -532,7 +455,6 @@ class Exchange:
         self.first = first
         self.body_done = body_done
         self.replayable = body_done  # ``first`` holds the whole request: safe to send again
-        self.rechunk = mapping is not None and (client.decoder is not None or client.head.framing.kind == "chunked")
         self.connection: UpstreamConnection | None = None
         self.connecting: defer.Deferred | None = None
         self.response_started = False  # a byte of the final response reached the client
@@ -544,8 +466,8 @@ class Exchange:
         settings = client.settings
         # Intercepted requests small enough to keep can be sent again after a 429: what was sent
         # is kept by reference, so a body is not copied for a retry that seldom comes.
-        self.kept: list[bytes] | None = [first] if mapping is not None and settings.retries > 1 and \
-            len(first) <= settings.retry_body_cap else None
+        self.kept: list[bytes] | None = [first] if keep_for_retry(
+            mapping is not None, settings.retries, len(first), settings.retry_body_cap) else None
         self.kept_size = len(first)
         self.tries = 1
         self.waiting: Any = None  # the delayed call of a retry
@@ -556,15 +478,18 @@ class Exchange:
         request is sent again (a 429 retried, a stale pooled connection replayed), so that no
         half-read head or held body of one try leaks into the next."""
         self.received = 0  # bytes of this try's answer read from the upstream, interim ones included
-        self.collector = HeadCollector(what="upstream response", response=True)
-        self.response: ResponseHead | None = None
-        self.tracker: BodyTracker | None = None
-        self.marker: SseMarker | None = None  # an intercepted stream whose signatures get marked
+        assert self.client.head is not None
+        self.reader = ResponseReader(self.client.head.method)
+        self.mode: ResponseState = Splice()
         self.unmarked_warned = False
-        self.held_head: bytes | None = None  # an intercepted JSON message, held to be marked
-        self.held_body = bytearray()
-        self.error_raw: bytearray | None = None  # an intercepted error response, held to be rewritten
-        self.error_body = bytearray()
+
+    @property
+    def response(self) -> ResponseHead | None:
+        return self.reader.response
+
+    @property
+    def tracker(self) -> BodyTracker | None:
+        return self.reader.tracker
 
     def start(self, fresh: bool = False) -> None:
         self.deadline.start(self.client.settings.upstream_timeout)
@@ -615,78 +540,70 @@ class Exchange:
         self.received += len(data)
         if self.finished:
             return
+        body: Body | None = None
         try:
-            while data and self.tracker is None:
-                done = self.collector.feed(data)
-                if done is None:
-                    return
-                raw, data = done
-                response = parse_response_head(raw, self.client.head.method)
-                if response.status == 101:
-                    raise HttpError(502, "Upstream switched protocols; cmm proxies HTTP/1.1 only")
-                if response.interim:
-                    self._to_client(raw)
-                    self.collector = HeadCollector(what="upstream response", response=True)
-                    continue
-                self.response = response
-                self.tracker = tracker_for(response.framing, "upstream response")
-                plain = response.headers.get(b"content-encoding") in (None, b"identity")
-                if self.mapping is not None and response.status >= 400 and plain and \
-                        _holdable(response, MAX_ERROR_BODY):
-                    self.error_raw = bytearray(raw)  # held: it may be rewritten, or retried
-                    self.error_body = bytearray()
-                elif self.mapping is not None and response.status < 300 and plain and \
-                        self.client.endpoint == "messages" and response.framing.kind in ("length", "chunked") and \
-                        _holdable(response, MAX_HELD_MESSAGE):
-                    # The target's thinking signatures get marked, so that cmm knows them later.
-                    if response.framing.kind == "length":
-                        self.held_head = self._intercepted_head(raw)
-                        self.held_body = bytearray()
-                    else:
-                        self.marker = SseMarker()
-                        self.response_started = True
-                        self._to_client(self._intercepted_head(raw))
+            for event in self.reader.feed(data):
+                if isinstance(event, Interim):
+                    self._to_client(event.raw)
+                elif isinstance(event, Body):
+                    body = event
                 else:
-                    self.response_started = True
-                    self._to_client(self._intercepted_head(raw) if self.mapping is not None else raw)
-                if response.status != 429:
-                    self.kept = None  # no retry to come: let the request go while the answer streams
-            if self.tracker is None:
-                return
-            progress = self.tracker.feed(data)
+                    self._response_head(event.response, event.raw)
         except HttpError as error:
             self.fail(HttpError(502, error.message) if error.status != 502 else error)
             return
-        consumed = data if progress.consumed == len(data) else data[: progress.consumed]
-        if self.error_raw is not None:
-            self._hold_error(consumed, progress.payload)
-        elif self.marker is not None:
-            out = encode_chunk(self.marker.feed(b"".join(progress.payload)))  # one chunk for what came at once
+        if body is not None:
+            self._response_body(body)
+
+    def _response_head(self, response: ResponseHead, raw: bytes) -> None:
+        mode = response_mode(response, self.mapping is not None, self.client.endpoint, MAX_ERROR_BODY,
+                             MAX_HELD_MESSAGE)
+        if mode is ResponseMode.HOLD_ERROR:
+            self.mode = HeldError(bytearray(raw))  # held: it may be rewritten, or retried
+        elif mode is ResponseMode.HOLD_MESSAGE:
+            self.mode = HeldMessage(self._intercepted_head(raw))
+        elif mode is ResponseMode.MARK_STREAM:
+            self.mode = MarkedStream()
+            self.response_started = True
+            self._to_client(self._intercepted_head(raw))
+        else:
+            self.response_started = True
+            self._to_client(self._intercepted_head(raw) if self.mapping is not None else raw)
+        if response.status != 429:
+            self.kept = None  # no retry to come: let the request go while the answer streams
+
+    def _response_body(self, body: Body) -> None:
+        progress, mode = body.progress, self.mode
+        if isinstance(mode, HeldError):
+            self._hold_error(mode, body.raw, progress.payload)
+        elif isinstance(mode, MarkedStream):
+            out = encode_chunk(mode.marker.feed(b"".join(progress.payload)))  # one chunk for what came at once
             if progress.done:
-                out += encode_chunk(self.marker.finish()) + LAST_CHUNK
-            self._warn_if_unmarked(self.marker)
+                out += encode_chunk(mode.marker.finish()) + LAST_CHUNK
+            self._warn_if_unmarked(mode.marker)
             if out:
                 self._to_client(out)
-        elif self.held_head is not None:
+        elif isinstance(mode, HeldMessage):
             for piece in progress.payload:
-                self.held_body += piece
+                mode.body += piece
             if progress.done:
-                body = bytes(self.held_body)
+                assert self.response is not None
+                message = bytes(mode.body)
                 if b"event-stream" in (self.response.headers.get(b"content-type") or b""):
                     marker = SseMarker()  # a stream with a Content-Length: held whole, marked alike
-                    body = marker.feed(body) + marker.finish()
+                    message = marker.feed(message) + marker.finish()
                     self._warn_if_unmarked(marker)
                 else:
-                    body = mark_message(body)
+                    message = mark_message(message)
                 self.response_started = True
-                self._to_client(with_content_length(self.held_head, len(body)) + body)
-        elif consumed:
-            self._to_client(consumed)
+                self._to_client(with_content_length(mode.head, len(message)) + message)
+        elif body.raw:
+            self._to_client(body.raw)
         if progress.done:
-            if self.error_raw is not None:
-                self._error_complete(extra=progress.consumed < len(data))
+            if isinstance(self.mode, HeldError):
+                self._error_complete(extra=body.extra)
             else:
-                self._finish(extra=progress.consumed < len(data))
+                self._finish(extra=body.extra)
 
     def _intercepted_head(self, raw: bytes) -> bytes:
         """The target's response head as the client gets it: marked as intercepted, and saying
@@ -708,31 +625,31 @@ class Exchange:
                      target=self.mapping.upstream.url if self.mapping else self.destination.label,
                      limit=MAX_SSE_EVENT // MiB)
 
-    def _hold_error(self, raw: bytes, payload: tuple[bytes, ...]) -> None:
-        assert self.error_raw is not None
-        self.error_raw += raw
+    def _hold_error(self, held_error: HeldError, raw: bytes, payload: tuple[bytes, ...]) -> None:
+        held_error.raw += raw
         for piece in payload:
-            self.error_body += piece
-        if len(self.error_body) > MAX_ERROR_BODY:  # not an error document any more: pass it on as it is
-            held, self.error_raw = self.error_raw, None
+            held_error.body += piece
+        if len(held_error.body) > MAX_ERROR_BODY:  # not an error document any more: pass it on as it is
+            held, self.mode = held_error.raw, Splice()
             self.response_started = True
             head_end = held.index(b"\r\n\r\n") + 4
             self._to_client(self._intercepted_head(bytes(held[:head_end])) + bytes(held[head_end:]))
 
     def _error_complete(self, extra: bool = False, close: bool = False) -> None:
         """A whole intercepted error: retry a 429 if allowed, else answer in Anthropic's format."""
-        assert self.response is not None and self.mapping is not None
-        body = bytes(self.error_body)
+        held_error = self.mode
+        assert self.response is not None and self.mapping is not None and isinstance(held_error, HeldError)
+        body = bytes(held_error.body)
         delay = retry_after(self.response.headers, body) if self.response.status == 429 else None
         settings = self.client.settings
-        if (self.response.status == 429 and self.tries < settings.retries and self.kept is not None
-                and self.body_done and self.client.state == "response"
-                and (delay is None or delay <= settings.retry_max_delay)):
-            self._retry_later(1.0 if delay is None else delay, reusable=not (extra or close) and
-                              self.response.keep_alive)
+        retry = retry_decision(self.response.status, delay, self.tries, settings.retries, self.kept is not None,
+                               self.body_done, self.client.state == ClientState.RESPONSE,
+                               settings.retry_max_delay, self.response.keep_alive, extra, close)
+        if retry is not None:
+            self._retry_later(retry.delay, reusable=retry.reusable)
             return
-        status_line = bytes(self.error_raw[: self.error_raw.index(b"\r\n")])
-        self.error_raw = None
+        status_line = bytes(held_error.raw[: held_error.raw.index(b"\r\n")])
+        self.mode = Splice()
         self.response_started = True
         headers = [PROVIDER_HEADER_FIELD] + ([(b"Connection", b"close")] if not self.client.head.keep_alive else [])
         self._to_client(error_response_for_target(status_line, self.response.status, self.response.headers, body,
@@ -742,7 +659,7 @@ class Exchange:
     def _retry_later(self, delay: float, reusable: bool) -> None:
         log.info("{target} answered 429 (try {tries} of {limit}); trying again in {delay:g}s",
                  target=self.mapping.upstream.url, tries=self.tries, limit=self.client.settings.retries, delay=delay)
-        self._detach("release" if reusable else "close")
+        self._detach(Dispose.RELEASE if reusable else Dispose.CLOSE)
         self.tries += 1
         self._reset_response()
         self.first = b"".join(self.kept or ())
@@ -757,21 +674,23 @@ class Exchange:
         self.connection = None
         if self.finished:
             return
-        if not self.received and self.reused and self.replayable and not self.retried:
+        outcome = on_upstream_lost(self.received, self.reused, self.replayable, self.retried,
+                                   close_delimited=isinstance(self.tracker, CloseBody),
+                                   response_started=self.response_started)
+        if outcome is Lost.REPLAY:
             # A pooled connection closed under us before a single byte of answer: the server never
-            # took the request up, and the whole of it is in hand. Once anything came (a partial
-            # head, an interim 100), the server may have acted on it: no second try then.
+            # took the request up, and the whole of it is in hand.
             self.retried = True
-            self._detach("close")  # the connection is gone already: this undoes the client side
+            self._detach(Dispose.CLOSE)  # the connection is gone already: this undoes the client side
             self._reset_response()
             self.start(fresh=True)
             return
-        if isinstance(self.tracker, CloseBody):
-            if self.error_raw is not None:
+        if outcome is Lost.COMPLETE:
+            if isinstance(self.mode, HeldError):
                 self._error_complete(close=True)
             else:
                 self._finish(close=True)
-        elif not self.response_started:
+        elif outcome is Lost.REFUSE:
             self.fail(HttpError(502, f"{self.destination.label} closed the connection before responding: {_reason(reason)}"))
         else:
             self._end(status=self.response.status if self.response else None,
@@ -803,14 +722,15 @@ class Exchange:
         the rest of that body unframed on both connections, so both are closed then.
         """
         assert self.response is not None and self.client.head is not None
-        reusable = self.client.state == "response" and not close and self.response.keep_alive
-        self._end(status=self.response.status, error=None, abort=False, upstream_reusable=reusable and not extra,
-                  client_reusable=reusable and self.client.head.keep_alive)
+        reuse = reuse_after(self.client.state == ClientState.RESPONSE, close, self.response.keep_alive, extra,
+                            self.client.head.keep_alive)
+        self._end(status=self.response.status, error=None, abort=False, upstream_reusable=reuse.upstream,
+                  client_reusable=reuse.client)
 
     def fail(self, error: HttpError) -> None:
         if self.finished:
             return
-        if not self.response_started and self.client.state != "closed":
+        if can_answer_error(self.response_started, self.client.state):
             self.client.transport.write(error_response(error.status, error.message))
             self._end(status=error.status, error=error.message, abort=False)
         else:
@@ -820,34 +740,25 @@ class Exchange:
              client_reusable: bool = False) -> None:
         self.finished = True
         self.deadline.cancel()
-        self._detach("release" if upstream_reusable else "abort" if abort else "close")
+        self._detach(dispose_for(upstream_reusable, abort))
         self.context.record(self.client._record(status, error, self.bytes_out, self.model, self.mapping))
-        if self.client.state == "closed":
-            self.client.exchange = None
-            return
-        if abort:
-            self.client.exchange = None
-            self.client.state = "closed"
-            self.client.deadline.cancel()
-            self.client.transport.abortConnection()
-            return
-        self.client.exchange_done(reusable=client_reusable and error is None)
+        self.client.exchange_ended(abort, reusable=client_reusable and error is None)
 
-    def _detach(self, dispose: str) -> None:
+    def _detach(self, dispose: Dispose) -> None:
         """Undo what ``_connected`` joined (handler, producers both ways, backpressure pauses)
-        and dispose of the upstream connection: "release" to the pool, "close" or "abort"."""
+        and dispose of the upstream connection: back to the pool, closed or aborted."""
         connection, self.connection = self.connection, None
         self.client.valve.resume("backpressure")
-        if self.client.state != "closed":
+        if self.client.state != ClientState.CLOSED:
             self.client.transport.unregisterProducer()
         if connection is None:
             return
         connection.handler = None
         connection.transport.unregisterProducer()
         self.valve.resume("backpressure")
-        if dispose == "release":
+        if dispose is Dispose.RELEASE:
             self.context.pool.release(connection)
-        elif dispose == "abort":
+        elif dispose is Dispose.ABORT:
             connection.transport.abortConnection()
         else:
             connection.transport.loseConnection()
@@ -857,12 +768,6 @@ class Exchange:
         self.fail(HttpError(504, f"{self.destination.label} sent nothing for {self.client.settings.upstream_timeout:g} seconds"))
         if connecting is not None:
             connecting.cancel()
-
-
-def _holdable(response: ResponseHead, limit: int) -> bool:
-    """Whether a response may be held whole: a declared length beyond ``limit`` is passed on as
-    it comes instead, so that a Content-Length of 10 GB never turns into a buffer."""
-    return response.framing.kind != "length" or response.framing.length <= limit
 
 
 def _reason(failure: Failure) -> str:
