@@ -14,6 +14,8 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.names import common, dns, error as dns_error, server
 from twisted.python.failure import Failure
 
+from cmm.core.records import RequestRecord
+from cmm.serve.resolve import Answer
 from cmm.testing.checkout import checkout_env
 
 
@@ -118,3 +120,30 @@ def queries_received(sock: socket.socket) -> list[dns.Message]:
         message = dns.Message()
         message.fromStr(data)
         found.append(message)
+
+
+def record(**changes: object) -> RequestRecord:
+    """A request record for the log-line tests; ``changes`` override its fields."""
+    base: dict[str, Any] = dict(started=0.0, method="POST", path="/v1/messages", model="claude-haiku-4-5-20251001",
+                                intercepted=True, target="gemini-2.5-flash", status=200, duration=0.0123, bytes_in=300,
+                                bytes_out=500)
+    base.update(changes)
+    return RequestRecord(**base)
+
+
+class Lookups:
+    """The resolve callable: each call is a Deferred the test settles with a real Answer."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[Answer]] = []
+
+    def __call__(self) -> defer.Deferred[Answer]:
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+    def answer(self, *addresses: str, ttl: int = 300) -> None:
+        self.pending[-1].callback(Answer(addresses, ttl))
+
+    def fail(self) -> None:
+        self.pending[-1].errback(LookupError("DNS gave no usable address for api.anthropic.com "
+                                             "(no answer from the name servers)"))

@@ -29,6 +29,7 @@ from cmm.daemon.wire import WorkerConfig
 from cmm.machine import certs
 from cmm.serve import resolve
 from cmm.serve.resolve import AddressBook, Answer, format_cache
+from support import Lookups
 
 BASE = {"source": "claude-haiku", "target": "gemini", "port": "8443"}
 
@@ -93,17 +94,6 @@ class FakePort:
     def stopListening(self) -> defer.Deferred[None]:
         self.stopped = True
         return defer.succeed(None)
-
-
-class Lookups:
-    """DNS that answers only when the test says so."""
-
-    def __init__(self) -> None:
-        self.pending: list[defer.Deferred[Answer]] = []
-
-    def __call__(self) -> defer.Deferred[Answer]:
-        self.pending.append(defer.Deferred())
-        return self.pending[-1]
 
 
 @attrs.define

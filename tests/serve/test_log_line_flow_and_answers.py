@@ -6,18 +6,13 @@ import time
 
 from twisted.internet.task import Clock
 
+from support import record
+
 from cmm.core.errors import error_body, error_response
 from cmm.serve.flow import Deadline, Valve
-from cmm.core.records import RequestRecord, format_line
+from cmm.core.records import format_line
 from cmm.serve.request_log import RequestLog
 from cmm.serve.resolve import usable_addresses
-
-
-def record(**changes: object) -> RequestRecord:
-    base = dict(started=0.0, method="POST", path="/v1/messages", model="claude-haiku-4-5-20251001", intercepted=True,
-                target="gemini-2.5-flash", status=200, duration=0.0123, bytes_in=300, bytes_out=500)
-    base.update(changes)
-    return RequestRecord(**base)
 
 
 def test_seed_line_format() -> None:

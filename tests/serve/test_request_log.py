@@ -11,24 +11,19 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cmm.core.records import RequestRecord, escaped, format_json, format_line
+from support import record
+
+from cmm.core.records import escaped, format_json, format_line
 from cmm.serve.request_log import RequestLog
 
 FORGED = "x\n[2026-01-01 00:00:00] claude-opus → PASSTHROUGH ✓"
-
-
-def record(**changes: object) -> RequestRecord:
-    base = dict(started=0.0, method="POST", path="/v1/messages", model="claude-haiku-4-5", intercepted=True,
-                target="gemini-2.5-flash", status=200, duration=0.01, bytes_in=3, bytes_out=5)
-    base.update(changes)
-    return RequestRecord(**base)
 
 
 def test_a_model_with_a_newline_cannot_forge_a_second_line() -> None:
     line = format_line(record(model=FORGED, intercepted=False, target=None), localtime=time.gmtime)
     assert "\n" not in line and line.count("[") == 2  # its own stamp, and the forged one inline
     assert line.startswith("[1970-01-01 00:00:00] x\\n[2026-01-01 00:00:00] claude-opus → PASSTHROUGH ✓ ")
-    assert line.endswith("→ PASSTHROUGH ✓ 200 10ms ↑3 ↓5")
+    assert line.endswith("→ PASSTHROUGH ✓ 200 12ms ↑300 ↓500")
 
 
 @pytest.mark.parametrize("text, shown", [

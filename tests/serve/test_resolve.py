@@ -21,6 +21,8 @@ from twisted.python.failure import Failure
 
 from cmm.core import values
 from cmm.serve import resolve
+from support import Lookups
+
 from cmm.serve.resolve import AddressBook, Answer, QuietResolver, Unresolved, format_cache, lookup, parse_cache
 from support import HOST, dns_server, queries_received, spin
 
@@ -167,24 +169,6 @@ def test_address_book_with_dns_down_serves_the_cache_and_keeps_asking(reactor: S
 
 
 # --- the address book's schedule, on a Clock ------------------------------------------------------
-
-
-class Lookups:
-    """The resolve callable: each call is a Deferred the test settles with a real Answer."""
-
-    def __init__(self) -> None:
-        self.pending: list[defer.Deferred[Answer]] = []
-
-    def __call__(self) -> defer.Deferred[Answer]:
-        self.pending.append(defer.Deferred())
-        return self.pending[-1]
-
-    def answer(self, *addresses: str, ttl: int = 300) -> None:
-        self.pending[-1].callback(Answer(addresses, ttl))
-
-    def fail(self) -> None:
-        self.pending[-1].errback(LookupError("DNS gave no usable address for api.anthropic.com "
-                                             "(no answer from the name servers)"))
 
 
 class MemoryCache:
