@@ -613,7 +613,7 @@ def test_a_compressed_body_that_decodes_too_large_to_check_goes_as_it_came(harne
     client, _ = harness.client()
     harness.send(client, request[: head_end + 2000])  # the model: routed, held
     harness.send(client, request[head_end + 2000 : -10])  # decodes past the limit: released as it came
-    assert not client.server.forward.editing
+    assert not client.server.request.forward.editing
     harness.send(client, request[-10:])
     [exchange] = harness.upstreams["anthropic"].exchanges
     assert exchange.raw == request
