@@ -37,7 +37,7 @@ from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
 from cmm.core.model_finder import Found
 from cmm.core.records import RequestRecord, escaped
-from cmm.core.router import (PROVIDER_HEADER, Mapping, redacted_head, with_connection_close, with_content_length,
+from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, redacted_head, with_connection_close, with_content_length,
                         with_provider_header)
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
@@ -172,8 +172,52 @@ def fit_open_files(connections: int, limits: Any = None) -> int:
     return max(1, min(connections, (soft - FD_RESERVE) // 2))
 
 
+@attrs.define
+class RequestInProgress:
+    """One request on a client connection, from its parsed head to its log record. A keep-alive
+    connection's next request starts from a fresh one, so nothing of the last request (its
+    content, its counts, its decoder) can leak into the next one's decisions or record."""
+
+    head: RequestHead
+    started: float  # wall clock, for the record
+    started_clock: float  # reactor clock, for the duration
+    bytes_in: int
+    body: RequestBody
+    endpoint: Endpoint | None = None
+    decoder: BodyDecoder | None = None
+    sniffer: ModelSniffer | None = None
+    forward: UpstreamRequest | None = None
+    content: str | None = None  # what is logged of the request, when the settings ask for it
+    routing_deadline: Any = None  # the delayed call that ends a too-slow routing read
+
+    def routing_read_over(self) -> None:
+        if self.routing_deadline is not None:
+            if self.routing_deadline.active():
+                self.routing_deadline.cancel()
+            self.routing_deadline = None
+
+    def record(self, now: float, status: int | None, error: str | None, bytes_out: int = 0,
+               model: str | None = None, mapping: Mapping | None = None) -> RequestRecord:
+        return RequestRecord(
+            started=self.started,
+            method=self.head.method.decode("ascii", "replace"),
+            path=self.head.path.decode("ascii", "replace"),
+            model=model,
+            intercepted=mapping is not None,
+            target=mapping.target if mapping else None,
+            status=status,
+            duration=now - self.started_clock,
+            bytes_in=self.bytes_in,
+            bytes_out=bytes_out,
+            error=error,
+            mapping=mapping.source if mapping else None,
+            content=self.content,
+        )
+
+
 class ClientConnection(Protocol):
-    """One client connection: a sequence of requests, each routed on its own."""
+    """One client connection: a sequence of requests, each routed on its own. It keeps what
+    lasts across requests; each request's own state is its ``RequestInProgress``."""
 
     def __init__(self, context: ProxyContext) -> None:
         self.context = context
@@ -182,8 +226,7 @@ class ClientConnection(Protocol):
         self.state: ClientState = ClientState.HEAD  # written by this connection only
         self.pending = b""  # bytes read ahead of the current state (next body part, next request)
         self.served = 0
-        self.content: str | None = None
-        self.routing_deadline: Any = None  # the delayed call that ends a too-slow routing read
+        self.request: RequestInProgress | None = None  # from a parsed head to the request's end
 
     # Twisted interface
 
@@ -241,7 +284,7 @@ class ClientConnection(Protocol):
         seconds must not hold a connection for ever). Stray empty lines are not a first byte."""
         self.state = ClientState.HEAD
         self.collector = HeadCollector()
-        self.head: RequestHead | None = None
+        self.request = None
         self.idle_since = self.context.clock.seconds()
         self.deadline.start(self.settings.idle_timeout)
 
@@ -255,27 +298,23 @@ class ClientConnection(Protocol):
         raw, rest = done
         self.settings = self.context.settings  # a reload applies from the next request on
         head = parse_request_head(raw)
-        self.head = head
-        self.started = self.context.wall_clock()
-        self.started_clock = self.context.clock.seconds()
-        self.bytes_in = len(raw)
+        request = self.request = RequestInProgress(head, self.context.wall_clock(), self.context.clock.seconds(),
+                                                    len(raw), RequestBody(head, self.settings.body_limit))
         self.deadline.start(self.settings.idle_timeout)
         plan = plan_request(head, self.settings.body_limit)
-        self.body = RequestBody(head, self.settings.body_limit)
-        self.endpoint = plan.endpoint
-        self.content = None
-        self.decoder: BodyDecoder | None = None
+        request.endpoint = plan.endpoint
         if plan.unreadable:
             log.warn("Cannot read a {codings} body to find its model; passing it through",
                      codings=escaped(", ".join(plan.unreadable)))
         elif plan.codings:
-            self.decoder = BodyDecoder(list(plan.codings), self.settings.body_limit)
+            request.decoder = BodyDecoder(list(plan.codings), self.settings.body_limit)
         if plan.sniff:
             if head.expects_continue:
                 self.transport.write(CONTINUE)
             self.state = ClientState.SNIFF
-            self.sniffer = ModelSniffer(self.decoder)
-            self.routing_deadline = self.context.clock.callLater(self.settings.head_timeout, self._routing_timed_out)
+            request.sniffer = ModelSniffer(request.decoder)
+            request.routing_deadline = self.context.clock.callLater(self.settings.head_timeout,
+                                                                    self._routing_timed_out)
             if rest:
                 self._sniff_bytes(rest)
             return
@@ -283,35 +322,38 @@ class ClientConnection(Protocol):
 
     def _track(self, data: bytes) -> BodyPart:
         """Split ``data`` into this body's raw bytes, payload and what follows; enforce the limit."""
-        part = self.body.feed(data)
-        self.bytes_in += len(part.raw)
-        self.body.check_limit()
+        assert self.request is not None
+        part = self.request.body.feed(data)
+        self.request.bytes_in += len(part.raw)
+        self.request.body.check_limit()
         return part
 
     def _sniff_bytes(self, data: bytes) -> None:
         part = self._track(data)
-        sniffed = self.sniffer.feed(part)
+        assert self.request is not None and self.request.sniffer is not None
+        sniffed = self.request.sniffer.feed(part)
         if sniffed is None:
             return
         self._dispatch(route(sniffed.result, self.settings.router), sniffed, part.rest, body_done=part.done)
 
     def _dispatch(self, mapping: Mapping | None, sniffed: Sniffed, rest: bytes, body_done: bool) -> None:
         """Route decided: borrow an upstream connection and send what is in hand."""
-        assert self.head is not None
-        self._routing_read_over()
+        request = self.request
+        assert request is not None
+        request.routing_read_over()
         result = sniffed.result
         model = result.model if isinstance(result, Found) else None
-        edits = edits_for(self.endpoint, mapping is not None, self.head.framing, NEUTRALISE_MAX,
+        edits = edits_for(request.endpoint, mapping is not None, request.head.framing, NEUTRALISE_MAX,
                           sniffed.payload if body_done else None)
-        self.forward = UpstreamRequest(self.head, edits, self.decoder, mapping, NEUTRALISE_MAX)
-        first = self.forward.first(sniffed, self.endpoint, body_done)
+        request.forward = UpstreamRequest(request.head, edits, request.decoder, mapping, NEUTRALISE_MAX)
+        first = request.forward.first(sniffed, request.endpoint, body_done)
         if mapping is not None:
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
         else:
             destination = self.settings.anthropic
         if self.settings.log_content:
             body = sniffed.payload[:CONTENT_LOG_BYTES].decode("utf-8", "replace")
-            self.content = redacted_head(self.head) + ("\n\n" + body if body else "")
+            request.content = redacted_head(request.head) + ("\n\n" + body if body else "")
         self.pending = rest + self.pending
         self.state = ClientState.CONNECTING
         self.exchange = Exchange(self, destination, model, mapping, first, body_done)
@@ -332,7 +374,8 @@ class ClientConnection(Protocol):
         assert self.exchange is not None
         part = self._track(data)
         done, rest = part.done, part.rest
-        out = self.forward.feed(part)
+        assert self.request is not None and self.request.forward is not None
+        out = self.request.forward.feed(part)
         if out:
             self.exchange.send(out)
         if done:
@@ -392,44 +435,24 @@ class ClientConnection(Protocol):
         if self.state == ClientState.CLOSED:
             return
         self.transport.write(error_response(error.status, error.message))
-        if self.head is not None:
-            self.context.record(self._record(error.status, error.message))
+        if self.request is not None:
+            self.context.record(self.request.record(self.context.clock.seconds(), error.status, error.message))
         else:
             log.info("Refused a request from {peer}: {status} {message}", peer=str(self.transport.getPeer()),
                      status=error.status, message=escaped(error.message))
         self.close()
 
-    def _record(self, status: int | None, error: str | None, bytes_out: int = 0, model: str | None = None,
-                mapping: Mapping | None = None) -> RequestRecord:
-        assert self.head is not None
-        return RequestRecord(
-            started=self.started,
-            method=self.head.method.decode("ascii", "replace"),
-            path=self.head.path.decode("ascii", "replace"),
-            model=model,
-            intercepted=mapping is not None,
-            target=mapping.target if mapping else None,
-            status=status,
-            duration=self.context.clock.seconds() - self.started_clock,
-            bytes_in=self.bytes_in,
-            bytes_out=bytes_out,
-            error=error,
-            mapping=mapping.source if mapping else None,
-            content=self.content,
-        )
-
     def _routing_read_over(self) -> None:
-        if self.routing_deadline is not None:
-            if self.routing_deadline.active():
-                self.routing_deadline.cancel()
-            self.routing_deadline = None
+        if self.request is not None:
+            self.request.routing_read_over()
 
     def _routing_timed_out(self) -> None:
         """The body up to its model is read against ``head_timeout`` from the body's start, as a
         head is: else a byte every few seconds (each under the silence timeout) holds a
         connection and its buffer for ever. Once routed, the body is spliced and only needs to
         keep moving (``idle_timeout``)."""
-        self.routing_deadline = None
+        if self.request is not None:
+            self.request.routing_deadline = None
         if self.state == ClientState.SNIFF:
             self.fail(HttpError(408, f"Timed out waiting for the client to send the request body up to its model "
                                      f"({self.settings.head_timeout:g} seconds)"))
@@ -448,6 +471,8 @@ class Exchange:
     def __init__(self, client: ClientConnection, destination: Destination, model: str | None,
                  mapping: Mapping | None, first: bytes, body_done: bool) -> None:
         self.client = client
+        assert client.request is not None
+        self.request = client.request  # this request's record, whatever the connection reads next
         self.context = client.context
         self.destination = destination
         self.model = model
@@ -478,8 +503,7 @@ class Exchange:
         request is sent again (a 429 retried, a stale pooled connection replayed), so that no
         half-read head or held body of one try leaks into the next."""
         self.received = 0  # bytes of this try's answer read from the upstream, interim ones included
-        assert self.client.head is not None
-        self.reader = ResponseReader(self.client.head.method)
+        self.reader = ResponseReader(self.request.head.method)
         self.mode: ResponseState = Splice()
         self.unmarked_warned = False
 
@@ -556,7 +580,7 @@ class Exchange:
             self._response_body(body)
 
     def _response_head(self, response: ResponseHead, raw: bytes) -> None:
-        mode = response_mode(response, self.mapping is not None, self.client.endpoint, MAX_ERROR_BODY,
+        mode = response_mode(response, self.mapping is not None, self.request.endpoint, MAX_ERROR_BODY,
                              MAX_HELD_MESSAGE)
         if mode is ResponseMode.HOLD_ERROR:
             self.mode = HeldError(bytearray(raw))  # held: it may be rewritten, or retried
@@ -610,7 +634,7 @@ class Exchange:
         ``Connection: close`` when the client asked for that (the target, which cmm keeps
         pooled, was not told to close)."""
         head = with_provider_header(raw)
-        if self.client.head is not None and not self.client.head.keep_alive:
+        if not self.request.head.keep_alive:
             head = with_connection_close(head)
         return head
 
@@ -651,7 +675,7 @@ class Exchange:
         status_line = bytes(held_error.raw[: held_error.raw.index(b"\r\n")])
         self.mode = Splice()
         self.response_started = True
-        headers = [PROVIDER_HEADER_FIELD] + ([(b"Connection", b"close")] if not self.client.head.keep_alive else [])
+        headers = [PROVIDER_HEADER_FIELD] + ([(b"Connection", b"close")] if not self.request.head.keep_alive else [])
         self._to_client(error_response_for_target(status_line, self.response.status, self.response.headers, body,
                                                   self.mapping.upstream.url, headers))
         self._finish(extra=extra, close=close)
@@ -721,9 +745,9 @@ class Exchange:
         An upstream that answered before the whole request body was sent (an early error) leaves
         the rest of that body unframed on both connections, so both are closed then.
         """
-        assert self.response is not None and self.client.head is not None
+        assert self.response is not None
         reuse = reuse_after(self.client.state == ClientState.RESPONSE, close, self.response.keep_alive, extra,
-                            self.client.head.keep_alive)
+                            self.request.head.keep_alive)
         self._end(status=self.response.status, error=None, abort=False, upstream_reusable=reuse.upstream,
                   client_reusable=reuse.client)
 
@@ -741,7 +765,8 @@ class Exchange:
         self.finished = True
         self.deadline.cancel()
         self._detach(dispose_for(upstream_reusable, abort))
-        self.context.record(self.client._record(status, error, self.bytes_out, self.model, self.mapping))
+        self.context.record(self.request.record(self.context.clock.seconds(), status, error, self.bytes_out,
+                                                self.model, self.mapping))
         self.client.exchange_ended(abort, reusable=client_reusable and error is None)
 
     def _detach(self, dispose: Dispose) -> None:

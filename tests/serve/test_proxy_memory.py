@@ -345,6 +345,21 @@ def test_content_is_logged_only_when_asked(harness: Harness) -> None:
     assert content.endswith("\n\n" + HAIKU.decode())
 
 
+def test_a_413_on_a_keep_alive_connection_logs_none_of_the_previous_requests_content() -> None:
+    harness = Harness(PKI, settings(log_content=True, body_limit=len(HAIKU)))
+    client, _ = harness.client()
+    harness.send(client, post(HAIKU))
+    too_big = HAIKU + b" "
+    request = post(too_big, path=b"/v1/messages/count_tokens")
+    harness.send(client, request)
+    [(first, _), (refused, _)] = responses(bytes(client.received))
+    assert first.startswith(b"HTTP/1.1 200 ") and refused.startswith(b"HTTP/1.1 413 ")
+    ok, too_large = harness.records
+    assert ok.content is not None and HAIKU.decode() in ok.content
+    assert (too_large.status, too_large.path, too_large.content) == (413, "/v1/messages/count_tokens", None)
+    assert too_large.bytes_in == len(request) - len(too_big)  # its head alone: refused before its body
+
+
 def compressed_post(body: bytes, coding: bytes, chunked: bool = False) -> bytes:
     if chunked:
         return (b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Encoding: %s\r\n"
@@ -613,7 +628,7 @@ def test_a_compressed_body_that_decodes_too_large_to_check_goes_as_it_came(harne
     client, _ = harness.client()
     harness.send(client, request[: head_end + 2000])  # the model: routed, held
     harness.send(client, request[head_end + 2000 : -10])  # decodes past the limit: released as it came
-    assert not client.server.forward.editing
+    assert not client.server.request.forward.editing
     harness.send(client, request[-10:])
     [exchange] = harness.upstreams["anthropic"].exchanges
     assert exchange.raw == request
