@@ -42,12 +42,14 @@ from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, redacted_head, 
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
 from cmm.core.values import MiB, Destination, ProxySettings
+from cmm.serve.tls import connected
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
 
 log = Logger()
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-PROVIDER_HEADER_FIELD = tuple(PROVIDER_HEADER.rstrip(b"\r\n").split(b": ", 1))
+_PROVIDER_NAME, _PROVIDER_VALUE = PROVIDER_HEADER.rstrip(b"\r\n").split(b": ", 1)
+PROVIDER_HEADER_FIELD: tuple[bytes, bytes] = (_PROVIDER_NAME, _PROVIDER_VALUE)
 CONTENT_LOG_BYTES = 4096
 # Passthrough bodies up to this size are checked for the target's thinking blocks; the cch
 # re-signing keeps the body's pieces for the hash, so larger ones (far beyond any Claude Code
@@ -169,7 +171,7 @@ def fit_open_files(connections: int, limits: Any = None) -> int:
             pass  # e.g. macOS refuses more than OPEN_MAX: keep what there is
     if soft == limits.RLIM_INFINITY:
         return connections
-    return max(1, min(connections, (soft - FD_RESERVE) // 2))
+    return max(1, min(connections, int(soft - FD_RESERVE) // 2))
 
 
 @attrs.define
@@ -232,11 +234,11 @@ class ClientConnection(Protocol):
 
     def connectionMade(self) -> None:
         tune(self.transport)
-        self.valve = Valve(self.transport)
+        self.valve = Valve(connected(self))
         self.deadline = Deadline(self.context.clock, self._timed_out)
         if not self.context.admit(self):
             self.state = ClientState.CLOSED
-            self.transport.abortConnection()  # before the TLS handshake: nothing to answer with
+            connected(self).abortConnection()  # before the TLS handshake: nothing to answer with
             return
         self._await_head()
         if self.context.draining:
@@ -262,7 +264,7 @@ class ClientConnection(Protocol):
         except HttpError as error:
             self.fail(error)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = ClientState.CLOSED
         self.deadline.cancel()
         self._routing_read_over()
@@ -310,7 +312,7 @@ class ClientConnection(Protocol):
             request.decoder = BodyDecoder(list(plan.codings), self.settings.body_limit)
         if plan.sniff:
             if head.expects_continue:
-                self.transport.write(CONTINUE)
+                connected(self).write(CONTINUE)
             self.state = ClientState.SNIFF
             request.sniffer = ModelSniffer(request.decoder)
             request.routing_deadline = self.context.clock.callLater(self.settings.head_timeout,
@@ -417,7 +419,7 @@ class ClientConnection(Protocol):
         self.exchange = None
         self.state = ClientState.CLOSED
         self.deadline.cancel()
-        self.transport.abortConnection()
+        connected(self).abortConnection()
 
     def close(self) -> None:
         self._routing_read_over()
@@ -425,7 +427,7 @@ class ClientConnection(Protocol):
             self.state = ClientState.CLOSED
             self.deadline.cancel()
             self.valve.open()
-            self.transport.loseConnection()
+            connected(self).loseConnection()
 
     def fail(self, error: HttpError) -> None:
         """Answer in Anthropic's error format if no response has begun; else cut the connection."""
@@ -434,11 +436,11 @@ class ClientConnection(Protocol):
             return
         if self.state == ClientState.CLOSED:
             return
-        self.transport.write(error_response(error.status, error.message))
+        connected(self).write(error_response(error.status, error.message))
         if self.request is not None:
             self.context.record(self.request.record(self.context.clock.seconds(), error.status, error.message))
         else:
-            log.info("Refused a request from {peer}: {status} {message}", peer=str(self.transport.getPeer()),
+            log.info("Refused a request from {peer}: {status} {message}", peer=str(connected(self).getPeer()),
                      status=error.status, message=escaped(error.message))
         self.close()
 
@@ -524,14 +526,14 @@ class Exchange:
         self.connecting = None
         connection, self.reused = result
         if self.finished:  # the client went away while we connected
-            connection.transport.loseConnection()
+            connected(connection).loseConnection()
             return
         self.connection = connection
         connection.handler = self
-        self.valve = Valve(connection.transport)
-        connection.transport.registerProducer(self.client.valve, True)
-        self.client.transport.registerProducer(self.valve, True)
-        connection.transport.write(self.first)
+        self.valve = Valve(connected(connection))
+        connected(connection).registerProducer(self.client.valve, True)
+        connected(self.client).registerProducer(self.valve, True)
+        connected(connection).write(self.first)
         self.deadline.touch()
         self.client.upstream_ready(self.body_done)
 
@@ -551,7 +553,7 @@ class Exchange:
             if self.kept_size > self.client.settings.retry_body_cap:
                 self.kept = None
         if self.connection is not None and not self.finished:
-            self.connection.transport.write(data)
+            connected(self.connection).write(data)
             self.deadline.touch()
 
     def request_complete(self) -> None:
@@ -675,12 +677,16 @@ class Exchange:
         status_line = bytes(held_error.raw[: held_error.raw.index(b"\r\n")])
         self.mode = Splice()
         self.response_started = True
-        headers = [PROVIDER_HEADER_FIELD] + ([(b"Connection", b"close")] if not self.request.head.keep_alive else [])
+        headers: list[tuple[bytes, bytes]] = [PROVIDER_HEADER_FIELD]
+        if not self.request.head.keep_alive:
+            headers.append((b"Connection", b"close"))
+        assert self.mapping is not None  # a held error is the target's, so the request was routed
         self._to_client(error_response_for_target(status_line, self.response.status, self.response.headers, body,
                                                   self.mapping.upstream.url, headers))
         self._finish(extra=extra, close=close)
 
     def _retry_later(self, delay: float, reusable: bool) -> None:
+        assert self.mapping is not None  # only a target's 429 is tried again
         log.info("{target} answered 429 (try {tries} of {limit}); trying again in {delay:g}s",
                  target=self.mapping.upstream.url, tries=self.tries, limit=self.client.settings.retries, delay=delay)
         self._detach(Dispose.RELEASE if reusable else Dispose.CLOSE)
@@ -737,7 +743,7 @@ class Exchange:
 
     def _to_client(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.client.transport.write(data)
+        connected(self.client).write(data)
 
     def _finish(self, extra: bool = False, close: bool = False) -> None:
         """The response is complete. Reuse both connections where both sides allow it.
@@ -755,7 +761,7 @@ class Exchange:
         if self.finished:
             return
         if can_answer_error(self.response_started, self.client.state):
-            self.client.transport.write(error_response(error.status, error.message))
+            connected(self.client).write(error_response(error.status, error.message))
             self._end(status=error.status, error=error.message, abort=False)
         else:
             self._end(status=self.response.status if self.response else None, error=error.message, abort=True)
@@ -775,18 +781,18 @@ class Exchange:
         connection, self.connection = self.connection, None
         self.client.valve.resume("backpressure")
         if self.client.state != ClientState.CLOSED:
-            self.client.transport.unregisterProducer()
+            connected(self.client).unregisterProducer()
         if connection is None:
             return
         connection.handler = None
-        connection.transport.unregisterProducer()
+        connected(connection).unregisterProducer()
         self.valve.resume("backpressure")
         if dispose is Dispose.RELEASE:
             self.context.pool.release(connection)
         elif dispose is Dispose.ABORT:
-            connection.transport.abortConnection()
+            connected(connection).abortConnection()
         else:
-            connection.transport.loseConnection()
+            connected(connection).loseConnection()
 
     def _timed_out(self) -> None:
         connecting, self.connecting = self.connecting, None

@@ -9,8 +9,9 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IOpenSSLContextFactory, \
-    IOpenSSLServerConnectionCreator, IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IOpenSSLClientConnectionCreator, IOpenSSLContextFactory, \
+    IOpenSSLServerConnectionCreator, IProtocol, IProtocolFactory, IPushProducer, IReactorTime, IStreamClientEndpoint, \
+    ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -30,7 +31,12 @@ TLS_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519P
                  dsa.DSAPrivateKey)
 
 
-def connected(protocol: Protocol) -> ITCPTransport:
+class IConnectedTransport(ITCPTransport, IConsumer, IPushProducer):
+    """What every transport cmm makes or accepts is: TCP, bare or under TLS, that both consumes
+    (a producer can be registered with it) and produces (its reading can be paused)."""
+
+
+def connected(protocol: Protocol) -> IConnectedTransport:
     """The transport of a protocol that is connected, with abortConnection.
 
     Twisted types ``transport`` as an optional ITransport: None until makeConnection. Every
@@ -39,7 +45,7 @@ def connected(protocol: Protocol) -> ITCPTransport:
     transport = protocol.transport
     if transport is None:
         raise RuntimeError(f"{type(protocol).__name__} has no transport: it is not connected yet")
-    return cast(ITCPTransport, transport)
+    return cast(IConnectedTransport, transport)
 
 
 def unsent_bytes(transport: object) -> int:
