@@ -38,7 +38,7 @@ import brotli
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
 
 from cmm.testing.checkout import checkout_env, twistd_command  # noqa: E402
-from cmm.testing.processes import free_port  # noqa: E402
+from cmm.testing.processes import free_port, memory_kib, reset_peak  # noqa: E402
 
 HOST = "api.anthropic.com"
 
@@ -61,18 +61,6 @@ def gzip_gzip_bomb(mib: int = 1024) -> bytes:
     layer = b"".join(inner.compress(b"\0" * (1 << 20)) for _ in range(mib)) + inner.flush()
     outer = zlib.compressobj(9, wbits=31)
     return outer.compress(layer) + outer.flush()
-
-
-def proc_mib(pid: int, key: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def reset_peak(pid: int) -> None:
-    """Start VmHWM afresh (Linux: 5 in clear_refs), so each request's peak is its own."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def make_certificates(config_dir: Path) -> None:
@@ -146,14 +134,16 @@ def bombs(work: Path, rounds: int) -> list[str]:
         for name, body, coding in cases:
             growth, after, took, statuses = [], [], [], set()
             for _ in range(rounds):
-                reset_peak(process.pid)
-                before = proc_mib(process.pid, "VmRSS:")
+                if not reset_peak(process.pid):
+                    raise SystemExit("cannot reset the peak RSS (/proc/PID/clear_refs): each peak would include the last")
+                before = memory_kib(process.pid)["VmRSS"] / 1024
                 started = time.monotonic()
                 statuses.add(post(port, config_dir / "ca.crt", body, coding))
                 took.append(time.monotonic() - started)
                 time.sleep(0.3)
-                growth.append(proc_mib(process.pid, "VmHWM:") - before)
-                after.append(proc_mib(process.pid, "VmRSS:"))
+                memory = memory_kib(process.pid)
+                growth.append(memory["VmHWM"] / 1024 - before)
+                after.append(memory["VmRSS"] / 1024)
             lines.append(f"  {name:<26}{len(body):>8}  {'/'.join(map(str, sorted(statuses))):>6}  "
                          f"{statistics.median(growth):>13.1f}  {statistics.median(after):>13.1f}  "
                          f"{statistics.median(took):>7.2f}")

@@ -55,7 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
 from cmm.testing.checkout import checkout_env, twistd_command  # noqa: E402
-from cmm.testing.processes import fake_command, free_port  # noqa: E402
+from cmm.testing.processes import fake_command, free_port, memory_kib, reset_peak  # noqa: E402
 
 from components import ROUTE_STAGES, component_costs  # noqa: E402  (imports cmm: after the path)
 from httpclient import Connection, Response  # noqa: E402
@@ -608,29 +608,10 @@ def child_pids(pid: int) -> list[int]:
     return sorted(found)
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
-
-
 def tree_memory_kib(pid: int) -> dict[str, Any]:
     """VmRSS and VmHWM summed over a cmm master and its workers, and each process's own."""
     each = {str(p): memory_kib(p) for p in [pid, *child_pids(pid)]}
     return {key: sum(v[key] for v in each.values()) for key in ("VmRSS", "VmHWM")} | {"processes": each}
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so each body size gets its own peak."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure_rss(endpoints: Routes, pid: int, plan: Plan, log: Log) -> dict[str, Any]:
