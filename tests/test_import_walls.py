@@ -4,6 +4,9 @@ module under cmm/ is checked against what its package may import.
 - ``cmm.core`` is pure: no Twisted, pyOpenSSL, treq or zope, and no other cmm package;
 - ``cmm.serve`` (what a worker imports) reaches neither ``machine``, ``cli``, ``daemon`` nor
   ``testing``;
+- ``cmm.usage`` (the store and its queries) is plain Python and sqlite3, used by the recorder,
+  ``cmm usage`` and the dashboard alike;
+- ``cmm.dashboard`` serves from the store and the control socket, never the serving stack;
 - no product package imports ``cmm.testing``.
 """
 
@@ -25,6 +28,8 @@ FORBIDDEN = {
     "config": ("cmm.testing",),
     "machine": ("cmm.testing",),
     "cli": ("cmm.testing",),
+    "usage": ("twisted", "OpenSSL", "treq", "cmm.serve", "cmm.daemon", "cmm.machine", "cmm.cli", "cmm.testing"),
+    "dashboard": ("cmm.serve", "cmm.daemon", "cmm.machine", "cmm.cli", "cmm.testing"),
 }
 
 
@@ -62,7 +67,7 @@ def product_modules() -> list[tuple[str, str, Path]]:
 
 def test_every_package_is_checked() -> None:
     packages = {package for package, _, _ in product_modules()}
-    assert packages == {*FORBIDDEN, "testing"}, packages
+    assert packages <= {*FORBIDDEN, "testing"}, packages
 
 
 def test_the_walls_hold() -> None:

@@ -60,6 +60,12 @@ def _validate_model(value: str) -> str | None:
     return None
 
 
+def _validate_switch(value: str) -> str | None:
+    if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        return "must be true or false"
+    return None
+
+
 SETTINGS: Mapping[str, Setting] = {
     setting.key: setting
     for setting in (
@@ -67,6 +73,8 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("PROXY_API_KEY", "", "API key for CLIProxyAPI", secret=True),
         Setting("DEFAULT_SOURCE_MODEL", "", "default source model (lets `twistd cmm` run without --source)"),
         Setting("DEFAULT_TARGET_MODEL", "", "default target model"),
+        Setting("KEEP_BILLING_LINE", "false",
+                "true: targets get the billing line's per-request fields (defeats their prompt cache)"),
     )
 }
 
@@ -75,6 +83,7 @@ _VALIDATORS: Mapping[str, Callable[[str], str | None]] = {
     "PROXY_API_KEY": _validate_single_line,
     "DEFAULT_SOURCE_MODEL": _validate_model,
     "DEFAULT_TARGET_MODEL": _validate_model,
+    "KEEP_BILLING_LINE": _validate_switch,
 }
 
 KEYS: tuple[str, ...] = tuple(SETTINGS)

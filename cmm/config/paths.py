@@ -25,6 +25,7 @@ CONTROL_SOCKET_NAME = "cmm.sock"
 LOG_FILE_NAME = "cmm.log"
 DNS_CACHE_FILE_NAME = "anthropic-ip.cache"
 MAPPINGS_FILE_NAME = "mappings.toml"
+USAGE_FILE_NAME = "usage.sqlite3"  # written by the usage recorder, as the user
 HOSTS_FILE = Path("/etc/hosts")
 
 

@@ -33,6 +33,17 @@ class RequestRecord:
     error: str | None = None
     mapping: str | None = None  # the source prefix of the mapping that routed it
     content: str | None = None  # only with --log-content: head (credentials redacted) + body start
+    route: str | None = None  # "intercepted", "passthrough", "fallback" or "tunnel"; None: from intercepted
+    rule: str | None = None  # the label of the routing rule that chose the route
+    request_class: str | None = None  # Claude Code's x-claude-code-request-class
+    served_model: str | None = None  # the model that answered (the target's, or the one asked)
+    upstream: str | None = None  # "anthropic", or the target's host:port
+    fallback: str | None = None  # why another upstream answered, e.g. "anthropic 429", "target 503"
+    ttfb: float | None = None  # seconds from the request's start to the response head's first byte
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
 
 
 # What a client or upstream could use to forge or hide a log line: control characters (C0, DEL,

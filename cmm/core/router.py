@@ -76,9 +76,15 @@ class Upstream:
 class Mapping:
     """Models whose name starts with ``source`` are answered by ``target`` at ``upstream``."""
 
-    source: str
+    source: str  # a model prefix, or "*" for any model
     target: str
     upstream: Upstream
+    mode: str = "always"  # "always", or "fallback": Anthropic first, the target when it refuses
+    fallback_on: tuple[int | str, ...] = ()  # statuses (and "unreachable") that fail over, for "fallback"
+    on_target_error: str = "error"  # "error", or "anthropic": a failing target hands the request back
+    request_class: tuple[str, ...] = ()  # conditions: any of these x-claude-code-request-class values
+    headers: tuple[tuple[str, str], ...] = ()  # conditions: header name -> glob, all must match
+    min_body_bytes: int | None = None  # condition: the decoded body is at least this long
 
     def __attrs_post_init__(self) -> None:
         for name, value in (("source", self.source), ("target", self.target)):

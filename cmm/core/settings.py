@@ -41,6 +41,7 @@ class ServeConfig:
     log_format: str = "text"
     accept: str = "shared"
     dns_servers: tuple[tuple[str, int], ...] = ()  # empty: those in resolv.conf
+    usage_retention_days: float = 90.0  # usage rows older than this are deleted
 
 
 class MappingLike(Protocol):
@@ -156,6 +157,9 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         retries=int(_number(options.get("retries", 3), "retries", int)),
         retry_max_delay=_number(options.get("retry-max-delay", 30), "retry-max-delay", minimum=-1),
         max_connections=int(_number(options.get("max-connections", 1024), "max-connections", int)),
+        keep_billing_line=bool(options.get("keep-billing-line")) or _yes(env.get("KEEP_BILLING_LINE", "")),
+        tunnel_idle_timeout=_number(options.get("tunnel-idle-timeout", 900), "tunnel-idle-timeout"),
+        fallback_body_max=int(_number(options.get("fallback-body-max", 8), "fallback-body-max", minimum=-1) * MiB),
     )
     listen = _addresses(str(options.get("listen") or ",".join(DEFAULT_LISTEN)), "listen", loopback_only=True)
     hosts = options.get("hosts-file")
@@ -177,7 +181,13 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
         log_format=_choice(options.get("log-format", "text"), "log-format", ("text", "json")),
         accept=_choice(options.get("accept", "shared"), "accept", ("shared", "reuseport")),
         dns_servers=_dns_servers(options.get("dns-server")),
+        usage_retention_days=_number(options.get("usage-retention", 90), "usage-retention"),
     )
+
+
+def _yes(value: str) -> bool:
+    """A .env switch; the file's own check (envfile) has refused anything else already."""
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _dns_servers(value: object) -> tuple[tuple[str, int], ...]:

@@ -46,6 +46,9 @@ class ProxySettings:
     retry_max_delay: float = 30.0  # a longer requested wait goes to the client as retry-after instead
     retry_body_cap: int = 4 * MiB  # larger request bodies are not kept, so not retried
     max_connections: int = 1024  # client connections at once; see ProxyContext.admit
+    keep_billing_line: bool = False  # True: intercepted bodies keep the billing line's per-request fields
+    tunnel_idle_timeout: float = 900.0  # silence both ways after which an upgraded tunnel is closed
+    fallback_body_max: int = 8 * MiB  # larger request bodies are not kept, so not failed over
 
 
 def parse_servers(text: str) -> Servers:

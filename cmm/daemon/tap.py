@@ -54,6 +54,9 @@ class Options(usage.Options):
         ["retries", None, "3", "Tries in all for an intercepted request the target answers 429 (1: no retry)."],
         ["retry-max-delay", None, "30", "Longest wait cmm sits out before a retry; a longer one goes to the client "
                                         "as retry-after."],
+        ["tunnel-idle-timeout", None, "900", "Seconds an upgraded connection (WebSocket) may stay silent both ways."],
+        ["fallback-body-max", None, "8", "Largest request body in MiB kept so that a fallback rule can resend it."],
+        ["usage-retention", None, "90", "Days of usage records kept in the usage database."],
         ["log-file", None, None, "Request log file (default: cmm.log in the config dir)."],
         ["log-max-bytes", None, "1000000", "Rotate the request log at this size."],
         ["log-backups", None, "3", "Rotated request logs to keep."],
@@ -62,6 +65,8 @@ class Options(usage.Options):
                                    "(one SO_REUSEPORT socket per worker)."],
     ]
     optFlags = [
+        ["keep-billing-line", None, "Send Claude Code's billing line to targets as it is (default: drop its "
+         "per-request fields, so the target's prompt cache can hit; KEEP_BILLING_LINE in .env)."],
         ["no-hosts", None, "Do not edit the hosts file (point api.anthropic.com here yourself)."],
         ["log-content", None, "Also log each request's head (credentials redacted) and the first 4 KiB of a "
                               "messages body read for routing. Off by default: prompts are private."],

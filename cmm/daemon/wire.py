@@ -54,9 +54,7 @@ def config_message(config: WorkerConfig) -> dict[str, Any]:
 
 def config_from_message(message: dict[str, Any]) -> WorkerConfig:
     proxy = dict(message["proxy"])
-    mappings = tuple(
-        Mapping(m["source"], m["target"], Upstream(**m["upstream"])) for m in proxy.pop("router")["mappings"]
-    )
+    mappings = tuple(_mapping(m) for m in proxy.pop("router")["mappings"])
     settings = ProxySettings(router=Router(mappings), anthropic=Destination(**proxy.pop("anthropic")), **proxy)
     return WorkerConfig(
         proxy=settings,
@@ -65,6 +63,16 @@ def config_from_message(message: dict[str, Any]) -> WorkerConfig:
         anthropic_addresses=tuple(message["anthropic_addresses"]),
         connect_timeout=float(message["connect_timeout"]),
     )
+
+
+def _mapping(fields: dict[str, Any]) -> Mapping:
+    """JSON has no tuples: the mapping's sequences come back as lists."""
+    fields = dict(fields)
+    upstream = Upstream(**fields.pop("upstream"))
+    for name in ("fallback_on", "request_class"):
+        fields[name] = tuple(fields.get(name, ()))
+    fields["headers"] = tuple(tuple(pair) for pair in fields.get("headers", ()))
+    return Mapping(upstream=upstream, **fields)
 
 
 def gauges_message(values: dict[str, int]) -> dict[str, Any]:

@@ -130,8 +130,10 @@ def test_validate() -> None:
 
 def test_defaults() -> None:
     assert SETTINGS["PROXY_URL"].default == "http://localhost:8317/v1/messages"
-    assert all(SETTINGS[key].default == "" for key in KEYS if key != "PROXY_URL")
-    assert set(KEYS) == {"PROXY_URL", "PROXY_API_KEY", "DEFAULT_SOURCE_MODEL", "DEFAULT_TARGET_MODEL"}
+    assert all(SETTINGS[key].default == "" for key in KEYS if key not in ("PROXY_URL", "KEEP_BILLING_LINE"))
+    assert SETTINGS["KEEP_BILLING_LINE"].default == "false"
+    assert set(KEYS) == {"PROXY_URL", "PROXY_API_KEY", "DEFAULT_SOURCE_MODEL", "DEFAULT_TARGET_MODEL",
+                         "KEEP_BILLING_LINE"}
 
 
 def test_save_creates_0600_file_in_the_folder(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Usage records that outlast a run: the store, its queries, and what reads them."""
