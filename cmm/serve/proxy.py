@@ -347,7 +347,8 @@ class ClientConnection(Protocol):
         model = result.model if isinstance(result, Found) else None
         edits = edits_for(request.endpoint, mapping is not None, request.head.framing, NEUTRALISE_MAX,
                           sniffed.payload if body_done else None)
-        request.forward = UpstreamRequest(request.head, edits, request.decoder, mapping, NEUTRALISE_MAX)
+        request.forward = UpstreamRequest(request.head, edits, request.decoder, mapping, NEUTRALISE_MAX,
+                                          keep_billing_line=self.settings.keep_billing_line)
         first = request.forward.first(sniffed, request.endpoint, body_done)
         if mapping is not None:
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
