@@ -437,7 +437,8 @@ class ClientConnection(Protocol):
             return
         if self.state == ClientState.CLOSED:
             return
-        connected(self).write(error_response(error.status, error.message))
+        head_only = self.request is not None and self.request.head.method == b"HEAD"
+        connected(self).write(error_response(error.status, error.message, head_only=head_only))
         if self.request is not None:
             self.context.record(self.request.record(self.context.clock.seconds(), error.status, error.message))
         else:
@@ -762,7 +763,8 @@ class Exchange:
         if self.finished:
             return
         if can_answer_error(self.response_started, self.client.state):
-            connected(self.client).write(error_response(error.status, error.message))
+            connected(self.client).write(error_response(error.status, error.message,
+                                                        head_only=self.request.head.method == b"HEAD"))
             self._end(status=error.status, error=error.message, abort=False)
         else:
             self._end(status=self.response.status if self.response else None, error=error.message, abort=True)
