@@ -17,6 +17,8 @@ import gzip
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import pytest
 
 from claude_code_turns import GATEWAY_LINE, turn_body
 from cmm.core import cch
-from cmm.testing.checkout import twistd_command
+from cmm.testing.checkout import REPO
 from cmm.testing.fakes import TEST_SERVER_CERT_FILE, TEST_SERVER_KEY_FILE, make_test_pki
 from cmm.testing.processes import Process, fake_command
 from support import process_env
@@ -123,7 +125,7 @@ class Rig:
     anthropic: RawAnthropic
     target: Fake
     main: Cmm  # default settings: the billing line goes to gateway form
-    keep: Cmm  # --keep-billing-line
+    keep: Cmm  # --keep-billing-line, and a mapping for last generation's sonnet
     base: Path
 
 
@@ -141,7 +143,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
                   "--proxy-url", f"http://127.0.0.1:{target_port}/v1/messages",
                   "--anthropic-ip", "127.0.0.1", "--anthropic-port", str(anthropic.port)]
         instances = [Cmm("main", common, env, base / "cfg-main", base),
-                     Cmm("keep", [*common, "--keep-billing-line"], env, base / "cfg-keep", base)]
+                     Cmm("keep", [*common, "--keep-billing-line", "--source", "claude-sonnet-4-5", "--target", "gpt-5"],
+                         env, base / "cfg-keep", base)]
         for instance in instances:
             instance.launch()
         for instance in instances:
@@ -286,3 +289,37 @@ def test_an_error_cmm_answers_itself_has_no_body_for_head(rig: Rig, method: str)
         assert length > 0 and response.header("connection") == "close"
         rest, how = conn.read_to_eof(5)
         assert how == "eof" and len(rest) == (0 if method == "HEAD" else length)
+
+
+# -- what cmm status and cmm doctor make of the models asked for ---------------------------------------
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cmm.cli", *args], capture_output=True, text=True,
+                          env=process_env(), cwd=REPO, timeout=60)
+
+
+def test_status_and_doctor_show_a_mapping_that_names_last_generation(rig: Rig, answering: int) -> None:
+    send_turn(rig.keep, turn_body(HAIKU, 1))  # matches claude-haiku
+    sonnet = cch.resign(turn_body(HAIKU, 1).replace(HAIKU.encode(), b"claude-sonnet-5-5", 1))
+    for _ in range(2):
+        request_id = send_turn(rig.keep, sonnet)  # claude-sonnet-4-5 does not match it: Anthropic answers
+    assert len(rig.anthropic.find(request_id.encode())) == 1
+    config = str(rig.keep.config_dir)
+    shown = cli("status", "--config-dir", config, "--timeout", "1")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    [haiku] = [line for line in lines if "mapping      claude-haiku* → " in line]
+    assert haiku.endswith("s ago") and "; last match " in haiku
+    [stale] = [line for line in lines if "mapping      claude-sonnet-4-5* → gpt-5" in line]
+    assert stale.endswith("; ⚠ no match since start, while claude-sonnet-5-5 went to Anthropic: map the family, "
+                          "`cmm map add claude-sonnet gpt-5`")
+    [unmatched] = [line for line in lines if line.startswith("  unmatched ")]
+    assert unmatched.split(None, 1)[1].startswith("claude-sonnet-5-5 ×2 (")
+    checked = cli("doctor", "--config-dir", config, "--port", str(rig.keep.port), "--hosts-file",
+                  str(rig.base / "no-hosts"), "--timeout", "1", "--dns-server", f"127.0.0.1:{answering}")
+    assert "Traceback" not in checked.stderr, checked.stderr
+    lines = checked.stdout.splitlines()
+    [at] = [n for n, line in enumerate(lines) if line.startswith("✗ mapping claude-sonnet-4-5* ")]
+    assert lines[at].endswith(" matched no request since start, but claude-sonnet-5-5 (its family) went to Anthropic")
+    assert "fix: map the family prefix, which matches every generation: `cmm map add claude-sonnet gpt-5` " \
+           "(or --source claude-sonnet), and remove claude-sonnet-4-5" in lines[at + 1]
