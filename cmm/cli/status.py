@@ -696,8 +696,8 @@ def format_report(report: StatusReport) -> str:
             rows.extend(("mapping", _mapping_line(m) + " (configured, for the next start)")
                         for m in report.configured)
         else:
-            rows.append(("mapping", "none configured: `cmm map add SOURCE TARGET`, or give --source/--target "
-                                    "to twistd cmm"))
+            rows.append(("mapping", "none configured: `cmm map add SOURCE TARGET` (a family prefix such as "
+                                    "claude-haiku matches every generation), or give --source/--target to twistd cmm"))
     if report.routes is not None:
         rows.extend(("requests", _route_line(r)) for r in report.routes)
         if not report.routes:
