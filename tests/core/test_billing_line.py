@@ -133,7 +133,7 @@ def test_only_the_line_is_held_back() -> None:
         out += stage.feed(bytes([byte]))
         assert whole.startswith(out)
         assert len(out) == (n + 1 if not line_start <= n < line_end else line_start)
-    assert out + stage.finish() == whole
+    assert out + stage.finish() == whole and stage.changed
 
 
 # -- on its way to the target -------------------------------------------------------------------------
