@@ -19,7 +19,7 @@ def add_parser(
     actions.required = True
     actions.add_parser("list", parents=[common], help="every mapping with its upstream and (masked) key")
     add = actions.add_parser("add", parents=[common], help="add a mapping, or replace the one with the same source")
-    add.add_argument("source", metavar="SOURCE", help="model prefix to intercept, e.g. claude-haiku-4-5")
+    add.add_argument("source", metavar="SOURCE", help="model prefix to intercept, e.g. claude-haiku (every generation of haiku)")
     add.add_argument("target", metavar="TARGET", help="model the upstream is asked for, e.g. gemini-2.5-flash")
     add.add_argument("--url", default=None, metavar="URL", help="upstream for this mapping (default: PROXY_URL)")
     add.add_argument("--api-key", default=None, metavar="KEY", help="key for that upstream (default: PROXY_API_KEY)")

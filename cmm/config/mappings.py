@@ -34,7 +34,7 @@ HEADER = """\
 # A running cmm re-reads it on `sudo kill -HUP $(cat <config dir>/cmm.pid)`.
 #
 # [[mapping]]
-# source = "claude-haiku-4-5"
+# source = "claude-haiku"   (a family prefix matches every generation: claude-haiku-5-5, ...)
 # target = "gemini-2.5-flash"
 # url = "http://localhost:8317/v1/messages"
 # api_key = "..."

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import attrs
 
+from cmm.core.billing_line import BillingLine
 from cmm.core.cch import Resigner
 from cmm.core.decoding import BodyDecoder, unsupported
 from cmm.core.errors import HttpError
@@ -108,7 +109,8 @@ ResponseState = Splice | HeldError | MarkedStream | HeldMessage
 
 
 class Edits(enum.Enum):
-    """What a messages body gets on its way, all keeping its length (so its framing)."""
+    """What a messages body gets on its way, all keeping its length (so its framing). Besides
+    these, an intercepted body's billing line loses its per-request fields (``billing_line``)."""
 
     NONE = "none"
     UNMARK = "unmark"  # to the target: its own thinking signatures back, unmarked
@@ -436,13 +438,15 @@ class UpstreamRequest:
     """
 
     def __init__(self, head: RequestHead, edits: Edits, decoder: BodyDecoder | None, mapping: Mapping | None,
-                 hold_max: int) -> None:
+                 hold_max: int, keep_billing_line: bool = False) -> None:
         self._head = head
         self._decoder = decoder
         self._mapping = mapping
         self._hold_max = hold_max
         self._neutraliser: Neutraliser | None = None
         self._stages = self._stages_for(edits)
+        if mapping is not None and not keep_billing_line:  # the target's prompt cache needs a stable start
+            self._stages.append(BillingLine())
         self.start = start_for(mapping is not None, edits, decoder is not None)
         self.rechunk = needs_rechunk(mapping is not None, decoder is not None, head.framing.kind == "chunked")
         self._held_raw: list[bytes] = []

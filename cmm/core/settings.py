@@ -121,7 +121,7 @@ def _mappings(options: MappingType[str, object], env: MappingType[str, str],
     if not specs:
         missing = " and ".join(n for n, v in (("--source", source), ("--target", target)) if not v)
         raise ConfigError(
-            f"no mapping: give {missing} (e.g. --source claude-haiku-4-5 --target gemini-2.5-flash), "
+            f"no mapping: give {missing} (e.g. --source claude-haiku --target gemini-2.5-flash), "
             f"add one with `cmm map add`, or set DEFAULT_SOURCE_MODEL and DEFAULT_TARGET_MODEL with "
             f"`cmm config set`"
         )

@@ -347,7 +347,8 @@ class ClientConnection(Protocol):
         model = result.model if isinstance(result, Found) else None
         edits = edits_for(request.endpoint, mapping is not None, request.head.framing, NEUTRALISE_MAX,
                           sniffed.payload if body_done else None)
-        request.forward = UpstreamRequest(request.head, edits, request.decoder, mapping, NEUTRALISE_MAX)
+        request.forward = UpstreamRequest(request.head, edits, request.decoder, mapping, NEUTRALISE_MAX,
+                                          keep_billing_line=self.settings.keep_billing_line)
         first = request.forward.first(sniffed, request.endpoint, body_done)
         if mapping is not None:
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
@@ -436,7 +437,8 @@ class ClientConnection(Protocol):
             return
         if self.state == ClientState.CLOSED:
             return
-        connected(self).write(error_response(error.status, error.message))
+        head_only = self.request is not None and self.request.head.method == b"HEAD"
+        connected(self).write(error_response(error.status, error.message, head_only=head_only))
         if self.request is not None:
             self.context.record(self.request.record(self.context.clock.seconds(), error.status, error.message))
         else:
@@ -761,7 +763,8 @@ class Exchange:
         if self.finished:
             return
         if can_answer_error(self.response_started, self.client.state):
-            connected(self.client).write(error_response(error.status, error.message))
+            connected(self.client).write(error_response(error.status, error.message,
+                                                        head_only=self.request.head.method == b"HEAD"))
             self._end(status=error.status, error=error.message, abort=False)
         else:
             self._end(status=self.response.status if self.response else None, error=error.message, abort=True)
