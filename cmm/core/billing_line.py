@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import re
 
+from cmm.core.thinking_scan import closing_quote
+
 PREFIX = b"x-anthropic-billing-header:"
 STABLE_FIELDS = frozenset({b"cc_version", b"cc_entrypoint"})
 LINE_MAX = 4096  # a longer first block is not a billing line: it passes as it is
@@ -35,11 +37,9 @@ LINE_MAX = 4096  # a longer first block is not a billing line: it passes as it i
 _FIELD = re.compile(rb" *+([A-Za-z0-9_]++)=([^;\"\\]*+);")
 _TRAILING = re.compile(rb" *+")
 _WS = re.compile(rb"[ \t\r\n]*+")
-# Runs without brackets, and whole strings without escapes; strings with escapes go from quote to
-# quote, or (dense with escaped quotes) through a pattern that steps over each escape in C.
+# Runs without brackets, and whole strings without escapes; strings with escapes go to
+# thinking_scan.closing_quote, which jumps from quote to quote in C at any escape density.
 _SKIP_RUN = re.compile(rb'(?:[^"\[\]{}]++|"[^"\\]*+")*+')
-_STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
-_QUOTE_HOPS = 32
 _SCALAR_END = re.compile(rb"[,}\] \t\r\n]")
 _SCALAR_START = frozenset(b"-0123456789tfn")
 _WS_BYTES = frozenset(b" \t\r\n")
@@ -195,19 +195,10 @@ class BillingLine:
             if pos >= size:
                 return pos, False
             pos, self._escape = pos + 1, False
-        start = pos
-        for _ in range(_QUOTE_HOPS):
-            quote = data.find(b'"', pos)
-            if quote < 0:
-                self._escape = _backslashes_before(data, pos, size) % 2 == 1  # the piece ends inside an escape
-                return size, False
-            if quote == start or data[quote - 1] != 0x5C or _backslashes_before(data, pos, quote) % 2 == 0:
-                return quote + 1, True  # not escaped: the string ends
-            pos = quote + 1
-        end = _STRING_REST.match(data, pos).end()  # type: ignore[union-attr]  # matches the empty string
-        if end < size and data[end] == _QUOTE:
-            return end + 1, True
-        self._escape = end < size  # the piece ends with a backslash
+        end = closing_quote(data, pos)
+        if end >= 0:
+            return end, True
+        self._escape = _backslashes_before(data, pos, size) % 2 == 1  # the piece ends inside an escape
         return size, False
 
     def _key_string(self, data: bytes, pos: int) -> int:
