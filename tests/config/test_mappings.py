@@ -80,7 +80,8 @@ def test_unknown_key_lists_valid_ones_and_suggests() -> None:
     message = problems('[[mapping]]\nsource = "a"\ntaget = "b"\ntarget = "c"\n')
     assert message == (
         "m.toml: mapping #1 (source 'a'): unknown key 'taget' (did you mean 'target'?); "
-        "valid keys: source, target, url, api_key"
+        "valid keys: source, target, url, api_key, request_class, header, min_body_bytes, mode, fallback_on, "
+        "on_target_error"
     )
 
 
