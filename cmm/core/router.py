@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 import json
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 import attrs
@@ -151,15 +151,36 @@ def request_class_of(head: RequestHead) -> str | None:
     return None if value is None else value.decode("latin-1").strip()
 
 
-def rule_label(rule: Mapping) -> str:
-    """A short name for a rule in logs and ``cmm status``: its source, conditions and target. Two
-    rules of one file never share it (a file may not repeat a source with the same conditions)."""
+class RuleLike(Protocol):
+    """What names a rule: a router ``Mapping``, or a mapping as its file gives it."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def request_class(self) -> tuple[str, ...]: ...
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def min_body_bytes(self) -> int | None: ...
+
+
+def rule_label(rule: RuleLike) -> str:
+    """A short name for a rule in logs and ``cmm status``: its source (a prefix shown with its
+    ``*``), conditions and target, e.g. ``claude-sonnet* [min_body_bytes≥600000] → gemini-2.5-pro``.
+    Two rules of one file never share it (a file may not repeat a source with the same conditions)."""
     conditions = [",".join(rule.request_class)] if rule.request_class else []
     conditions += [f"{name}={glob}" for name, glob in rule.headers]
     if rule.min_body_bytes is not None:
         conditions.append(f"min_body_bytes≥{rule.min_body_bytes}")
     shown = f" [{' '.join(conditions)}]" if conditions else ""
-    return f"{rule.source}{shown} → {rule.target}"
+    source = rule.source if rule.source == ANY_MODEL else rule.source + "*"
+    return f"{source}{shown} → {rule.target}"
 
 
 @attrs.frozen

@@ -303,8 +303,8 @@ def test_cli_add_list_remove(tmp_path: Path) -> None:
     code, out, err = run(["map", "list"], tmp_path)
     assert code == 0, err
     assert out.splitlines() == [
-        "claude-haiku-4-5 → gemini-2.5-flash  (PROXY_URL)                        key (PROXY_API_KEY)",
-        "claude-sonnet-4  → gpt-5             https://other.example/v1/messages  key ****1234",
+        "#1 claude-haiku-4-5 → gemini-2.5-flash  (PROXY_URL)                        key (PROXY_API_KEY)",
+        "#2 claude-sonnet-4  → gpt-5             https://other.example/v1/messages  key ****1234",
     ]
     assert "sk-secret" not in out
 
