@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                                              "(as `cmm map list` numbers them)")
             new_specs = mappings.remove_mapping(specs, args.source, args.number)
             gone = next(s for s in specs if s not in new_specs)
-            message = f"Removed the mapping for {gone.source} → {gone.target} from {path}"
+            message = f"Removed the mapping for {gone.source} from {path}"
     except mappings.MappingsError as error:
         return ctx.fail(_lines(str(error)), EXIT_USAGE)
     try:

@@ -14,6 +14,7 @@ import re
 import shlex
 import tomllib
 from collections.abc import Iterable
+from typing import Any
 from pathlib import Path
 
 import attrs
@@ -273,10 +274,20 @@ def _entry(index: int, entry: object, origin: str) -> tuple[MappingSpec | None, 
     label = f"{origin}: {_label(index, entry.get('source'))}"
     problems = [f"{label}: {_unknown_key(key)}" for key in entry if key not in _KEYS]
     problems += [f"{label}: {key} is missing" for key in _REQUIRED if key not in entry]
-    problems += [f"{label}: {problem}" for key, value in entry.items() if key in _KEYS
+    badly_typed = {key for key, value in entry.items() if key in _KEYS and _key_type_problems(key, value)}
+    problems += [f"{label}: {problem}" for key, value in entry.items() if key in badly_typed
                  for problem in _key_type_problems(key, value)]
-    if problems:
-        return None, problems
+    if not problems:
+        return _spec(entry), []
+    # Still check the values of the well-typed keys, so that every problem shows at once.
+    usable = {key: value for key, value in entry.items() if key in _KEYS and key not in badly_typed}
+    if "source" in usable and "target" in usable:
+        problems += [f"{label}: {problem}" for problem in _spec_problems(_spec(usable))]
+    return None, problems
+
+
+def _spec(entry: dict[str, Any]) -> MappingSpec:
+    """The spec of an entry whose keys are all known and of the right TOML type."""
     fallback_on = entry.get("fallback_on")
     return MappingSpec(
         entry["source"], entry["target"], entry.get("url"), entry.get("api_key"),
@@ -286,7 +297,7 @@ def _entry(index: int, entry: object, origin: str) -> tuple[MappingSpec | None, 
         mode=entry.get("mode", "always"),
         fallback_on=None if fallback_on is None else tuple(fallback_on),
         on_target_error=entry.get("on_target_error", "error"),
-    ), []
+    )
 
 
 def parse_mappings(text: str, origin: str = FILE_NAME) -> tuple[MappingSpec, ...]:
