@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from cmm.testing.processes import Fakes
 from support import process_env
-from test_integration import (ANTHROPIC_HOST, PROXY_KEY, USER_KEY, Cmm, Fake, chunk_encode, http_request, json_body,
+from test_integration import (ANTHROPIC_HOST, PROXY_KEY, USER_KEY, Cmm, Conn, Fake, chunk_encode, http_request, json_body,
                               new_tag, simple_post)
 
 SUBAGENT_TARGET = "gemini-2.5-pro"
@@ -232,7 +231,7 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n" % len(data) + data + b"\r\n"
 
 
-def _open_chunked(rules: RulesStack, request_class: str) -> tuple[object, bytes]:
+def _open_chunked(rules: RulesStack, request_class: str) -> tuple[Conn, bytes]:
     """A connection with a chunked request's head and the body's start (its model) sent."""
     prefix = b'{"model":"' + LISTEN_MODEL.encode() + b'","max_tokens":8,"messages":[{"role":"user","content":"'
     headers = [("Host", ANTHROPIC_HOST), ("Content-Type", "application/json"), ("x-api-key", USER_KEY),
@@ -246,7 +245,7 @@ def test_a_body_is_not_held_when_no_size_condition_can_decide(rules: RulesStack)
     """A rule without a size condition wins first: cmm routes on the model and sends the start
     of the body while the rest has not even been sent."""
     conn, _ = _open_chunked(rules, "workflow")
-    with conn:  # type: ignore[attr-defined]
+    with conn:
         upstream = _accepted(rules.listener, within=5.0)
         assert upstream is not None, "cmm held a body no size condition could route"
         with upstream:
@@ -257,9 +256,9 @@ def test_a_body_is_held_until_its_size_decides_and_no_longer(rules: RulesStack) 
     """A size condition may decide: nothing goes upstream with the model alone; once the body
     passes the size (before its end) it goes to that rule's target at once."""
     conn, _ = _open_chunked(rules, "main")
-    with conn:  # type: ignore[attr-defined]
+    with conn:
         assert _accepted(rules.listener, within=1.0) is None, "routed before the size was known"
-        conn.send(_chunk(b"x" * 2000))  # type: ignore[attr-defined]
+        conn.send(_chunk(b"x" * 2000))
         upstream = _accepted(rules.listener, within=5.0)
         assert upstream is not None, "still held past min_body_bytes"
         with upstream:
@@ -269,9 +268,9 @@ def test_a_body_is_held_until_its_size_decides_and_no_longer(rules: RulesStack) 
 
 def test_a_short_chunked_body_takes_the_plain_mapping_once_it_ends(rules: RulesStack) -> None:
     conn, _ = _open_chunked(rules, "main")
-    with conn:  # type: ignore[attr-defined]
+    with conn:
         assert _accepted(rules.listener, within=0.5) is None
-        conn.send(_chunk(b'x"}]}') + b"0\r\n\r\n")  # type: ignore[attr-defined]
+        conn.send(_chunk(b'x"}]}') + b"0\r\n\r\n")
         upstream = _accepted(rules.listener, within=5.0)
         assert upstream is not None
         with upstream:
