@@ -292,7 +292,7 @@ def running_target(state: RunningState, config_dir: Path) -> Target:
     listen = state.listen or ("127.0.0.1",)
     address = "127.0.0.1" if "127.0.0.1" in listen else listen[0]
     ca = certs.certificate_paths(state.config_dir or config_dir).ca_cert
-    return Target(address, state.port or 443, ca, tuple(m.source for m in state.mappings))
+    return Target(address, state.port or 443, ca, tuple(m.source for m in state.mappings if not m.rule))  # plain ones
 
 
 def twistd_argv(cmm_args: Sequence[str], python: str = sys.executable) -> list[str]:
@@ -347,7 +347,7 @@ def plan_temporary(options: Options, config_dir: Path, workdir: Path, port: int,
         parsed.parseOptions(args)
     except usage.UsageError as error:
         raise ConfigProblem(str(error)) from None
-    return Plan(tuple(args), tuple(m.source for m in parsed.config.proxy.router.mappings), fallback)
+    return Plan(tuple(args), tuple(m.source for m in parsed.config.proxy.router.mappings if not m.conditioned), fallback)
 
 
 class ConfigProblem(Exception):

@@ -40,7 +40,7 @@ class MappingInfo:
     source: str
     target: str
     url: str
-    rule: str = ""  # the rule's label, conditions included (empty: from an older state file)
+    rule: str = ""  # a rule's label, conditions included (empty: a plain mapping)
 
 
 @attrs.frozen

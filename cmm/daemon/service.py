@@ -378,7 +378,8 @@ class InterceptorService(Service):
             "listen": list(config.listen),
             "worker_count": config.workers,
             "accept": config.accept,
-            "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url, "rule": rule_label(m)}
+            "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url,
+                          **({"rule": rule_label(m)} if m.conditioned else {})}
                          for m in config.proxy.router.mappings],
             "hosts_file": str(config.hosts_file) if config.hosts_file else None,
             "config_dir": str(config.config_dir),

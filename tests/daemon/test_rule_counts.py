@@ -110,3 +110,16 @@ def test_the_state_file_and_the_configured_file_carry_the_rule_labels(tmp_path: 
                                                        "DEFAULT_TARGET_MODEL": "env-target"})
     assert [m.rule for m in configured] == [SUBAGENTS, LONG, "", "", ""]
     assert configured[-1] == MappingInfo("claude-sonnet", "env-target", "http://p/m")  # a rule is not its pair
+
+
+def test_cmm_test_checks_interception_with_a_plain_mapping_not_a_rule(tmp_path: Path) -> None:
+    """A rule needs its conditions (a subagent's header, a long body) that the self-test's
+    plain request has not: only plain mappings say which model must be intercepted."""
+    from cmm.cli import selftest
+
+    state = RunningState(pid=7, started=None, port=443, listen=("127.0.0.1",), hosts_file=None, config_dir=tmp_path,
+                         mappings=(MappingInfo("*", "gemini-2.5-pro", "http://x/m", SUBAGENTS),
+                                   MappingInfo("claude-haiku", "g", "http://x/m")))
+    target = selftest.running_target(state, tmp_path)
+    assert target.sources == ("claude-haiku",)
+    assert selftest.choose_models(target.sources) == ("claude-haiku", "claude-opus-4-6")
