@@ -474,7 +474,8 @@ class ClientConnection(Protocol):
         if self.request is not None:
             self.request.routing_deadline = None
         if self.state == ClientState.SNIFF:
-            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body up to its model "
+            upto = "as far as its size decides its route" if self.request and self.request.held else "up to its model"
+            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body {upto} "
                                      f"({self.settings.head_timeout:g} seconds)"))
 
     def _timed_out(self) -> None:
