@@ -80,3 +80,16 @@ def test_a_subagent_is_routed_on_its_model_without_waiting_for_the_size() -> Non
     harness.send(client, encode_chunk(b'"}]}') + LAST_CHUNK)
     [record] = harness.records
     assert record.rule == "* [subagent] → sub" and record.request_class == "subagent"
+
+
+def test_the_text_log_line_names_a_rule_with_conditions_only() -> None:
+    from cmm.core.records import RequestRecord, format_line
+
+    def line(rule: str | None, mapping: str | None, target: str | None) -> str:
+        return format_line(RequestRecord(0.0, "POST", "/v1/messages", "claude-opus-5-5", target is not None, target,
+                                         200, 0.01, 1, 2, mapping=mapping, rule=rule))
+
+    assert line("* [subagent,compaction] → sub\n", "*", "sub").endswith(
+        "→ INTERCEPTED → sub ✓ 200 10ms ↑1 ↓2 (rule * [subagent,compaction] → sub\\n)")
+    assert line("claude-opus* → gpt-5", "claude-opus", "gpt-5").endswith("✓ 200 10ms ↑1 ↓2")  # as it always was
+    assert line(None, None, None).endswith("→ PASSTHROUGH ✓ 200 10ms ↑1 ↓2")
