@@ -6,6 +6,8 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+
 from cmm.cli import status
 from cmm.cli.status import CertInfo, HostsInfo, Instance, MappingInfo, RunningState, StatusReport
 from cmm.config.mappings import parse_mappings, save
@@ -123,3 +125,20 @@ def test_cmm_test_checks_interception_with_a_plain_mapping_not_a_rule(tmp_path: 
     target = selftest.running_target(state, tmp_path)
     assert target.sources == ("claude-haiku",)
     assert selftest.choose_models(target.sources) == ("claude-haiku", "claude-opus-4-6")
+
+
+def test_a_bad_rules_file_stops_the_start_with_every_problem(tmp_path: Path) -> None:
+    from twisted.python import usage
+
+    from cmm.daemon.tap import Options
+
+    (tmp_path / "mappings.toml").write_text(RULES + '[[mapping]]\nsource = "x"\ntarget = "y"\nmode = "fallbak"\n'
+                                            'header = { "bad name" = "*" }\n')
+    options = Options(environ={})
+    with pytest.raises(usage.UsageError) as caught:
+        options.parseOptions(["--config-dir", str(tmp_path)])
+    assert str(caught.value).splitlines() == [
+        f"{tmp_path}/mappings.toml: mapping #5 (source 'x'): header: 'bad name' is not a header name (letters, "
+        "digits and -, no spaces)",
+        f"{tmp_path}/mappings.toml: mapping #5 (source 'x'): mode must be one of 'always', 'fallback', not "
+        "'fallbak' (did you mean 'fallback'?)"]
