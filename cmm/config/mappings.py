@@ -2,7 +2,9 @@
 
 Each mapping may name its own upstream URL and API key, so haiku can go to CLIProxyAPI and
 sonnet to another Anthropic-compatible server; without them it uses ``PROXY_URL`` and
-``PROXY_API_KEY`` from ``.env``.  The file is re-read on SIGHUP, so every problem in it is found
+``PROXY_API_KEY`` from ``.env``.  A mapping with conditions (request class, headers, body size) is
+a rule, so one source may appear in several entries; failover keys say what happens when
+Anthropic or the target refuses.  The file is re-read on SIGHUP, so every problem in it is found
 here, all at once and with the entry it is in, before the running config is replaced.  Reading
 and writing are pure (text in, values out); only :func:`load` and :func:`save` touch the disk.
 """
