@@ -41,6 +41,7 @@ class MappingInfo:
     source: str
     target: str
     url: str
+    rule: str = ""  # a rule's label, conditions included (empty: a plain mapping)
 
 
 @attrs.frozen
@@ -198,7 +199,7 @@ def parse_state(text: str) -> RunningState:
     for item in data.get("mappings") or ():
         if isinstance(item, dict):
             mappings.append(MappingInfo(str(item.get("source", "")), str(item.get("target", "")),
-                                        str(item.get("url", ""))))
+                                        str(item.get("url", "")), str(item.get("rule", ""))))
     hosts_file = data.get("hosts_file")
     config_dir = data.get("config_dir")
     return RunningState(
@@ -294,15 +295,17 @@ def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[
     """What ``twistd cmm`` without flags would map: mappings.toml, and the .env default pair
     unless the file maps its source too (as :mod:`cmm.core.settings` does)."""
     from cmm.config import mappings
+    from cmm.core.router import rule_label
 
     proxy_url = settings.get("PROXY_URL", "")
     try:
         specs = mappings.load(mappings.mappings_file(config_dir))
     except (mappings.MappingsError, OSError):
         specs = ()  # `cmm doctor` and `cmm map list` say what is wrong with it
-    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url) for spec in specs]
+    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url, rule_label(spec) if spec.conditioned else "")
+             for spec in specs]
     source, target = settings.get("DEFAULT_SOURCE_MODEL", ""), settings.get("DEFAULT_TARGET_MODEL", "")
-    if source and target and all(spec.source != source for spec in specs):
+    if source and target and all(spec.source != source or spec.conditioned for spec in specs):
         found.append(MappingInfo(source, target, proxy_url))
     return tuple(found)
 
@@ -568,7 +571,7 @@ def _address(host: str, port: int | None) -> str:
 
 
 def _mapping_line(mapping: MappingInfo) -> str:
-    return f"{mapping.source}* → {mapping.target} via {mapping.url}"
+    return f"{mapping.rule or f'{mapping.source}* → {mapping.target}'} via {mapping.url}"
 
 
 def _minutes(window: float) -> str:

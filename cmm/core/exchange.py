@@ -22,8 +22,8 @@ from cmm.core.errors import HttpError
 from cmm.core.framing import LAST_CHUNK, BodyTracker, Progress, encode_chunk, tracker_for
 from cmm.core.http_head import Framing, HeadCollector, RequestHead, ResponseHead, parse_response_head
 from cmm.core.model_finder import Found, ModelFinder, Result
-from cmm.core.router import (Endpoint, Mapping, Router, candidate_endpoint, decoded_head, intercepted_head,
-                             rewrite_model)
+from cmm.core.router import (BodySize, Endpoint, Mapping, Pending, Router, candidate_endpoint, decoded_head,
+                             intercepted_head, rewrite_model)
 from cmm.core.thinking_edits import Neutraliser, Unmarker, cannot_hold_a_mark, thinking_off_if
 from cmm.core.thinking_marks import SseMarker
 
@@ -353,9 +353,39 @@ class ModelSniffer:
         return Sniffed(result, b"".join(raw), b"".join(payload))
 
 
-def route(result: Result | None, router: Router) -> Mapping | None:
-    """The mapping a request goes to, or None for Anthropic."""
-    return router.match(result.model) if isinstance(result, Found) else None
+def route(result: Result | None, router: Router, head: RequestHead, size: BodySize) -> Mapping | None | Pending:
+    """The mapping a request goes to, None for Anthropic, or ``Pending.SIZE``: read on (see ``SizeHold``)."""
+    return router.choose(result.model, head, size) if isinstance(result, Found) else None
+
+
+def body_size(head: RequestHead, decoding: bool, decoded_so_far: int, done: bool) -> BodySize:
+    """The decoded body's size as far as known: a plain body's Content-Length says it at once;
+    a chunked or compressed one's is what has been read (and decoded) so far."""
+    if not decoding and head.framing.kind == "length":
+        return BodySize(head.framing.length, complete=True)
+    return BodySize(decoded_so_far, complete=done)
+
+
+class SizeHold:
+    """A body read on past its model because a rule's size condition decides its route; it is
+    held (within the body limit, like any body) until the decoded size decides."""
+
+    def __init__(self, sniffed: Sniffed, decoder: BodyDecoder | None) -> None:
+        self.result = sniffed.result
+        self._decoder = decoder
+        self._raw = [sniffed.raw]
+        self._payload = [sniffed.payload]
+        self.size = len(sniffed.payload)
+
+    def feed(self, part: BodyPart) -> None:
+        self._raw.append(part.raw)
+        for piece in decoded(self._decoder, part.payload, part.done):
+            self._payload.append(piece)
+            self.size += len(piece)
+
+    def sniffed(self) -> Sniffed:
+        """All of it, as the model sniffer would have given it had the model come last."""
+        return Sniffed(self.result, b"".join(self._raw), b"".join(self._payload))
 
 
 # Reading an upstream's response

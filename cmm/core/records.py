@@ -78,6 +78,8 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     detail = f"{status} {record.duration * 1000:.0f}ms ↑{record.bytes_in} ↓{record.bytes_out}"
     if record.error:
         detail += f" ({escaped(record.error)})"
+    if record.rule and record.rule != f"{record.mapping}* → {record.target}":  # a rule more than a model prefix
+        detail += f" (rule {escaped(record.rule)})"
     line = f"[{stamp}] {subject:<{COLUMN}} → {route} {mark} {detail}"
     if record.content:
         line += "".join(f"\n    {escaped(part)}" for part in record.content.splitlines())

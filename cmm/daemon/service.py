@@ -34,6 +34,7 @@ from cmm.config import paths
 from cmm.config.userfiles import UnsafeDirectory, UserDir
 from cmm.core.records import RequestRecord
 from cmm.core.settings import ConfigError, ServeConfig
+from cmm.core.router import rule_label
 from cmm.daemon.master import Supervisor, bind
 from cmm.daemon.stats import LiveStats
 from cmm.daemon.wire import WorkerConfig
@@ -263,8 +264,7 @@ class InterceptorService(Service):
         self.install_signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         self.install_signal(signal.SIGUSR1, lambda *_: self.reactor.callFromThread(self.rotate))
         for mapping in config.proxy.router.mappings:
-            log.info("cmm: {source}* → {target} at {url}", source=mapping.source, target=mapping.target,
-                     url=mapping.upstream.url)
+            log.info("cmm: {rule} at {url}", rule=rule_label(mapping), url=mapping.upstream.url)
         # Learn the real addresses before the hosts file points the name at us: from the cache at
         # once, else from DNS if it answers soon. DNS down must not keep intercepted models from
         # being served; the book keeps asking in the background and tells _addresses_changed.
@@ -357,8 +357,7 @@ class InterceptorService(Service):
         if self.supervisor is not None:
             self.supervisor.reload(self.worker_config)
         self._write_files()
-        log.info("Reloaded: {mappings}", mappings=", ".join(f"{m.source}* → {m.target}"
-                                                            for m in config.proxy.router.mappings))
+        log.info("Reloaded: {mappings}", mappings=", ".join(map(rule_label, config.proxy.router.mappings)))
 
     def rotate(self) -> None:
         if self.request_log is not None and self.request_log.file is not None:
@@ -379,7 +378,8 @@ class InterceptorService(Service):
             "listen": list(config.listen),
             "worker_count": config.workers,
             "accept": config.accept,
-            "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url}
+            "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url,
+                          **({"rule": rule_label(m)} if m.conditioned else {})}
                          for m in config.proxy.router.mappings],
             "hosts_file": str(config.hosts_file) if config.hosts_file else None,
             "config_dir": str(config.config_dir),

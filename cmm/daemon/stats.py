@@ -1,4 +1,4 @@
-"""Live counters for ``cmm status``: per route (each mapping, and passthrough) and per worker.
+"""Live counters for ``cmm status``: per route (each rule by its label, and passthrough) and per worker.
 
 Kept in the master from the request records the workers send, so no worker holds shared state.
 Durations go into fixed log-spaced buckets: p50/p99 cost a few hundred integers per route no
@@ -121,7 +121,8 @@ class LiveStats:
     clock: Callable[[], float] = time.time  # wall clock, as the records' ``started``
 
     def add(self, record: RequestRecord, worker: str) -> None:
-        key = f"{record.mapping}* → {record.target}" if record.intercepted else "passthrough"
+        # Each rule counts apart (even a passthrough it chose); requests no rule chose, together.
+        key = record.rule or (f"{record.mapping}* → {record.target}" if record.intercepted else "passthrough")
         self.routes.setdefault(key, RouteStats()).add(record)
         self.recent.add(record)
         self.workers.setdefault(worker, {}).setdefault("requests", 0)

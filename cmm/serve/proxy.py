@@ -31,7 +31,7 @@ from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispo
                                Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
                                ResponseState, Sniffed, Splice, UpstreamRequest, can_answer_error, dispose_for,
                                edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
-                               response_mode, retry_decision, reuse_after, route)
+                               SizeHold, body_size, response_mode, retry_decision, reuse_after, route)
 from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
@@ -39,6 +39,7 @@ from cmm.core.model_finder import Found
 from cmm.core.records import RequestRecord, escaped
 from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, redacted_head, with_connection_close, with_content_length,
                         with_provider_header)
+from cmm.core.router import Pending, request_class_of, rule_label
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
 from cmm.core.values import MiB, Destination, ProxySettings
@@ -188,6 +189,8 @@ class RequestInProgress:
     endpoint: Endpoint | None = None
     decoder: BodyDecoder | None = None
     sniffer: ModelSniffer | None = None
+    held: SizeHold | None = None  # the body read on past its model, while its size decides the rule
+    rule: Mapping | None = None  # the rule that chose the route (None: no rule, Anthropic)
     forward: UpstreamRequest | None = None
     content: str | None = None  # what is logged of the request, when the settings ask for it
     routing_deadline: Any = None  # the delayed call that ends a too-slow routing read
@@ -214,6 +217,8 @@ class RequestInProgress:
             error=error,
             mapping=mapping.source if mapping else None,
             content=self.content,
+            rule=rule_label(self.rule) if self.rule else None,
+            request_class=request_class_of(self.head),
         )
 
 
@@ -332,17 +337,30 @@ class ClientConnection(Protocol):
 
     def _sniff_bytes(self, data: bytes) -> None:
         part = self._track(data)
-        assert self.request is not None and self.request.sniffer is not None
-        sniffed = self.request.sniffer.feed(part)
-        if sniffed is None:
+        request = self.request
+        assert request is not None and request.sniffer is not None
+        held = request.held
+        if held is None:
+            sniffed = request.sniffer.feed(part)
+            if sniffed is None:
+                return
+            held = SizeHold(sniffed, request.decoder)
+        else:
+            held.feed(part)
+        choice = route(held.result, self.settings.router, request.head,
+                       body_size(request.head, request.decoder is not None, held.size, part.done))
+        if choice is Pending.SIZE:  # a rule's size condition decides: read on
+            request.held = held
             return
-        self._dispatch(route(sniffed.result, self.settings.router), sniffed, part.rest, body_done=part.done)
+        request.held = None
+        self._dispatch(choice, held.sniffed(), part.rest, body_done=part.done)
 
     def _dispatch(self, mapping: Mapping | None, sniffed: Sniffed, rest: bytes, body_done: bool) -> None:
         """Route decided: borrow an upstream connection and send what is in hand."""
         request = self.request
         assert request is not None
         request.routing_read_over()
+        request.rule = mapping
         result = sniffed.result
         model = result.model if isinstance(result, Found) else None
         edits = edits_for(request.endpoint, mapping is not None, request.head.framing, NEUTRALISE_MAX,
@@ -458,7 +476,8 @@ class ClientConnection(Protocol):
         if self.request is not None:
             self.request.routing_deadline = None
         if self.state == ClientState.SNIFF:
-            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body up to its model "
+            upto = "as far as its size decides its route" if self.request and self.request.held else "up to its model"
+            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body {upto} "
                                      f"({self.settings.head_timeout:g} seconds)"))
 
     def _timed_out(self) -> None:

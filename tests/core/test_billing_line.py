@@ -15,7 +15,7 @@ from cmm.core.decoding import BodyDecoder
 from cmm.core.exchange import ModelSniffer, RequestBody, UpstreamRequest, edits_for, plan_request, route
 from cmm.core.framing import LAST_CHUNK, encode_chunk
 from cmm.core.http_head import HeadCollector, parse_request_head
-from cmm.core.router import Mapping, Router, Upstream
+from cmm.core.router import BodySize, Mapping, Pending, Router, Upstream
 
 HAIKU = "claude-haiku-5-5"
 LIMIT = 4 * 1024 * 1024
@@ -161,7 +161,8 @@ def forward(pieces: list[bytes], keep_billing_line: bool) -> tuple[bytes, bytes]
     sniffer, body = ModelSniffer(decoder), RequestBody(head, LIMIT)
     while (sniffed := sniffer.feed(part := body.feed(data))) is None:
         data = pieces.pop(0)
-    mapping = route(sniffed.result, ROUTER)
+    mapping = route(sniffed.result, ROUTER, head, BodySize(0, complete=False))
+    assert not isinstance(mapping, Pending)
     edits = edits_for(plan.endpoint, mapping is not None, head.framing, LIMIT, sniffed.payload if part.done else None)
     upstream = UpstreamRequest(head, edits, decoder, mapping, LIMIT, keep_billing_line=keep_billing_line)
     out = upstream.first(sniffed, plan.endpoint, part.done)
