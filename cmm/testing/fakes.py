@@ -78,6 +78,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from cmm.machine import certs
 from cmm.serve.tls import connected
+from cmm.testing import websocket
 
 ANTHROPIC_PATH = "/v1/messages"
 FAKE_CONTROL_PATH = "/_fake/requests"
@@ -868,6 +869,8 @@ class _FakeResource(Resource):
                 }
             )
         number = self._upstream.record(recorded)
+        if urlsplit(recorded.path).path == websocket.VOICE_STREAM_PATH:
+            return websocket.serve(request, self._upstream.clock)
         controls = parse_controls(recorded)
         if controls.status is not None and controls.status_times is not None:
             key = recorded.header("x-test-id") or ""
