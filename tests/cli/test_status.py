@@ -413,6 +413,8 @@ def test_live_status_names_errors_bytes_and_workers() -> None:
 
 
 def test_open_tunnels_are_shown_per_worker() -> None:
+    from cmm.cli.status import _worker_line, parse_workers
+
     data = {"workers": {"worker-1": {"requests": 2, "connections": 3, "in_flight": 0, "tunnels": 2}}}
     [worker] = parse_workers(data)
     assert worker.tunnels == 2
