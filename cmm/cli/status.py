@@ -586,7 +586,7 @@ def _worker_line(worker: WorkerCounts) -> str:
         parts.append(f"{worker.connections} connections")
     if worker.in_flight is not None:
         parts.append(f"{worker.in_flight} in flight")
-    if worker.tunnels is not None:
+    if worker.tunnels:
         parts.append(f"{worker.tunnels} open tunnels")
     if worker.upstream_idle is not None:
         parts.append(f"{worker.upstream_idle} idle upstream connections ({worker.upstream_opened or 0} opened)")

@@ -75,7 +75,8 @@ class LiveStats:
     workers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     def add(self, record: RequestRecord, worker: str) -> None:
-        key = f"{record.mapping}* → {record.target}" if record.intercepted else "passthrough"
+        key = f"{record.mapping}* → {record.target}" if record.intercepted else \
+            "tunnel" if record.route == "tunnel" else "passthrough"  # a tunnel's minutes would skew p50/p99
         self.routes.setdefault(key, RouteStats()).add(record)
         self.workers.setdefault(worker, {}).setdefault("requests", 0)
         self.workers[worker]["requests"] += 1

@@ -246,3 +246,16 @@ def test_an_unasked_switch_is_not_tunnelled(cmm: tuple[object, Path, int]) -> No
         conn.send(handshake_request(VOICE_STREAM_PATH, new_key()).replace(b"Connection: Upgrade", b"X-No: 1"))
         response = conn.response(method="GET")
     assert response.status == 400
+
+
+def test_tunnels_have_their_own_line_in_the_route_counts() -> None:
+    """A tunnel lasts minutes: counted with passthrough requests it would swamp their p50 and p99."""
+    from cmm.daemon.stats import LiveStats
+    from support import record
+
+    stats = LiveStats()
+    stats.add(record(model=None, intercepted=False, target=None, status=101, duration=300.0, route="tunnel"), "w")
+    stats.add(record(model="claude-opus-4-6", intercepted=False, target=None, duration=0.02), "w")
+    routes = stats.snapshot()["routes"]
+    assert routes["tunnel"]["requests"] == 1 and routes["passthrough"]["requests"] == 1
+    assert routes["passthrough"]["p99_ms"] < 1000
