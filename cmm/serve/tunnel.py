@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet.error import ConnectionAborted
+from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from cmm.core.upgrade import Ending, Side, TunnelTally, tunnel_record
@@ -78,7 +78,8 @@ class Tunnel:
         self._end(Ending.UPSTREAM_CLOSED)
 
     def client_lost(self, reason: Failure | None) -> None:
-        drained = self.context.draining and reason is not None and reason.check(ConnectionAborted) is not None
+        # Cut while draining, not closed cleanly: the grace ran out (a client's own close is clean).
+        drained = self.context.draining and reason is not None and reason.check(ConnectionDone) is None
         self._end(Ending.DRAINED if drained else Ending.CLIENT_CLOSED)
 
     def _idle(self) -> None:

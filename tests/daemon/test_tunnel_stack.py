@@ -237,6 +237,8 @@ def test_sigterm_drains_an_open_tunnel_like_a_request_in_flight(stack: Stack) ->
     assert time.monotonic() - started < 10
     master.proc.wait(timeout=15)
     client.sock.close()
+    [line] = [line for line in (config_dir / "cmm.log").read_text().splitlines() if "voice_stream" in line]
+    assert "TUNNEL ✗ 101" in line and "(cut at the end of the grace period (--grace))" in line
 
 
 def test_an_unasked_switch_is_not_tunnelled(cmm: tuple[object, Path, int]) -> None:
