@@ -17,7 +17,7 @@ import pytest
 
 from cmm.testing.websocket import (VOICE_STREAM_PATH, Message, Opcode, WebSocketClient, close_payload,
                                    handshake_request, new_key)
-from test_integration import Conn, http_request, json_body, new_tag, simple_post
+from test_integration import Closed, Conn, http_request, json_body, new_tag, simple_post
 from test_multiprocess import Stack, status, wait_until
 
 SOURCE = "claude-haiku-4-5-20251001"
@@ -211,13 +211,30 @@ def test_a_long_event_stream_outlives_the_upstream_silence_limit(cmm: tuple[obje
     delay = UPSTREAM_LIMIT / 2  # 8 events, one a second: 8 s in all, four times the limit
     started = time.monotonic()
     with Conn(port, config_dir / "ca.crt", timeout=30) as conn:
-        conn.send(simple_post("claude-opus-4-6", new_tag(), body=json_body("claude-opus-4-6", stream=True),
-                              extra=[("x-fake-deltas", str(events)), ("x-fake-event-delay", str(delay))]))
+        conn.send(http_request("GET", "/v1/code/sessions/cse_1/worker/events/stream",
+                               [("Host", "api.anthropic.com"), ("Accept", "text/event-stream"),
+                                ("x-fake-deltas", str(events)), ("x-fake-event-delay", str(delay))]))
         response = conn.head()
         data = b"".join(conn.chunks())
     assert response.status == 200
-    assert data.count(b"event: content_block_delta") == events and b"message_stop" in data
+    assert data.count(b"event: ping") == events
     assert time.monotonic() - started > UPSTREAM_LIMIT * 2
+
+
+
+def test_a_stream_silent_past_the_upstream_limit_is_cut(cmm: tuple[object, Path, int]) -> None:
+    """The other side of the test above: the limit is real, silence beyond it ends a stream."""
+    _, config_dir, port = cmm
+    got: list[bytes] = []
+    with Conn(port, config_dir / "ca.crt", timeout=30) as conn:
+        conn.send(http_request("GET", "/v1/code/sessions/cse_2/worker/events/stream",
+                               [("Host", "api.anthropic.com"), ("x-fake-deltas", "3"),
+                                ("x-fake-event-delay", str(UPSTREAM_LIMIT * 1.5))]))
+        assert conn.head().status == 200
+        with pytest.raises(Closed):
+            for chunk in conn.chunks():
+                got.append(chunk)
+    assert b"".join(got).count(b"event: ping") == 1  # the first, then silence past the limit
 
 
 def test_sigterm_drains_an_open_tunnel_like_a_request_in_flight(stack: Stack) -> None:
