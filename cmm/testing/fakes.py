@@ -604,8 +604,8 @@ def plan_reply(
     if request.method == "GET" and path == "/v1/models":
         return Reply(200, common + (("content-type", "application/json"),), models_json())
     if request.method == "GET" and SESSION_EVENTS.fullmatch(path):  # Remote Control's long event stream
-        events = (sse_event("ping", {"type": "ping", "n": n}) for n in range(controls.deltas))
-        return Reply(200, common + (("content-type", "text/event-stream"),), events=events)
+        pings = (sse_event("ping", {"type": "ping", "n": n}) for n in range(controls.deltas))
+        return Reply(200, common + (("content-type", "text/event-stream"),), events=pings)
     if request.method != "POST" or path not in (base, base + "/count_tokens"):
         return _error(404, f"{request.method} {path} not found", common)
     try:
