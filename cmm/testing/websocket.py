@@ -302,9 +302,13 @@ def serve(request: Any, clock: IReactorTime) -> Any:
 
     header = request.getHeader
     key = header(b"sec-websocket-key")
+    try:
+        nonce = base64.b64decode(key or b"", validate=True)
+    except ValueError:
+        nonce = b""
     if ((header(b"upgrade") or b"").lower() != b"websocket"
             or b"upgrade" not in (header(b"connection") or b"").lower()
-            or header(b"sec-websocket-version") != b"13" or not key or len(base64.b64decode(key)) != 16):
+            or header(b"sec-websocket-version") != b"13" or len(nonce) != 16):
         request.setResponseCode(400)
         return b"not a WebSocket handshake"
     channel = request.channel
