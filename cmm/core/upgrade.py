@@ -40,8 +40,10 @@ def intercepted_upgrade_refusal(head: RequestHead, mapping: Mapping | None) -> H
     """An upgrade on a request routed to a target cannot be carried: the target speaks only
     HTTP to cmm (the hop-by-hop ``Upgrade`` would be dropped on the way, and the client would
     wait for a switch that never comes). Say so plainly instead."""
+    if mapping is None:
+        return None
     protocols = upgrade_protocols(head)
-    if mapping is None or not protocols:
+    if not protocols:
         return None
     asked = ", ".join(p.decode("latin-1") for p in protocols)
     return HttpError(400, f"cmm cannot switch protocols ({asked}) on a request it routes to another server "
