@@ -60,6 +60,7 @@ from cmm.testing.processes import fake_command, free_port, memory_kib, reset_pea
 from components import ROUTE_STAGES, component_costs  # noqa: E402  (imports cmm: after the path)
 from httpclient import Connection, Response  # noqa: E402
 from plot import kb_per_stream, missing_dependency, plot  # noqa: E402
+import websocket as websocket_bench  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_SCRIPT = BENCH_DIR / "post.lua"
@@ -1255,6 +1256,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
                           "errors direct", "errors via"], lat_rows))
         out.append("")
 
+    if "websocket" in m:
+        out.append("WebSocket tunnel (echo on the voice path, one connection each way)")
+        out.append(table(websocket_bench.HEADERS, websocket_bench.rows(m["websocket"])))
     if "streaming" in m:
         rows = []
         for route, ways in m["streaming"].items():
@@ -1603,6 +1607,8 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             ("rss", lambda: measure_rss(endpoints, cmm.pid, plan, log)),
             ("components", lambda: component_costs(large_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES))),
             ("workers", lambda: measure_workers(stack, plan, log)),
+            ("websocket", lambda: websocket_bench.measure({w: (e.port, e.tls) for w, e in endpoints["passthrough"].items()
+                                                           if e.tls is not None}, 2 * plan.ttfb_requests)),
         ]
         if extras.only:
             steps = []

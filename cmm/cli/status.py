@@ -129,6 +129,7 @@ class WorkerCounts:
     upstream_opened: int | None = None
     refused: int | None = None  # connections refused at --max-connections, every one busy
     evicted_idle: int | None = None  # idle connections closed to make room at --max-connections
+    tunnels: int | None = None  # open upgraded connections (WebSocket), each also a connection
 
 
 @attrs.frozen
@@ -416,7 +417,7 @@ def parse_workers(data: object) -> tuple[WorkerCounts, ...]:
     return tuple(WorkerCounts(str(name), number(values, "requests") or 0, number(values, "connections"),
                               number(values, "in_flight"), number(values, "upstream_idle"),
                               number(values, "upstream_opened"), number(values, "refused"),
-                              number(values, "evicted_idle"))
+                              number(values, "evicted_idle"), number(values, "tunnels"))
                  for name, values in sorted(workers.items()) if isinstance(values, dict))
 
 
@@ -668,6 +669,8 @@ def _worker_line(worker: WorkerCounts) -> str:
         parts.append(f"{worker.connections} connections")
     if worker.in_flight is not None:
         parts.append(f"{worker.in_flight} in flight")
+    if worker.tunnels:
+        parts.append(f"{worker.tunnels} open tunnels")
     if worker.upstream_idle is not None:
         parts.append(f"{worker.upstream_idle} idle upstream connections ({worker.upstream_opened or 0} opened)")
     if worker.evicted_idle:

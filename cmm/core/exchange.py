@@ -36,6 +36,7 @@ class ClientState(enum.StrEnum):
     CONNECTING = "connecting"  # routed; waiting for an upstream connection
     BODY = "body"  # splicing the rest of the request body upstream
     RESPONSE = "response"  # the request is sent; the answer is coming
+    TUNNEL = "tunnel"  # switched protocols (101): a raw tunnel, see cmm.serve.tunnel
     CLOSED = "closed"
 
 
@@ -415,16 +416,27 @@ class Body:
     extra: bool
 
 
-class ResponseReader:
-    """Feed an upstream's bytes, get the response's events; one reader per try of a request."""
+@attrs.frozen
+class Switched:
+    """A ``101`` to a request that asked to upgrade: ``rest`` is the new protocol's first bytes."""
 
-    def __init__(self, method: bytes) -> None:
+    response: ResponseHead
+    raw: bytes
+    rest: bytes
+
+
+class ResponseReader:
+    """Feed an upstream's bytes, get the response's events; one reader per try of a request.
+    ``upgrade``: the request asked to switch protocols, so a ``101`` ends the reading."""
+
+    def __init__(self, method: bytes, upgrade: bool = False) -> None:
         self._method = method
+        self._upgrade = upgrade
         self._collector = HeadCollector(what="upstream response", response=True)
         self.response: ResponseHead | None = None
         self.tracker: BodyTracker | None = None
 
-    def feed(self, data: bytes) -> Iterator[Interim | Head | Body]:
+    def feed(self, data: bytes) -> Iterator[Interim | Head | Body | Switched]:
         """Yield events as they are found (so those before a bad byte are acted on); raise
         HttpError on a bad response. Once the head is known, each call yields one ``Body``."""
         while data and self.tracker is None:
@@ -433,6 +445,9 @@ class ResponseReader:
                 return
             raw, data = done
             response = parse_response_head(raw, self._method)
+            if response.status == 101 and self._upgrade:
+                yield Switched(response, raw, data)
+                return
             if response.status == 101:
                 raise HttpError(502, "Upstream switched protocols; cmm proxies HTTP/1.1 only")
             if response.interim:

@@ -121,8 +121,10 @@ class LiveStats:
     clock: Callable[[], float] = time.time  # wall clock, as the records' ``started``
 
     def add(self, record: RequestRecord, worker: str) -> None:
-        # Each rule counts apart (even a passthrough it chose); requests no rule chose, together.
-        key = record.rule or (f"{record.mapping}* → {record.target}" if record.intercepted else "passthrough")
+        # Each rule counts apart (even a passthrough it chose); requests no rule chose, together;
+        # tunnels apart, as their minutes would skew passthrough's p50/p99.
+        key = record.rule or (f"{record.mapping}* → {record.target}" if record.intercepted else
+                              "tunnel" if record.route == "tunnel" else "passthrough")
         self.routes.setdefault(key, RouteStats()).add(record)
         self.recent.add(record)
         self.workers.setdefault(worker, {}).setdefault("requests", 0)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet import defer, stdio
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
@@ -136,6 +136,7 @@ class WorkerControl(LineReceiver):
             except defer.CancelledError:
                 for connection in list(self.context.connections):
                     connected(connection).abortConnection()
+                yield deferLater(self.reactor, 0.1, lambda: None)  # their records, written as they go
             else:
                 timeout.cancel()
             self.context.pool.close_idle()

@@ -29,7 +29,7 @@ from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError, error_response
 from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispose, HeldError, HeldMessage, Interim,
                                Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
-                               ResponseState, Sniffed, Splice, UpstreamRequest, can_answer_error, dispose_for,
+                               ResponseState, Sniffed, Splice, Switched, UpstreamRequest, can_answer_error, dispose_for,
                                edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
                                SizeHold, body_size, response_mode, retry_decision, reuse_after, route)
 from cmm.serve.flow import Deadline, Valve
@@ -42,8 +42,10 @@ from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, redacted_head, 
 from cmm.core.router import Pending, request_class_of, rule_label
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
+from cmm.core.upgrade import asks_upgrade, intercepted_upgrade_refusal, switch_refusal
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.tls import connected
+from cmm.serve.tunnel import Tunnel
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
 
 log = Logger()
@@ -143,6 +145,7 @@ class ProxyContext:
             "upstream_opened": self.pool.opened,
             "refused": self.refused,
             "evicted_idle": self.evicted_idle,
+            "tunnels": sum(1 for c in self.connections if c.tunnel is not None),
         }
 
 
@@ -234,6 +237,7 @@ class ClientConnection(Protocol):
         self.pending = b""  # bytes read ahead of the current state (next body part, next request)
         self.served = 0
         self.request: RequestInProgress | None = None  # from a parsed head to the request's end
+        self.tunnel: Tunnel | None = None  # after a switch (101): every byte read is the tunnel's
 
     # Twisted interface
 
@@ -250,6 +254,9 @@ class ClientConnection(Protocol):
             self.close()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
         if self.state != ClientState.HEAD:  # a head's deadline is total time, from its first byte
             self.deadline.touch()
         if self.state in (ClientState.CONNECTING, ClientState.RESPONSE):
@@ -275,6 +282,8 @@ class ClientConnection(Protocol):
         self._routing_read_over()
         if self.exchange is not None:
             self.exchange.client_lost()
+        if self.tunnel is not None:
+            self.tunnel.client_lost(reason)
         self.context.connections.discard(self)
         self.context.check_drained()
 
@@ -363,6 +372,9 @@ class ClientConnection(Protocol):
         request.rule = mapping
         result = sniffed.result
         model = result.model if isinstance(result, Found) else None
+        refusal = intercepted_upgrade_refusal(request.head, mapping)
+        if refusal is not None:
+            raise refusal
         edits = edits_for(request.endpoint, mapping is not None, request.head.framing, NEUTRALISE_MAX,
                           sniffed.payload if body_done else None)
         request.forward = UpstreamRequest(request.head, edits, request.decoder, mapping, NEUTRALISE_MAX,
@@ -410,6 +422,14 @@ class ClientConnection(Protocol):
         if self.pending:
             data, self.pending = self.pending, b""
             self.dataReceived(data)
+
+    def tunnel_started(self, tunnel: Tunnel) -> bytes:
+        """The request switched protocols: every byte read from now on is the tunnel's. Returns
+        what the client sent after its request (the new protocol's first bytes), still paused."""
+        self.exchange, self.tunnel, self.state = None, tunnel, ClientState.TUNNEL
+        self.deadline.cancel()
+        pending, self.pending = self.pending, b""
+        return pending
 
     # The end of an exchange
 
@@ -526,7 +546,7 @@ class Exchange:
         request is sent again (a 429 retried, a stale pooled connection replayed), so that no
         half-read head or held body of one try leaks into the next."""
         self.received = 0  # bytes of this try's answer read from the upstream, interim ones included
-        self.reader = ResponseReader(self.request.head.method)
+        self.reader = ResponseReader(self.request.head.method, upgrade=asks_upgrade(self.request.head))
         self.mode: ResponseState = Splice()
         self.unmarked_warned = False
 
@@ -594,6 +614,9 @@ class Exchange:
                     self._to_client(event.raw)
                 elif isinstance(event, Body):
                     body = event
+                elif isinstance(event, Switched):
+                    self._switch(event)
+                    return
                 else:
                     self._response_head(event.response, event.raw)
         except HttpError as error:
@@ -601,6 +624,19 @@ class Exchange:
             return
         if body is not None:
             self._response_body(body)
+
+    def _switch(self, switched: Switched) -> None:
+        """A ``101``: hand both connections to a tunnel, which records the request when it ends."""
+        refusal = switch_refusal(self.request.head, self.mapping is not None,
+                                 self.client.state == ClientState.RESPONSE)
+        if refusal is not None:
+            self.fail(refusal)
+            return
+        self.finished = self.response_started = True
+        self.deadline.cancel()
+        connection, self.connection = self.connection, None
+        assert connection is not None
+        Tunnel(self.client, connection, self.valve, self.request, self.bytes_out).start(switched.raw, switched.rest)
 
     def _response_head(self, response: ResponseHead, raw: bytes) -> None:
         mode = response_mode(response, self.mapping is not None, self.request.endpoint, MAX_ERROR_BODY,

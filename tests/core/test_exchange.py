@@ -317,7 +317,7 @@ def test_request_framing_and_retry_keeping() -> None:
 
 def test_client_states_compare_as_their_names() -> None:
     assert ClientState.CLOSED == "closed" and ClientState("sniff") is ClientState.SNIFF
-    assert len(ClientState) == 6
+    assert len(ClientState) == 7 and ClientState("tunnel") is ClientState.TUNNEL
 
 
 def test_the_edits_a_body_gets() -> None:
