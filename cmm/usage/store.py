@@ -76,7 +76,8 @@ def is_corrupt(error: sqlite3.Error) -> bool:
 
 def _private(path: Path) -> None:
     """Create ``path`` 0600 if missing (before SQLite would, with the umask's mode) and take
-    group and other bits away from it and its side files; never through a final link."""
+    group and other bits away from it; never through a final link. Only before SQLite opens it
+    in this process: closing any descriptor of the file drops SQLite's POSIX locks on it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, FILE_MODE)
     try:
         info = os.fstat(fd)
@@ -86,10 +87,17 @@ def _private(path: Path) -> None:
             os.fchmod(fd, FILE_MODE)
     finally:
         os.close(fd)
+    _private_side_files(path)
+
+
+def _private_side_files(path: Path) -> None:
+    """The ``-wal``, ``-shm`` (SQLite gives them the database's mode, less the umask) 0600 too;
+    by name, never opened, for the reason above."""
     for suffix in SIDE_FILES:
         side = Path(f"{path}{suffix}")
         with contextlib.suppress(OSError):
-            if stat.S_IMODE(side.lstat().st_mode) != FILE_MODE and not side.is_symlink():
+            info = side.lstat()
+            if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) != FILE_MODE:
                 os.chmod(side, FILE_MODE)
 
 
@@ -113,7 +121,7 @@ class UsageStore:
             missing = [name for name in _NAMES if name not in have]
             if missing:
                 raise Incompatible(f"its requests table lacks {', '.join(missing)}")
-            _private(path)  # the -wal and -shm SQLite just made
+            _private_side_files(path)  # the -wal and -shm SQLite just made
         except BaseException:
             self.connection.close()
             raise
