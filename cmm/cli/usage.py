@@ -105,6 +105,8 @@ def report(database: Path, since: float, now: float, by: str, fmt: str, since_te
     except sqlite3.Error as error:
         return Outcome(EXIT_FAILURE, err=f"cmm: cannot open {database}: {error}\n")
     try:
+        if not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchall():
+            return Outcome(EXIT_FAILURE, err=f"cmm: no usage recorded yet in {database}.\n")
         groups = query.totals(connection, since, now, by)
         [total] = query.totals(connection, since, now)
     except sqlite3.Error as error:

@@ -138,6 +138,12 @@ def test_no_database_yet_is_a_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / "usage.sqlite3").exists()  # reading made nothing
 
 
+def test_a_database_being_made_is_no_usage_yet(tmp_path: Path) -> None:
+    (tmp_path / "usage.sqlite3").write_bytes(b"")  # the recorder's file before its table
+    assert cmm_usage("--config-dir", str(tmp_path)) == (
+        1, "", f"cmm: no usage recorded yet in {tmp_path / 'usage.sqlite3'}.\n")
+
+
 def test_a_bad_since_is_a_usage_error(filled: Path) -> None:
     code, _, err = cmm_usage("--config-dir", str(filled), "--since", "yesterday")
     assert code == 2 and "'yesterday' is neither a span" in err

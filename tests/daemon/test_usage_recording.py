@@ -1,0 +1,110 @@
+"""Usage through a real running cmm (master, workers, recorder as processes): requests land in
+the store, a recorder killed with -9 is started again without losing what it committed, the last
+requests before a stop are kept, ``--workers 0`` records too, and ``cmm usage`` reads it all."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cmm.cli.main import main
+from cmm.testing.checkout import twistd_command
+from cmm.testing.processes import Process, free_port
+from cmm.usage import query
+from test_integration import _env
+from test_multiprocess import PASS, SOURCE, Stack, ask, children, status, wait_until, write_mappings
+
+
+def rows(config_dir: Path) -> list[tuple]:
+    database = config_dir / "usage.sqlite3"
+    if not database.exists() or database.stat().st_size == 0:  # not there yet, or just being made
+        return []
+    with contextlib.closing(query.connect_readonly(database)) as connection:
+        return connection.execute("SELECT model, route, status, bytes_in > 0, bytes_out > 0 FROM requests "
+                                  "ORDER BY id").fetchall()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("usage"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_requests_land_in_the_store_and_survive_the_recorder_being_killed(stack: Stack) -> None:
+    config_dir = stack.base / "recorded"
+    config_dir.mkdir()
+    write_mappings(config_dir, "gemini-2.5-flash", stack.target_url)
+    master, config_dir, port = stack.start("recorded", workers=2)
+    [recorder] = children(master.proc.pid, "cmm.daemon.recorder")
+    assert status(config_dir)["usage"]["pid"] == recorder
+    for model in (SOURCE, SOURCE, PASS):
+        assert ask(port, config_dir, model)[0] == 200
+    first = [(SOURCE, "intercepted", 200, 1, 1)] * 2 + [(PASS, "passthrough", 200, 1, 1)]
+    wait_until(lambda: sorted(rows(config_dir)) == sorted(first), what="three rows in the store")
+
+    os.kill(recorder, signal.SIGKILL)
+    again = wait_until(lambda: [pid for pid in children(master.proc.pid, "cmm.daemon.recorder") if pid != recorder],
+                       what="a new recorder")
+    assert status(config_dir)["usage"] == {**status(config_dir)["usage"], "pid": again[0], "restarts": 1}
+    assert ask(port, config_dir, PASS)[0] == 200
+    wait_until(lambda: len(rows(config_dir)) == 4, what="the row after the restart")
+    assert sorted(rows(config_dir)[:3]) == sorted(first)  # what was committed is still there
+    assert "usage recorder" in master.output() and "starting it again" in master.output()
+
+    out = io.StringIO()
+    assert main(["usage", "--config-dir", str(config_dir), "--json", "--by", "route"], environ={"HOME": "/x"},
+                stdout=out, stderr=io.StringIO()) == 0
+    found = {group["key"]: group["requests"] for group in json.loads(out.getvalue())["groups"]}
+    assert found == {"intercepted": 2, "passthrough": 2}
+
+
+def test_the_last_requests_before_a_stop_are_kept(stack: Stack) -> None:
+    master, config_dir, port = stack.start("stopping", "--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
+                                           "--proxy-url", stack.target_url, workers=1)
+    for _ in range(5):
+        assert ask(port, config_dir, SOURCE)[0] == 200
+    os.kill(master.proc.pid, signal.SIGTERM)  # within the recorder's flush interval
+    master.proc.wait(timeout=30)
+    # closed cleanly (no -wal left), with every row
+    assert sorted(p.name for p in config_dir.iterdir() if p.name.startswith("usage")) == ["usage.sqlite3"]
+    assert len(rows(config_dir)) == 5
+
+
+def test_the_recorder_goes_when_the_master_is_killed(stack: Stack) -> None:
+    master, config_dir, port = stack.start("killed", "--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
+                                           "--proxy-url", stack.target_url, workers=1)
+    [recorder] = children(master.proc.pid, "cmm.daemon.recorder")
+    assert ask(port, config_dir, PASS)[0] == 200
+    time.sleep(0.3)  # the record reaches the master, which passes it on within its batch delay
+    os.kill(master.proc.pid, signal.SIGKILL)
+    master.proc.wait(timeout=5)
+    wait_until(lambda: not Path(f"/proc/{recorder}").exists()
+               or "Z" in Path(f"/proc/{recorder}/stat").read_text().split()[2], what="the recorder to exit")
+    assert len(rows(config_dir)) == 1  # its stdin closed: it wrote what it had
+
+
+def test_workers_0_records_through_its_own_recorder_process(stack: Stack) -> None:
+    config_dir = stack.base / "inline"
+    config_dir.mkdir()
+    port = free_port()
+    argv = twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--config-dir", str(config_dir),
+                           "--anthropic-ip", "127.0.0.1", "--anthropic-port", str(stack.anthropic), "--no-hosts",
+                           "--workers", "0", "--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
+                           "--proxy-url", stack.target_url])
+    master = Process("cmm inline", argv, _env(SSL_CERT_FILE=str(stack.ca_bundle)), stack.base / "inline.out")
+    stack.processes.append(master)
+    master.wait_for(rf"cmm serving on port {port}\b")
+    assert children(master.proc.pid) == [] and len(children(master.proc.pid, "cmm.daemon.recorder")) == 1
+    assert ask(port, config_dir, SOURCE)[0] == 200
+    wait_until(lambda: rows(config_dir) == [(SOURCE, "intercepted", 200, 1, 1)], what="the row")
