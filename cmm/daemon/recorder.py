@@ -72,11 +72,11 @@ def run(recorder: Recorder, source: int, wakeup: int, log: Callable[[str], None]
         recorder.close()
 
 
-def master_log(out: BinaryIO) -> Callable[[str], None]:
+def master_log(out: BinaryIO, level: str = "error") -> Callable[[str], None]:
     """Lines for the master's log (it owns the log files), as the workers send theirs."""
     def log(text: str) -> None:
         try:
-            out.write(wire.encode({"type": "log", "level": "error", "text": text}))
+            out.write(wire.encode({"type": "log", "level": level, "text": text}))
             out.flush()
         except OSError:
             pass  # the master is gone: nobody to tell
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)  # the wake-up pipe ends the loop
     for ignored in (signal.SIGINT, signal.SIGHUP):  # the master decides when the recorder stops
         signal.signal(ignored, signal.SIG_IGN)
-    recorder = Recorder(args.database, args.retention_days, log)
+    recorder = Recorder(args.database, args.retention_days, log, notice=master_log(sys.stdout.buffer, "info"))
     run(recorder, sys.stdin.fileno(), read_end, log)
     return 0
 

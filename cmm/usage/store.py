@@ -165,7 +165,8 @@ def move_aside(path: Path, now: float) -> Path:
 class Recorder:
     """Rows in, batches out: when to write, when to prune, and what to do when the file fails.
 
-    ``open_store`` opens (and creates) the database; ``log`` takes one finished sentence.
+    ``open_store`` opens (and creates) the database; ``log`` takes one finished sentence about a
+    problem, ``notice`` (``log`` unless given) the news that it is over.
     """
 
     path: Path
@@ -173,6 +174,7 @@ class Recorder:
     log: Callable[[str], None]
     clock: Callable[[], float] = time.time
     open_store: Callable[[Path], UsageStore] = UsageStore
+    notice: Callable[[str], None] | None = None
     flush_interval: float = FLUSH_INTERVAL
     batch_rows: int = BATCH_ROWS
     max_held: int = MAX_HELD
@@ -287,6 +289,6 @@ class Recorder:
         if self.failing is None:
             return
         lost = f"; {self.dropped} rows were dropped meanwhile" if self.dropped else ""
-        self.log(f"Usage database {self.path} is writable again{lost}")
+        (self.notice or self.log)(f"Usage database {self.path} is writable again{lost}")
         self.failing = None
         self.dropped = 0

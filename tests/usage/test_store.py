@@ -207,3 +207,16 @@ def test_a_symbolic_link_in_place_of_the_database_is_not_followed(tmp_path: Path
     assert h.recorder.flush() is False
     assert elsewhere.read_bytes() == b"keep me" and h.recorder.pending
     assert len(h.logs) == 1 and "Cannot write the usage database" in h.logs[0]
+
+
+def test_uninstall_knows_the_database_its_side_files_and_those_moved_aside(tmp_path: Path) -> None:
+    from cmm.config.removal import is_own_file
+
+    h = harness(tmp_path)
+    h.path.write_bytes(b"garbage " * 512)
+    (tmp_path / "usage.sqlite3-wal").write_bytes(b"")
+    h.recorder.add([row_of(record())])
+    h.recorder.flush()  # moved aside, a new one made and left open (-wal, -shm)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert len(names) == 5 and all(is_own_file(name) for name in names), names
+    assert not is_own_file("usage.sqlite3.bak") and not is_own_file("usage.sqlite3-journal.txt")
