@@ -105,7 +105,7 @@ class UsageRecorder:
         self._write()
 
     def add(self, record: RequestRecord) -> None:
-        if self.stopping and self.process is None:
+        if self.stopping:  # its stdin is closed: a record this late (an aborted request's) is not kept
             return
         self.held.append(wire.encode(wire.request_message(record)))
         if len(self.held) > MAX_HELD:
