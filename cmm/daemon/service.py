@@ -460,8 +460,6 @@ class InterceptorService(Service):
                 for connection in list(self.context.connections):
                     cast(Any, connection.transport).abortConnection()  # TLS over TCP: it can abort
             self.context.pool.close_idle()
-        if self.usage is not None:  # last: every request's record has reached it
-            yield self.usage.stop()
         for sock in self.sockets + self.extra_sockets:
             sock.close()
         if self.hosts_edited and self.config.hosts_file is not None:
@@ -479,5 +477,7 @@ class InterceptorService(Service):
                         self.user_dir.unlink(name)
                 except (OSError, UnsafeDirectory):
                     pass  # gone already, or not a file of ours
+        if self.usage is not None:  # last (every request's record has reached it), the hosts file already back
+            yield self.usage.stop()
         if self.request_log is not None:
             self.request_log.close()

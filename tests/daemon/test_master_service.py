@@ -487,7 +487,7 @@ def test_the_usage_recorder_gets_every_record_runs_as_the_dir_owner_and_stops_af
     assert service.status()["usage"] == {"pid": 5151}
     service.stopService()
     assert world.supervisors[0].stopped
-    assert world.events[-2:] == ["usage stop", "restore hosts"]  # after the workers, whose last records it takes
+    assert world.events[-2:] == ["restore hosts", "usage stop"]  # last: after the workers, whose records it takes
 
 
 def test_a_root_master_runs_the_recorder_as_the_config_dirs_owner(world: World, key_pair: certs.EnsureResult) -> None:
