@@ -80,6 +80,7 @@ class FakeRecorder:
     started: bool = False
     records: list[Any] = attrs.field(factory=list)
     retention: list[float] = attrs.field(factory=list)
+    stopped_after: list[str] | None = None  # the world's events when it was stopped
 
     def start(self) -> None:
         self.started = True
@@ -94,7 +95,7 @@ class FakeRecorder:
         return {"pid": 5151}
 
     def stop(self) -> defer.Deferred[None]:
-        self.events.append("usage stop")
+        self.stopped_after = list(self.events)
         return defer.succeed(None)
 
 
@@ -487,7 +488,7 @@ def test_the_usage_recorder_gets_every_record_runs_as_the_dir_owner_and_stops_af
     assert service.status()["usage"] == {"pid": 5151}
     service.stopService()
     assert world.supervisors[0].stopped
-    assert world.events[-2:] == ["restore hosts", "usage stop"]  # last: after the workers, whose records it takes
+    assert recorder.stopped_after == world.events and world.events[-1] == "restore hosts"  # last of all
 
 
 def test_a_root_master_runs_the_recorder_as_the_config_dirs_owner(world: World, key_pair: certs.EnsureResult) -> None:
