@@ -12,7 +12,6 @@ import re
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, timeout=5.0)
 
 
-def parse_since(text: str, now: float, localtime: Callable[[float], time.struct_time] = time.localtime) -> float:
+def parse_since(text: str, now: float) -> float:
     """``24h``, ``30m``, ``7d``, ``2w`` (back from ``now``) or a local date or time
     (``2026-11-01``, ``2026-11-01T08:00``); ValueError says what is accepted."""
     text = text.strip()
