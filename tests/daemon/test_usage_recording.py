@@ -8,8 +8,10 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +121,35 @@ def test_workers_0_records_through_its_own_recorder_process(stack: Stack) -> Non
     assert children(master.proc.pid) == [] and len(children(master.proc.pid, "cmm.daemon.recorder")) == 1
     assert ask(port, config_dir, SOURCE)[0] == 200
     wait_until(lambda: rows(config_dir) == [(SOURCE, "intercepted", 200, 1, 1)], what="the row")
+
+
+def test_under_sudo_the_recorder_is_the_user_and_so_are_the_files(stack: Stack) -> None:
+    """A root master with SUDO_UID, the config dir the user's: the database is never root's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a master that drops privileges")
+    config_dir = Path(tempfile.mkdtemp(prefix="cmm-sudo-usage-", dir="/tmp"))  # reachable by uid 65534
+    try:
+        os.chown(config_dir, 65534, 65534)
+        port = free_port()
+        argv = twistd_command(["--port", str(port), "--listen", "127.0.0.1", "--config-dir", str(config_dir),
+                               "--anthropic-ip", "127.0.0.1", "--anthropic-port", str(stack.anthropic), "--no-hosts",
+                               "--workers", "1", "--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
+                               "--proxy-url", stack.target_url])
+        env = _env(SSL_CERT_FILE=str(stack.ca_bundle), SUDO_UID="65534", SUDO_GID="65534")
+        master = Process("cmm sudo", argv, env, stack.base / "sudo.out")
+        stack.processes.append(master)
+        master.wait_for(rf"cmm serving on port {port}\b")
+        [recorder] = children(master.proc.pid, "cmm.daemon.recorder")
+        wait_until(lambda: "Uid:\t65534\t65534\t65534\t65534" in Path(f"/proc/{recorder}/status").read_text(),
+                   what="the recorder to become the user")  # it starts as root, imports, then drops
+        assert ask(port, config_dir, SOURCE)[0] == 200
+        database = config_dir / "usage.sqlite3"
+        wait_until(lambda: Path(f"{database}-wal").exists(), what="the first commit")
+        files = {path.name: (path.stat().st_uid, path.stat().st_mode & 0o777)
+                 for path in config_dir.iterdir() if path.name.startswith("usage")}
+        assert files == {name: (65534, 0o600) for name in ("usage.sqlite3", "usage.sqlite3-wal", "usage.sqlite3-shm")}
+        os.kill(master.proc.pid, signal.SIGTERM)
+        master.proc.wait(timeout=30)
+        assert rows(config_dir) == [(SOURCE, "intercepted", 200, 1, 1)]
+    finally:
+        shutil.rmtree(config_dir)
