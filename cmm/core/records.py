@@ -72,6 +72,8 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", localtime(record.started))
     subject = escaped(record.model if record.model is not None else f"{record.method} {record.path}")
     route = f"INTERCEPTED → {escaped(str(record.target))}" if record.intercepted else "PASSTHROUGH"
+    if record.fallback:
+        route += f" (fallback: {escaped(record.fallback)})"
     ok = record.status is not None and record.status < 400 and record.error is None
     mark = "✓" if ok else "✗"
     status = "-" if record.status is None else str(record.status)
@@ -97,6 +99,6 @@ def format_json(record: RequestRecord) -> str:
         for key, value in attrs.asdict(record).items()
     }
     fields["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.started))
-    fields["route"] = "intercepted" if record.intercepted else "passthrough"
+    fields["route"] = record.route or ("intercepted" if record.intercepted else "passthrough")
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)

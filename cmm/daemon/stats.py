@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import Counter
 from typing import Any
 
 import attrs
 
+from cmm.core.failover import Cooldown, CooldownTable
 from cmm.core.records import RequestRecord
 
 _RATIO = 1.12
@@ -73,19 +75,29 @@ class RouteStats:
 class LiveStats:
     routes: dict[str, RouteStats] = attrs.field(factory=dict)
     workers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    fallbacks: dict[str, Counter[str]] = attrs.field(factory=dict)  # per rule: failed-over requests by cause
+    cooldowns: CooldownTable = attrs.field(factory=lambda: CooldownTable(time.time))
 
     def add(self, record: RequestRecord, worker: str) -> None:
         key = f"{record.mapping}* → {record.target}" if record.intercepted else "passthrough"
         self.routes.setdefault(key, RouteStats()).add(record)
+        if record.fallback is not None:
+            self.fallbacks.setdefault(f"{record.mapping}* → {record.target}", Counter())[record.fallback] += 1
         self.workers.setdefault(worker, {}).setdefault("requests", 0)
         self.workers[worker]["requests"] += 1
 
     def gauges(self, worker: str, values: dict[str, Any]) -> None:
         self.workers.setdefault(worker, {"requests": 0}).update(values)
 
+    def cooldown(self, cooldown: Cooldown) -> None:
+        self.cooldowns.extend(cooldown)
+
     def forget_worker(self, worker: str) -> None:
         self.workers.pop(worker, None)
 
     def snapshot(self) -> dict[str, Any]:
         return {"routes": {name: stats.snapshot() for name, stats in sorted(self.routes.items())},
-                "workers": dict(sorted(self.workers.items()))}
+                "workers": dict(sorted(self.workers.items())),
+                "fallbacks": {rule: dict(sorted(causes.items())) for rule, causes in sorted(self.fallbacks.items())},
+                "cooldowns": [{"rule": c.rule, "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.until)),
+                               "cause": c.cause} for c in self.cooldowns.current()]}
