@@ -152,7 +152,7 @@ class ProxyContext:
             "upstream_opened": self.pool.opened,
             "refused": self.refused,
             "evicted_idle": self.evicted_idle,
-            "fallback_unkept": self.unkept,
+            **({"fallback_unkept": self.unkept} if self.unkept else {}),  # shown only when it happened
         }
 
 
