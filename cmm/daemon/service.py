@@ -309,10 +309,9 @@ class InterceptorService(Service):
                 slots = [self.sockets] * config.workers
             self.supervisor = self.supervisor_factory(
                 reactor=self.reactor, sockets=slots, count=config.workers, record=self.record,
-                gauges=self.stats.gauges, uid=identity[0] if identity else None,
+                gauges=self.stats.gauges, on_cooldown=self.stats.cooldown, uid=identity[0] if identity else None,
                 gid=identity[1] if identity else None, grace=config.grace, environ=dict(self.environ),
             )
-            self.supervisor.on_cooldown = self.stats.cooldown
             self.supervisor.start(self.worker_config)
         self._edit_hosts()
         log.info("cmm serving on port {port} ({workers})", port=config.port,
