@@ -181,3 +181,31 @@ def _reap(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
+
+
+# -- the master service's wiring ------------------------------------------------------------------------
+
+def test_the_master_service_shows_the_cool_downs_it_serves_or_its_workers_meet(tmp_path: Path) -> None:
+    from twisted.internet.testing import StringTransport
+
+    from cmm.machine import certs
+    from test_master_service import World, master, start
+
+    key_pair = certs.ensure_certificates(tmp_path / "certs")
+    alone = World(tmp_path / "alone")
+    serving = master(alone, key_pair, workers=0, **{"anthropic-ip": "192.0.2.7"})
+    start(serving)
+    assert serving.context is not None
+    cooldown = Cooldown(RULE, 4_102_444_800.0, "anthropic 529")
+    serving.context.report_cooldown(cooldown)  # what the serving unit calls when it meets one
+    [(_, factory)] = alone.control
+    transport = StringTransport()
+    factory.buildProtocol(None).makeConnection(transport)
+    assert json.loads(transport.value())["cooldowns"] == [
+        {"rule": RULE, "until": "2100-01-01T00:00:00Z", "cause": "anthropic 529"}]
+    world = World(tmp_path / "workers")
+    supervised = master(world, key_pair, workers=2, **{"anthropic-ip": "192.0.2.7"})
+    start(supervised)
+    [supervisor] = world.supervisors
+    supervisor.kwargs["on_cooldown"](cooldown)  # what the supervisor calls when a worker met one
+    assert supervised.status()["cooldowns"][0]["cause"] == "anthropic 529"
