@@ -28,8 +28,7 @@ from twisted.python.failure import Failure
 from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError, error_response
 from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Discarded, Dispose, HeldError, HeldMessage,
-                               Interim,
-                               Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
+                               Interim, Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
                                ResponseState, Sniffed, Splice, UpstreamRequest, can_answer_error, dispose_for,
                                edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
                                response_mode, retry_decision, reuse_after, route)
@@ -887,7 +886,6 @@ class Exchange:
         if connecting is not None:
             connecting.cancel()
 
-
     # Failover: the request sent a second way (see cmm.core.failover)
 
     def _failover_cause(self, status: int | None, why: str = UNREACHABLE) -> str | None:
@@ -926,8 +924,8 @@ class Exchange:
             return
         cooldown = Cooldown(rule_key(rule), now + seconds, cause("anthropic", response.status))
         if self.context.cooldowns.extend(cooldown):
-            log.info("Anthropic answered {status} with retry-after {seconds:g}s: {rule} goes to its target "
-                     "meanwhile", status=response.status, seconds=seconds, rule=cooldown.rule)
+            log.warn("Anthropic answered {status} with retry-after {seconds:g}s: {rule} goes straight to its target "
+                     "until then", status=response.status, seconds=seconds, rule=cooldown.rule)
             self.context.report_cooldown(cooldown)
 
     def _discard(self, mode: Discarded, body: Body) -> None:
