@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import attrs
+from hypothesis import given, settings as settings_, strategies as st
 
 from cmm.core.router import Mapping, Router, Upstream
 from memory_harness import TARGET_URL, Harness, make_pki, ok_reply, responses, settings
@@ -159,3 +160,44 @@ def test_the_request_log_says_who_answered_and_why() -> None:
     document = json.loads(format_json(record))
     assert document["route"] == "fallback" and document["fallback"] == "anthropic 429"
     assert document["mapping"] == "claude-haiku-4-5" and document["upstream"] == "127.0.0.1:8317"
+
+
+SSE = b"".join(b"event: %s\ndata: {\"n\":%d}\n\n" % (kind, n) for n, kind in enumerate(
+    [b"message_start", b"content_block_start", b"content_block_delta", b"content_block_stop", b"message_stop"]))
+
+
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    cuts = sorted({c % len(data) for c in cuts if c % len(data)})
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+
+
+@settings_(max_examples=40, deadline=None)
+@given(refusal_cuts=st.lists(st.integers(min_value=1, max_value=10_000), max_size=6),
+       answer_cuts=st.lists(st.integers(min_value=1, max_value=10_000), max_size=6))
+def test_however_both_answers_are_split_the_client_gets_the_target_s_stream_once(refusal_cuts: list[int],
+                                                                                 answer_cuts: list[int]) -> None:
+    made = harness()
+    waiting = held(made)
+    targets: list = []
+    made.upstreams["target"].reply = lambda server, exchange: targets.append(server)
+    client, _ = made.client()
+    made.send(client, post())
+    [server] = waiting
+    for piece in pieces(REFUSAL, refusal_cuts):
+        server.transport.write(piece)
+        made.flush()
+    [target] = targets
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + \
+        b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces(SSE, answer_cuts)) + b"0\r\n\r\n"
+    for piece in pieces(answer, answer_cuts):
+        target.transport.write(piece)
+        made.flush()
+    received = bytes(client.received)
+    head, rest = received.split(b"\r\n\r\n", 1)
+    assert received.count(b"HTTP/1.1") == 1 and b"x-cmm-fallback: anthropic 429" in head
+    assert b"slow down" not in received  # nothing of the refusal
+    body = b""
+    while rest:
+        size, rest = rest.split(b"\r\n", 1)
+        body, rest = body + rest[: int(size, 16)], rest[int(size, 16) + 2:]
+    assert body == SSE
