@@ -12,8 +12,9 @@ the median of ``--rounds`` requests, each on a new TLS connection, as Claude Cod
   the failover's cost is what it adds beyond the 429 (the target's answer, on a pooled
   connection, included: the client's TLS handshake with cmm is in both);
 * a rule in its cool-down (straight to the target) against the plain rule;
-* a fresh worker's peak RSS over a series of ``--body-mib`` MiB requests answered by Anthropic,
-  through a fallback rule (the body kept until the answer starts) and passed through (not kept).
+* what a fresh worker holds per request while four ``--body-mib`` MiB requests wait for their
+  answer: to Anthropic through a fallback rule (the body kept until the answer starts) against no
+  rule, and to the target through an ``on_target_error`` rule (kept) against a plain one.
 
 Figures on a loaded machine are indicative: compare them with each other, not across runs.
 """
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,13 +40,14 @@ from cmm.core.values import ANTHROPIC_HOST, Destination, MiB, ProxySettings  # n
 from cmm.daemon import wire  # noqa: E402
 from cmm.testing import fakes  # noqa: E402
 from cmm.testing.checkout import checkout_env  # noqa: E402
-from cmm.testing.processes import Fakes, memory_kib, reset_peak  # noqa: E402
+from cmm.testing.processes import Fakes, memory_kib  # noqa: E402
 
 FAILOVER = "claude-opus-4-6"  # a fallback rule with the default causes
 REFUSED = "claude-sonnet-4-5"  # a fallback rule that fails over on 529 only: Anthropic's 429 reaches the client
 PLAIN = "claude-haiku-4-5"  # always to the target
 COOLED = "claude-3-7-sonnet"  # a fallback rule put in a cool-down at the start
 PASSTHROUGH = "claude-2"  # no rule: Anthropic, nothing kept
+HANDS_BACK = "claude-instant"  # to the target, kept for Anthropic should the target fail
 REFUSE_429 = (("x-fake-for", "anthropic"), ("x-fake-status", "429"))
 HEADERS = ["measurement", "median ms"]
 
@@ -54,7 +57,8 @@ def _rules(target_url: str) -> tuple[Mapping, ...]:
     return (Mapping(FAILOVER, "gpt-5", upstream, mode="fallback"),
             Mapping(REFUSED, "gpt-5", upstream, mode="fallback", fallback_on=(529,)),
             Mapping(PLAIN, "gpt-5", upstream),
-            Mapping(COOLED, "gpt-5", upstream, mode="fallback"))
+            Mapping(COOLED, "gpt-5", upstream, mode="fallback"),
+            Mapping(HANDS_BACK, "gpt-5", upstream, on_target_error="anthropic"))
 
 
 def _body(model: str, size: int = 0) -> bytes:
@@ -128,18 +132,28 @@ def _median_ms(worker: Worker, rounds: int, model: str, *extra: tuple[str, str],
     return statistics.median(times) * 1000
 
 
-def _peak_mib(work: Path, settings: ProxySettings, model: str, body: bytes, count: int = 3) -> float:
-    """A fresh worker's peak RSS over ``count`` requests with ``body``, above its RSS before, in
-    MiB (a fresh one each time: a heap grown by an earlier series would hide the next one's)."""
+def _held_mib(work: Path, settings: ProxySettings, model: str, body: bytes, count: int = 4,
+              think: float = 1.5) -> float:
+    """What a fresh worker holds per request while ``count`` requests with ``body`` wait for an
+    upstream that thinks ``think`` seconds before it answers, in MiB: its RSS then, above its RSS
+    before. A kept body is held exactly that long, so this is its cost (a peak would hide it: the
+    body is in memory anyway while it is being sent)."""
     worker = Worker(work, settings, work / "pki")
     try:
         worker.ask(model)  # warm
-        reset_peak(worker.process.pid)
         before = memory_kib(worker.process.pid)["VmRSS"]
-        for _ in range(count):
-            if worker.ask(model, body=body)[0] != 200:
-                raise AssertionError(f"{model}: a {len(body)}-byte request was not answered")
-        return (memory_kib(worker.process.pid)["VmHWM"] - before) / 1024
+        statuses: list[int] = []
+        threads = [threading.Thread(target=lambda: statuses.append(
+            worker.ask(model, ("x-fake-delay", str(think)), body=body)[0])) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        time.sleep(think * 0.7)
+        during = memory_kib(worker.process.pid)["VmRSS"]
+        for thread in threads:
+            thread.join()
+        if statuses != [200] * count:
+            raise AssertionError(f"{model}: {statuses}")
+        return (during - before) / 1024 / count
     finally:
         worker.stop()
 
@@ -166,8 +180,8 @@ def failover_rows(rounds: int = 30, body_mib: int = 4) -> list[list[str]]:
             if worker is not None:
                 worker.stop()
         try:
-            kept = _peak_mib(work, settings, FAILOVER, _body(FAILOVER, body_mib * MiB))
-            passed = _peak_mib(work, settings, PASSTHROUGH, _body(PASSTHROUGH, body_mib * MiB))
+            held = [_held_mib(work, settings, model, _body(model, body_mib * MiB))
+                    for model in (FAILOVER, PASSTHROUGH, HANDS_BACK, PLAIN)]
         finally:
             stack.stop()
     return [
@@ -177,9 +191,13 @@ def failover_rows(rounds: int = 30, body_mib: int = 4) -> list[list[str]]:
         ["  added beyond the 429 (the target's own answer included)", f"{failover - refused:+.2f}"],
         ["a rule in cool-down (straight to the target)", f"{cooled:.2f}"],
         ["  against the plain rule", f"{cooled - target:+.2f}"],
-        [f"peak RSS, {body_mib} MiB bodies via a fallback rule (kept), MiB", f"{kept:.1f}"],
-        [f"peak RSS, {body_mib} MiB bodies passed through (not kept), MiB", f"{passed:.1f}"],
-        ["  a kept body costs, MiB", f"{kept - passed:+.1f}"],
+        [f"held per waiting {body_mib} MiB request to Anthropic, fallback rule (kept), MiB", f"{held[0]:.1f}"],
+        [f"held per waiting {body_mib} MiB request to Anthropic, no rule (not kept), MiB", f"{held[1]:.1f}"],
+        ["  a kept body costs, to Anthropic, MiB", f"{held[0] - held[1]:+.1f}"],
+        [f"held per waiting {body_mib} MiB request to the target, on_target_error rule (kept), MiB",
+         f"{held[2]:.1f}"],
+        [f"held per waiting {body_mib} MiB request to the target, plain rule (not kept), MiB", f"{held[3]:.1f}"],
+        ["  a kept body costs, to the target, MiB", f"{held[2] - held[3]:+.1f}"],
     ]
 
 

@@ -16,6 +16,6 @@ def test_failover_bench_runs_and_gives_every_figure() -> None:
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     for label in ("Anthropic's 429 alone", "failover: Anthropic's 429, then the target", "added beyond the 429",
-                  "a rule in cool-down", "a kept body costs, MiB"):
+                  "a rule in cool-down", "a kept body costs, to Anthropic, MiB", "a kept body costs, to the target, MiB"):
         line = next(line for line in result.stdout.splitlines() if label in line)
         assert re.search(r"[-+]?\d+\.\d+$", line), line
