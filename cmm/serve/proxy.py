@@ -556,6 +556,7 @@ class Exchange:
         self.waiting: Any = None  # the delayed call of a retry
         self.rule: Mapping | None = mapping  # the rule that routed it (a fallback rule's Anthropic leg too)
         self.fallback: str | None = None  # why the upstream answering is not the rule's first choice
+        self.failover_waiting: str | None = None  # refused while the body still came: failing over at its end
         self._reset_response()
 
     def _reset_response(self) -> None:
@@ -620,6 +621,9 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.body_done = True
+        if self.failover_waiting is not None:  # refused before the body was all in: it is now
+            why, self.failover_waiting = self.failover_waiting, None
+            self._fail_over(why, Dispose.CLOSE)
 
     # Upstream events
 
@@ -890,11 +894,10 @@ class Exchange:
 
     def _failover_cause(self, status: int | None, why: str = UNREACHABLE) -> str | None:
         """Why this leg's failure (``status``; None: no answer) sends the request the other way, or
-        None: nothing kept, a byte already sent to the client, the request body still coming (an
-        early answer), or a failure the rule does not fail over on."""
+        None: nothing kept, a byte already sent to the client, or a failure the rule does not fail
+        over on."""
         failover = self.request.failover
-        if failover is None or self.bytes_out or self.client.state not in (ClientState.CONNECTING,
-                                                                            ClientState.RESPONSE):
+        if failover is None or self.bytes_out or self.client.state is ClientState.CLOSED:
             return None
         if failover.to_target:
             return cause("anthropic", status, why) if fails_over(status, failover.rule.fallback_on) else None
@@ -938,9 +941,21 @@ class Exchange:
             self._fail_over(mode.why, Dispose.ABORT)
 
     def _fail_over(self, why: str, dispose: Dispose) -> None:
-        """Send the request the other way, from its kept bytes, on a fresh exchange state."""
+        """Send the request the other way, from its kept bytes, on a fresh exchange state; once its
+        body is all in (an upstream may answer before that), which it is kept for meanwhile."""
+        if self.client.state is ClientState.BODY:
+            # The rest of the body was never framed on that connection: it is not reused. The
+            # client's own idle deadline covers a body that stops coming meanwhile.
+            self._detach(Dispose.ABORT if dispose is Dispose.ABORT else Dispose.CLOSE)
+            self._reset_response()
+            self.deadline.cancel()
+            self.failover_waiting = why
+            return
         failover, self.request.failover = self.request.failover, None  # once per request
-        assert failover is not None
+        if failover is None:  # it outgrew --fallback-body-max meanwhile: the refusal is gone, say why
+            self.fail(HttpError(502, f"{why} before the request was all sent, and the request is larger than "
+                                     f"--fallback-body-max, so it cannot fail over"))
+            return
         to = failover.rule if failover.to_target else None
         settings = self.client.settings
         try:

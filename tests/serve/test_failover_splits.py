@@ -1,6 +1,7 @@
 """Failover in the serving protocol against scripted upstreams (in-memory TLS, fake clock): a refusal
-however it is split, refusals too large to read, a refusal before the request is all sent, a
-closed connection, an answer already begun, and a client that leaves mid-failover."""
+however it is split, refusals too large to read, a refusal before the request is all sent (failed
+over once it is), a closed connection, an answer already begun, and a client that leaves
+mid-failover."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_a_refusal_too_large_to_read_drops_its_connection_and_fails_over() -> No
     assert server.transport.disconnecting
 
 
-def test_an_answer_before_the_request_is_all_sent_is_not_failed_over() -> None:
+def test_a_refusal_before_the_request_is_all_sent_fails_over_once_it_is() -> None:
     made = harness()
     made.upstreams["anthropic"].reply = lambda server, exchange: None
     client, _ = made.client()
@@ -88,8 +89,28 @@ def test_an_answer_before_the_request_is_all_sent_is_not_failed_over() -> None:
     [server] = made.upstreams["anthropic"].servers
     server.transport.write(REFUSAL)
     made.flush()
-    head, _ = the_one_answer(client)
-    assert head.startswith(b"HTTP/1.1 429") and b"x-cmm-fallback" not in head
+    assert client.received == b"" and made.upstreams["target"].exchanges == []
+    assert server.transport.disconnecting  # half a body on it: not reused
+    made.send(client, request[len(request) - 10:])
+    head, body = the_one_answer(client)
+    assert b"x-cmm-fallback: anthropic 429\r\n" in head and body == b'{"from":"target"}'
+    [sent] = made.upstreams["target"].exchanges
+    assert json.loads(sent.body)["model"] == "gemini-2.5-flash"
+
+
+def test_a_refusal_before_a_body_that_then_outgrows_the_bound_is_a_502_that_says_why() -> None:
+    made = Harness(PKI, attrs.evolve(harness().settings, fallback_body_max=300))
+    made.upstreams["anthropic"].reply = lambda server, exchange: None
+    client, _ = made.client()
+    body = HAIKU[:-1] + b',"pad":"' + b"x" * 400 + b'"}'
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+    made.send(client, head + b"%x\r\n%s\r\n" % (len(body[:100]), body[:100]))
+    [server] = made.upstreams["anthropic"].servers
+    server.transport.write(REFUSAL)
+    made.flush()
+    made.send(client, b"%x\r\n%s\r\n0\r\n\r\n" % (len(body[100:]), body[100:]))
+    head_out, answer = the_one_answer(client)
+    assert head_out.startswith(b"HTTP/1.1 502") and b"--fallback-body-max" in answer
     assert made.upstreams["target"].exchanges == []
 
 
