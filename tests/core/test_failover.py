@@ -217,3 +217,24 @@ def test_kept_bytes_without_their_model_are_a_clear_error() -> None:
 def test_the_fallback_header_is_added_once_at_the_head_s_end() -> None:
     marked = with_fallback_header(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "anthropic 429")
     assert marked == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-cmm-fallback: anthropic 429\r\n\r\n"
+
+
+@settings(max_examples=60, deadline=None)
+@given(reports=st.lists(st.tuples(st.sampled_from(["a* → x", "b* → y"]), st.floats(NOW - 100, NOW + 100)),
+                        max_size=8),
+       order=st.randoms(use_true_random=False))
+def test_the_table_is_the_same_whatever_order_the_reports_come_in(reports: list, order) -> None:
+    cooldowns = [Cooldown(rule, until, "anthropic 429") for rule, until in reports]
+    shuffled = list(cooldowns)
+    order.shuffle(shuffled)
+    tables = []
+    for sequence in (cooldowns, shuffled):
+        table = CooldownTable(lambda: NOW)
+        for cooldown in sequence:
+            table.extend(cooldown)
+        tables.append({c.rule: c.until for c in table.current()})
+    expected = {}
+    for rule, until in reports:
+        if until > NOW:
+            expected[rule] = max(until, expected.get(rule, until))
+    assert tables[0] == tables[1] == expected
