@@ -49,7 +49,7 @@ COOLED = "claude-3-7-sonnet"  # a fallback rule put in a cool-down at the start
 PASSTHROUGH = "claude-2"  # no rule: Anthropic, nothing kept
 HANDS_BACK = "claude-instant"  # to the target, kept for Anthropic should the target fail
 REFUSE_429 = (("x-fake-for", "anthropic"), ("x-fake-status", "429"))
-HEADERS = ["measurement", "median ms"]
+HEADERS = ["measurement", "ms (MiB where named)"]
 
 
 def _rules(target_url: str) -> tuple[Mapping, ...]:
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(row[0]) for row in rows)
     print(f"{HEADERS[0]:<{width}}  {HEADERS[1]}")
     for label, value in rows:
-        print(f"{label:<{width}}  {value:>9}")
+        print(f"{label:<{width}}  {value:>20}")
     return 0
 
 
