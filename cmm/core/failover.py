@@ -20,7 +20,8 @@ import attrs
 from cmm.core.decoding import BodyDecoder
 from cmm.core.exchange import RequestBody, Sniffed, ModelSniffer, UpstreamRequest, edits_for
 from cmm.core.http_head import RequestHead
-from cmm.core.router import Endpoint, Mapping
+from cmm.core.records import RequestRecord
+from cmm.core.router import Endpoint, Mapping, Upstream
 
 UNREACHABLE = "unreachable"
 # What a fallback rule fails over on when its file does not say.
@@ -60,6 +61,34 @@ def target_failed(status: int | None) -> bool:
 def cause(side: str, status: int | None, why: str = UNREACHABLE) -> str:
     """The ``x-cmm-fallback`` value: which upstream failed, and how (``anthropic 429``)."""
     return f"{side} {why if status is None else status}"
+
+
+def next_cause(to_target: bool, fallback_on: tuple[int | str, ...], status: int | None,
+               why: str = UNREACHABLE) -> str | None:
+    """Why a leg's failure (``status``; None: no answer, for ``why``) sends the request the other
+    way, or None. ``to_target``: the leg was Anthropic's, for a fallback rule; else the target's,
+    for a rule that hands failures back to Anthropic."""
+    if to_target:
+        return cause("anthropic", status, why) if fails_over(status, fallback_on) else None
+    return cause("target", status, why) if target_failed(status) else None
+
+
+def cooldown_for(rule: Mapping, status: int, retry_after: bytes | None, now: float) -> Cooldown | None:
+    """The cool-down Anthropic's answer starts for a fallback rule: a 429 or 529 the rule fails
+    over on, with a ``retry-after`` in the future."""
+    if status not in COOLDOWN_STATUSES or not fails_over(status, rule.fallback_on):
+        return None
+    seconds = retry_after_seconds(retry_after, now)
+    return Cooldown(rule_key(rule), now + seconds, cause("anthropic", status)) if seconds else None
+
+
+def ruled(record: RequestRecord, rule: Mapping, fallback: str | None, target: Upstream | None) -> RequestRecord:
+    """A failover rule's record: the rule that routed it and, after a failover, who answered
+    (``target``, or Anthropic when None) and why."""
+    if fallback is None:
+        return attrs.evolve(record, mapping=rule.source)
+    return attrs.evolve(record, mapping=rule.source, target=rule.target, route="fallback", fallback=fallback,
+                        upstream=f"{target.host}:{target.port}" if target is not None else "anthropic")
 
 
 def retry_after_seconds(value: bytes | None, now: float) -> float | None:

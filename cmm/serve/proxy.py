@@ -32,9 +32,8 @@ from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Disca
                                ResponseState, Sniffed, Splice, UpstreamRequest, can_answer_error, dispose_for,
                                edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
                                response_mode, retry_decision, reuse_after, route)
-from cmm.core.failover import (COOLDOWN_STATUSES, FALLBACK_HEADER, UNREACHABLE, Cooldown, CooldownTable, KeptBody,
-                               cause, fails_over, keepable, resend, retry_after_seconds, rule_key, target_failed,
-                               with_fallback_header)
+from cmm.core.failover import (FALLBACK_HEADER, UNREACHABLE, Cooldown, CooldownTable, KeptBody, cooldown_for,
+                               keepable, next_cause, resend, rule_key, ruled, with_fallback_header)
 from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
@@ -899,9 +898,7 @@ class Exchange:
         failover = self.request.failover
         if failover is None or self.bytes_out or self.client.state is ClientState.CLOSED:
             return None
-        if failover.to_target:
-            return cause("anthropic", status, why) if fails_over(status, failover.rule.fallback_on) else None
-        return cause("target", status, why) if target_failed(status) else None
+        return next_cause(failover.to_target, failover.rule.fallback_on, status, why)
 
     def _refused(self, response: ResponseHead) -> bool:
         """A response head that sends the request the other way: its body is read and dropped."""
@@ -919,16 +916,11 @@ class Exchange:
     def _cool_down(self, rule: Mapping, response: ResponseHead) -> None:
         """Anthropic's 429 or 529 with ``retry-after``: the rule skips Anthropic until then, in
         every worker."""
-        if response.status not in COOLDOWN_STATUSES or not fails_over(response.status, rule.fallback_on):
-            return
         now = self.context.wall_clock()
-        seconds = retry_after_seconds(response.headers.get(b"retry-after"), now)
-        if not seconds:
-            return
-        cooldown = Cooldown(rule_key(rule), now + seconds, cause("anthropic", response.status))
-        if self.context.cooldowns.extend(cooldown):
-            log.warn("Anthropic answered {status} with retry-after {seconds:g}s: {rule} goes straight to its target "
-                     "until then", status=response.status, seconds=seconds, rule=cooldown.rule)
+        cooldown = cooldown_for(rule, response.status, response.headers.get(b"retry-after"), now)
+        if cooldown is not None and self.context.cooldowns.extend(cooldown):
+            log.warn("Anthropic answered {status} with retry-after {seconds:.0f}s: {rule} goes straight to its "
+                     "target until then", status=response.status, seconds=cooldown.until - now, rule=cooldown.rule)
             self.context.report_cooldown(cooldown)
 
     def _discard(self, mode: Discarded, body: Body) -> None:
@@ -980,14 +972,9 @@ class Exchange:
 
     def _ruled(self, record: RequestRecord) -> RequestRecord:
         """The record with the rule that routed it and, after a failover, who answered and why."""
-        rule = self.rule
-        if rule is None:
+        if self.rule is None:
             return record
-        if self.fallback is None:
-            return attrs.evolve(record, mapping=rule.source)
-        upstream = self.mapping.upstream if self.mapping is not None else None
-        return attrs.evolve(record, mapping=rule.source, target=rule.target, route="fallback", fallback=self.fallback,
-                            upstream=f"{upstream.host}:{upstream.port}" if upstream is not None else "anthropic")
+        return ruled(record, self.rule, self.fallback, self.mapping.upstream if self.mapping is not None else None)
 
 
 def _reason(failure: Failure) -> str:

@@ -7,14 +7,16 @@ import email.utils
 import gzip
 import json
 
+import attrs
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from cmm.core.exchange import ModelSniffer, RequestBody, UpstreamRequest, edits_for
 from cmm.core.decoding import BodyDecoder
 from cmm.core.failover import (DEFAULT_FALLBACK_ON, MAX_COOLDOWN, Cooldown, CooldownTable, KeptBody, cause,
-                               fails_over, keepable, resend, retry_after_seconds, rule_key, target_failed,
-                               with_fallback_header)
+                               cooldown_for, fails_over, keepable, next_cause, resend, retry_after_seconds, rule_key,
+                               ruled, target_failed, with_fallback_header)
+from cmm.core.records import RequestRecord
 from cmm.core.framing import tracker_for
 from cmm.core.http_head import parse_request_head
 from cmm.core.router import Mapping, Upstream
@@ -59,6 +61,32 @@ def test_a_target_fails_on_no_answer_5xx_and_a_429_left_after_retries() -> None:
     assert not any(target_failed(status) for status in (200, 400, 401, 404))
     assert cause("anthropic", 429) == "anthropic 429" and cause("target", None) == "target unreachable"
     assert cause("anthropic", None, "timeout") == "anthropic timeout"
+
+
+def test_which_way_a_failure_sends_the_request() -> None:
+    assert next_cause(True, (), 429) == "anthropic 429" and next_cause(True, (), 400) is None
+    assert next_cause(True, (), None, "timeout") == "anthropic timeout"
+    assert next_cause(True, (529,), None) is None  # the rule does not list "unreachable"
+    assert next_cause(False, (529,), 503) == "target 503" and next_cause(False, (), 404) is None
+    assert next_cause(False, (), None, "closed") == "target closed"
+
+
+def test_a_cool_down_starts_only_for_a_listed_429_or_529_with_a_future_retry_after() -> None:
+    assert cooldown_for(RULE, 429, b"30", NOW) == Cooldown("claude-opus* → gpt-5", NOW + 30, "anthropic 429")
+    assert cooldown_for(RULE, 529, b"5", NOW) == Cooldown("claude-opus* → gpt-5", NOW + 5, "anthropic 529")
+    assert cooldown_for(RULE, 429, None, NOW) is None and cooldown_for(RULE, 429, b"0", NOW) is None
+    assert cooldown_for(RULE, 503, b"30", NOW) is None  # fails over, but no cool-down
+    assert cooldown_for(attrs.evolve(RULE, fallback_on=(529,)), 429, b"30", NOW) is None
+
+
+def test_a_failover_rule_s_record_says_the_rule_and_who_answered_why() -> None:
+    record = RequestRecord(started=NOW, method="POST", path="/v1/messages", model="claude-opus-4-6",
+                           intercepted=True, target="gpt-5", status=200, duration=0.1, bytes_in=1, bytes_out=2)
+    assert ruled(record, RULE, None, None) == attrs.evolve(record, mapping="claude-opus")
+    to_target = ruled(record, RULE, "anthropic 429", RULE.upstream)
+    assert (to_target.route, to_target.fallback, to_target.upstream) == ("fallback", "anthropic 429", "127.0.0.1:8317")
+    back = ruled(attrs.evolve(record, intercepted=False, target=None), RULE, "target 503", None)
+    assert (back.route, back.upstream, back.target, back.intercepted) == ("fallback", "anthropic", "gpt-5", False)
 
 
 # -- retry-after ----------------------------------------------------------------------------------
