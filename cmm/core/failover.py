@@ -183,6 +183,16 @@ class KeptBody:
         return b"".join(self.pieces)
 
 
+@attrs.define
+class Failover:
+    """A request that may go a second way: its rule, which way first, and its body as received."""
+
+    rule: Mapping
+    to_target: bool  # Anthropic first, the target when it refuses; else the target first, Anthropic on failure
+    codings: tuple[str, ...]  # the body's Content-Encoding, decoded again for the second send
+    kept: KeptBody
+
+
 def keepable(head: RequestHead, limit: int) -> bool:
     """A body that declares more than ``limit`` is not kept from its first byte."""
     return head.framing.kind != "length" or head.framing.length <= limit

@@ -32,8 +32,8 @@ from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Disca
                                ResponseState, Sniffed, Splice, UpstreamRequest, can_answer_error, dispose_for,
                                edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
                                response_mode, retry_decision, reuse_after, route)
-from cmm.core.failover import (FALLBACK_HEADER, UNREACHABLE, Cooldown, CooldownTable, KeptBody, cooldown_for,
-                               keepable, next_cause, resend, rule_key, ruled, with_fallback_header)
+from cmm.core.failover import (FALLBACK_HEADER, UNREACHABLE, Cooldown, CooldownTable, Failover, KeptBody,
+                               cooldown_for, keepable, next_cause, resend, rule_key, ruled, with_fallback_header)
 from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
@@ -181,16 +181,6 @@ def fit_open_files(connections: int, limits: Any = None) -> int:
     if soft == limits.RLIM_INFINITY:
         return connections
     return max(1, min(connections, int(soft - FD_RESERVE) // 2))
-
-
-@attrs.define
-class Failover:
-    """A request that may go a second way: its rule, which way first, and its body as received."""
-
-    rule: Mapping
-    to_target: bool  # Anthropic first, the target when it refuses; else the target first, Anthropic on failure
-    codings: tuple[str, ...]  # the body's Content-Encoding, decoded again for the second send
-    kept: KeptBody
 
 
 @attrs.define
