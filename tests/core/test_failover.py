@@ -145,7 +145,7 @@ def test_a_rule_is_named_by_its_prefix_target_and_conditions() -> None:
     assert rule_key(RULE) == "claude-opus* → gpt-5"
     conditioned = Mapping("*", "gpt-5", RULE.upstream, request_class=("subagent",), headers=(("x-a", "b*"),),
                           min_body_bytes=10)
-    assert rule_key(conditioned) == "** → gpt-5 [class=subagent x-a=b* size>=10]"
+    assert rule_key(conditioned) == "* [subagent x-a=b* min_body_bytes≥10] → gpt-5"
 
 
 # -- keeping the body -----------------------------------------------------------------------------
