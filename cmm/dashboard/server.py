@@ -25,7 +25,7 @@ import attrs
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
-from twisted.web import resource, server
+from twisted.web import pages, resource, server
 from twisted.web.http import Request as HTTPRequest
 
 from cmm.dashboard import charts, page, store
@@ -166,6 +166,27 @@ def _int(text: str | None, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+class Leaf(resource.Resource):
+    """An endpoint that only reads: GET (and HEAD); any other method gets 405 and no HTML."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b"GET, HEAD")
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"405 Method Not Allowed: the dashboard only reads\n"
+        return super().render(request)
+
+
+class Folder(resource.Resource):
+    """Children by name; a name it does not have gets a plain 404."""
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return pages.notFound()
+
+
 class Forbidden(resource.Resource):
     isLeaf = True
 
@@ -195,7 +216,7 @@ class Guard(resource.Resource):
         return Forbidden().render(request)
 
 
-class Page(resource.Resource):
+class Page(Leaf):
     isLeaf = True
 
     def __init__(self, dashboard: Dashboard) -> None:
@@ -229,7 +250,7 @@ def build_panels(dashboard: Dashboard, period: store.Range) -> dict[str, Any]:
             "totals": totals, "routes": routes}
 
 
-class JsonEndpoint(resource.Resource):
+class JsonEndpoint(Leaf):
     """A GET answered with JSON; bad parameters get 400, an unreadable store 503, both with a reason."""
 
     isLeaf = True
@@ -280,7 +301,7 @@ def panels_answer(dashboard: Dashboard, request: server.Request) -> object:
     return build_panels(dashboard, store.parse_range(_arg(request, "range") or "hour"))
 
 
-class Status(resource.Resource):
+class Status(Leaf):
     isLeaf = True
 
     def __init__(self, dashboard: Dashboard) -> None:
@@ -362,7 +383,7 @@ class FeedStream:
         self.write(_event("status", found))
 
 
-class Feed(resource.Resource):
+class Feed(Leaf):
     """Server-sent events; a reconnecting EventSource's ``Last-Event-ID`` resumes where it stopped."""
 
     isLeaf = True
@@ -385,9 +406,9 @@ class Feed(resource.Resource):
 
 def resource_tree(dashboard: Dashboard) -> resource.Resource:
     """Every page and endpoint, behind the :class:`Guard`."""
-    inner = resource.Resource()
+    inner = Folder()
     inner.putChild(b"", Page(dashboard))
-    api = resource.Resource()
+    api = Folder()
     inner.putChild(b"api", api)
     api.putChild(b"summary", JsonEndpoint(dashboard, summary_answer))
     api.putChild(b"requests", JsonEndpoint(dashboard, requests_answer))
