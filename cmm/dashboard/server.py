@@ -183,7 +183,7 @@ class Leaf(resource.Resource):
 class Folder(resource.Resource):
     """Children by name; a name it does not have gets a plain 404."""
 
-    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+    def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
         return pages.notFound()
 
 

@@ -1,0 +1,151 @@
+"""The dashboard in a real headless Chromium, served by a real ``cmm dashboard`` process: the page
+loads without a console error (a Content-Security-Policy violation would be one), shows the
+requests in the store, takes a new one live, and works with the keyboard and in a narrow window."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from browser import chromium_paths, missing_reason, start_chromium
+from store_rows import create_store, insert, request_row
+from support import process_env
+
+pytestmark = pytest.mark.skipif(chromium_paths() is None, reason=missing_reason())
+
+WAIT = 15.0
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("cmm")
+    directory.chmod(0o700)
+    store = directory / "usage.sqlite3"
+    create_store(store)
+    now = time.time()
+    insert(store, *(request_row(time=now - 300 + i * 30, model=f"claude-haiku-4-5-{i}", duration=0.2 + i / 10)
+                    for i in range(5)),
+           request_row(time=now - 10, route="passthrough", rule=None, model="claude-opus-4-5", status=529,
+                       error="overloaded", served_model="claude-opus-4-5", upstream="anthropic"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def url(config_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("log") / "dashboard.out"
+    with log.open("wb") as out:
+        child = subprocess.Popen([sys.executable, "-m", "cmm.cli.main", "dashboard", "--config-dir", str(config_dir),
+                                  "--port", "0", "--no-browser"], stdout=out, stderr=subprocess.STDOUT,
+                                 env=process_env(HOME=str(config_dir.parent)))
+    try:
+        deadline = time.monotonic() + WAIT
+        while not (found := re.search(r"http://127\.0\.0\.1:\d+/\?token=[\w-]+", log.read_text())):
+            assert child.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield found.group()
+    finally:
+        child.terminate()
+        child.wait(10)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    driver = start_chromium()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(condition: Any, what: str) -> Any:
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            found = condition()
+        except Exception:  # the element is not there yet, or was just replaced
+            found = None
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"waited {WAIT:g} s for {what}"
+        time.sleep(0.1)
+
+
+def errors(driver: Any) -> list[dict[str, Any]]:
+    return [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+
+
+def feed_models(driver: Any) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [row.find_elements(By.CSS_SELECTOR, "td")[0].text
+            for row in driver.find_elements(By.CSS_SELECTOR, "#feed tbody tr")]
+
+
+def test_the_page_shows_the_store_and_takes_new_requests_live(browser: Any, url: str, config_dir: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(url)
+    shown = wait_for(lambda: len(feed_models(browser)) == 6 and feed_models(browser), "the stored requests")
+    assert shown == ["claude-opus-4-5", *(f"claude-haiku-4-5-{i}" for i in reversed(range(5)))]  # newest first
+    failed = browser.find_element(By.CSS_SELECTOR, "#feed tbody tr.failed")
+    assert "529 (overloaded)" in failed.text
+    assert "cmm is not running" in browser.find_element(By.ID, "running").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "figure svg[role=img]")) == 3
+    assert browser.find_element(By.CSS_SELECTOR, "#totals").text.count("6") >= 1
+    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "#feed tbody").get_attribute("aria-live") == "polite",
+             "the feed to become a live region")
+
+    insert(config_dir / "usage.sqlite3", request_row(time=time.time(), model="claude-sonnet-4-5-live",
+                                                     input_tokens=1234, output_tokens=56))
+    wait_for(lambda: feed_models(browser)[0] == "claude-sonnet-4-5-live", "the new request at the top")
+    newest = browser.find_element(By.CSS_SELECTOR, "#feed tbody tr")
+    assert "1,304" in newest.text and "56" in newest.text  # input + both cache counts, and output
+    assert errors(browser) == []
+
+
+def test_the_period_switch_works_from_the_keyboard(browser: Any, url: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(url)
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.text == "Skip to the request feed"
+    for _ in range(20):
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        if browser.switch_to.active_element.text == "Last week":
+            break
+    else:
+        pytest.fail("the period links cannot be reached with Tab")
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait_for(lambda: "range=week" in browser.current_url, "the week's page")
+    current = browser.find_element(By.CSS_SELECTOR, "nav a[aria-current=page]")
+    assert current.text == "Last week"
+    assert browser.find_element(By.ID, "totals-heading").text == "Last week"
+    assert errors(browser) == []
+
+
+def test_a_narrow_window_needs_no_sideways_scrolling(browser: Any, url: str) -> None:
+    browser.set_window_size(380, 800)
+    try:
+        browser.get(url)
+        wait_for(lambda: feed_models(browser), "the feed")
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    finally:
+        browser.set_window_size(1280, 800)
+
+
+def test_without_the_token_the_browser_gets_nothing(browser: Any, url: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(url.split("?")[0])
+    assert "403 Forbidden" in browser.find_element(By.TAG_NAME, "body").text
+    assert browser.find_elements(By.ID, "feed") == []
