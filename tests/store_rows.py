@@ -27,10 +27,14 @@ def request_row(**values: Any) -> dict[str, Any]:
 
 
 def create_store(path: Path) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA journal_mode=WAL")
-        for statement in CREATE:
-            db.execute(statement)
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            db.execute("PRAGMA journal_mode=WAL")
+            for statement in CREATE:
+                db.execute(statement)
+    finally:
+        db.close()
     path.chmod(0o600)
 
 

@@ -114,24 +114,40 @@ async def live_status(directory: Path, reactor: Any) -> dict[str, Any]:
     }
 
 
+def _log_errors_to(stream: Any) -> None:
+    """Only errors reach the terminal: Twisted's start-up chatter stays out, a traceback does not."""
+    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner,
+                                textFileLogObserver)
+
+    errors_only = LogLevelFilterPredicate(defaultLogLevel=LogLevel.error)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(stream), [errors_only])],
+                                     redirectStandardIO=False)
+
+
 # --- the command ------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace, ctx: Context, *, reactor: Any = None,
-        open_browser: Callable[[str], bool] = webbrowser.open) -> int:
-    from twisted.internet import error as net
+        open_browser: Callable[[str], bool] = webbrowser.open, euid: Callable[[], int] = os.geteuid,
+        become: Callable[[RunAs], None] = drop_privileges) -> int:
+    # Everything it will need is imported first: the user it becomes may not be able to read
+    # the Python that root runs.
+    from twisted.internet import endpoints, error as net, protocol  # noqa: F401  (read_live's)
 
+    from cmm.cli import status  # noqa: F401
     from cmm.dashboard import server
 
-    directory = Path(os.path.abspath(config_dir(args, ctx)))
-    user = run_as(os.geteuid(), ctx.environ, _owner(directory))
-    if user is not None:
-        try:
-            drop_privileges(user)
-        except OSError as error:
-            return ctx.fail(f"cannot run as {user.name} ({error}); run `cmm dashboard` as yourself, without sudo")
     if reactor is None:
         from twisted.internet import reactor
+
+        _log_errors_to(ctx.err)
+    directory = Path(os.path.abspath(config_dir(args, ctx)))
+    user = run_as(euid(), ctx.environ, _owner(directory))
+    if user is not None:
+        try:
+            become(user)
+        except OSError as error:
+            return ctx.fail(f"cannot run as {user.name} ({error}); run `cmm dashboard` as yourself, without sudo")
     dashboard = server.Dashboard(store_path=directory / paths.USAGE_FILE_NAME, token=secrets.token_urlsafe(32),
                                  live=lambda: live_status(directory, reactor), clock=reactor)
     try:

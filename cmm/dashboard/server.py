@@ -25,6 +25,7 @@ import attrs
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
+from twisted.python.failure import Failure
 from twisted.web import pages, resource, server
 from twisted.web.http import Request as HTTPRequest
 
@@ -313,7 +314,12 @@ class Status(Leaf):
             request.write(_json(request, found))
             request.finish()
 
-        defer.ensureDeferred(self.dashboard.status()).addCallback(answer).addErrback(log.err)
+        def failed(failure: Failure) -> None:
+            log.err(failure, "dashboard status")
+            request.write(_failure(request, 500, "the status could not be collected; see the dashboard's output"))
+            request.finish()
+
+        defer.ensureDeferred(self.dashboard.status()).addCallback(answer).addErrback(failed)
         return server.NOT_DONE_YET
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,13 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
 
 def connect(path: Path) -> sqlite3.Connection:
     """The store, read-only; StoreUnavailable when there is none (yet) or it is not a database."""
-    if not path.is_file():
-        raise StoreUnavailable(f"no usage recorded yet ({path} does not exist)")
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise StoreUnavailable(f"{path} is not a file")
+    except FileNotFoundError:
+        raise StoreUnavailable(f"no usage recorded yet ({path} does not exist)") from None
+    except OSError as error:
+        raise StoreUnavailable(f"cannot read {path}: {error.strerror}") from None
     try:
         connection = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=0.5,
                                      check_same_thread=False)

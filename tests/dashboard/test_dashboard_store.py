@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -118,3 +119,31 @@ def test_an_unknown_range_is_refused_with_the_choices() -> None:
                                                  ([1.0, 2.0, 3.0, 4.0], 0.75, 3.0), ([1.0, 2.0], 0.0, 1.0)])
 def test_percentile_is_the_nearest_rank(values: list[float], q: float, expected: float | None) -> None:
     assert store.percentile(values, q) == expected
+
+
+def test_a_store_behind_a_folder_it_may_not_enter_is_reported(tmp_path: Path) -> None:
+    class Closed(type(tmp_path)):  # type: ignore[misc]
+        def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+            raise PermissionError(13, "Permission denied", str(self))
+
+    with pytest.raises(StoreUnavailable, match="cannot read .*: Permission denied"):
+        store.connect(Closed(tmp_path / "usage.sqlite3"))
+
+
+def test_a_folder_in_the_store_s_place_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "usage.sqlite3").mkdir()
+    with pytest.raises(StoreUnavailable, match="is not a file"):
+        store.connect(tmp_path / "usage.sqlite3")
+
+
+def test_a_locked_store_is_reported_not_waited_for(path: Path) -> None:
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("DELETE FROM requests")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.connect(path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
