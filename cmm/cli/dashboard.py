@@ -11,7 +11,7 @@ import argparse
 import os
 import secrets
 import webbrowser
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +92,19 @@ def _owner(path: Path) -> int | None:
 # --- the live counters, from the control socket as `cmm status` reads them ------------------------
 
 
-async def live_status(directory: Path, reactor: Any) -> dict[str, Any]:
-    """The running cmm and its counters per route and worker, as plain JSON values."""
+async def live_status(directory: Path, reactor: Any, *, find: Callable[[Path], Any] | None = None,
+                      read: Callable[[Path], Awaitable[object | None]] | None = None) -> dict[str, Any]:
+    """The running cmm and its counters per route and worker, as plain JSON values (``find`` and
+    ``read``: `cmm status`'s own pid/state check and control-socket client unless given)."""
     from cmm.cli import status
 
-    instance = status.find_instance(directory)
+    instance = (find or status.find_instance)(directory)
     if not instance.running:
         return {"running": False, "pid": None, "note": instance.note, "routes": [], "workers": []}
     state = instance.state
     base = state.config_dir if state is not None and state.config_dir is not None else directory
-    data = await status.read_live(base / paths.CONTROL_SOCKET_NAME, reactor=reactor)
+    socket_path = base / paths.CONTROL_SOCKET_NAME
+    data = await (read(socket_path) if read is not None else status.read_live(socket_path, reactor=reactor))
     note = "" if data is not None else "its control socket did not answer"
     return {
         "running": True,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,36 @@ def test_under_sudo_the_real_process_serves_as_the_user(tmp_path: Path) -> None:
     finally:
         child.terminate()
         child.wait(10)
+
+
+def test_live_status_reads_the_running_cmm_s_counters(tmp_path: Path) -> None:
+    from cmm.cli.status import Instance, MappingInfo, RunningState
+
+    from support import done
+
+    state = RunningState(pid=4242, started=datetime(2026, 3, 1, 9, 55, tzinfo=timezone.utc), port=443,
+                         listen=("127.0.0.1",), mappings=(MappingInfo("claude-haiku-4-5", "gemini-2.5-flash", "u"),),
+                         hosts_file=None, config_dir=tmp_path / "served")
+    asked: list[Path] = []
+
+    async def read(path: Path) -> object:
+        asked.append(path)
+        return {"routes": {"passthrough": {"requests": 3, "errors": {"529": 1}, "p50_ms": 80.0, "p99_ms": 95.0,
+                                           "bytes_in": 10, "bytes_out": 20}},
+                "workers": {"worker-1": {"requests": 3, "connections": 2}}}
+
+    found = done(dashboard.live_status(tmp_path, None, find=lambda _: Instance(True, 4242, state), read=read))
+    assert asked == [tmp_path / "served" / "cmm.sock"]
+    assert found["running"] is True and found["pid"] == 4242 and found["started"] == "2026-03-01T09:55:00+00:00"
+    assert found["routes"] == [{"route": "passthrough", "requests": 3, "errors": 1, "p50_ms": 80.0, "p99_ms": 95.0,
+                                "by_status": {"529": 1}, "bytes_in": 10, "bytes_out": 20}]
+    assert found["workers"][0]["name"] == "worker-1" and found["workers"][0]["connections"] == 2
+    json.dumps(found)  # plain JSON values all through
+
+    async def silent(path: Path) -> object:
+        return None
+
+    quiet = done(dashboard.live_status(tmp_path, None, find=lambda _: Instance(True, 4242, state), read=silent))
+    assert quiet["routes"] == [] and "did not answer" in quiet["note"]
+    gone = done(dashboard.live_status(tmp_path, None, find=lambda _: Instance(False, note="no pid file")))
+    assert gone == {"running": False, "pid": None, "note": "no pid file", "routes": [], "workers": []}
