@@ -268,7 +268,7 @@ _SCRIPT = """
     routes.forEach((r) => live.appendChild(row([
       [r.route], [count(r.requests), true], [count(r.errors), true], [millis(r.p50_ms), true],
       [millis(r.p99_ms), true], [bytes(r.bytes_in), true], [bytes(r.bytes_out), true],
-    ], r.errors > 0)));
+    ], false)));
     if (s.store && !s.store.ok) feedState.textContent = s.store.detail;
   }
 
