@@ -4,6 +4,7 @@ requests in the store, takes a new one live, and works with the keyboard and in 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -37,13 +38,10 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def url(config_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("log") / "dashboard.out"
+def serve(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[str]:
+    """Start a dashboard process, yield the address it printed, stop it."""
     with log.open("wb") as out:
-        child = subprocess.Popen([sys.executable, "-m", "cmm.cli.main", "dashboard", "--config-dir", str(config_dir),
-                                  "--port", "0", "--no-browser"], stdout=out, stderr=subprocess.STDOUT,
-                                 env=process_env(HOME=str(config_dir.parent)))
+        child = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + WAIT
         while not (found := re.search(r"http://127\.0\.0\.1:\d+/\?token=[\w-]+", log.read_text())):
@@ -57,12 +55,24 @@ def url(config_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture(scope="module")
+def url(config_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from serve(["-m", "cmm.cli.main", "dashboard", "--config-dir", str(config_dir), "--port", "0", "--no-browser"],
+                     tmp_path_factory.mktemp("log") / "dashboard.out", process_env(HOME=str(config_dir.parent)))
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     driver = start_chromium()
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def fresh_log(browser: Any) -> None:
+    """Each test reads only its own console messages."""
+    browser.get_log("browser")
 
 
 def wait_for(condition: Any, what: str) -> Any:
@@ -149,3 +159,36 @@ def test_without_the_token_the_browser_gets_nothing(browser: Any, url: str) -> N
     browser.get(url.split("?")[0])
     assert "403 Forbidden" in browser.find_element(By.TAG_NAME, "body").text
     assert browser.find_elements(By.ID, "feed") == []
+
+
+def counters(requests: int) -> dict[str, Any]:
+    return {"running": True, "pid": 4242, "note": "", "workers": [], "routes": [
+        {"route": "claude-haiku-4-5* → gemini-2.5-flash", "requests": requests, "errors": 1, "p50_ms": 612.0,
+         "p99_ms": 2410.0, "bytes_in": 38_200_000, "bytes_out": 4_100_000}]}
+
+
+def test_the_live_counters_follow_the_running_cmm(browser: Any, config_dir: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps(counters(412)))
+    served = serve([str(Path(__file__).with_name("live_server.py")), str(config_dir / "usage.sqlite3"), str(status)],
+                   tmp_path / "live.out", process_env())
+    address = next(served)
+    try:
+        browser.get(address)
+
+        def live_rows() -> list[str]:
+            return [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#live tbody tr")]
+
+        wait_for(lambda: "cmm is running (pid 4242)" in browser.find_element(By.ID, "running").text, "running")
+        assert wait_for(live_rows, "the counters") == [
+            "claude-haiku-4-5* → gemini-2.5-flash 412 1 612 ms 2.41 s 38.2 MB 4.1 MB"]
+        status.write_text(json.dumps(counters(413)))
+        wait_for(lambda: " 413 " in live_rows()[0], "the counters to move")
+        status.write_text(json.dumps({"running": False, "pid": None, "note": "", "routes": [], "workers": []}))
+        wait_for(lambda: browser.find_element(By.ID, "running").text == "cmm is not running", "cmm to stop")
+        assert live_rows() == ["No live counters while cmm is not running"]
+        assert errors(browser) == []
+    finally:
+        served.close()
