@@ -67,6 +67,9 @@ class Dashboard:
     now: Callable[[], float] = time.time
     zone: tzinfo | None = None  # None: local time
     port: int | None = None  # set once listening: the Host header must name it
+    #: runs a store query away from the reactor (a week of a busy store takes a while); None: the
+    #: reactor's thread pool
+    run_query: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None
 
     def reactor_clock(self) -> IReactorTime:
         if self.clock is None:
@@ -74,6 +77,14 @@ class Dashboard:
 
             return reactor
         return self.clock
+
+    def offload(self, work: Callable[[], Any]) -> defer.Deferred[Any]:
+        if self.run_query is not None:
+            return self.run_query(work)
+        from twisted.internet import reactor as global_reactor, threads
+
+        pooled: Any = global_reactor
+        return threads.deferToThreadPool(pooled, pooled.getThreadPool(), work)
 
     def allowed_hosts(self) -> frozenset[bytes]:
         if self.port is None:
@@ -224,17 +235,20 @@ class Page(Leaf):
         super().__init__()
         self.dashboard = dashboard
 
-    def render_GET(self, request: server.Request) -> bytes:
+    def render_GET(self, request: server.Request) -> object:
         try:
             period = store.parse_range(_arg(request, "range") or "hour")
         except ValueError as error:
             return _failure(request, 400, str(error))
-        panels = build_panels(self.dashboard, period)
-        nonce = secrets.token_urlsafe(16)
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(b"Content-Security-Policy", page.content_security_policy(nonce).encode())
-        return page.render_page(token=self.dashboard.token, nonce=nonce, period=period, charts=panels["charts"],
-                                totals=panels["totals"], routes=panels["routes"]).encode()
+
+        def render(panels: dict[str, Any]) -> bytes:
+            nonce = secrets.token_urlsafe(16)
+            request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+            request.setHeader(b"Content-Security-Policy", page.content_security_policy(nonce).encode())
+            return page.render_page(token=self.dashboard.token, nonce=nonce, period=period, charts=panels["charts"],
+                                    totals=panels["totals"], routes=panels["routes"]).encode()
+
+        return _answer_later(request, self.dashboard.offload(lambda: build_panels(self.dashboard, period)), render)
 
 
 def build_panels(dashboard: Dashboard, period: store.Range) -> dict[str, Any]:
@@ -261,13 +275,33 @@ class JsonEndpoint(Leaf):
         self.dashboard = dashboard
         self.answer = answer
 
-    def render_GET(self, request: server.Request) -> bytes:
-        try:
-            return _json(request, self.answer(self.dashboard, request))
-        except ValueError as error:
-            return _failure(request, 400, str(error))
-        except store.StoreUnavailable as error:
-            return _failure(request, 503, str(error))
+    def render_GET(self, request: server.Request) -> object:
+        found = self.dashboard.offload(lambda: self.answer(self.dashboard, request))
+        return _answer_later(request, found, lambda value: _json(request, value))
+
+
+def _answer_later(request: server.Request, found: defer.Deferred[Any], render: Callable[[Any], bytes]) -> object:
+    """Finish ``request`` with ``render(result)`` once ``found`` fires; a bad parameter gets 400, an
+    unreadable store 503, anything else 500 (and a logged traceback). Nothing is written to a
+    request whose client has gone."""
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    def failed(failure: Failure) -> bytes:
+        if failure.check(ValueError):
+            return _failure(request, 400, str(failure.value))
+        if failure.check(store.StoreUnavailable):
+            return _failure(request, 503, str(failure.value))
+        log.err(failure, "dashboard request")
+        return _failure(request, 500, "the dashboard failed to answer; see its output")
+
+    def send(body: bytes) -> None:
+        if not gone:
+            request.write(body)
+            request.finish()
+
+    found.addCallback(render).addErrback(failed).addCallback(send).addErrback(log.err)
+    return server.NOT_DONE_YET
 
 
 def summary_answer(dashboard: Dashboard, request: server.Request) -> object:

@@ -53,6 +53,11 @@ class Client:
         return json.loads(body)
 
 
+def in_place(work: Any) -> defer.Deferred[Any]:
+    """Store queries run at once: the reactor's thread pool is not running in these tests."""
+    return defer.maybeDeferred(work)
+
+
 def running() -> dict[str, Any]:
     return {"running": True, "pid": 4242, "note": "", "routes": [
         {"route": "claude-haiku-4-5* → gemini-2.5-flash", "requests": 7, "errors": 1, "p50_ms": 120.0,
@@ -78,7 +83,8 @@ def dashboard(store_path: Path, clock: task.Clock) -> server.Dashboard:
     async def live() -> dict[str, Any]:
         return running()
 
-    return server.Dashboard(store_path, token=TOKEN, live=live, clock=clock, now=clock.seconds, port=8399)
+    return server.Dashboard(store_path, token=TOKEN, live=live, clock=clock, now=clock.seconds, port=8399,
+                            run_query=in_place)
 
 
 @pytest.fixture
@@ -132,7 +138,7 @@ def test_only_reading_is_allowed(client: Client) -> None:
 
 
 def test_before_listening_nothing_is_allowed(store_path: Path) -> None:
-    response = Client(server.Dashboard(store_path, token=TOKEN)).get(f"/?token={TOKEN}")
+    response = Client(server.Dashboard(store_path, token=TOKEN, run_query=in_place)).get(f"/?token={TOKEN}")
     assert response.code == 403
 
 
@@ -164,7 +170,8 @@ def test_a_second_load_gets_a_new_nonce(client: Client) -> None:
 
 
 def test_the_page_shows_why_there_is_no_data(tmp_path: Path, clock: task.Clock) -> None:
-    dashboard = server.Dashboard(tmp_path / "absent.sqlite3", token=TOKEN, clock=clock, now=clock.seconds, port=8399)
+    dashboard = server.Dashboard(tmp_path / "absent.sqlite3", token=TOKEN, clock=clock, now=clock.seconds, port=8399,
+                                 run_query=in_place)
     client = Client(dashboard)
     response = client.get(f"/?token={TOKEN}")
     assert response.code == 200
@@ -213,7 +220,7 @@ def test_series_json(client: Client, store_path: Path) -> None:
 
 
 def test_a_missing_store_gets_503(tmp_path: Path) -> None:
-    client = Client(server.Dashboard(tmp_path / "absent.sqlite3", token=TOKEN, port=8399))
+    client = Client(server.Dashboard(tmp_path / "absent.sqlite3", token=TOKEN, port=8399, run_query=in_place))
     assert "no usage recorded yet" in client.json(f"/api/summary?token={TOKEN}", status=503)["error"]
 
 
@@ -226,7 +233,7 @@ def test_status_survives_a_failing_live_source(store_path: Path) -> None:
     async def broken() -> dict[str, Any]:
         raise ConnectionResetError()
 
-    client = Client(server.Dashboard(store_path, token=TOKEN, live=broken, port=8399))
+    client = Client(server.Dashboard(store_path, token=TOKEN, live=broken, port=8399, run_query=in_place))
     found = client.json(f"/api/status?token={TOKEN}")
     assert found["cmm"]["running"] is False and "ConnectionResetError" in found["cmm"]["note"]
 
@@ -315,3 +322,45 @@ def test_a_quiet_feed_sends_keep_alives_and_stops_polling_when_closed(
 
 def test_a_bad_last_event_id_gets_400(client: Client) -> None:
     assert client.json(f"/api/feed?token={TOKEN}", status=400, headers={"Last-Event-ID": ["abc"]})
+
+
+def test_store_queries_run_away_from_the_reactor_and_answer_when_done(dashboard: server.Dashboard,
+                                                                      store_path: Path) -> None:
+    """A slow query (a busy store's week) must not hold up the feeds: the answer waits for it."""
+    pending: list[tuple[Any, defer.Deferred[Any]]] = []
+
+    def later(work: Any) -> defer.Deferred[Any]:
+        pending.append((work, defer.Deferred()))
+        return pending[-1][1]
+
+    dashboard.run_query = later
+    client = Client(dashboard)
+    insert(store_path, request_row(time=NOW - 5))
+    d = client.stub.get(f"{BASE}/api/summary?token={TOKEN}")
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    client.stub.flush()
+    assert answered == [] and len(pending) == 1
+    work, answer = pending.pop()
+    answer.callback(work())
+    client.stub.flush()
+    (response,) = answered
+    assert response.code == 200 and json.loads(client.body(response))["requests"] == 1
+
+
+def test_an_unexpected_failure_gets_500_and_is_logged(dashboard: server.Dashboard) -> None:
+    from twisted.logger import globalLogPublisher
+
+    def broken(work: Any) -> defer.Deferred[Any]:
+        return defer.fail(ZeroDivisionError("boom"))
+
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        dashboard.run_query = broken
+        found = Client(dashboard).json(f"/api/summary?token={TOKEN}", status=500)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert "failed" in found["error"]
+    failures = [event.get("log_failure") or event.get("failure") for event in seen]
+    assert any(f is not None and f.check(ZeroDivisionError) for f in failures)
