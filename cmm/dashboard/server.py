@@ -432,6 +432,11 @@ class Feed(Leaf):
         super().__init__()
         self.dashboard = dashboard
 
+    def render_HEAD(self, request: server.Request) -> bytes:
+        """The headers only: no stream is started for a request that cannot read one."""
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        return b""
+
     def render_GET(self, request: server.Request) -> object:
         resume = (request.getHeader(b"last-event-id") or b"").decode("ascii", "replace") or _arg(request, "after")
         try:

@@ -364,3 +364,10 @@ def test_an_unexpected_failure_gets_500_and_is_logged(dashboard: server.Dashboar
     assert "failed" in found["error"]
     failures = [event.get("log_failure") or event.get("failure") for event in seen]
     assert any(f is not None and f.check(ZeroDivisionError) for f in failures)
+
+
+def test_head_on_the_feed_starts_no_stream(client: Client, clock: task.Clock) -> None:
+    d = client.stub.head(f"{BASE}/api/feed?token={TOKEN}")
+    client.stub.flush()
+    assert result(d).code == 200
+    assert clock.getDelayedCalls() == []
