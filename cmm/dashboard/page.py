@@ -74,8 +74,10 @@ def routes_html(summary: Mapping[str, Any] | None) -> str:
     return "".join(parts)
 
 
-def render_page(*, token: str, nonce: str, period: Range, charts: Mapping[str, str], totals: str, routes: str) -> str:
-    """The whole page for ``period``; the script reads the token from the page's own address."""
+def render_page(*, token: str, nonce: str, period: Range, charts: Mapping[str, str], totals: str, routes: str,
+                refresh: float = 30.0) -> str:
+    """The whole page for ``period``; the script reads the token from the page's own address and
+    redraws the charts and totals every ``refresh`` seconds."""
     links = []
     for name in RANGES:
         href = escape("?" + urlencode({"token": token, "range": name}))
@@ -88,7 +90,7 @@ def render_page(*, token: str, nonce: str, period: Range, charts: Mapping[str, s
         for key, caption in (("requests", "Requests"), ("tokens", "Tokens"), ("latency", "Latency (p50 and p95)")))
     return _PAGE.format(
         nonce=escape(nonce), style=_STYLE, script=_SCRIPT, range=escape(period.name), links="".join(links),
-        title=escape(title), lower_title=escape(title.lower()), figures=figures, totals=totals, routes=routes)
+        title=escape(title), figures=figures, totals=totals, routes=routes, refresh=f"{refresh:g}")
 
 
 _PAGE = """<!doctype html>
@@ -101,7 +103,7 @@ _PAGE = """<!doctype html>
 <link rel="icon" href="data:,">
 <style nonce="{nonce}">{style}</style>
 </head>
-<body data-range="{range}">
+<body data-range="{range}" data-refresh="{refresh}">
 <a class="skip" href="#feed-heading">Skip to the request feed</a>
 <header>
 <h1>cmm dashboard</h1>
@@ -255,9 +257,10 @@ _SCRIPT = """
   function showStatus(s) {
     const cmm = s.cmm || {};
     running.classList.toggle("down", !cmm.running);
-    running.textContent = cmm.running
+    const said = cmm.running
       ? "cmm is running" + (cmm.pid ? " (pid " + cmm.pid + ")" : "")
       : "cmm is not running" + (cmm.note ? ": " + cmm.note : "");
+    if (running.textContent !== said) running.textContent = said;  // a status region: speak changes only
     live.replaceChildren();
     const routes = cmm.routes || [];
     if (!routes.length) {
@@ -297,6 +300,6 @@ _SCRIPT = """
       feedState.textContent = "Could not refresh the charts; retrying.";
     }
   }
-  setInterval(refreshPanels, 30000);
+  setInterval(refreshPanels, 1000 * (Number(document.body.dataset.refresh) || 30));
 })();
 """

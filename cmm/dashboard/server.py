@@ -67,6 +67,7 @@ class Dashboard:
     now: Callable[[], float] = time.time
     zone: tzinfo | None = None  # None: local time
     port: int | None = None  # set once listening: the Host header must name it
+    refresh: float = 30.0  # seconds between two redraws of the page's charts and totals
     #: runs a store query away from the reactor (a week of a busy store takes a while); None: the
     #: reactor's thread pool
     run_query: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None
@@ -246,7 +247,8 @@ class Page(Leaf):
             request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
             request.setHeader(b"Content-Security-Policy", page.content_security_policy(nonce).encode())
             return page.render_page(token=self.dashboard.token, nonce=nonce, period=period, charts=panels["charts"],
-                                    totals=panels["totals"], routes=panels["routes"]).encode()
+                                    totals=panels["totals"], routes=panels["routes"],
+                                    refresh=self.dashboard.refresh).encode()
 
         return _answer_later(request, self.dashboard.offload(lambda: build_panels(self.dashboard, period)), render)
 

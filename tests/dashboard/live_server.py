@@ -1,4 +1,5 @@
-"""A dashboard whose "running cmm" is a JSON file the test rewrites: ``python3 live_server.py STORE STATUS``.
+"""A dashboard whose "running cmm" is a JSON file the test rewrites, redrawing its charts every
+second: ``python3 live_server.py STORE STATUS``.
 
 Prints the address as ``cmm dashboard`` does; serves until killed.
 """
@@ -20,7 +21,7 @@ def main(store: Path, status: Path) -> None:
         found: dict[str, Any] = json.loads(status.read_text())
         return found
 
-    dashboard = server.Dashboard(store, live=live, clock=reactor)
+    dashboard = server.Dashboard(store, live=live, clock=reactor, refresh=1.0)
     port = reactor.listenTCP(0, server.site(dashboard), interface="127.0.0.1")  # type: ignore[attr-defined]
     dashboard.port = port.getHost().port
     print(f"cmm dashboard: {dashboard.url()}", flush=True)

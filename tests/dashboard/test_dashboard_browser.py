@@ -192,3 +192,32 @@ def test_the_live_counters_follow_the_running_cmm(browser: Any, config_dir: Path
         assert errors(browser) == []
     finally:
         served.close()
+
+
+def test_the_totals_and_charts_are_redrawn_from_the_store(browser: Any, config_dir: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps(counters(1)))
+    served = serve([str(Path(__file__).with_name("live_server.py")), str(config_dir / "usage.sqlite3"), str(status)],
+                   tmp_path / "live.out", process_env())
+    address = next(served)
+    try:
+        browser.get(address)
+
+        def requests_figure() -> int:
+            figure = browser.find_element(By.CSS_SELECTOR, "#totals .figures div dd")
+            return int(figure.text.replace(",", ""))
+
+        def bar_titles() -> str:
+            return " ".join(t.get_attribute("textContent") for t in
+                            browser.find_elements(By.CSS_SELECTOR, "#fig-requests svg g title"))
+
+        before, titles = requests_figure(), bar_titles()
+        insert(config_dir / "usage.sqlite3", request_row(time=time.time(), model="claude-redrawn"))
+        wait_for(lambda: requests_figure() == before + 1, "the totals to count the new request")
+        wait_for(lambda: bar_titles() != titles, "the requests chart to be redrawn")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "figure svg[role=img]")) == 3
+        assert errors(browser) == []
+    finally:
+        served.close()
