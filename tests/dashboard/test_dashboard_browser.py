@@ -178,8 +178,9 @@ def test_the_live_counters_follow_the_running_cmm(browser: Any, config_dir: Path
     try:
         browser.get(address)
 
-        def live_rows() -> list[str]:
-            return [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#live tbody tr")]
+        def live_rows() -> list[str]:  # one script: the table is rebuilt every 2 s
+            return list(browser.execute_script(
+                'return Array.from(document.querySelectorAll("#live tbody tr"), r => r.innerText.replace(/\\s+/g, " "))'))
 
         wait_for(lambda: "cmm is running (pid 4242)" in browser.find_element(By.ID, "running").text, "running")
         assert wait_for(live_rows, "the counters") == [
@@ -205,13 +206,15 @@ def test_the_totals_and_charts_are_redrawn_from_the_store(browser: Any, config_d
     try:
         browser.get(address)
 
+        # Read in one script each: the page replaces these elements every second, so an element
+        # found in one WebDriver call may be gone by the next.
         def requests_figure() -> int:
-            figure = browser.find_element(By.CSS_SELECTOR, "#totals .figures div dd")
-            return int(figure.text.replace(",", ""))
+            text = browser.execute_script('return document.querySelector("#totals .figures div dd").textContent')
+            return int(text.replace(",", ""))
 
         def bar_titles() -> str:
-            return " ".join(t.get_attribute("textContent") for t in
-                            browser.find_elements(By.CSS_SELECTOR, "#fig-requests svg g title"))
+            return str(browser.execute_script(
+                'return Array.from(document.querySelectorAll("#fig-requests svg g title"), t => t.textContent).join(" ")'))
 
         before, titles = requests_figure(), bar_titles()
         insert(config_dir / "usage.sqlite3", request_row(time=time.time(), model="claude-redrawn"))
