@@ -28,7 +28,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.python.failure import Failure
 
 from cmm.core.values import ANTHROPIC_HOST, Destination
-from cmm.serve.tls import DirectTLSEndpoint, connected
+from cmm.serve.tls import DirectTLSEndpoint, ReleasingClientTLS, connected
 
 # What optionsForClientTLS verifies a server's certificate against.
 TrustRoot = Union[IOpenSSLTrustRoot, Certificate]
@@ -206,6 +206,7 @@ class Connector:
     target_trust: TrustRoot = attrs.field(factory=system_trust)
     connect_timeout: float = 10.0
     _preferred: str | None = None
+    _target_options: dict[str, IOpenSSLClientConnectionCreator] = attrs.field(factory=dict)
 
     def connect(self, destination: Destination) -> defer.Deferred[UpstreamConnection]:
         if destination.anthropic:
@@ -213,11 +214,16 @@ class Connector:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self.reactor, destination.host, destination.port, timeout=self.connect_timeout)
         if destination.scheme == "https":
-            endpoint = DirectTLSEndpoint(
-                optionsForClientTLS(destination.host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"]),
-                endpoint,
-            )
+            endpoint = DirectTLSEndpoint(self._target_tls(destination.host), endpoint)
         return _open(endpoint, destination)
+
+    def _target_tls(self, host: str) -> IOpenSSLClientConnectionCreator:
+        """One set of options (one OpenSSL context, its trust store loaded once) per target host."""
+        options = self._target_options.get(host)
+        if options is None:
+            options = self._target_options[host] = ReleasingClientTLS(
+                optionsForClientTLS(host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"]))
+        return options
 
     async def _connect_anthropic(self, destination: Destination) -> UpstreamConnection:
         addresses = list(await self.anthropic_addresses())
@@ -245,7 +251,7 @@ class Connector:
 
 def anthropic_tls_options(trust_root: TrustRoot | None = None) -> IOpenSSLClientConnectionCreator:
     """TLS to the real API: its name for SNI and verification, HTTP/1.1 only."""
-    return optionsForClientTLS(
+    return ReleasingClientTLS(optionsForClientTLS(
         ANTHROPIC_HOST, trustRoot=trust_root if trust_root is not None else system_trust(),
         acceptableProtocols=[b"http/1.1"],
-    )
+    ))
