@@ -642,20 +642,37 @@ def measure_rss(endpoints: Routes, pid: int, plan: Plan, log: Log) -> dict[str, 
     return results
 
 
+def private_kib(pid: int) -> int | None:
+    """Memory only this process holds (Private_Clean + Private_Dirty, Linux >= 4.14), in KiB: RSS
+    also counts the shared libraries' pages every worker maps (libcrypto, Python itself) again."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith(("Private_Clean", "Private_Dirty")))
+
+
 def idle_footprint(pid: int, stack: Stack) -> dict[str, Any]:
-    """RSS of each of cmm's processes once its workers have reported and before any load (the
-    route check has served one request each way), and of the upstreams, in KiB."""
+    """RSS (and private memory) of each of cmm's processes once its workers have reported and
+    before any load (the route check has served one request each way), and of the upstreams, in KiB."""
     master = memory_kib(pid)["VmRSS"]
     workers = {str(p): memory_kib(p)["VmRSS"] for p in child_pids(pid)}
     upstreams = {name: memory_kib(process.pid)["VmRSS"] for name, process in stack.processes
                  if name.startswith("fake-")}
+    private = {str(p): private_kib(p) for p in [pid, *child_pids(pid)]}
     return {"master_kib": master, "workers_kib": workers, "total_kib": master + sum(workers.values()),
-            "upstreams_kib": upstreams}
+            "private_kib": private, "upstreams_kib": upstreams}
 
 
 def idle_report(idle: dict[str, Any]) -> str:
-    cells = [f"master {idle['master_kib'] / 1024:.1f}"]
-    cells += [f"worker {pid} {kib / 1024:.1f}" for pid, kib in idle["workers_kib"].items()]
+    private = idle.get("private_kib", {})
+
+    def cell(name: str, pid: str, kib: int) -> str:
+        own = private.get(pid)
+        return f"{name} {kib / 1024:.1f}" + ("" if own is None else f" ({own / 1024:.1f} private)")
+
+    cells = [cell("master", next(iter(private), ""), idle["master_kib"])]
+    cells += [cell(f"worker {pid}", pid, kib) for pid, kib in idle["workers_kib"].items()]
     return (f"0. Idle RSS of cmm, MiB: {', '.join(cells)}; total {idle['total_kib'] / 1024:.1f} "
             f"({len(idle['workers_kib'])} workers, cmm's default)")
 
@@ -900,6 +917,15 @@ def stream_connections(streams: tuple[int, ...]) -> int:
     return max(streams, default=0) + FD_MARGIN
 
 
+def cmm_max_connections(streams: tuple[int, ...]) -> int:
+    """--max-connections for the streams run: room for every stream in one worker where the
+    open-file limit allows it, else what the limit allows (cmm's own reserve is 256)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return stream_connections(streams)
+    return min(stream_connections(streams), (soft - 256) // 2)
+
+
 def raise_fd_limit(streams: int = 0) -> tuple[int, int]:
     """RLIMIT_NOFILE up to what ``streams`` open streams need, before the stack starts so the fakes
     and cmm inherit it too (each open stream costs cmm two descriptors, the fake one; cmm asks
@@ -919,11 +945,13 @@ def raise_fd_limit(streams: int = 0) -> tuple[int, int]:
 
 
 def check_fd_limit(streams: int) -> str | None:
-    """Why ``streams`` connections cannot stay open under this limit, or None. This process needs
-    one descriptor per stream; cmm, which inherits the limit, two (client and upstream), and one
-    worker may end up with all of them."""
+    """Why ``streams`` connections cannot stay open under this limit, or None. This process and the
+    upstream need one descriptor per stream; cmm, which inherits the limit, two (client and
+    upstream) per stream a process holds: its workers share the streams, so each needs its share
+    of them (``cmm_max_connections`` caps each worker within the limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * streams + FD_MARGIN
+    workers = max(1, DEFAULT_WORKERS)
+    need = max(streams, 2 * -(-streams // workers)) + FD_MARGIN
     if soft != resource.RLIM_INFINITY and soft < need:
         return (f"--streams {streams} needs {need} file descriptors but RLIMIT_NOFILE is {soft} (hard {hard}); "
                 f"raise the hard limit (ulimit -Hn {need * 3}, as root) and run again")
@@ -1777,7 +1805,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cmm-bench-"))
     stack = Stack(work, upstream=args.upstream)
     if stream_connections(extras.streams) > CMM_MAX_CONNECTIONS:
-        stack.cmm_args = ["--max-connections", str(stream_connections(extras.streams))]
+        stack.cmm_args = ["--max-connections", str(cmm_max_connections(extras.streams))]
     results: dict[str, Any] = {
         "started": started.isoformat(),
         "upstream": args.upstream,
