@@ -157,15 +157,12 @@ def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
                          "(RSA, EC, Ed25519, Ed448 or DSA)")
     # Twisted annotates pyOpenSSL's PKey and X509 (deprecated), but hands both straight to
     # Context.use_privatekey/use_certificate, which take cryptography's objects as well.
-    options = CertificateOptions(
+    return CertificateOptions(
         privateKey=key,  # type: ignore[arg-type]  # see above: Twisted's annotation is too narrow
         certificate=x509.load_pem_x509_certificate(cert_pem),  # type: ignore[arg-type]  # likewise
         acceptableProtocols=[b"http/1.1"],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
-    # The context is made (and kept) now, before any connection: pyOpenSSL allows no change after.
-    options.getContext().set_mode(RELEASE_BUFFERS)
-    return options
 
 
 @implementer(IOpenSSLContextFactory)
@@ -179,32 +176,3 @@ class ReloadableServerTLS:
     def getContext(self) -> SSL.Context:
         return self.options.getContext()
 
-
-# An open stream spends nearly all its life waiting for the next event: with this mode OpenSSL
-# frees a connection's record buffers (about 34 KB) while it has nothing to read or write,
-# instead of every one of thousands holding them between events.
-RELEASE_BUFFERS = SSL.MODE_RELEASE_BUFFERS
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class ReleasingClientTLS:
-    """A client connection creator whose connections free their record buffers while idle.
-
-    Twisted's client options keep their context to themselves, built differently from one
-    version to the next, and pyOpenSSL refuses to change a context once it made a connection:
-    so the mode goes on each connection, through the OpenSSL binding pyOpenSSL itself uses
-    (pyOpenSSL has no Connection.set_mode). Where that binding is not there, connections keep
-    their buffers, as they did before."""
-
-    def __init__(self, inner: IOpenSSLClientConnectionCreator) -> None:
-        self.inner = inner
-
-    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = self.inner.clientConnectionForTLS(tlsProtocol)
-        try:
-            from OpenSSL._util import lib
-
-            lib.SSL_set_mode(connection._ssl, RELEASE_BUFFERS)  # pyOpenSSL's own handle: see above
-        except (ImportError, AttributeError):
-            pass
-        return connection

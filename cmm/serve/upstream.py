@@ -28,7 +28,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.python.failure import Failure
 
 from cmm.core.values import ANTHROPIC_HOST, Destination
-from cmm.serve.tls import DirectTLSEndpoint, ReleasingClientTLS, connected
+from cmm.serve.tls import DirectTLSEndpoint, connected
 
 # What optionsForClientTLS verifies a server's certificate against.
 TrustRoot = Union[IOpenSSLTrustRoot, Certificate]
@@ -218,11 +218,13 @@ class Connector:
         return _open(endpoint, destination)
 
     def _target_tls(self, host: str) -> IOpenSSLClientConnectionCreator:
-        """One set of options (one OpenSSL context, its trust store loaded once) per target host."""
+        """One set of options per target host: each set makes its own OpenSSL context and loads
+        the trust store into it (the whole SSL_CERT_FILE bundle, with one), too much for every
+        connection."""
         options = self._target_options.get(host)
         if options is None:
-            options = self._target_options[host] = ReleasingClientTLS(
-                optionsForClientTLS(host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"]))
+            options = self._target_options[host] = optionsForClientTLS(
+                host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"])
         return options
 
     async def _connect_anthropic(self, destination: Destination) -> UpstreamConnection:
@@ -251,7 +253,7 @@ class Connector:
 
 def anthropic_tls_options(trust_root: TrustRoot | None = None) -> IOpenSSLClientConnectionCreator:
     """TLS to the real API: its name for SNI and verification, HTTP/1.1 only."""
-    return ReleasingClientTLS(optionsForClientTLS(
+    return optionsForClientTLS(
         ANTHROPIC_HOST, trustRoot=trust_root if trust_root is not None else system_trust(),
         acceptableProtocols=[b"http/1.1"],
-    ))
+    )

@@ -49,6 +49,8 @@ def _connection_mode(connection: SSL.Connection) -> int:
 
 
 def test_server_connections_free_their_record_buffers_while_idle() -> None:
+    """An open stream waits between events nearly all its life; Twisted's options set
+    SSL_MODE_RELEASE_BUFFERS (about 34 KB a connection while idle): cmm's must keep it."""
     ca = certs.make_ca(NOW)
     server = certs.make_server_certificate(ca, NOW, hostnames=("api.anthropic.com",))
     factory = server_factory(ReloadableServerTLS(server_options(server.cert_pem, server.key_pem)),
@@ -58,9 +60,9 @@ def test_server_connections_free_their_record_buffers_while_idle() -> None:
     assert _connection_mode(protocol._tlsConnection) & SSL.MODE_RELEASE_BUFFERS
 
 
-def test_upstream_connections_free_their_record_buffers_from_the_first_one() -> None:
+def test_upstream_connections_free_their_record_buffers_while_idle() -> None:
     creator = anthropic_tls_options()
-    for _ in range(2):  # the first connection is made before the mode could be on the context
+    for _ in range(2):
         factory = DirectTLSFactory(creator, True, Factory.forProtocol(Protocol))
         protocol = factory.buildProtocol(None)
         protocol.makeConnection(StringTransport())
