@@ -888,8 +888,12 @@ def measure_sizes(endpoints: Routes, log: Log) -> dict[str, Any]:
 # Each stream: message_start at once, then STREAM_DELTAS deltas STREAM_EVENT_DELAY s apart, so it
 # stays open ~20 s: long enough for 2,000 to be open at the same time on this machine.
 STREAM_DELTAS = 40
-STREAMS_PER_DELTA = 125  # more streams take longer to open: one more delta (and 0.5 s) per this many
 STREAM_EVENT_DELAY = 0.5
+# Many streams take long to open (handshakes), and their events must not swamp the machine
+# meanwhile: beyond STREAM_EVENT_RATE events a second in all, events come further apart, and a
+# stream stays open one second per STREAMS_PER_SECOND streams (at least the 20 s above).
+STREAM_EVENT_RATE = 2000
+STREAMS_PER_SECOND = 100
 STREAM_OPENING = 50  # TLS handshakes in flight at once: 2,000 at once only measure a handshake storm
 STREAM_END = b'data: {"type":"message_stop"}'
 FD_MARGIN = 64  # descriptors a process needs besides those of the streams
@@ -907,9 +911,12 @@ def stream_counts(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(counts)))  # smallest first: memory a larger run leaves behind would hide a smaller one's
 
 
-def stream_deltas(total: int) -> int:
-    """Deltas per stream: enough that the first stream is still open when the last one starts."""
-    return max(STREAM_DELTAS, total // STREAMS_PER_DELTA)
+def stream_pacing(total: int) -> tuple[int, float]:
+    """(deltas, seconds between events) per stream: the first stream still open when the last
+    one starts, and all of them together sending at most STREAM_EVENT_RATE events a second."""
+    delay = max(STREAM_EVENT_DELAY, total / STREAM_EVENT_RATE)
+    hold = max(STREAM_DELTAS * STREAM_EVENT_DELAY, total / STREAMS_PER_SECOND)
+    return max(1, round(hold / delay)), delay
 
 
 def stream_connections(streams: tuple[int, ...]) -> int:
@@ -980,9 +987,9 @@ class StreamCounts:
     all_streaming: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def stream_request(endpoint: Endpoint, deltas: int) -> bytes:
+def stream_request(endpoint: Endpoint, deltas: int, delay: float) -> bytes:
     body = small_body(ROUTED_MODEL, stream=True)
-    extra = (("x-fake-deltas", str(deltas)), ("x-fake-event-delay", str(STREAM_EVENT_DELAY)),
+    extra = (("x-fake-deltas", str(deltas)), ("x-fake-event-delay", f"{delay:g}"),
              ("connection", "close"))
     lines = ["POST /v1/messages HTTP/1.1", *(f"{k}: {v}" for k, v in endpoint.headers(extra)),
              f"content-length: {len(body)}"]
@@ -1036,10 +1043,10 @@ async def hold_streams(endpoint: Endpoint, total: int, pid: int, upstream_pid: i
     when all are streaming, then finish them."""
     counts = StreamCounts()
     gate = asyncio.Semaphore(STREAM_OPENING)
-    deltas = stream_deltas(total)
-    request = stream_request(endpoint, deltas)
-    hold = deltas * STREAM_EVENT_DELAY
-    entry: dict[str, Any] = {"streams": total, "deltas": deltas, "idle_kib": tree_memory_kib(pid),
+    deltas, delay = stream_pacing(total)
+    request = stream_request(endpoint, deltas, delay)
+    hold = deltas * delay
+    entry: dict[str, Any] = {"streams": total, "deltas": deltas, "event_delay_s": delay, "idle_kib": tree_memory_kib(pid),
                              "upstream_idle_kib": memory_kib(upstream_pid)}
     started = time.monotonic()
     tasks = [asyncio.create_task(one_stream(endpoint, request, gate, total, counts)) for _ in range(total)]
@@ -1075,7 +1082,7 @@ def measure_streams(endpoints: Routes, pid: int, upstream_pid: int, sizes: tuple
     for total in sizes:
         if problem := check_fd_limit(total):
             raise RuntimeError(problem)
-        log(f"streams x{total} via cmm (routed, {stream_deltas(total)} deltas {STREAM_EVENT_DELAY} s apart)")
+        log("streams x{} via cmm (routed, {} deltas {:g} s apart)".format(total, *stream_pacing(total)))
         results["sizes"][str(total)] = asyncio.run(hold_streams(endpoints["routed"]["via"], total, pid, upstream_pid,
                                                                 log))
         time.sleep(1)  # let cmm drop the closed connections before the next idle reading
@@ -1221,8 +1228,9 @@ def streams_report(streams: dict[str, Any], problems: list[str]) -> str:
                             f"({e['failed']} failed, {e['timed_out']} timed out); e.g. {e['errors'][:2]}")
     limits = ", ".join(f"{v}" for v in streams["cmm_open_files"].values())
     return "\n".join([
-        f"7. Concurrent open streams via cmm (routed; at least {streams['deltas']} deltas {streams['event_delay_s']} s apart, "
-        f"at most {streams['opening']} handshakes at a time). RSS: master + workers, MiB;",
+        "7. Concurrent open streams via cmm (routed; each: " + ", ".join(
+            f"x{n}: {e.get('deltas', '?')} deltas {e.get('event_delay_s', '?')} s apart" for n, e in streams["sizes"].items())
+        + f"; at most {streams['opening']} handshakes at a time). RSS: master + workers, MiB;",
         f"   KiB/stream = (RSS with all open - idle RSS before) / streams. Open-files limit of cmm's processes: "
         f"{limits}.",
         table(["streams", "opened in s", "open at read", "idle RSS", "RSS all open", "KiB/stream", "upstream KB/stream",
