@@ -84,7 +84,9 @@ class WorkerControl(LineReceiver):
             self.tls = ReloadableServerTLS(options)
             factory = server_factory(self.tls, ProxyFactory(self.context))
             for fd, family in self.fds:
-                self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                port = self.reactor.adoptStreamPort(fd, family, factory)
+                accept_one_at_a_time(port, self.reactor)
+                self.ports.append(port)
             if self.user is not None:
                 self.drop(*self.user)  # sockets adopted, keys loaded: nothing left that needs root
             LoopingCall(self.send_gauges).start(GAUGE_INTERVAL, now=False)
@@ -160,6 +162,32 @@ class WorkerControl(LineReceiver):
         self.flush_records()  # the last requests' records, before the reactor stops
         if self.reactor.running:
             self.reactor.stop()
+
+
+def accept_one_at_a_time(port: Any, reactor: Any) -> None:
+    """Accept one connection per turn of the loop from a listening socket the workers share.
+
+    Twisted's port accepts up to a hundred pending connections at once (and learns to take
+    more). Every worker wakes for a new connection, so the first one awake took all that a
+    client opened together (8 keep-alive connections: all on one worker, the other idle for
+    their whole life). Taking one and then leaving the socket to the others until its next
+    turn, each worker gets its share, and a busy one, slower back to its loop, takes fewer."""
+    read = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1
+        result = read()
+        if port.connected:  # still listening: skip this turn, so another worker takes the next
+            port.stopReading()
+            reactor.callLater(0, _resume, port)
+        return result
+
+    port.doRead = doRead
+
+
+def _resume(port: Any) -> None:
+    if port.connected:
+        port.startReading()
 
 
 @implementer(ILogObserver)
