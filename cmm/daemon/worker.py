@@ -38,6 +38,7 @@ GAUGE_INTERVAL = 1.0
 # of them, at most RECORD_DELAY seconds after the first (the log and `cmm status` hardly notice).
 RECORD_BATCH = 100
 RECORD_DELAY = 0.005
+OUTPUT_FLUSH_TIMEOUT = 5.0  # seconds a stopping worker waits for the master to take its last output
 MAX_LINE = 64 * 1024 * 1024  # a configuration carries key material and mappings: generous
 
 
@@ -63,6 +64,8 @@ class WorkerControl(LineReceiver):
         self._last_gauges: dict[str, int] = {}
         self._records: list[RequestRecord] = []
         self._flush_call: Any = None
+        self._output_flushed: defer.Deferred[None] | None = None
+        self._output_closed = False
 
     # master → worker
 
@@ -133,7 +136,36 @@ class WorkerControl(LineReceiver):
         self.stop()
 
     def writeConnectionLost(self) -> None:
-        """The master stopped reading: nothing to tell it any more, but requests may finish."""
+        """The master stopped reading (or the last output reached it, see :meth:`flush_output`):
+        nothing to tell it any more, but requests may finish."""
+        self._output_closed = True
+        waiting, self._output_flushed = self._output_flushed, None
+        if waiting is not None and not waiting.called:
+            waiting.callback(None)
+
+    def flush_output(self) -> defer.Deferred[None]:
+        """Fires once what is still buffered for the master (the last records, log lines) has
+        been written, or after OUTPUT_FLUSH_TIMEOUT: a stopping reactor drops unwritten output."""
+        lose = getattr(self.transport, "loseWriteConnection", None)
+        if lose is None or self._output_closed:
+            return defer.succeed(None)
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self._output_flushed = waiting
+
+        def give_up() -> None:
+            if not waiting.called:
+                waiting.callback(None)
+
+        timeout = self.reactor.callLater(OUTPUT_FLUSH_TIMEOUT, give_up)
+
+        def done(result: None) -> None:
+            if timeout.active():
+                timeout.cancel()
+            return result
+
+        waiting.addBoth(done)
+        lose()  # writes what is buffered, then closes stdout: writeConnectionLost
+        return waiting
 
     def connectionLost(self, reason: object = None) -> None:
         self.stop()
@@ -160,6 +192,7 @@ class WorkerControl(LineReceiver):
                 timeout.cancel()
             self.context.pool.close_idle()
         self.flush_records()  # the last requests' records, before the reactor stops
+        yield self.flush_output()
         if self.reactor.running:
             self.reactor.stop()
 

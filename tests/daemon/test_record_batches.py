@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from cmm.core.records import RequestRecord
 from cmm.daemon import wire
 from cmm.daemon.master import Supervisor, Worker
-from cmm.daemon.worker import RECORD_BATCH, RECORD_DELAY, WorkerControl
+from cmm.daemon.worker import OUTPUT_FLUSH_TIMEOUT, RECORD_BATCH, RECORD_DELAY, WorkerControl
 
 
 def record(number: int, **changes: Any) -> RequestRecord:
@@ -103,3 +103,47 @@ def test_records_still_waiting_leave_when_the_worker_shuts_down() -> None:
     worker, heard = master_hearing()
     worker.outReceived(transport.value())
     assert heard == [(record(1), "worker-1")]
+
+
+class PipeToMaster(StringTransport):
+    """The worker's stdout: loseWriteConnection writes what is buffered, then closes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+
+    def loseWriteConnection(self) -> None:
+        self.closing = True
+
+
+def stopping_worker() -> tuple[WorkerControl, Clock, PipeToMaster, list[str]]:
+    control, clock, _ = worker_control()
+    pipe = PipeToMaster()
+    control.transport = pipe
+    stops: list[str] = []
+    clock.running = True  # type: ignore[attr-defined]
+    clock.stop = lambda: stops.append("stopped")  # type: ignore[attr-defined]
+    return control, clock, pipe, stops
+
+
+def test_a_stopping_worker_waits_until_its_last_records_have_left() -> None:
+    """A stopping reactor drops what it has not written: the reactor stops only once the pipe
+    has taken the last batch."""
+    control, clock, pipe, stops = stopping_worker()
+    control.send_record(record(1))
+    stopped = control.shut_down()
+    assert pipe.closing and not stopped.called and stops == []
+    control.writeConnectionLost()  # the buffered output is written, stdout closed
+    assert stopped.called and stops == ["stopped"]
+    worker, heard = master_hearing()
+    worker.outReceived(pipe.value())
+    assert heard == [(record(1), "worker-1")]
+
+
+def test_a_master_that_no_longer_reads_does_not_keep_a_worker_from_stopping() -> None:
+    control, clock, pipe, stops = stopping_worker()
+    control.send_record(record(1))
+    control.shut_down()
+    assert stops == []
+    clock.advance(OUTPUT_FLUSH_TIMEOUT)
+    assert stops == ["stopped"]
