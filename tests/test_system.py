@@ -745,7 +745,7 @@ def output_of(commands: dict, label: str) -> str:
 def usage_groups(commands: dict, label: str) -> dict:
     """`cmm usage --json`'s groups by key, without the latencies (which vary from run to run)."""
     document = json.loads(output_of(commands, label))
-    return {group["key"]: {name: value for name, value in group.items() if not name.startswith("p")}
+    return {group["key"]: {name: value for name, value in group.items() if name not in ("p50_seconds", "p99_seconds")}
             for group in document["groups"]}
 
 
