@@ -531,7 +531,7 @@ PHASE = {
     "map add": (0, ["Added claude-sonnet-4-5 → gpt-5 via http://127.0.0.1:8317/v1/messages",
                     "sudo kill -HUP $(cat {home}/.cmm/cmm.pid)"]),
     "map list": (0, ["claude-sonnet-4-5 → gpt-5  http://127.0.0.1:8317/v1/messages  key (PROXY_API_KEY)"]),
-    "map remove": (0, ["Removed the mapping for claude-sonnet-4-5 from {home}/.cmm/mappings.toml"]),
+    "map remove": (0, ["Removed #1 claude-sonnet-4-5* → gpt-5 from {home}/.cmm/mappings.toml"]),
     "map remove missing": (2, ["err:cmm: no mapping with source 'claude-sonnet-4-5'"]),
     "service print": (0, ["[Service]", " cmm --config-dir {home}/.cmm --anthropic-ip 127.0.0.1\n", "[Install]"]),
     "service status": (1, ["err:cmm: cmm service is not installed (no {units}/cmm.service)"]),
@@ -539,7 +539,8 @@ PHASE = {
 }
 # The rules written by `cmm map add`, applied by SIGHUP, as `cmm map list` and `cmm status` say them.
 CLASS_RULE = "* [subagent,compaction] → gemini-2.5-pro"
-HEADER_RULE = "claude-sonnet* [x-claude-code-agent-type=Explore* min_body_bytes≥100] → gpt-5"
+HEADER_RULE = "claude-sonnet* [x-claude-code-agent-type=Explore* min_body_bytes≥100] → gpt-5 (else anthropic)"
+FALLBACK_RULE = "claude-opus* → gpt-5 (fallback)"
 ADDED = "Added {rule} via (PROXY_URL) (key (PROXY_API_KEY)) ({conditions}) in {{home}}/.cmm/mappings.toml"
 HEADER_CONDITIONS = ("when header x-claude-code-agent-type matches Explore*; when the body has ≥ 100 bytes; "
                      "Anthropic answers when the target fails")
@@ -562,19 +563,19 @@ RULES_EXPECTED = {
         "and from .env (DEFAULT_SOURCE_MODEL/DEFAULT_TARGET_MODEL): claude-haiku → gemini-2.5-flash"]),
     "running map remove shared source": (2, ["err:cmm: 2 mappings have source 'claude-sonnet' (#2, #3); say which "
                                              "with `cmm map remove claude-sonnet --number N`"]),
-    "running map remove number": (0, ["Removed the mapping for claude-sonnet from {home}/.cmm/mappings.toml"]),
+    "running map remove number": (0, ["Removed #3 claude-sonnet* [workflow] → gpt-5 from {home}/.cmm/mappings.toml"]),
     "running map list after remove": (0, [
         f"#2 claude-sonnet → gpt-5           (PROXY_URL)  key (PROXY_API_KEY)    {HEADER_CONDITIONS}\n",
         "#3 claude-opus   → gpt-5           (PROXY_URL)  key (PROXY_API_KEY)    only when Anthropic answers"]),
     # Requests per rule after the requests that met each (the class rule's count has the reload probe).
     "running status rules": (0, [f"mapping      {CLASS_RULE} via http://127.0.0.1:8317/v1/messages; last match",
                                  f"mapping      {HEADER_RULE} via http://127.0.0.1:8317/v1/messages; last match",
-                                 "mapping      claude-opus* → gpt-5 via http://127.0.0.1:8317/v1/messages; last match",
+                                 f"mapping      {FALLBACK_RULE} via http://127.0.0.1:8317/v1/messages; last match",
                                  f"requests     {CLASS_RULE}: 2, ↑", f"requests     {HEADER_RULE}: 1, ↑",
-                                 "requests     claude-opus* → gpt-5: 1, ↑",
+                                 f"requests     {FALLBACK_RULE}: 1, ↑",
                                  "requests     claude-haiku* → gemini-2.5-flash: 2, ↑", "requests     tunnel: 1, ↑"]),
-    **{f"running map remove rule {source}": (0, [f"Removed the mapping for {source} from {{home}}/.cmm/mappings.toml"])
-       for source in ("*", "claude-sonnet", "claude-opus")},
+    **{f"running map remove rule {source}": (0, [f"Removed #1 {label} from {{home}}/.cmm/mappings.toml"])
+       for source, label in (("*", CLASS_RULE), ("claude-sonnet", HEADER_RULE), ("claude-opus", FALLBACK_RULE))},
 }
 USAGE_HEAD = "MODEL                      REQUESTS  ERRORS  INPUT  OUTPUT  CACHE WRITE  CACHE READ  CACHE HIT  "
 USAGE_EXPECTED = {
@@ -588,7 +589,7 @@ USAGE_EXPECTED = {
     "running sudo usage json": (0, ['"by": "model"']),
     "running usage by route": (0, ['"by": "route"']),
     "running usage by mapping": (0, ["(30m), by mapping\n", "MAPPING ", f"\n{CLASS_RULE}   ", f"\n{HEADER_RULE}   ",
-                                     "\nclaude-opus* → gpt-5   ", "\nclaude-haiku* → gemini-2.5-flash   "]),
+                                     f"\n{FALLBACK_RULE}   ", "\nclaude-haiku* → gemini-2.5-flash   "]),
     "running usage csv": (0, ["model,requests,errors,input_tokens,output_tokens,cache_creation_input_tokens,"
                               "cache_read_input_tokens,cache_hit_rate,p50_seconds,p99_seconds\n",
                               "\nclaude-opus-4-6,2,0,"]),
@@ -812,6 +813,6 @@ def test_cmm_dashboard_serves_the_recorded_requests_only_with_its_token(commands
     assert summary["requests"] == json.loads(output_of(commands, "running usage json"))["total"]["requests"]
     rules = {(route["route"], route["rule"]): route["requests"] for route in summary["routes"]}
     assert rules[("intercepted", CLASS_RULE)] == 2 and rules[("intercepted", HEADER_RULE)] == 1
-    assert rules[("passthrough", "claude-opus* → gpt-5")] == 1 and rules[("tunnel", None)] == 1
+    assert rules[("passthrough", FALLBACK_RULE)] == 1 and rules[("tunnel", None)] == 1
     for name in ("page without token", "summary without token", "summary with a wrong token"):
         assert dashboard[name][0] == 403 and "requests" not in dashboard[name][2], name

@@ -10,7 +10,7 @@ from cmm.cli.config import mask
 from cmm.cli.context import EXIT_OK, EXIT_USAGE, Context, config_dir, existing_user_dir, user_dir
 from cmm.config import envfile
 from cmm.config.userfiles import UserDir
-from cmm.core.router import DEFAULT_FALLBACK_ON, MODES, REQUEST_CLASSES, TARGET_ERROR_ACTIONS
+from cmm.core.router import DEFAULT_FALLBACK_ON, MODES, REQUEST_CLASSES, TARGET_ERROR_ACTIONS, rule_label
 
 if TYPE_CHECKING:
     from cmm.config.mappings import MappingSpec
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 raise mappings.MappingsError("say which mapping to remove: its SOURCE, or --number N "
                                              "(as `cmm map list` numbers them)")
             new_specs = mappings.remove_mapping(specs, args.source, args.number)
-            gone = next(s for s in specs if s not in new_specs)
-            message = f"Removed the mapping for {gone.source} from {path}"
+            place, gone = next((n, s) for n, s in enumerate(specs, 1) if s not in new_specs)
+            message = f"Removed #{place} {rule_label(gone)} from {path}"
     except mappings.MappingsError as error:
         return ctx.fail(_lines(str(error)), EXIT_USAGE)
     try:

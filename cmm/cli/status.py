@@ -298,14 +298,14 @@ def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[
     """What ``twistd cmm`` without flags would map: mappings.toml, and the .env default pair
     unless the file maps its source too (as :mod:`cmm.core.settings` does)."""
     from cmm.config import mappings
-    from cmm.core.router import rule_label
+    from cmm.core.router import is_plain, rule_label
 
     proxy_url = settings.get("PROXY_URL", "")
     try:
         specs = mappings.load(mappings.mappings_file(config_dir))
     except (mappings.MappingsError, OSError):
         specs = ()  # `cmm doctor` and `cmm map list` say what is wrong with it
-    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url, rule_label(spec) if spec.conditioned else "")
+    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url, "" if is_plain(spec) else rule_label(spec))
              for spec in specs]
     source, target = settings.get("DEFAULT_SOURCE_MODEL", ""), settings.get("DEFAULT_TARGET_MODEL", "")
     if source and target and all(spec.source != source or spec.conditioned for spec in specs):

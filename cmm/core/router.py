@@ -169,18 +169,34 @@ class RuleLike(Protocol):
     @property
     def min_body_bytes(self) -> int | None: ...
 
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def on_target_error(self) -> str: ...
+
+
+def is_plain(rule: RuleLike) -> bool:
+    """A mapping as the tool cmm replaces knew them: no conditions, always to its target; its
+    label is its own ``source* → target``, so status and the state file need no other name."""
+    return not (rule.request_class or rule.headers or rule.min_body_bytes is not None
+                or rule.mode != "always" or rule.on_target_error != "error")
+
 
 def rule_label(rule: RuleLike) -> str:
     """A short name for a rule in logs and ``cmm status``: its source (a prefix shown with its
-    ``*``), conditions and target, e.g. ``claude-sonnet* [min_body_bytes≥600000] → gemini-2.5-pro``.
-    Two rules of one file never share it (a file may not repeat a source with the same conditions)."""
+    ``*``), conditions, target and how it fails over, e.g. ``claude-sonnet* [min_body_bytes≥600000]
+    → gemini-2.5-pro`` or ``claude-opus* → gpt-5 (fallback)``: a fallback rule's requests go to
+    Anthropic first, and its counters must not read as the target's. Two rules of one file never
+    share it (a file may not repeat a source with the same conditions)."""
     conditions = [",".join(rule.request_class)] if rule.request_class else []
     conditions += [f"{name}={glob}" for name, glob in rule.headers]
     if rule.min_body_bytes is not None:
         conditions.append(f"min_body_bytes≥{rule.min_body_bytes}")
     shown = f" [{' '.join(conditions)}]" if conditions else ""
     source = rule.source if rule.source == ANY_MODEL else rule.source + "*"
-    return f"{source}{shown} → {rule.target}"
+    way = " (fallback)" if rule.mode == "fallback" else " (else anthropic)" if rule.on_target_error == "anthropic" else ""
+    return f"{source}{shown} → {rule.target}{way}"
 
 
 @attrs.frozen

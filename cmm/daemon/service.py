@@ -34,7 +34,7 @@ from cmm.config import paths
 from cmm.config.userfiles import UnsafeDirectory, UserDir
 from cmm.core.records import RequestRecord
 from cmm.core.settings import ConfigError, ServeConfig
-from cmm.core.router import rule_label
+from cmm.core.router import is_plain, rule_label
 from cmm.daemon.master import Supervisor, bind
 from cmm.daemon.recording import UsageRecorder
 from cmm.daemon.stats import LiveStats
@@ -399,7 +399,7 @@ class InterceptorService(Service):
             "worker_count": config.workers,
             "accept": config.accept,
             "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url,
-                          **({"rule": rule_label(m)} if m.conditioned else {})}
+                          **({} if is_plain(m) else {"rule": rule_label(m)})}
                          for m in config.proxy.router.mappings],
             "hosts_file": str(config.hosts_file) if config.hosts_file else None,
             "config_dir": str(config.config_dir),

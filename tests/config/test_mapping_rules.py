@@ -271,7 +271,8 @@ def test_cli_round_trip_of_every_rule_key(tmp_path: Path) -> None:
     assert err == ("cmm: 2 mappings have source 'claude-sonnet' (#2, #5); say which with `cmm map remove "
                    "claude-sonnet --number N` (numbers as `cmm map list` shows them)\n")
     code, out, err = run(["map", "remove", "claude-sonnet", "--number", "5"], tmp_path)
-    assert code == 0 and out.startswith("Removed the mapping for claude-sonnet from"), err
+    assert code == 0 and out.startswith(
+        "Removed #5 claude-sonnet* [x-claude-code-agent-type=Explore*] → gpt-5 (fallback) from"), err
     assert [spec.target for spec in load(path)] == ["gemini-2.5-pro", "o3", "gpt-5", "gemini-2.5-flash"]
     code, out, err = run(["map", "remove"], tmp_path)
     assert code == 2 and "say which mapping to remove: its SOURCE, or --number N" in err

@@ -315,7 +315,7 @@ def test_cli_add_list_remove(tmp_path: Path) -> None:
 
     code, out, err = run(["map", "remove", "claude-sonnet-4", "--config-dir", str(tmp_path / ".cmm")], tmp_path)
     assert code == 0, err
-    assert out.startswith("Removed the mapping for claude-sonnet-4")
+    assert out.startswith("Removed #2 claude-sonnet-4* → gpt-5 from")
     assert load(path) == (MappingSpec("claude-haiku-4-5", "gpt-5-mini", api_key=""),)
 
 

@@ -72,8 +72,8 @@ def test_which_way_a_failure_sends_the_request() -> None:
 
 
 def test_a_cool_down_starts_only_for_a_listed_429_or_529_with_a_future_retry_after() -> None:
-    assert cooldown_for(RULE, 429, b"30", NOW) == Cooldown("claude-opus* → gpt-5", NOW + 30, "anthropic 429")
-    assert cooldown_for(RULE, 529, b"5", NOW) == Cooldown("claude-opus* → gpt-5", NOW + 5, "anthropic 529")
+    assert cooldown_for(RULE, 429, b"30", NOW) == Cooldown("claude-opus* → gpt-5 (fallback)", NOW + 30, "anthropic 429")
+    assert cooldown_for(RULE, 529, b"5", NOW) == Cooldown("claude-opus* → gpt-5 (fallback)", NOW + 5, "anthropic 529")
     assert cooldown_for(RULE, 429, None, NOW) is None and cooldown_for(RULE, 429, b"0", NOW) is None
     assert cooldown_for(RULE, 503, b"30", NOW) is None  # fails over, but no cool-down
     assert cooldown_for(attrs.evolve(RULE, fallback_on=(529,)), 429, b"30", NOW) is None
@@ -142,7 +142,7 @@ def test_a_malformed_cool_down_is_refused(fields: tuple) -> None:
 
 
 def test_a_rule_is_named_by_its_prefix_target_and_conditions() -> None:
-    assert rule_key(RULE) == "claude-opus* → gpt-5"
+    assert rule_key(RULE) == "claude-opus* → gpt-5 (fallback)"
     conditioned = Mapping("*", "gpt-5", RULE.upstream, request_class=("subagent",), headers=(("x-a", "b*"),),
                           min_body_bytes=10)
     assert rule_key(conditioned) == "* [subagent x-a=b* min_body_bytes≥10] → gpt-5"

@@ -27,7 +27,7 @@ from failover_stack import SOURCE, TARGET, Live
 from support import process_env, record
 from test_integration import Conn, new_tag, simple_post
 
-RULE = f"{SOURCE}* → {TARGET}"
+RULE = f"{SOURCE}* → {TARGET} (fallback)"  # its label, as every process names it
 
 
 class Child:
@@ -88,7 +88,8 @@ def status_lines(snapshot: dict[str, Any]) -> list[str]:
 def test_status_shows_fallbacks_by_cause_per_rule_the_cool_downs_and_the_bodies_not_kept() -> None:
     stats = LiveStats()
     for why in ("anthropic 429", "anthropic 429", "anthropic 429 cool-down", "anthropic unreachable"):
-        stats.add(record(model=SOURCE, mapping=SOURCE, target=TARGET, route="fallback", fallback=why), "worker-1")
+        stats.add(record(model=SOURCE, mapping=SOURCE, target=TARGET, route="fallback", fallback=why, rule=RULE),
+                  "worker-1")
     stats.add(record(), "worker-1")
     stats.cooldown(Cooldown(RULE, 4_102_444_800.0, "anthropic 429"))  # 2100-01-01
     stats.cooldown(Cooldown("gone* → x", time.time() - 1, "anthropic 529"))  # over: not shown
