@@ -16,7 +16,8 @@ first N requests of the same ``x-test-id`` fail),
 ``x-fake-delay: 0.5`` (seconds before the head), ``x-fake-event-delay: 0.05``,
 ``x-fake-deltas: 50``, ``x-fake-delta-size: 1000``, ``x-fake-abort-after: 2`` (stream: N events,
 not a stream: the head and N body bytes; then abortConnection), ``x-fake-close: 1``,
-``x-fake-response-bytes: N``. Malformed values are ignored, out-of-range ones clamped.
+``x-fake-response-bytes: N``, ``x-fake-gzip: 1`` (the reply gzipped; a stream flushed event by
+event). Malformed values are ignored, out-of-range ones clamped.
 Gzip/deflate request bodies are decoded before the JSON is read (recorded as received).
 
 Thinking. A messages request that enables thinking (``"thinking": {"type": "enabled", ...}``, as
@@ -49,6 +50,7 @@ from __future__ import annotations
 import argparse
 import base64
 import fcntl
+import gzip
 import hashlib
 import hmac
 import ipaddress
@@ -178,6 +180,7 @@ class Controls:
     thinking: bool | None = None  # x-fake-thinking: force a thinking block on/off; None: as asked
     redacted: bool = False  # x-fake-redacted: a redacted_thinking block after the thinking one
     tool_use: str | None = None  # x-fake-tool-use: end with a tool_use block for this tool
+    gzip: bool = False  # x-fake-gzip: the reply body gzipped (a stream flushed event by event)
 
 
 def _float_header(value: str | None, default: float, high: float) -> float:
@@ -230,6 +233,7 @@ def parse_controls(request: RecordedRequest) -> Controls:
         thinking=_bool_header(request.header("x-fake-thinking")),
         redacted=_bool_header(request.header("x-fake-redacted")) is True,
         tool_use=tool if _TOOL_NAME.fullmatch(tool) else None,
+        gzip=_bool_header(request.header("x-fake-gzip")) is True,
     )
 
 
@@ -394,6 +398,18 @@ def _tool_use_block(provider: str, message_id: str, name: str) -> dict[str, Any]
     }
 
 
+def fake_usage(prompt_tokens: int, output_tokens: int) -> dict[str, int]:
+    """Usage as Anthropic reports it for a cached conversation: most of the prompt read from the
+    cache, a part written to it, the rest (``input_tokens``) neither."""
+    read, created = prompt_tokens // 2, prompt_tokens // 4
+    return {
+        "input_tokens": prompt_tokens - read - created,
+        "cache_creation_input_tokens": created,
+        "cache_read_input_tokens": read,
+        "output_tokens": output_tokens,
+    }
+
+
 def sse_event(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + _json(data) + b"\n\n"
 
@@ -428,7 +444,7 @@ def sse_events(
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                "usage": fake_usage(input_tokens, 1),
             },
         },
     )
@@ -526,7 +542,7 @@ def message_json(
                 "content": [*before, {"type": "text", "text": text}, *after],
                 "stop_reason": "end_turn" if tool_use is None else "tool_use",
                 "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": 5},
+                "usage": fake_usage(input_tokens, 5),
             }
         )
 
@@ -647,6 +663,8 @@ def plan_reply(
             ("content-type", "text/event-stream; charset=utf-8"),
             ("cache-control", "no-cache"),
         )
+        if controls.gzip:
+            return Reply(200, headers + (("content-encoding", "gzip"),), events=_gzipped(events))
         return Reply(200, headers, events=events)
     body = message_json(
         message_id=message_id,
@@ -658,7 +676,18 @@ def plan_reply(
         redacted=controls.redacted,
         tool_use=controls.tool_use,
     )
+    if controls.gzip:
+        headers = common + (("content-type", "application/json"), ("content-encoding", "gzip"))
+        return Reply(200, headers, gzip.compress(body))
     return Reply(200, common + (("content-type", "application/json"),), body)
+
+
+def _gzipped(events: Iterator[bytes]) -> Iterator[bytes]:
+    """A stream gzipped as a server does it: each event flushed, so it can be read as it comes."""
+    compressor = zlib.compressobj(wbits=31)
+    for event in events:
+        yield compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    yield compressor.flush()
 
 
 def check_loopback(interface: str) -> str:

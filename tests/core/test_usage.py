@@ -1,0 +1,216 @@
+"""Token usage read from messages answers: streamed and JSON, plain and compressed, split anywhere."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import brotli
+import pytest
+import zstandard
+from hypothesis import given, settings, strategies as st
+
+from cmm.core import usage as usage_module
+from cmm.core.http_head import parse_response_head
+from cmm.core.usage import MAX_EVENT_LINE, Usage, UsageReader, usage_reader
+from cmm.testing.fakes import fake_usage, message_json, sse_event, sse_events
+
+MODEL = "claude-sonnet-4-5-20250929"
+PROMPT_TOKENS = 1003
+EXPECTED_STREAM = Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 7))
+EXPECTED_JSON = Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 5))
+
+
+def stream(**extra: object) -> bytes:
+    return b"".join(sse_events(message_id="msg_1", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS,
+                               deltas=7, **extra))  # type: ignore[arg-type]
+
+
+def answer(**extra: object) -> bytes:
+    return message_json(message_id="msg_1", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS,
+                        **extra)  # type: ignore[arg-type]
+
+
+def read(kind: str, pieces: list[bytes], codings: tuple[str, ...] = (), finish: bool = True) -> Usage:
+    reader = UsageReader(kind, codings)
+    for piece in pieces:
+        reader.feed(piece)
+    if finish:
+        reader.finish()
+    return reader.usage
+
+
+def splits(body: bytes) -> list[list[bytes]]:
+    """The body cut in two at every byte boundary (empty pieces at both ends included)."""
+    return [[body[:at], body[at:]] for at in range(len(body) + 1)]
+
+
+def test_fake_stream_counts_are_realistic() -> None:
+    assert EXPECTED_STREAM.known and EXPECTED_STREAM.cache_read_input_tokens == PROMPT_TOKENS // 2
+    assert EXPECTED_STREAM.output_tokens == 7  # message_delta's count, not message_start's placeholder 1
+
+
+@pytest.mark.parametrize("extra", [{}, {"thinking": True, "redacted": True, "tool_use": "Bash"}])
+def test_stream_split_at_every_byte(extra: dict[str, object]) -> None:
+    body = stream(**extra)
+    for pieces in splits(body):
+        assert read("sse", pieces) == EXPECTED_STREAM, len(pieces[0])
+
+
+def test_stream_byte_by_byte_and_crlf() -> None:
+    body = stream()
+    assert read("sse", [body[i : i + 1] for i in range(len(body))]) == EXPECTED_STREAM
+    crlf = body.replace(b"\n", b"\r\n")
+    for pieces in splits(crlf):
+        assert read("sse", pieces) == EXPECTED_STREAM
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=4000), max_size=12))
+def test_stream_any_split(cuts: list[int]) -> None:
+    body = stream(thinking=True, tool_use="Read")
+    points = sorted({min(cut, len(body)) for cut in cuts})
+    pieces = [body[a:b] for a, b in zip([0, *points], [*points, len(body)])]
+    assert read("sse", pieces) == EXPECTED_STREAM
+
+
+def test_stream_read_before_it_ends() -> None:
+    """What message_start said counts even when the stream is cut before its message_delta."""
+    body = stream()
+    cut = body.index(b"event: message_delta")
+    assert read("sse", [body[:cut]], finish=False) == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 1))
+
+
+def test_message_delta_counts_win() -> None:
+    start = sse_event("message_start", {"type": "message_start", "message": {
+        "model": "m", "usage": {"input_tokens": 10, "cache_read_input_tokens": 0, "output_tokens": 1}}})
+    delta = sse_event("message_delta", {"type": "message_delta", "delta": {}, "usage": {
+        "input_tokens": 12, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 40, "output_tokens": 9}})
+    assert read("sse", [start + delta]) == Usage(12, 9, 3, 40, "m")
+
+
+def test_only_real_events_count() -> None:
+    """Text that quotes an event, an event line without data, odd values: none of them count."""
+    quoted = sse_event("content_block_delta", {"type": "content_block_delta", "delta": {
+        "type": "text_delta", "text": 'data: {"type":"message_delta","usage":{"output_tokens":999}}'}})
+    named = b'event: message_delta\n: {"type":"message_delta","usage":{"output_tokens":998}}\n\n'
+    bad = sse_event("message_delta", {"type": "message_delta", "usage": {
+        "output_tokens": True, "input_tokens": -4, "cache_read_input_tokens": "12"}})
+    broken = b'data: {"type":"message_delta","usage":{"output_tokens":5\n\n'
+    assert read("sse", [quoted + named + bad + broken]) == Usage()
+
+
+def test_overlong_line_is_let_go() -> None:
+    """A line past the cap is not held (nor read); what follows it is read as usual."""
+    huge = b'data: {"type":"message_start","message":{"usage":{"input_tokens":1}},"pad":"' + \
+        b"x" * MAX_EVENT_LINE + b'"}\n\n'
+    delta = sse_event("message_delta", {"type": "message_delta", "usage": {"output_tokens": 3}})
+    reader = UsageReader("sse")
+    scanner = reader._scanner
+    assert isinstance(scanner, usage_module.SseScanner)
+    for at in range(0, len(huge), 1000):
+        reader.feed(huge[at : at + 1000])
+        assert scanner._line is None or len(scanner._line) <= MAX_EVENT_LINE
+    reader.feed(delta)
+    reader.finish()
+    assert reader.usage == Usage(output_tokens=3)
+
+
+def test_json_split_at_every_byte() -> None:
+    body = answer(thinking=True, tool_use="Bash")
+    for pieces in splits(body):
+        assert read("json", pieces) == EXPECTED_JSON
+
+
+def test_large_json_read_from_its_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the tail size only its first and last bytes are kept; a usage object inside the
+    content (a tool's input here) is not taken for the answer's."""
+    monkeypatch.setattr(usage_module, "TAIL_BYTES", 300)
+    monkeypatch.setattr(usage_module, "HEAD_BYTES", 120)
+    decoy = {"type": "tool_use", "id": "t", "name": "Write", "input": {"usage": {"input_tokens": 77}}}
+    document = json.loads(answer(pad_to=2000))
+    document["content"].append(decoy)
+    body = json.dumps(document).encode()  # with spaces after the colons
+    assert len(body) > 2000
+    for pieces in splits(body):
+        reader = UsageReader("json")
+        for piece in pieces:
+            reader.feed(piece)
+        scanner = reader._scanner
+        assert isinstance(scanner, usage_module.JsonScanner)
+        held = scanner._tail_size + len(scanner._head)
+        assert held <= 300 + 120 + max(len(piece) for piece in pieces)
+        reader.finish()
+        assert reader.usage == EXPECTED_JSON, len(pieces[0])
+
+
+def test_json_that_is_not_an_answer() -> None:
+    assert read("json", [b'{"type":"error","error":{"type":"x"}}']) == Usage()
+    assert read("json", [b"[1, 2"]) == Usage()
+    assert read("json", [b'{"usage": {"input_tokens": 5}'], finish=False) == Usage()  # not whole yet
+
+
+def compress(coding: str, data: bytes) -> bytes:
+    if coding == "gzip":
+        return gzip.compress(data)
+    if coding == "deflate":
+        return zlib.compress(data)
+    if coding == "br":
+        return brotli.compress(data)
+    return zstandard.ZstdCompressor().compress(data)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_compressed_split_at_every_byte(coding: str) -> None:
+    for kind, body, expected in (("sse", stream(), EXPECTED_STREAM), ("json", answer(), EXPECTED_JSON)):
+        wire = compress(coding, body)
+        for pieces in splits(wire):
+            assert read(kind, pieces, (coding,)) == expected, (kind, len(pieces[0]))
+
+
+def test_gzipped_stream_flushed_event_by_event() -> None:
+    """As a server streams it: each event readable as it comes, before the gzip stream ends."""
+    compressor = zlib.compressobj(wbits=31)
+    events = list(sse_events(message_id="m", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS))
+    reader = UsageReader("sse", ("gzip",))
+    reader.feed(compressor.compress(events[0]) + compressor.flush(zlib.Z_SYNC_FLUSH))
+    assert reader.usage.input_tokens == fake_usage(PROMPT_TOKENS, 1)["input_tokens"]
+
+
+def test_corrupt_or_cut_compression_reads_nothing_more() -> None:
+    wire = gzip.compress(answer())
+    assert read("json", [wire[:10] + b"\xff" * 20 + wire[30:]], ("gzip",)) == Usage()
+    assert read("json", [wire[:-8]], ("gzip",)) == Usage()
+
+
+def test_decoding_stops_at_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the cap nothing more is decoded or read (message_delta here); the rest is ignored."""
+    monkeypatch.setattr(usage_module, "MAX_DECODED", 1000)
+    compressor = zlib.compressobj(wbits=31)
+    events = sse_events(message_id="m", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS,
+                        delta_size=1000)
+    pieces = [compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH) for event in events]
+    assert read("sse", [*pieces, compressor.flush()], ("gzip",)) == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 1))
+
+
+def head(status: int, *fields: str) -> bytes:
+    return (f"HTTP/1.1 {status} X\r\n" + "".join(f"{field}\r\n" for field in fields) +
+            "transfer-encoding: chunked\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("raw, kind", [
+    (head(200, "Content-Type: text/event-stream; charset=utf-8"), "sse"),
+    (head(201, "content-type: Application/JSON", "content-encoding: gzip"), "json"),
+    (head(200, "content-type: application/json", "content-encoding: identity"), "json"),
+    (head(400, "content-type: application/json"), None),
+    (head(200, "content-type: text/plain"), None),
+    (head(200), None),
+    (head(200, "content-type: application/json", "content-encoding: compress"), None),
+    (head(200, "content-type: application/json", "content-encoding: gzip, gzip, gzip"), None),
+])
+def test_reader_for_a_head(raw: bytes, kind: str | None) -> None:
+    reader = usage_reader(parse_response_head(raw, b"POST"))
+    assert (reader is None) == (kind is None)
+    if reader is not None:
+        assert isinstance(reader._scanner, usage_module.SseScanner if kind == "sse" else usage_module.JsonScanner)
