@@ -76,12 +76,23 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     mark = "✓" if ok else "✗"
     status = "-" if record.status is None else str(record.status)
     detail = f"{status} {record.duration * 1000:.0f}ms ↑{record.bytes_in} ↓{record.bytes_out}"
+    detail += _tokens(record)
     if record.error:
         detail += f" ({escaped(record.error)})"
     line = f"[{stamp}] {subject:<{COLUMN}} → {route} {mark} {detail}"
     if record.content:
         line += "".join(f"\n    {escaped(part)}" for part in record.content.splitlines())
     return line
+
+
+def _tokens(record: RequestRecord) -> str:
+    """`` in=… out=… cache=r…/w…`` (cache tokens read / written), each part only when the answer said it."""
+    parts = [f"{label}={value}" for label, value in (("in", record.input_tokens), ("out", record.output_tokens))
+             if value is not None]
+    read, written = record.cache_read_input_tokens, record.cache_creation_input_tokens
+    if read is not None or written is not None:
+        parts.append(f"cache=r{'-' if read is None else read}/w{'-' if written is None else written}")
+    return "".join(" " + part for part in parts)
 
 
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")  # json.dumps escapes the rest itself
@@ -97,6 +108,6 @@ def format_json(record: RequestRecord) -> str:
         for key, value in attrs.asdict(record).items()
     }
     fields["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.started))
-    fields["route"] = "intercepted" if record.intercepted else "passthrough"
+    fields["route"] = record.route or ("intercepted" if record.intercepted else "passthrough")
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)

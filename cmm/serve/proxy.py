@@ -33,7 +33,7 @@ from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispo
                                edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
                                response_mode, retry_decision, reuse_after, route)
 from cmm.serve.flow import Deadline, Valve
-from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
+from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, Progress, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
 from cmm.core.model_finder import Found
 from cmm.core.records import RequestRecord, escaped
@@ -41,6 +41,7 @@ from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, redacted_head, 
                         with_provider_header)
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
+from cmm.core.usage import Usage, UsageReader, usage_reader
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.tls import connected
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
@@ -214,6 +215,7 @@ class RequestInProgress:
             error=error,
             mapping=mapping.source if mapping else None,
             content=self.content,
+            request_class=_header_text(self.head, b"x-claude-code-request-class"),
         )
 
 
@@ -508,6 +510,8 @@ class Exchange:
         self.reader = ResponseReader(self.request.head.method)
         self.mode: ResponseState = Splice()
         self.unmarked_warned = False
+        self.usage: UsageReader | None = None  # reads a messages answer's token counts as it passes
+        self.ttfb: float | None = None
 
     @property
     def response(self) -> ResponseHead | None:
@@ -563,6 +567,8 @@ class Exchange:
 
     def upstream_data(self, data: bytes) -> None:
         self.deadline.touch()
+        if not self.received:
+            self.ttfb = self.context.clock.seconds() - self.request.started_clock
         self.received += len(data)
         if self.finished:
             return
@@ -584,6 +590,8 @@ class Exchange:
     def _response_head(self, response: ResponseHead, raw: bytes) -> None:
         mode = response_mode(response, self.mapping is not None, self.request.endpoint, MAX_ERROR_BODY,
                              MAX_HELD_MESSAGE)
+        if self.request.endpoint == "messages":
+            self.usage = usage_reader(response)
         if mode is ResponseMode.HOLD_ERROR:
             self.mode = HeldError(bytearray(raw))  # held: it may be rewritten, or retried
         elif mode is ResponseMode.HOLD_MESSAGE:
@@ -600,6 +608,8 @@ class Exchange:
 
     def _response_body(self, body: Body) -> None:
         progress, mode = body.progress, self.mode
+        if self.usage is not None:
+            self._read_usage(progress)
         if isinstance(mode, HeldError):
             self._hold_error(mode, body.raw, progress.payload)
         elif isinstance(mode, MarkedStream):
@@ -630,6 +640,35 @@ class Exchange:
                 self._error_complete(extra=body.extra)
             else:
                 self._finish(extra=body.extra)
+
+    def _read_usage(self, progress: Progress) -> None:
+        """The answer's payload, as it is, to the usage reader: on the side, whatever the mode."""
+        assert self.usage is not None
+        for piece in progress.payload:
+            self.usage.feed(piece)
+        if progress.done:
+            self.usage.finish()
+
+    def _answer_fields(self) -> dict[str, Any]:
+        """What the record says of the route and the answer: who answered, how soon, at what cost."""
+        usage = self.usage.usage if self.usage is not None else Usage()
+        served = usage.model
+        if served is None and self.response is not None and self.response.status < 300:
+            served = self.mapping.target if self.mapping is not None else self.model
+        upstream = "anthropic"
+        if self.mapping is not None:
+            host = self.mapping.upstream.host
+            upstream = f"[{host}]:{self.mapping.upstream.port}" if ":" in host else f"{host}:{self.mapping.upstream.port}"
+        return {
+            "route": "intercepted" if self.mapping is not None else "passthrough",
+            "served_model": served,
+            "upstream": upstream,
+            "ttfb": self.ttfb,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+        }
 
     def _intercepted_head(self, raw: bytes) -> bytes:
         """The target's response head as the client gets it: marked as intercepted, and saying
@@ -771,8 +810,9 @@ class Exchange:
         self.finished = True
         self.deadline.cancel()
         self._detach(dispose_for(upstream_reusable, abort))
-        self.context.record(self.request.record(self.context.clock.seconds(), status, error, self.bytes_out,
-                                                self.model, self.mapping))
+        record = self.request.record(self.context.clock.seconds(), status, error, self.bytes_out, self.model,
+                                     self.mapping)
+        self.context.record(attrs.evolve(record, **self._answer_fields()))
         self.client.exchange_ended(abort, reusable=client_reusable and error is None)
 
     def _detach(self, dispose: Dispose) -> None:
@@ -799,6 +839,11 @@ class Exchange:
         self.fail(HttpError(504, f"{self.destination.label} sent nothing for {self.client.settings.upstream_timeout:g} seconds"))
         if connecting is not None:
             connecting.cancel()
+
+
+def _header_text(head: RequestHead, name: bytes) -> str | None:
+    value = head.headers.get(name)
+    return None if value is None else value.decode("ascii", "replace")
 
 
 def _reason(failure: Failure) -> str:
