@@ -4,14 +4,16 @@ An Anthropic-format answer says what it cost: a stream in its ``message_start`` 
 (``message.usage`` and ``message.model``) and its ``message_delta`` event (the final
 ``output_tokens``; newer servers put the final input and cache counts there too, and those win),
 a JSON answer in its top-level ``usage`` and ``model``. The reader is fed the body's payload
-pieces as they pass to the client (the bytes themselves are never changed, held or delayed) and
-keeps only what it needs, bounded: the current SSE line while it may be one of those two events,
-or a JSON answer's first and last few KiB. A compressed answer is decoded on the side with
-cmm's own body decoder; the client still gets it compressed, as it came.
+as it passes to the client (the bytes themselves are never changed, held or delayed). A
+compressed answer is decoded on the side with cmm's own body decoder; the client still gets it
+compressed, as it came.
 
-The stream is most of the traffic, so its common case is cheap: a piece is searched (in C) for
-``"message_``, which every other event's line lacks, and only a ``data:`` line that names
-``message_start`` or ``message_delta`` is parsed.
+Where those fields are is known: ``message_start`` is a stream's first event and
+``message_delta`` its last but one; a JSON answer names its model before its content and ends
+with its usage. So the reader keeps only the body's first and last few KiB (the pieces
+themselves, by reference: nothing is copied on the way) and reads them once the body ends,
+searching from the start for the first and from the end for the others. Searching the whole
+body, even in C, would cost more than the rest of cmm's work on a passed-through answer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attrs
 
@@ -27,19 +29,21 @@ from cmm.core.decoding import BodyDecoder, unsupported
 from cmm.core.errors import HttpError
 from cmm.core.http_head import ResponseHead
 
-# The longest SSE line held to be read: a message_start or message_delta event is well under
-# 1 KiB; a longer line is let go of (and its usage, if any, is not read).
-MAX_EVENT_LINE = 64 * 1024
-# A JSON answer up to this size is parsed whole; of a larger one, its first HEAD_BYTES are kept
-# for its model (near the start) and its last TAIL_BYTES for its usage (near the end).
-TAIL_BYTES = 64 * 1024
-HEAD_BYTES = 4 * 1024
+# What is kept of a body's start and of its end. A message_start or message_delta event, or a
+# JSON answer's model and usage, are a few hundred bytes from their end of the body.
+HEAD_BYTES = 16 * 1024
+TAIL_BYTES = 16 * 1024
+# A JSON answer this small is parsed whole, so that its top-level fields are read exactly.
+WHOLE_JSON_BYTES = 4 * 1024
 # What a compressed answer may decode to before the reader gives up on it (the answer passes on).
 MAX_DECODED = 1 << 30
+# How many candidates for an event or a usage object are tried before giving up.
+MAX_TRIES = 8
 
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-_NEEDLE = b'"message_'  # in the data line of message_start and message_delta, not in other events'
-_EVENTS = (b'"message_start"', b'"message_delta"')
+# Inside a JSON string a quote is escaped, so text that merely mentions an event cannot match these.
+_START = b'"message_start"'
+_DELTA = b'"message_delta"'
 _USAGE_KEY = b'"usage"'
 _COLON = re.compile(rb"\s*:\s*")
 _MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
@@ -54,10 +58,6 @@ class Usage:
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
     model: str | None = None
-
-    @property
-    def known(self) -> bool:
-        return any(getattr(self, name) is not None for name in TOKEN_FIELDS)
 
 
 class _Found:
@@ -88,102 +88,120 @@ def _loads(data: bytes | str) -> Any:
         return None
 
 
-class SseScanner:
-    """Finds the two events that carry usage in an SSE stream, whatever the pieces' split.
+class BodyEnds:
+    """A body's first ``HEAD_BYTES`` and last ``TAIL_BYTES`` (at least), whatever its pieces.
 
-    ``_line`` is the start of the line the last piece ended in (None: longer than
-    ``MAX_EVENT_LINE``, skipped to its end); a complete line is looked at only if it holds
-    ``"message_``.
+    The tail is a queue of the fed sequences of pieces with the size each was fed with (at least
+    its payload: a chunked body's framing may be counted too, so that nothing is summed per
+    piece). It is cut back to ``TAIL_BYTES`` only once it holds twice that: a feed, often one
+    small SSE event, costs an append and an addition.
     """
 
-    def __init__(self, found: _Found) -> None:
-        self._found = found
-        self._line: bytes | None = b""
-
-    def feed(self, data: bytes) -> None:
-        first = data.find(b"\n")
-        if first < 0:
-            if self._line is not None:
-                self._line = self._line + data if len(self._line) + len(data) <= MAX_EVENT_LINE else None
-            return
-        if self._line is not None and len(self._line) + first <= MAX_EVENT_LINE:
-            line = self._line + data[:first] if self._line else data[:first]
-            if _NEEDLE in line:
-                self._read_line(line)
-        start = first + 1
-        at = data.find(_NEEDLE, start)
-        while at >= 0:
-            end = data.find(b"\n", at)
-            if end < 0:
-                break  # the line goes on in the next piece: it is kept below
-            begin = data.rfind(b"\n", start, at) + 1 or start
-            self._read_line(data[begin:end])
-            start = end + 1
-            at = data.find(_NEEDLE, start)
-        last = data.rfind(b"\n")
-        self._line = data[last + 1 :] if len(data) - last - 1 <= MAX_EVENT_LINE else None
-
-    def finish(self) -> None:
-        """The stream ended: a last line without its newline still counts."""
-        line, self._line = self._line, b""
-        if line and _NEEDLE in line:
-            self._read_line(line)
-
-    def _read_line(self, line: bytes) -> None:
-        if not line.startswith(b"data:") or not (_EVENTS[0] in line or _EVENTS[1] in line):
-            return
-        event = _loads(line[5:])
-        if not isinstance(event, dict):
-            return
-        kind = event.get("type")
-        if kind == "message_start" and isinstance(event.get("message"), dict):
-            self._found.take(event["message"].get("usage"), event["message"].get("model"))
-        elif kind == "message_delta":
-            self._found.take(event.get("usage"))
-
-
-class JsonScanner:
-    """Keeps a JSON answer's first and last few KiB, and reads them once it is whole.
-
-    An answer that fits is parsed whole, so its top-level fields are read exactly. Of a larger
-    one, the last ``"usage"`` object in the tail is taken (Anthropic's format ends with it, after
-    the content that could hold another) and the first ``"model"`` in the head (it comes before
-    the content).
-    """
-
-    def __init__(self, found: _Found) -> None:
-        self._found = found
-        self._head = bytearray()
-        self._tail: collections.deque[bytes] = collections.deque()
+    def __init__(self) -> None:
+        self._head: list[bytes] = []
+        self._head_room = HEAD_BYTES
+        self._tail: collections.deque[tuple[Sequence[bytes], int]] = collections.deque()
         self._tail_size = 0
-        self._size = 0
+        self._trim_at = 2 * TAIL_BYTES
+        self._dropped = 0
 
-    def feed(self, data: bytes) -> None:
-        self._size += len(data)
-        if len(self._head) < HEAD_BYTES:
-            self._head += data[: HEAD_BYTES - len(self._head)]
-        if len(data) > TAIL_BYTES:
-            data = data[-TAIL_BYTES:]
-        self._tail.append(data)
-        self._tail_size += len(data)
-        while self._tail_size - len(self._tail[0]) >= TAIL_BYTES:
-            self._tail_size -= len(self._tail.popleft())
+    def feed(self, pieces: Sequence[bytes], size: int) -> None:
+        if self._head_room > 0:
+            self._keep_head(pieces)
+        self._tail.append((pieces, size))
+        self._tail_size += size
+        if self._tail_size >= self._trim_at:
+            self._trim()
 
-    def finish(self) -> None:
-        tail = b"".join(self._tail)
-        self._tail.clear()
-        if self._size <= TAIL_BYTES:
-            answer = _loads(tail)
-            if isinstance(answer, dict):
-                self._found.take(answer.get("usage"), answer.get("model"))
-            return
-        self._found.take(_last_usage(tail), _first_model(bytes(self._head)))
+    def _keep_head(self, pieces: Sequence[bytes]) -> None:
+        for piece in pieces:
+            if self._head_room <= 0:
+                return
+            self._head.append(piece[: self._head_room])
+            self._head_room -= len(piece)
+
+    def _trim(self) -> None:
+        tail = self._tail
+        while self._tail_size - tail[0][1] >= TAIL_BYTES:
+            size = tail.popleft()[1]
+            self._tail_size -= size
+            self._dropped += size
+
+    @property
+    def size(self) -> int:
+        return self._dropped + self._tail_size
+
+    @property
+    def whole(self) -> bool:
+        """Whether the tail still holds the whole body."""
+        return not self._dropped
+
+    def head(self) -> bytes:
+        return b"".join(self._head)
+
+    def tail(self) -> bytes:
+        return b"".join(piece for pieces, _ in self._tail for piece in pieces)
+
+
+def _line_at(data: bytes, at: int) -> bytes:
+    """The line of ``data`` around ``at`` (to the end of ``data`` if it has no newline after)."""
+    begin = data.rfind(b"\n", 0, at) + 1
+    end = data.find(b"\n", at)
+    return data[begin : end if end >= 0 else len(data)]
+
+
+def _event(line: bytes, kind: str) -> dict[str, Any] | None:
+    """The event of an SSE ``data:`` line, if it is one of ``kind``."""
+    if not line.startswith(b"data:"):
+        return None
+    event = _loads(line[5:])
+    return event if isinstance(event, dict) and event.get("type") == kind else None
+
+
+def read_stream(ends: BodyEnds, found: _Found) -> None:
+    """message_start from the start of the stream, then message_delta from its end."""
+    head, at = ends.head(), 0
+    for _ in range(MAX_TRIES):
+        at = head.find(_START, at)
+        if at < 0:
+            break
+        event = _event(_line_at(head, at), "message_start")
+        if event is not None and isinstance(event.get("message"), dict):
+            found.take(event["message"].get("usage"), event["message"].get("model"))
+            break
+        at += len(_START)
+    tail = ends.tail()
+    at = len(tail)
+    for _ in range(MAX_TRIES):
+        at = tail.rfind(_DELTA, 0, at)
+        if at < 0:
+            break
+        event = _event(_line_at(tail, at), "message_delta")
+        if event is not None:
+            found.take(event.get("usage"))
+            break
+
+
+def read_json(ends: BodyEnds, found: _Found) -> None:
+    """A small answer parsed whole; of a larger one, the first ``"model"`` in its head (it comes
+    before the content) and the last ``"usage"`` object in its tail (Anthropic's format ends with
+    it, after the content that could hold another)."""
+    if ends.whole and ends.size <= WHOLE_JSON_BYTES:
+        answer = _loads(ends.tail())
+        if isinstance(answer, dict):
+            found.take(answer.get("usage"), answer.get("model"))
+        return
+    match = _MODEL.search(ends.head())
+    found.take(_last_usage(ends.tail()), _loads(match.group(1)) if match else None)
 
 
 def _last_usage(tail: bytes) -> dict[str, Any] | None:
     decoder = json.JSONDecoder()
     at = len(tail)
-    while (at := tail.rfind(_USAGE_KEY, 0, at)) >= 0:
+    for _ in range(MAX_TRIES):
+        at = tail.rfind(_USAGE_KEY, 0, at)
+        if at < 0:
+            return None
         colon = _COLON.match(tail, at + len(_USAGE_KEY))
         if colon is not None:
             try:
@@ -195,50 +213,55 @@ def _last_usage(tail: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _first_model(head: bytes) -> str | None:
-    match = _MODEL.search(head)
-    model = _loads(match.group(1)) if match else None
-    return model if isinstance(model, str) else None
-
-
 class UsageReader:
-    """Feed it each payload piece of the answer's body (de-chunked, still content-encoded) as it
-    passes, then ``finish`` when the body is complete; ``usage`` is what was read so far."""
+    """Feed it the answer's payload (de-chunked, still content-encoded) as it passes: each time a
+    sequence of pieces and their size (or more, such as the raw bytes they came in); then
+    ``finish`` once the body ended, complete or not. ``usage`` is what was read."""
 
-    feed: Callable[[bytes], None]
+    feed: Callable[[Sequence[bytes], int], None]
 
     def __init__(self, kind: str, codings: tuple[str, ...] = ()) -> None:
-        self._found = _Found()
-        self._scanner: SseScanner | JsonScanner = SseScanner(self._found) if kind == "sse" else JsonScanner(self._found)
+        self._kind = kind
+        self._ends = BodyEnds()
+        self._usage: Usage | None = None
         self._decoder: BodyDecoder | None = None
         self._failed = False
         if any(c != "identity" for c in codings):
-            self._decoder = BodyDecoder(list(codings), MAX_DECODED, sink=self._scanner.feed)
+            self._decoder = BodyDecoder(list(codings), MAX_DECODED, sink=self._decoded)
             self.feed = self._decode
         else:
-            self.feed = self._scanner.feed  # the plain path: no call in between
+            self.feed = self._ends.feed  # the plain path: no call in between
 
-    def _decode(self, data: bytes) -> None:
+    def _decoded(self, piece: bytes) -> None:
+        self._ends.feed((piece,), len(piece))
+
+    def _decode(self, pieces: Sequence[bytes], size: int) -> None:
         if self._decoder is None:
             return
         try:
-            self._decoder.feed(data)
+            for piece in pieces:
+                self._decoder.feed(piece)
         except HttpError:
-            self._decoder, self._failed = None, True  # not decodable after all: the rest stays unread
+            self._decoder, self._failed = None, True  # not decodable after all: nothing is read
 
-    def finish(self) -> None:
+    def finish(self, complete: bool = True) -> Usage:
+        """Read what was kept, once; a JSON answer only when ``complete``."""
+        if self._usage is None:
+            self._usage = self._read(complete)
+        return self._usage
+
+    def _read(self, complete: bool) -> Usage:
         decoder, self._decoder = self._decoder, None
-        if decoder is not None:
+        if decoder is not None and complete:
             try:
                 decoder.finish()
             except HttpError:
-                self._failed = True  # cut short: what it decoded to may end anywhere
-        if not self._failed:
-            self._scanner.finish()
-
-    @property
-    def usage(self) -> Usage:
-        return self._found.usage()
+                self._failed = True  # cut short or trailed by junk: the decoded end is not the answer's
+        found = _Found()
+        if self._failed or (self._kind == "json" and not complete):
+            return found.usage()
+        (read_stream if self._kind == "sse" else read_json)(self._ends, found)
+        return found.usage()
 
 
 def usage_reader(response: ResponseHead) -> UsageReader | None:

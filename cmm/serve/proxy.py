@@ -33,7 +33,7 @@ from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispo
                                edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
                                response_mode, retry_decision, reuse_after, route)
 from cmm.serve.flow import Deadline, Valve
-from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, Progress, encode_chunk
+from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
 from cmm.core.model_finder import Found
 from cmm.core.records import RequestRecord, escaped
@@ -609,7 +609,7 @@ class Exchange:
     def _response_body(self, body: Body) -> None:
         progress, mode = body.progress, self.mode
         if self.usage is not None:
-            self._read_usage(progress)
+            self.usage.feed(progress.payload, progress.consumed)  # on the side, whatever the mode
         if isinstance(mode, HeldError):
             self._hold_error(mode, body.raw, progress.payload)
         elif isinstance(mode, MarkedStream):
@@ -641,17 +641,9 @@ class Exchange:
             else:
                 self._finish(extra=body.extra)
 
-    def _read_usage(self, progress: Progress) -> None:
-        """The answer's payload, as it is, to the usage reader: on the side, whatever the mode."""
-        assert self.usage is not None
-        for piece in progress.payload:
-            self.usage.feed(piece)
-        if progress.done:
-            self.usage.finish()
-
-    def _answer_fields(self) -> dict[str, Any]:
+    def _answer_fields(self, complete: bool) -> dict[str, Any]:
         """What the record says of the route and the answer: who answered, how soon, at what cost."""
-        usage = self.usage.usage if self.usage is not None else Usage()
+        usage = self.usage.finish(complete) if self.usage is not None else Usage()
         served = usage.model
         if served is None and self.response is not None and self.response.status < 300:
             served = self.mapping.target if self.mapping is not None else self.model
@@ -812,7 +804,7 @@ class Exchange:
         self._detach(dispose_for(upstream_reusable, abort))
         record = self.request.record(self.context.clock.seconds(), status, error, self.bytes_out, self.model,
                                      self.mapping)
-        self.context.record(attrs.evolve(record, **self._answer_fields()))
+        self.context.record(attrs.evolve(record, **self._answer_fields(complete=error is None)))
         self.client.exchange_ended(abort, reusable=client_reusable and error is None)
 
     def _detach(self, dispose: Dispose) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from cmm.core import usage as usage_module
 from cmm.core.http_head import parse_response_head
-from cmm.core.usage import MAX_EVENT_LINE, Usage, UsageReader, usage_reader
+from cmm.core.usage import HEAD_BYTES, TAIL_BYTES, BodyEnds, Usage, UsageReader, usage_reader
 from cmm.testing.fakes import fake_usage, message_json, sse_event, sse_events
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -32,13 +32,11 @@ def answer(**extra: object) -> bytes:
                         **extra)  # type: ignore[arg-type]
 
 
-def read(kind: str, pieces: list[bytes], codings: tuple[str, ...] = (), finish: bool = True) -> Usage:
+def read(kind: str, pieces: list[bytes], codings: tuple[str, ...] = (), complete: bool = True) -> Usage:
     reader = UsageReader(kind, codings)
     for piece in pieces:
-        reader.feed(piece)
-    if finish:
-        reader.finish()
-    return reader.usage
+        reader.feed((piece,), len(piece))
+    return reader.finish(complete)
 
 
 def splits(body: bytes) -> list[list[bytes]]:
@@ -47,13 +45,25 @@ def splits(body: bytes) -> list[list[bytes]]:
 
 
 def test_fake_stream_counts_are_realistic() -> None:
-    assert EXPECTED_STREAM.known and EXPECTED_STREAM.cache_read_input_tokens == PROMPT_TOKENS // 2
+    assert EXPECTED_STREAM.cache_read_input_tokens == PROMPT_TOKENS // 2 and EXPECTED_STREAM.input_tokens
     assert EXPECTED_STREAM.output_tokens == 7  # message_delta's count, not message_start's placeholder 1
 
 
 @pytest.mark.parametrize("extra", [{}, {"thinking": True, "redacted": True, "tool_use": "Bash"}])
 def test_stream_split_at_every_byte(extra: dict[str, object]) -> None:
     body = stream(**extra)
+    for pieces in splits(body):
+        assert read("sse", pieces) == EXPECTED_STREAM, len(pieces[0])
+
+
+def test_stream_split_at_every_byte_with_small_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ends just large enough for the two events, so that most of the stream is let go of."""
+    body = stream(thinking=True)
+    first_event = body.index(b"\n\n") + 2
+    last_events = len(body) - body.rindex(b"event: message_delta")
+    monkeypatch.setattr(usage_module, "HEAD_BYTES", first_event)
+    monkeypatch.setattr(usage_module, "TAIL_BYTES", last_events)
+    assert first_event + last_events < len(body) // 2
     for pieces in splits(body):
         assert read("sse", pieces) == EXPECTED_STREAM, len(pieces[0])
 
@@ -75,11 +85,11 @@ def test_stream_any_split(cuts: list[int]) -> None:
     assert read("sse", pieces) == EXPECTED_STREAM
 
 
-def test_stream_read_before_it_ends() -> None:
+def test_stream_cut_short() -> None:
     """What message_start said counts even when the stream is cut before its message_delta."""
     body = stream()
     cut = body.index(b"event: message_delta")
-    assert read("sse", [body[:cut]], finish=False) == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 1))
+    assert read("sse", [body[:cut]], complete=False) == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 1))
 
 
 def test_message_delta_counts_win() -> None:
@@ -98,23 +108,36 @@ def test_only_real_events_count() -> None:
     bad = sse_event("message_delta", {"type": "message_delta", "usage": {
         "output_tokens": True, "input_tokens": -4, "cache_read_input_tokens": "12"}})
     broken = b'data: {"type":"message_delta","usage":{"output_tokens":5\n\n'
-    assert read("sse", [quoted + named + bad + broken]) == Usage()
+    assert read("sse", [bad + broken + named + quoted]) == Usage()
+    assert read("sse", [b'data: {"type":"message_start","message":"x"}\n\n']) == Usage()
 
 
-def test_overlong_line_is_let_go() -> None:
-    """A line past the cap is not held (nor read); what follows it is read as usual."""
-    huge = b'data: {"type":"message_start","message":{"usage":{"input_tokens":1}},"pad":"' + \
-        b"x" * MAX_EVENT_LINE + b'"}\n\n'
-    delta = sse_event("message_delta", {"type": "message_delta", "usage": {"output_tokens": 3}})
+@pytest.mark.parametrize("piece", [1, 1000, 70_000])
+def test_what_is_kept_is_bounded(piece: int) -> None:
+    """Of a long stream only its ends are kept (the pieces by reference), and they still hold
+    both events."""
+    body = b"".join(sse_events(
+        message_id="m", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS, deltas=3000, delta_size=500))
     reader = UsageReader("sse")
-    scanner = reader._scanner
-    assert isinstance(scanner, usage_module.SseScanner)
-    for at in range(0, len(huge), 1000):
-        reader.feed(huge[at : at + 1000])
-        assert scanner._line is None or len(scanner._line) <= MAX_EVENT_LINE
-    reader.feed(delta)
-    reader.finish()
-    assert reader.usage == Usage(output_tokens=3)
+    ends = reader._ends
+    for count, at in enumerate(range(0, len(body) if piece > 1 else 100_000, piece)):
+        chunk = body[at : at + piece]
+        reader.feed((chunk,), len(chunk))
+        if count % 97 == 0:
+            assert ends._tail_size < 2 * TAIL_BYTES + piece and len(ends.head()) <= HEAD_BYTES
+    if piece > 1:
+        assert reader.finish() == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 3000))
+
+
+def test_ends_of_many_small_pieces() -> None:
+    ends = BodyEnds()
+    data = bytes(range(256)) * 1000
+    for at in range(0, len(data), 100):
+        ends.feed([data[at : at + 50], data[at + 50 : at + 100]], 110)  # counted with some framing
+    assert ends.head() == data[:HEAD_BYTES]
+    tail = ends.tail()
+    assert data.endswith(tail) and TAIL_BYTES <= len(tail) * 110 // 100 < 2 * TAIL_BYTES + 110
+    assert not ends.whole and ends.size == len(data) * 110 // 100
 
 
 def test_json_split_at_every_byte() -> None:
@@ -128,27 +151,20 @@ def test_large_json_read_from_its_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     content (a tool's input here) is not taken for the answer's."""
     monkeypatch.setattr(usage_module, "TAIL_BYTES", 300)
     monkeypatch.setattr(usage_module, "HEAD_BYTES", 120)
+    monkeypatch.setattr(usage_module, "WHOLE_JSON_BYTES", 100)
     decoy = {"type": "tool_use", "id": "t", "name": "Write", "input": {"usage": {"input_tokens": 77}}}
     document = json.loads(answer(pad_to=2000))
     document["content"].append(decoy)
     body = json.dumps(document).encode()  # with spaces after the colons
     assert len(body) > 2000
     for pieces in splits(body):
-        reader = UsageReader("json")
-        for piece in pieces:
-            reader.feed(piece)
-        scanner = reader._scanner
-        assert isinstance(scanner, usage_module.JsonScanner)
-        held = scanner._tail_size + len(scanner._head)
-        assert held <= 300 + 120 + max(len(piece) for piece in pieces)
-        reader.finish()
-        assert reader.usage == EXPECTED_JSON, len(pieces[0])
+        assert read("json", pieces) == EXPECTED_JSON, len(pieces[0])
 
 
 def test_json_that_is_not_an_answer() -> None:
     assert read("json", [b'{"type":"error","error":{"type":"x"}}']) == Usage()
     assert read("json", [b"[1, 2"]) == Usage()
-    assert read("json", [b'{"usage": {"input_tokens": 5}'], finish=False) == Usage()  # not whole yet
+    assert read("json", [b'{"usage": {"input_tokens": 5}}'], complete=False) == Usage()  # cut short
 
 
 def compress(coding: str, data: bytes) -> bytes:
@@ -174,8 +190,9 @@ def test_gzipped_stream_flushed_event_by_event() -> None:
     compressor = zlib.compressobj(wbits=31)
     events = list(sse_events(message_id="m", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS))
     reader = UsageReader("sse", ("gzip",))
-    reader.feed(compressor.compress(events[0]) + compressor.flush(zlib.Z_SYNC_FLUSH))
-    assert reader.usage.input_tokens == fake_usage(PROMPT_TOKENS, 1)["input_tokens"]
+    wire = compressor.compress(events[0]) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    reader.feed((wire,), len(wire))
+    assert reader.finish(complete=False) == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 1))
 
 
 def test_corrupt_or_cut_compression_reads_nothing_more() -> None:
@@ -185,13 +202,16 @@ def test_corrupt_or_cut_compression_reads_nothing_more() -> None:
 
 
 def test_decoding_stops_at_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past the cap nothing more is decoded or read (message_delta here); the rest is ignored."""
+    """An answer that decodes past the cap is let go of: nothing is read of it."""
     monkeypatch.setattr(usage_module, "MAX_DECODED", 1000)
     compressor = zlib.compressobj(wbits=31)
     events = sse_events(message_id="m", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS,
                         delta_size=1000)
     pieces = [compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH) for event in events]
-    assert read("sse", [*pieces, compressor.flush()], ("gzip",)) == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 1))
+    pieces.append(compressor.flush())
+    assert read("sse", pieces, ("gzip",)) == Usage()
+    monkeypatch.setattr(usage_module, "MAX_DECODED", 1 << 20)
+    assert read("sse", pieces, ("gzip",)) == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 3))
 
 
 def head(status: int, *fields: str) -> bytes:
@@ -213,4 +233,4 @@ def test_reader_for_a_head(raw: bytes, kind: str | None) -> None:
     reader = usage_reader(parse_response_head(raw, b"POST"))
     assert (reader is None) == (kind is None)
     if reader is not None:
-        assert isinstance(reader._scanner, usage_module.SseScanner if kind == "sse" else usage_module.JsonScanner)
+        assert reader._kind == kind
