@@ -33,10 +33,11 @@ from cmm.core.http_head import ResponseHead
 # JSON answer's model and usage, are a few hundred bytes from their end of the body.
 HEAD_BYTES = 16 * 1024
 TAIL_BYTES = 16 * 1024
-# A JSON answer this small is parsed whole, so that its top-level fields are read exactly.
-WHOLE_JSON_BYTES = 4 * 1024
 # What a compressed answer may decode to before the reader gives up on it (the answer passes on).
 MAX_DECODED = 1 << 30
+# Compressed bytes gathered (by reference) before they are decoded together: a stream flushed
+# event by event would otherwise cost a pass through the decoder's layers per event.
+DECODE_BATCH = 64 * 1024
 # How many candidates for an event or a usage object are tried before giving up.
 MAX_TRIES = 8
 
@@ -46,7 +47,8 @@ _START = b'"message_start"'
 _DELTA = b'"message_delta"'
 _USAGE_KEY = b'"usage"'
 _COLON = re.compile(rb"\s*:\s*")
-_MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_DECODER = json.JSONDecoder()
 
 
 @attrs.frozen
@@ -131,11 +133,6 @@ class BodyEnds:
     def size(self) -> int:
         return self._dropped + self._tail_size
 
-    @property
-    def whole(self) -> bool:
-        """Whether the tail still holds the whole body."""
-        return not self._dropped
-
     def head(self) -> bytes:
         return b"".join(self._head)
 
@@ -183,20 +180,23 @@ def read_stream(ends: BodyEnds, found: _Found) -> None:
 
 
 def read_json(ends: BodyEnds, found: _Found) -> None:
-    """A small answer parsed whole; of a larger one, the first ``"model"`` in its head (it comes
-    before the content) and the last ``"usage"`` object in its tail (Anthropic's format ends with
-    it, after the content that could hold another)."""
-    if ends.whole and ends.size <= WHOLE_JSON_BYTES:
-        answer = _loads(ends.tail())
-        if isinstance(answer, dict):
-            found.take(answer.get("usage"), answer.get("model"))
-        return
-    match = _MODEL.search(ends.head())
-    found.take(_last_usage(ends.tail()), _loads(match.group(1)) if match else None)
+    """The first ``"model"`` in the head (it comes before the content) and the last ``"usage"``
+    object in the tail (Anthropic's format ends with it, after the content that could hold
+    another). Only those are parsed: a whole answer, even a small one, would cost more than
+    everything else the reader does."""
+    found.take(_last_usage(ends.tail()), _first_model(ends.head()))
+
+
+def _first_model(head: bytes) -> str | None:
+    match = _MODEL.search(head)
+    if match is None:
+        return None
+    text = match.group(1)
+    model = _loads(b'"%s"' % text) if b"\\" in text else text.decode("utf-8", "replace")
+    return model if isinstance(model, str) else None
 
 
 def _last_usage(tail: bytes) -> dict[str, Any] | None:
-    decoder = json.JSONDecoder()
     at = len(tail)
     for _ in range(MAX_TRIES):
         at = tail.rfind(_USAGE_KEY, 0, at)
@@ -205,7 +205,7 @@ def _last_usage(tail: bytes) -> dict[str, Any] | None:
         colon = _COLON.match(tail, at + len(_USAGE_KEY))
         if colon is not None:
             try:
-                value, _ = decoder.raw_decode(tail[colon.end() :].decode("utf-8", "replace"))
+                value, _ = _DECODER.raw_decode(tail[colon.end() :].decode("utf-8", "replace"))
             except (ValueError, RecursionError):
                 value = None
             if isinstance(value, dict) and any(name in value for name in TOKEN_FIELDS):
@@ -226,21 +226,29 @@ class UsageReader:
         self._usage: Usage | None = None
         self._decoder: BodyDecoder | None = None
         self._failed = False
+        self._batch: list[Sequence[bytes]] = []
+        self._batch_size = 0
         if any(c != "identity" for c in codings):
             self._decoder = BodyDecoder(list(codings), MAX_DECODED, sink=self._decoded)
-            self.feed = self._decode
+            self.feed = self._gather
         else:
             self.feed = self._ends.feed  # the plain path: no call in between
 
     def _decoded(self, piece: bytes) -> None:
         self._ends.feed((piece,), len(piece))
 
-    def _decode(self, pieces: Sequence[bytes], size: int) -> None:
+    def _gather(self, pieces: Sequence[bytes], size: int) -> None:
+        self._batch.append(pieces)
+        self._batch_size += size
+        if self._batch_size >= DECODE_BATCH:
+            self._decode()
+
+    def _decode(self) -> None:
+        batch, self._batch, self._batch_size = self._batch, [], 0
         if self._decoder is None:
             return
         try:
-            for piece in pieces:
-                self._decoder.feed(piece)
+            self._decoder.feed(b"".join(piece for pieces in batch for piece in pieces))
         except HttpError:
             self._decoder, self._failed = None, True  # not decodable after all: nothing is read
 
@@ -251,6 +259,8 @@ class UsageReader:
         return self._usage
 
     def _read(self, complete: bool) -> Usage:
+        if self._batch:
+            self._decode()
         decoder, self._decoder = self._decoder, None
         if decoder is not None and complete:
             try:
@@ -264,15 +274,20 @@ class UsageReader:
         return found.usage()
 
 
+_KINDS = {b"text/event-stream": "sse", b"application/json": "json"}
+
+
 def usage_reader(response: ResponseHead) -> UsageReader | None:
     """A reader for a successful messages answer whose usage cmm can read: an SSE stream or a
     JSON document, plain or in content codings cmm decodes; None for anything else."""
     if not 200 <= response.status < 300:
         return None
-    content_type = (response.headers.get(b"content-type") or b"").split(b";")[0].strip().lower()
-    kind = {b"text/event-stream": "sse", b"application/json": "json"}.get(content_type)
+    content_type = response.headers.get(b"content-type") or b""
+    kind = _KINDS.get(content_type) or _KINDS.get(content_type.split(b";")[0].strip().lower())
     if kind is None:
         return None
+    if response.headers.get(b"content-encoding") is None:
+        return UsageReader(kind)
     codings = [c.decode("latin-1") for c in response.headers.tokens(b"content-encoding")]
     if unsupported(codings):
         return None

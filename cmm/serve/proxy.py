@@ -200,7 +200,9 @@ class RequestInProgress:
             self.routing_deadline = None
 
     def record(self, now: float, status: int | None, error: str | None, bytes_out: int = 0,
-               model: str | None = None, mapping: Mapping | None = None) -> RequestRecord:
+               model: str | None = None, mapping: Mapping | None = None,
+               answer: dict[str, Any] | None = None) -> RequestRecord:
+        """``answer``: the record's fields that the exchange's answer filled (route, usage, ...)."""
         return RequestRecord(
             started=self.started,
             method=self.head.method.decode("ascii", "replace"),
@@ -216,6 +218,7 @@ class RequestInProgress:
             mapping=mapping.source if mapping else None,
             content=self.content,
             request_class=_header_text(self.head, b"x-claude-code-request-class"),
+            **(answer or {}),
         )
 
 
@@ -802,9 +805,8 @@ class Exchange:
         self.finished = True
         self.deadline.cancel()
         self._detach(dispose_for(upstream_reusable, abort))
-        record = self.request.record(self.context.clock.seconds(), status, error, self.bytes_out, self.model,
-                                     self.mapping)
-        self.context.record(attrs.evolve(record, **self._answer_fields(complete=error is None)))
+        self.context.record(self.request.record(self.context.clock.seconds(), status, error, self.bytes_out,
+                                                self.model, self.mapping, self._answer_fields(complete=error is None)))
         self.client.exchange_ended(abort, reusable=client_reusable and error is None)
 
     def _detach(self, dispose: Dispose) -> None:

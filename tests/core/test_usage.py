@@ -6,6 +6,7 @@ import gzip
 import json
 import zlib
 
+import attrs
 import brotli
 import pytest
 import zstandard
@@ -137,7 +138,7 @@ def test_ends_of_many_small_pieces() -> None:
     assert ends.head() == data[:HEAD_BYTES]
     tail = ends.tail()
     assert data.endswith(tail) and TAIL_BYTES <= len(tail) * 110 // 100 < 2 * TAIL_BYTES + 110
-    assert not ends.whole and ends.size == len(data) * 110 // 100
+    assert ends.size == len(data) * 110 // 100
 
 
 def test_json_split_at_every_byte() -> None:
@@ -151,7 +152,6 @@ def test_large_json_read_from_its_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     content (a tool's input here) is not taken for the answer's."""
     monkeypatch.setattr(usage_module, "TAIL_BYTES", 300)
     monkeypatch.setattr(usage_module, "HEAD_BYTES", 120)
-    monkeypatch.setattr(usage_module, "WHOLE_JSON_BYTES", 100)
     decoy = {"type": "tool_use", "id": "t", "name": "Write", "input": {"usage": {"input_tokens": 77}}}
     document = json.loads(answer(pad_to=2000))
     document["content"].append(decoy)
@@ -159,6 +159,11 @@ def test_large_json_read_from_its_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(body) > 2000
     for pieces in splits(body):
         assert read("json", pieces) == EXPECTED_JSON, len(pieces[0])
+
+
+def test_json_model_with_escapes() -> None:
+    body = answer().replace(MODEL.encode(), b"claude-\\u00e9\\\"x")
+    assert read("json", [body]) == attrs.evolve(EXPECTED_JSON, model='claude-\u00e9"x')
 
 
 def test_json_that_is_not_an_answer() -> None:
@@ -177,8 +182,10 @@ def compress(coding: str, data: bytes) -> bytes:
     return zstandard.ZstdCompressor().compress(data)
 
 
+@pytest.mark.parametrize("batch", [1, 100, usage_module.DECODE_BATCH])
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
-def test_compressed_split_at_every_byte(coding: str) -> None:
+def test_compressed_split_at_every_byte(coding: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(usage_module, "DECODE_BATCH", batch)
     for kind, body, expected in (("sse", stream(), EXPECTED_STREAM), ("json", answer(), EXPECTED_JSON)):
         wire = compress(coding, body)
         for pieces in splits(wire):
