@@ -20,6 +20,7 @@ import argparse
 import gzip
 import json
 import random
+import re
 import string
 import sys
 import time
@@ -163,6 +164,169 @@ def usage_costs(runs: int = 7) -> dict[str, Any]:
     return results
 
 
+# -- the serving protocol itself, with and without the reader --------------------------------------
+
+REQUEST_BODY = json.dumps({"model": "claude-opus-4-6", "max_tokens": 64, "stream": True,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+REQUEST = (b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: api.anthropic.com\r\ncontent-type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(REQUEST_BODY), REQUEST_BODY))
+
+
+def small_answer() -> tuple[bytes, list[bytes]]:
+    body = message_json(message_id="msg_bench", model="claude-opus-4-6", provider="anthropic", input_tokens=PROMPT)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body), [body]
+
+
+ANSWERS: dict[str, Callable[[], tuple[bytes, list[bytes]]]] = {
+    "small json": small_answer, "sse 3.6 MB": lambda: stream_answer(None), "json 4 MB": lambda: json_answer(None)}
+
+
+def _upstream(kind: str) -> None:
+    """A child process: answer every request on every connection with the same answer."""
+    import socket
+    import threading
+    head, body = ANSWERS[kind]()
+    answer = head + b"".join(body)
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+
+    def serve(conn: socket.socket) -> None:
+        pending = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in pending:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    pending += data
+                request_head, _, pending = pending.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", request_head).group(1))  # type: ignore[union-attr]
+                while len(pending) < length:
+                    pending += conn.recv(65536)
+                pending = pending[length:]
+                conn.sendall(answer)
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def _client(port: int, count: int, size: int) -> None:
+    """A child process: ``count`` requests in turn on one TLS connection, each answer read whole."""
+    import socket
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="api.anthropic.com") as conn:
+        for _ in range(count):
+            conn.sendall(REQUEST)
+            got = 0
+            while got < size:
+                data = conn.recv(1 << 18)
+                if not data:
+                    raise SystemExit("cmm closed the connection")
+                got += len(data)
+
+
+def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
+    """cmm's CPU time per answer (this process's, the upstream and the client being children) with
+    the reader and without it, requests alternating between the two on one keep-alive connection."""
+    import subprocess
+    from datetime import datetime, timezone
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    import cmm.serve.proxy as proxy
+    from cmm.core.router import Router
+    from cmm.core.values import ProxySettings
+    from cmm.machine import certs
+    from cmm.serve.proxy import ProxyContext, ProxyFactory
+    from cmm.serve.tls import server_factory, server_options
+    from cmm.serve.upstream import Pool, _open
+
+    requests = requests or {"small json": 2000, "sse 3.6 MB": 30, "json 4 MB": 30}
+    now = datetime.now(timezone.utc)
+    ca = certs.make_ca(now)
+    pair = certs.make_server_certificate(ca, now)
+    real_reader, no_reader = proxy.usage_reader, (lambda response: None)
+    results: dict[str, Any] = {}
+    children: list[subprocess.Popen[bytes]] = []
+    script = [sys.executable, str(Path(__file__).resolve())]
+
+    def run_kind(kind: str) -> None:
+        head, body = ANSWERS[kind]()
+        size = len(head) + sum(map(len, body))
+        upstream = subprocess.Popen([*script, "--upstream", kind], stdout=subprocess.PIPE)
+        children.append(upstream)
+        assert upstream.stdout is not None
+        upstream_port = int(upstream.stdout.readline())
+        cpu = {"with": 0.0, "without": 0.0}
+        done = {"with": 0, "without": 0}
+        counts: list[int | None] = []
+        state = {"mode": "with", "mark": time.process_time()}
+
+        def record(rec: Any) -> None:
+            now_cpu = time.process_time()
+            mode = state["mode"]
+            assert isinstance(mode, str)
+            cpu[mode] += now_cpu - float(state["mark"])
+            done[mode] += 1
+            if mode == "with":
+                counts.append(rec.output_tokens)
+            state["mode"] = "without" if mode == "with" else "with"
+            proxy.usage_reader = real_reader if state["mode"] == "with" else no_reader  # type: ignore[assignment]
+            state["mark"] = time.process_time()
+
+        pool = Pool(lambda d: _open(TCP4ClientEndpoint(reactor, "127.0.0.1", upstream_port), d), reactor)
+        context = ProxyContext(ProxySettings(router=Router(())), pool, reactor, record)
+        factory = server_factory(server_options(pair.cert_pem, pair.key_pem), ProxyFactory(context), reactor)
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        port = listening.getHost().port
+        count = requests[kind] * 2
+        client = subprocess.Popen([*script, "--client", str(port), str(count), str(size)])
+        children.append(client)
+
+        def poll() -> None:
+            if client.poll() is None:
+                reactor.callLater(0.05, poll)  # type: ignore[attr-defined]
+                return
+            listening.stopListening()
+            pool.close_idle()
+            upstream.kill()
+            results[kind] = {"bytes": size, "requests": done, "with_s": cpu["with"] / max(done["with"], 1),
+                             "without_s": cpu["without"] / max(done["without"], 1), "client_exit": client.returncode,
+                             "counted": sum(1 for c in counts if c is not None)}
+            remaining = [k for k in requests if k not in results]
+            if remaining:
+                run_kind(remaining[0])
+            else:
+                reactor.stop()  # type: ignore[attr-defined]
+        poll()
+
+    try:
+        reactor.callWhenRunning(run_kind, next(iter(requests)))  # type: ignore[attr-defined]
+        reactor.run()  # type: ignore[attr-defined]
+    finally:
+        proxy.usage_reader = real_reader  # type: ignore[assignment]
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    return results
+
+
+def serving_report(costs: dict[str, Any]) -> str:
+    lines = ["   cmm's CPU per answer through its serving protocol (client TLS, upstream plain http, one keep-alive",
+             "   connection, requests alternating with and without the reader; bench/usage.py --serving):"]
+    for kind, c in costs.items():
+        added = c["with_s"] - c["without_s"]
+        lines.append(f"  {kind:<11} without {c['without_s'] * 1e6:9.1f} us  with {c['with_s'] * 1e6:9.1f} us  "
+                     f"added {added * 1e6:+8.1f} us ({added / c['without_s'] * 100:+.1f}%)  "
+                     f"requests {c['requests']['with']}+{c['requests']['without']}, usage read in {c['counted']}")
+    return "\n".join(lines)
+
+
 def usage_report(costs: dict[str, Any]) -> str:
     rows = []
     for label, c in costs.items():
@@ -181,12 +345,27 @@ def usage_report(costs: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--upstream"]:
+        _upstream(sys.argv[2])
+        return 0
+    if sys.argv[1:2] == ["--client"]:
+        _client(*map(int, sys.argv[2:5]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--serving", action="store_true",
+                        help="also time cmm's serving protocol on real sockets, with and without the reader")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     args = parser.parse_args()
-    costs = usage_costs(args.runs)
-    print(json.dumps(costs, indent=2) if args.json else usage_report(costs))
+    costs: dict[str, Any] = {"path": usage_costs(args.runs)}
+    if args.serving:
+        costs["serving"] = serving_costs()
+    if args.json:
+        print(json.dumps(costs, indent=2))
+    else:
+        print(usage_report(costs["path"]))
+        if "serving" in costs:
+            print(serving_report(costs["serving"]))
     return 0
 
 

@@ -46,9 +46,9 @@ TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", 
 _START = b'"message_start"'
 _DELTA = b'"message_delta"'
 _USAGE_KEY = b'"usage"'
-_COLON = re.compile(rb"\s*:\s*")
+_OPENING = re.compile(rb"\s*:\s*\{")
+_FIELD = re.compile(rb'"(%s)"\s*:\s*(\d+)' % "|".join(TOKEN_FIELDS).encode())
 _MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_DECODER = json.JSONDecoder()
 
 
 @attrs.frozen
@@ -140,77 +140,86 @@ class BodyEnds:
         return b"".join(piece for pieces, _ in self._tail for piece in pieces)
 
 
-def _line_at(data: bytes, at: int) -> bytes:
-    """The line of ``data`` around ``at`` (to the end of ``data`` if it has no newline after)."""
+def _line_at(data: bytes, at: int) -> bytes | None:
+    """The whole line of ``data`` around ``at``, or None if it runs past either end of ``data``
+    (where a kept head or tail cuts it, or where a cut stream stops)."""
     begin = data.rfind(b"\n", 0, at) + 1
     end = data.find(b"\n", at)
-    return data[begin : end if end >= 0 else len(data)]
-
-
-def _event(line: bytes, kind: str) -> dict[str, Any] | None:
-    """The event of an SSE ``data:`` line, if it is one of ``kind``."""
-    if not line.startswith(b"data:"):
+    if end < 0 or (begin == 0 and not data.startswith(b"data:")):
         return None
-    event = _loads(line[5:])
-    return event if isinstance(event, dict) and event.get("type") == kind else None
+    return data[begin:end]
+
+
+def _counts(data: bytes, key: int) -> dict[str, int] | None:
+    """The token counts of the usage object whose key starts at ``key``: its own fields only,
+    not those of an object nested in it, and none past its end."""
+    opening = _OPENING.match(data, key + len(_USAGE_KEY))
+    if opening is None:
+        return None
+    start = opening.end()
+    end, depth = start, 1
+    while depth:  # to the usage object's end (none of its strings holds a brace)
+        close = data.find(b"}", end)
+        if close < 0:
+            return None
+        nested = data.find(b"{", end, close)
+        depth, end = (depth + 1, nested + 1) if nested >= 0 else (depth - 1, close + 1)
+    counts: dict[str, int] = {}
+    for match in _FIELD.finditer(data, start, end):
+        between = data[start : match.start()]
+        if between.count(b"{") == between.count(b"}"):  # not inside a nested object
+            counts.setdefault(match.group(1).decode("ascii"), int(match.group(2)))
+    return counts or None
 
 
 def read_stream(ends: BodyEnds, found: _Found) -> None:
-    """message_start from the start of the stream, then message_delta from its end."""
-    head, at = ends.head(), 0
-    for _ in range(MAX_TRIES):
-        at = head.find(_START, at)
-        if at < 0:
-            break
-        event = _event(_line_at(head, at), "message_start")
-        if event is not None and isinstance(event.get("message"), dict):
-            found.take(event["message"].get("usage"), event["message"].get("model"))
-            break
-        at += len(_START)
+    """message_start from the start of the stream, then message_delta from its end. Each is the
+    ``data:`` line that names it (a quoted name: a string's text cannot hold one) and ends its
+    JSON; its first ``"usage"`` object is the event's (message_start's content is empty)."""
+    head = ends.head()
+    at = head.find(_START)
+    line = _line_at(head, at) if at >= 0 else None
+    if line is not None and line.startswith(b"data:") and line.rstrip().endswith(b"}"):
+        key = line.find(_USAGE_KEY)
+        found.take(_counts(line, key) if key >= 0 else None, _first_model(line))
     tail = ends.tail()
     at = len(tail)
     for _ in range(MAX_TRIES):
         at = tail.rfind(_DELTA, 0, at)
         if at < 0:
-            break
-        event = _event(_line_at(tail, at), "message_delta")
-        if event is not None:
-            found.take(event.get("usage"))
-            break
+            return
+        line = _line_at(tail, at)
+        if line is not None and line.startswith(b"data:") and line.rstrip().endswith(b"}"):
+            key = line.find(_USAGE_KEY)
+            found.take(_counts(line, key) if key >= 0 else None)
+            return
 
 
 def read_json(ends: BodyEnds, found: _Found) -> None:
     """The first ``"model"`` in the head (it comes before the content) and the last ``"usage"``
     object in the tail (Anthropic's format ends with it, after the content that could hold
-    another). Only those are parsed: a whole answer, even a small one, would cost more than
+    another). Nothing is parsed as JSON: a whole answer, even a small one, would cost more than
     everything else the reader does."""
-    found.take(_last_usage(ends.tail()), _first_model(ends.head()))
+    tail = ends.tail()
+    at = len(tail)
+    for _ in range(MAX_TRIES):
+        at = tail.rfind(_USAGE_KEY, 0, at)
+        if at < 0:
+            break
+        counts = _counts(tail, at)
+        if counts is not None:
+            found.take(counts)
+            break
+    found.take(None, _first_model(ends.head()))
 
 
-def _first_model(head: bytes) -> str | None:
-    match = _MODEL.search(head)
+def _first_model(data: bytes) -> str | None:
+    match = _MODEL.search(data)
     if match is None:
         return None
     text = match.group(1)
     model = _loads(b'"%s"' % text) if b"\\" in text else text.decode("utf-8", "replace")
     return model if isinstance(model, str) else None
-
-
-def _last_usage(tail: bytes) -> dict[str, Any] | None:
-    at = len(tail)
-    for _ in range(MAX_TRIES):
-        at = tail.rfind(_USAGE_KEY, 0, at)
-        if at < 0:
-            return None
-        colon = _COLON.match(tail, at + len(_USAGE_KEY))
-        if colon is not None:
-            try:
-                value, _ = _DECODER.raw_decode(tail[colon.end() :].decode("utf-8", "replace"))
-            except (ValueError, RecursionError):
-                value = None
-            if isinstance(value, dict) and any(name in value for name in TOKEN_FIELDS):
-                return value
-    return None
 
 
 class UsageReader:

@@ -161,6 +161,23 @@ def test_large_json_read_from_its_ends(monkeypatch: pytest.MonkeyPatch) -> None:
         assert read("json", pieces) == EXPECTED_JSON, len(pieces[0])
 
 
+def test_only_the_usage_object_s_own_fields() -> None:
+    """Counts in an object nested in usage, or after it, are not its own."""
+    nested = {"input_tokens": 3, "cache_creation": {"ephemeral_5m_input_tokens": 4, "output_tokens": 99},
+              "iterations": [{"input_tokens": 98}], "output_tokens": 6, "service_tier": "standard"}
+    body = json.dumps({"model": "m", "usage": nested, "extra": {"cache_read_input_tokens": 97}}).encode()
+    assert read("json", [body]) == Usage(input_tokens=3, output_tokens=6, model="m")
+    delta = sse_event("message_delta", {"type": "message_delta", "usage": nested})
+    assert read("sse", [delta]) == Usage(input_tokens=3, output_tokens=6)
+
+
+def test_a_cut_line_is_not_read() -> None:
+    """A stream cut inside its message_delta line: the number there may be cut too."""
+    body = stream()
+    cut = body.index(b'"output_tokens":7}') + len(b'"output_tokens":')
+    assert read("sse", [body[:cut] + b"1"], complete=False).output_tokens == 1  # message_start's
+
+
 def test_json_model_with_escapes() -> None:
     body = answer().replace(MODEL.encode(), b"claude-\\u00e9\\\"x")
     assert read("json", [body]) == attrs.evolve(EXPECTED_JSON, model='claude-\u00e9"x')
