@@ -58,6 +58,7 @@ from cmm.testing.checkout import checkout_env, twistd_command  # noqa: E402
 from cmm.testing.processes import fake_command, free_port, memory_kib, reset_peak  # noqa: E402
 
 from components import ROUTE_STAGES, component_costs  # noqa: E402  (imports cmm: after the path)
+from usage import serving_report, usage_report  # noqa: E402
 from httpclient import Connection, Response  # noqa: E402
 from plot import kb_per_stream, missing_dependency, plot  # noqa: E402
 
@@ -1327,6 +1328,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
         out.append(f"   Sum of the stages a body goes through (a floor for the added latency above): {floors}")
         out.append("")
 
+    if "usage" in m:
+        out += [usage_report(m["usage"]["path"]), serving_report(m["usage"]["serving"]), ""]
+
     if "rss" in m:
         rss = m["rss"]
         base = rss["before_kib"]["VmRSS"]
@@ -1602,6 +1606,8 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             ("large_body", lambda: measure_large_body(endpoints, plan, log, cpu_of)),
             ("rss", lambda: measure_rss(endpoints, cmm.pid, plan, log)),
             ("components", lambda: component_costs(large_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES))),
+            ("usage", lambda: json.loads(subprocess.run([sys.executable, str(Path(__file__).with_name("usage.py")),
+                                                         "--serving", "--json"], capture_output=True, check=True).stdout)),
             ("workers", lambda: measure_workers(stack, plan, log)),
         ]
         if extras.only:

@@ -264,25 +264,23 @@ def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
         cpu = {"with": 0.0, "without": 0.0}
         done = {"with": 0, "without": 0}
         counts: list[int | None] = []
-        state = {"mode": "with", "mark": time.process_time()}
+        mode, mark = ["with"], [time.process_time()]
 
         def record(rec: Any) -> None:
             now_cpu = time.process_time()
-            mode = state["mode"]
-            assert isinstance(mode, str)
-            cpu[mode] += now_cpu - float(state["mark"])
-            done[mode] += 1
-            if mode == "with":
+            cpu[mode[0]] += now_cpu - mark[0]
+            done[mode[0]] += 1
+            if mode[0] == "with":
                 counts.append(rec.output_tokens)
-            state["mode"] = "without" if mode == "with" else "with"
-            proxy.usage_reader = real_reader if state["mode"] == "with" else no_reader  # type: ignore[assignment]
-            state["mark"] = time.process_time()
+            mode[0] = "without" if mode[0] == "with" else "with"
+            proxy.usage_reader = real_reader if mode[0] == "with" else no_reader
+            mark[0] = time.process_time()
 
         pool = Pool(lambda d: _open(TCP4ClientEndpoint(reactor, "127.0.0.1", upstream_port), d), reactor)
         context = ProxyContext(ProxySettings(router=Router(())), pool, reactor, record)
         factory = server_factory(server_options(pair.cert_pem, pair.key_pem), ProxyFactory(context), reactor)
         listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-        port = listening.getHost().port
+        port = listening.getHost().port  # type: ignore[attr-defined]
         count = requests[kind] * 2
         client = subprocess.Popen([*script, "--client", str(port), str(count), str(size)])
         children.append(client)
@@ -308,7 +306,7 @@ def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
         reactor.callWhenRunning(run_kind, next(iter(requests)))  # type: ignore[attr-defined]
         reactor.run()  # type: ignore[attr-defined]
     finally:
-        proxy.usage_reader = real_reader  # type: ignore[assignment]
+        proxy.usage_reader = real_reader
         for child in children:
             if child.poll() is None:
                 child.kill()
