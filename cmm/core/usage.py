@@ -62,6 +62,9 @@ class Usage:
     model: str | None = None
 
 
+NO_USAGE = Usage()
+
+
 class _Found:
     """What was read so far; a later count for the same field replaces an earlier one."""
 

@@ -41,7 +41,7 @@ from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, redacted_head, 
                         with_provider_header)
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
-from cmm.core.usage import Usage, UsageReader, usage_reader
+from cmm.core.usage import NO_USAGE, UsageReader, usage_reader
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.tls import connected
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
@@ -646,7 +646,7 @@ class Exchange:
 
     def _answer_fields(self, complete: bool) -> dict[str, Any]:
         """What the record says of the route and the answer: who answered, how soon, at what cost."""
-        usage = self.usage.finish(complete) if self.usage is not None else Usage()
+        usage = self.usage.finish(complete) if self.usage is not None else NO_USAGE
         served = usage.model
         if served is None and self.response is not None and self.response.status < 300:
             served = self.mapping.target if self.mapping is not None else self.model
