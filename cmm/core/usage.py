@@ -46,9 +46,10 @@ TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", 
 _START = b'"message_start"'
 _DELTA = b'"message_delta"'
 _USAGE_KEY = b'"usage"'
-_OPENING = re.compile(rb"\s*:\s*\{")
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{((?:[^{}]++|\{[^{}]*+\})*+)\}')  # possessive: no backtracking
+_NESTED = re.compile(rb"\{[^{}]*\}")
 _FIELD = re.compile(rb'"(%s)"\s*:\s*(\d+)' % "|".join(TOKEN_FIELDS).encode())
-_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]++|\\.)*+)"')
 
 
 @attrs.frozen
@@ -72,13 +73,10 @@ class _Found:
         self.counts: dict[str, int] = {}
         self.model: str | None = None
 
-    def take(self, usage: object, model: object = None) -> None:
-        if isinstance(usage, dict):
-            for name in TOKEN_FIELDS:
-                value = usage.get(name)
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    self.counts[name] = value
-        if isinstance(model, str) and model:
+    def take(self, counts: dict[str, int] | None, model: str | None = None) -> None:
+        if counts:
+            self.counts.update(counts)
+        if model:
             self.model = model
 
     def usage(self) -> Usage:
@@ -101,6 +99,8 @@ class BodyEnds:
     piece). It is cut back to ``TAIL_BYTES`` only once it holds twice that: a feed, often one
     small SSE event, costs an append and an addition.
     """
+
+    __slots__ = ("_head", "_head_room", "_tail", "_tail_size", "_trim_at", "_dropped")
 
     def __init__(self) -> None:
         self._head: list[bytes] = []
@@ -155,23 +155,15 @@ def _line_at(data: bytes, at: int) -> bytes | None:
 
 def _counts(data: bytes, key: int) -> dict[str, int] | None:
     """The token counts of the usage object whose key starts at ``key``: its own fields only,
-    not those of an object nested in it, and none past its end."""
-    opening = _OPENING.match(data, key + len(_USAGE_KEY))
-    if opening is None:
+    not those of an object nested in it (one level deep at most, as Anthropic's are), and none
+    past its end. Regular expressions only: this runs once an answer, on code nothing else warms."""
+    match = _USAGE_OBJECT.match(data, key)
+    if match is None:
         return None
-    start = opening.end()
-    end, depth = start, 1
-    while depth:  # to the usage object's end (none of its strings holds a brace)
-        close = data.find(b"}", end)
-        if close < 0:
-            return None
-        nested = data.find(b"{", end, close)
-        depth, end = (depth + 1, nested + 1) if nested >= 0 else (depth - 1, close + 1)
-    counts: dict[str, int] = {}
-    for match in _FIELD.finditer(data, start, end):
-        between = data[start : match.start()]
-        if between.count(b"{") == between.count(b"}"):  # not inside a nested object
-            counts.setdefault(match.group(1).decode("ascii"), int(match.group(2)))
+    fields = match.group(1)
+    if b"{" in fields:
+        fields = _NESTED.sub(b"", fields)
+    counts = {name.decode("ascii"): int(value) for name, value in reversed(_FIELD.findall(fields))}  # the first wins
     return counts or None
 
 
@@ -225,31 +217,20 @@ def _first_model(data: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-class UsageReader:
-    """Feed it the answer's payload (de-chunked, still content-encoded) as it passes: each time a
-    sequence of pieces and their size (or more, such as the raw bytes they came in); then
-    ``finish`` once the body ended, complete or not. ``usage`` is what was read."""
+class _SideDecoder:
+    """A compressed answer's bytes, gathered by reference and decoded in batches into ``ends``."""
 
-    feed: Callable[[Sequence[bytes], int], None]
-
-    def __init__(self, kind: str, codings: tuple[str, ...] = ()) -> None:
-        self._kind = kind
-        self._ends = BodyEnds()
-        self._usage: Usage | None = None
-        self._decoder: BodyDecoder | None = None
-        self._failed = False
+    def __init__(self, codings: tuple[str, ...], ends: BodyEnds) -> None:
+        self._ends = ends
+        self._decoder: BodyDecoder | None = BodyDecoder(list(codings), MAX_DECODED, sink=self._decoded)
         self._batch: list[Sequence[bytes]] = []
         self._batch_size = 0
-        if any(c != "identity" for c in codings):
-            self._decoder = BodyDecoder(list(codings), MAX_DECODED, sink=self._decoded)
-            self.feed = self._gather
-        else:
-            self.feed = self._ends.feed  # the plain path: no call in between
+        self.failed = False
 
     def _decoded(self, piece: bytes) -> None:
         self._ends.feed((piece,), len(piece))
 
-    def _gather(self, pieces: Sequence[bytes], size: int) -> None:
+    def feed(self, pieces: Sequence[bytes], size: int) -> None:
         self._batch.append(pieces)
         self._batch_size += size
         if self._batch_size >= DECODE_BATCH:
@@ -262,7 +243,36 @@ class UsageReader:
         try:
             self._decoder.feed(b"".join(piece for pieces in batch for piece in pieces))
         except HttpError:
-            self._decoder, self._failed = None, True  # not decodable after all: nothing is read
+            self._decoder, self.failed = None, True  # not decodable after all: nothing is read
+
+    def finish(self, complete: bool) -> None:
+        self._decode()
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None and complete:
+            try:
+                decoder.finish()
+            except HttpError:
+                self.failed = True  # cut short or trailed by junk: the decoded end is not the answer's
+
+
+class UsageReader:
+    """Feed it the answer's payload (de-chunked, still content-encoded) as it passes: each time a
+    sequence of pieces and their size (or more, such as the raw bytes they came in); then
+    ``finish`` once the body ended, complete or not, for what it said."""
+
+    __slots__ = ("_kind", "_ends", "_side", "_usage", "feed")
+    feed: Callable[[Sequence[bytes], int], None]
+
+    def __init__(self, kind: str, codings: tuple[str, ...] = ()) -> None:
+        self._kind = kind
+        self._ends = BodyEnds()
+        self._usage: Usage | None = None
+        self._side: _SideDecoder | None = None
+        if any(c != "identity" for c in codings):
+            self._side = _SideDecoder(codings, self._ends)
+            self.feed = self._side.feed
+        else:
+            self.feed = self._ends.feed  # the plain path: no call in between
 
     def finish(self, complete: bool = True) -> Usage:
         """Read what was kept, once; a JSON answer only when ``complete``."""
@@ -271,17 +281,14 @@ class UsageReader:
         return self._usage
 
     def _read(self, complete: bool) -> Usage:
-        if self._batch:
-            self._decode()
-        decoder, self._decoder = self._decoder, None
-        if decoder is not None and complete:
-            try:
-                decoder.finish()
-            except HttpError:
-                self._failed = True  # cut short or trailed by junk: the decoded end is not the answer's
+        side, self._side = self._side, None
+        if side is not None:
+            side.finish(complete)
+            if side.failed:
+                return NO_USAGE
+        if self._kind == "json" and not complete:
+            return NO_USAGE
         found = _Found()
-        if self._failed or (self._kind == "json" and not complete):
-            return found.usage()
         (read_stream if self._kind == "sse" else read_json)(self._ends, found)
         return found.usage()
 

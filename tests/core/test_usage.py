@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 import zlib
 
 import attrs
@@ -169,6 +170,15 @@ def test_only_the_usage_object_s_own_fields() -> None:
     assert read("json", [body]) == Usage(input_tokens=3, output_tokens=6, model="m")
     delta = sse_event("message_delta", {"type": "message_delta", "usage": nested})
     assert read("sse", [delta]) == Usage(input_tokens=3, output_tokens=6)
+
+
+def test_unclosed_usage_objects_cost_linear_time() -> None:
+    """An answer's tail can be anything: an object that never closes must not make the reader
+    backtrack (a nested pattern of repeats would try every way to split it)."""
+    for junk in (b"a" * TAIL_BYTES, b"a {b} " * (TAIL_BYTES // 6) + b"{{", b'"input_tokens":1,' * 1000):
+        began = time.perf_counter()
+        assert read("json", [b'{"model":"m","usage":{' + junk]) == Usage(model="m")
+        assert time.perf_counter() - began < 0.5
 
 
 def test_a_cut_line_is_not_read() -> None:
