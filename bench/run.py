@@ -61,6 +61,7 @@ from components import ROUTE_STAGES, component_costs  # noqa: E402  (imports cmm
 from usage import serving_report, usage_report  # noqa: E402
 from httpclient import Connection, Response  # noqa: E402
 from plot import kb_per_stream, missing_dependency, plot  # noqa: E402
+import websocket as websocket_bench  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_SCRIPT = BENCH_DIR / "post.lua"
@@ -1256,6 +1257,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
                           "errors direct", "errors via"], lat_rows))
         out.append("")
 
+    if "websocket" in m:
+        out.append("WebSocket tunnel (echo on the voice path, one connection each way)")
+        out.append(table(websocket_bench.HEADERS, websocket_bench.rows(m["websocket"])))
     if "streaming" in m:
         rows = []
         for route, ways in m["streaming"].items():
@@ -1609,6 +1613,8 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             ("usage", lambda: json.loads(subprocess.run([sys.executable, str(Path(__file__).with_name("usage.py")),
                                                          "--serving", "--json"], capture_output=True, check=True).stdout)),
             ("workers", lambda: measure_workers(stack, plan, log)),
+            ("websocket", lambda: websocket_bench.measure({w: (e.port, e.tls) for w, e in endpoints["passthrough"].items()
+                                                           if e.tls is not None}, 2 * plan.ttfb_requests)),
         ]
         if extras.only:
             steps = []

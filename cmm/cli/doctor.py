@@ -27,7 +27,8 @@ from cmm.machine import certs, hosts
 
 from cmm.serve import resolve
 from cmm.serve.resolve import usable_addresses
-from cmm.cli.status import HostsInfo, Instance, Probe, TrustInfo
+from cmm.cli.status import HostsInfo, Instance, MappingInfo, Probe, RecentModels, TrustInfo
+from cmm.core.model_names import family
 
 ANTHROPIC_HOST = hosts.HOSTNAME
 CONNECT_TIMEOUT = 1.0
@@ -233,6 +234,26 @@ def check_mappings(path: Path, count: int, problem: str | None) -> Check:
     return Check("mappings", True, f"{path}: {count} mapping{'s' if count != 1 else ''}")
 
 
+def check_recent_models(mappings: Sequence[MappingInfo], recent: RecentModels, now: datetime,
+                        started: datetime | None) -> list[Check]:
+    """A mapping that matched nothing lately while models of its family went to Anthropic names
+    another generation: Claude Code's names moved on (``claude-haiku-4-5``, now ``claude-haiku-5-5``)."""
+    span = status.recent_span(recent, now, started)
+    checks = []
+    for mapping in mappings:
+        others = recent.stale_hint(mapping.source)
+        if others:
+            prefix = family(mapping.source)
+            checks.append(Check(
+                f"mapping {mapping.source}*", False,
+                f"matched no request {span}, but {', '.join(others)} (its family) went to Anthropic",
+                f"map the family prefix, which matches every generation: `cmm map add {prefix} {mapping.target}` "
+                f"(or --source {prefix}), and remove {mapping.source}"))
+    if mappings and not checks:
+        checks.append(Check("recent models", True, f"no model of a mapped family went to Anthropic {span}"))
+    return checks
+
+
 def check_target(probe: Probe) -> Check:
     name = "target server"
     if probe.answers:
@@ -281,8 +302,9 @@ async def diagnose(
     find: Callable[[Path], Instance] = status.find_instance,
     trust: Callable[[Path, Mapping[str, str]], TrustInfo | None] = status.trust_info,
     platform: str = sys.platform,
+    live: Callable[[Path], Awaitable[object | None]] | None = None,
 ) -> list[Check]:
-    """Every check, in the order a person fixes them."""
+    """Every check, in the order a person fixes them. ``live`` reads a running cmm's counters."""
     from twisted.internet import defer
 
     now = now or datetime.now(timezone.utc)
@@ -330,6 +352,10 @@ async def diagnose(
         *_mappings_check(config_dir),
         *(check_target(p) for p in probes),
     ]
+    if live is not None and instance.running and instance.state is not None:
+        recent = status.parse_recent(await live((instance.state.config_dir or config_dir) / paths.CONTROL_SOCKET_NAME))
+        if recent is not None:
+            checks += check_recent_models(instance.state.mappings, recent, now, instance.state.started)
     return checks
 
 
@@ -390,6 +416,7 @@ def run(config_dir: Path, *, environ: Mapping[str, str], hosts_file: Path, port:
             environ=environ,
             hosts_file=hosts_file,
             port=port,
+            live=lambda path: status.read_live(path, reactor=reactor),
         )
 
     try:

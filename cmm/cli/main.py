@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from cmm.cli import config, setup, stop, uninstall
 from cmm.cli import map as map_command
+from cmm.cli import usage as usage_command
 from cmm.cli.context import EXIT_OK, EXIT_FAILURE, EXIT_USAGE, Context, config_dir
 from cmm.cli.stop import STOP_TIMEOUT, StopResult, StopState, remove_stale_state, stop_process
 from cmm.config import paths
@@ -115,6 +116,7 @@ def _build_parser(out: TextIO, err: TextIO) -> _ArgumentParser:
     stop.add_argument("--hosts-file", type=Path, default=paths.HOSTS_FILE, metavar="PATH")
     stop.add_argument("--pid-file", type=Path, default=None, metavar="PATH", help="default: <config dir>/cmm.pid")
     map_command.add_parser(commands, common, parser_class)
+    usage_command.add_parser(commands, common, parser_class)
     _add_check_parsers(commands, common)
     return parser
 
@@ -215,6 +217,7 @@ _COMMANDS: Mapping[str, Callable[[argparse.Namespace, Context], int]] = {
     "test": _test,
     "doctor": _doctor,
     "service": _service,
+    "usage": usage_command.run,
 }
 
 

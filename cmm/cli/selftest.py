@@ -43,8 +43,8 @@ TIMEOUT = 60.0  # an intercepted request may really reach Gemini or GPT through 
 STARTUP_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0  # a live cmm answers at once; only a stuck or starting one is slower
 STOP_TIMEOUT = 10.0
-FALLBACK_MAPPING = ("claude-haiku-4-5", "gemini-2.5-flash")  # the README's example
-PASSTHROUGH_CANDIDATES = ("claude-opus-4-6", "claude-sonnet-4-5", "claude-3-5-haiku-latest", "cmm-selftest")
+FALLBACK_MAPPING = ("claude-haiku", "gemini-2.5-flash")  # the README's example
+PASSTHROUGH_CANDIDATES = ("claude-opus-5-5", "claude-sonnet-5-5", "claude-3-5-haiku-latest", "cmm-selftest")
 
 TARGET_FIX = ("start the target server (CLIProxyAPI listens on localhost:8317 by default), or point cmm at it: "
               "cmm config set PROXY_URL http://HOST:PORT/v1/messages")
@@ -292,7 +292,7 @@ def running_target(state: RunningState, config_dir: Path) -> Target:
     listen = state.listen or ("127.0.0.1",)
     address = "127.0.0.1" if "127.0.0.1" in listen else listen[0]
     ca = certs.certificate_paths(state.config_dir or config_dir).ca_cert
-    return Target(address, state.port or 443, ca, tuple(m.source for m in state.mappings))
+    return Target(address, state.port or 443, ca, tuple(m.source for m in state.mappings if not m.rule))  # plain ones
 
 
 def twistd_argv(cmm_args: Sequence[str], python: str = sys.executable) -> list[str]:
@@ -347,7 +347,7 @@ def plan_temporary(options: Options, config_dir: Path, workdir: Path, port: int,
         parsed.parseOptions(args)
     except usage.UsageError as error:
         raise ConfigProblem(str(error)) from None
-    return Plan(tuple(args), tuple(m.source for m in parsed.config.proxy.router.mappings), fallback)
+    return Plan(tuple(args), tuple(m.source for m in parsed.config.proxy.router.mappings if not m.conditioned), fallback)
 
 
 class ConfigProblem(Exception):

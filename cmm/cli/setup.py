@@ -8,6 +8,8 @@ from pathlib import Path
 from cmm.cli.context import EXIT_FAILURE, EXIT_OK, Context, config_dir, machine_of, say_report, user_dir
 from cmm.machine import hosts
 
+EXAMPLE_SOURCE = "claude-haiku"  # Claude Code renames its models each generation; the family stays
+
 
 def _shell_line(shell: str, ca_cert: Path) -> tuple[str, str]:
     """The NODE_EXTRA_CA_CERTS line for the user's shell and the profile it belongs in."""
@@ -74,6 +76,10 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     ctx.say(f"    {line}")
     ctx.say()
     ctx.say("Claude Code must be started from a terminal that has it.")
+    ctx.say()
+    ctx.say(f"Then start cmm, e.g.: sudo twistd -n cmm --source {EXAMPLE_SOURCE} --target gemini-2.5-flash")
+    ctx.say(f"(a family prefix such as {EXAMPLE_SOURCE} matches every generation: claude-haiku-4-5-20251001, "
+            "claude-haiku-5-5, ...).")
     return EXIT_FAILURE if report.failed else EXIT_OK
 
 

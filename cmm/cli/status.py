@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from cmm.config import envfile, paths, userfiles
+from cmm.core.model_names import family, same_family
 
 from cmm.machine import certs, hosts
 from cmm.cli.processes import is_cmm_process, process_alive, process_start_time
@@ -40,6 +41,7 @@ class MappingInfo:
     source: str
     target: str
     url: str
+    rule: str = ""  # a rule's label, conditions included (empty: a plain mapping)
 
 
 @attrs.frozen
@@ -127,6 +129,33 @@ class WorkerCounts:
     upstream_opened: int | None = None
     refused: int | None = None  # connections refused at --max-connections, every one busy
     evicted_idle: int | None = None  # idle connections closed to make room at --max-connections
+    tunnels: int | None = None  # open upgraded connections (WebSocket), each also a connection
+
+
+@attrs.frozen
+class ModelSeen:
+    name: str  # a mapping's source, or a model no mapping matched
+    last: float  # wall-clock seconds
+    count: int  # since start
+
+
+@attrs.frozen
+class RecentModels:
+    """Which mappings matched lately and which models none matched, from the control socket."""
+
+    window: float  # seconds: what "lately" means
+    matched: tuple[ModelSeen, ...] = ()  # by mapping source
+    unmatched: tuple[ModelSeen, ...] = ()  # by model, most recent first
+
+    def last_match(self, source: str) -> float | None:
+        return next((seen.last for seen in self.matched if seen.name == source), None)
+
+    def stale_hint(self, source: str) -> tuple[str, ...]:
+        """Unmatched recent models of ``source``'s family, when ``source`` matched nothing lately:
+        the mapping names another generation (``claude-haiku-4-5`` while ``claude-haiku-5-5`` is asked)."""
+        if self.last_match(source) is not None:
+            return ()
+        return tuple(seen.name for seen in self.unmatched if same_family(source, seen.name))
 
 
 @attrs.frozen
@@ -141,6 +170,7 @@ class StatusReport:
     targets: tuple[Probe, ...]
     routes: tuple[RouteCounts, ...] | None = None  # None: no live counters to be had
     workers: tuple[WorkerCounts, ...] = ()
+    recent: RecentModels | None = None  # None: no live counters to be had
 
 
 # --- reading files -----------------------------------------------------------------------------
@@ -170,7 +200,7 @@ def parse_state(text: str) -> RunningState:
     for item in data.get("mappings") or ():
         if isinstance(item, dict):
             mappings.append(MappingInfo(str(item.get("source", "")), str(item.get("target", "")),
-                                        str(item.get("url", ""))))
+                                        str(item.get("url", "")), str(item.get("rule", ""))))
     hosts_file = data.get("hosts_file")
     config_dir = data.get("config_dir")
     return RunningState(
@@ -266,15 +296,17 @@ def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[
     """What ``twistd cmm`` without flags would map: mappings.toml, and the .env default pair
     unless the file maps its source too (as :mod:`cmm.core.settings` does)."""
     from cmm.config import mappings
+    from cmm.core.router import rule_label
 
     proxy_url = settings.get("PROXY_URL", "")
     try:
         specs = mappings.load(mappings.mappings_file(config_dir))
     except (mappings.MappingsError, OSError):
         specs = ()  # `cmm doctor` and `cmm map list` say what is wrong with it
-    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url) for spec in specs]
+    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url, rule_label(spec) if spec.conditioned else "")
+             for spec in specs]
     source, target = settings.get("DEFAULT_SOURCE_MODEL", ""), settings.get("DEFAULT_TARGET_MODEL", "")
-    if source and target and all(spec.source != source for spec in specs):
+    if source and target and all(spec.source != source or spec.conditioned for spec in specs):
         found.append(MappingInfo(source, target, proxy_url))
     return tuple(found)
 
@@ -385,8 +417,24 @@ def parse_workers(data: object) -> tuple[WorkerCounts, ...]:
     return tuple(WorkerCounts(str(name), number(values, "requests") or 0, number(values, "connections"),
                               number(values, "in_flight"), number(values, "upstream_idle"),
                               number(values, "upstream_opened"), number(values, "refused"),
-                              number(values, "evicted_idle"))
+                              number(values, "evicted_idle"), number(values, "tunnels"))
                  for name, values in sorted(workers.items()) if isinstance(values, dict))
+
+
+def parse_recent(data: object) -> RecentModels | None:
+    """The ``recent`` of the control socket's JSON status (None: absent); junk entries are skipped."""
+    recent = data.get("recent") if isinstance(data, dict) else None
+    if not isinstance(recent, dict) or not isinstance(recent.get("window_s"), (int, float)):
+        return None
+
+    def seen(key: str) -> tuple[ModelSeen, ...]:
+        table = recent.get(key)
+        found = [ModelSeen(str(name), float(values["last"]), int(values.get("count") or 0))
+                 for name, values in (table.items() if isinstance(table, dict) else ())
+                 if isinstance(values, dict) and isinstance(values.get("last"), (int, float))]
+        return tuple(sorted(found, key=lambda item: -item.last))
+
+    return RecentModels(float(recent["window_s"]), seen("matched"), seen("unmatched"))
 
 
 async def read_live(socket_path: Path, *, reactor: Any, timeout: float = 1.0) -> object | None:
@@ -469,6 +517,7 @@ async def collect(
     settings = read_settings(config_dir)
     routes: tuple[RouteCounts, ...] | None = None
     workers: tuple[WorkerCounts, ...] = ()
+    recent: RecentModels | None = None
     if instance.running and instance.state is not None:
         hosts_path = instance.state.hosts_file
         cert_dir = instance.state.config_dir or config_dir
@@ -476,6 +525,7 @@ async def collect(
             data = await live(cert_dir / paths.CONTROL_SOCKET_NAME)
             routes = parse_live(data) if data is not None else None
             workers = parse_workers(data) if data is not None else ()
+            recent = parse_recent(data)
     else:
         hosts_path, cert_dir = hosts_file, config_dir
     configured = configured_mappings(config_dir, settings)
@@ -495,6 +545,7 @@ async def collect(
         targets=tuple(probes),
         routes=routes,
         workers=workers,
+        recent=recent,
     )
 
 
@@ -521,7 +572,40 @@ def _address(host: str, port: int | None) -> str:
 
 
 def _mapping_line(mapping: MappingInfo) -> str:
-    return f"{mapping.source}* → {mapping.target} via {mapping.url}"
+    return f"{mapping.rule or f'{mapping.source}* → {mapping.target}'} via {mapping.url}"
+
+
+def _minutes(window: float) -> str:
+    return f"{window / 60:g} min"
+
+
+def recent_span(recent: RecentModels, now: datetime, started: datetime | None) -> str:
+    """What "lately" covered: the whole run, if it is shorter than the window."""
+    up = (now - started).total_seconds() if started is not None else None
+    return "since start" if up is not None and up < recent.window else f"in the last {_minutes(recent.window)}"
+
+
+def match_note(mapping: MappingInfo, recent: RecentModels, now: datetime, started: datetime | None) -> str:
+    """When the mapping last matched; a stale one (its family asked under another name) gets a ⚠
+    and the family prefix that would match."""
+    last = recent.last_match(mapping.source)
+    if last is not None:
+        return f"; last match {format_duration(now.timestamp() - last)} ago"
+    since = recent_span(recent, now, started)
+    others = recent.stale_hint(mapping.source)
+    if not others:
+        return f"; no match {since}"
+    return (f"; ⚠ no match {since}, while {', '.join(others)} went to Anthropic: "
+            f"map the family, `cmm map add {family(mapping.source)} {mapping.target}`")
+
+
+def _unmatched_line(recent: RecentModels, now: datetime) -> str:
+    """The models no mapping matched lately (they went to Anthropic), the latest first."""
+    if not recent.unmatched:
+        return f"none in the last {_minutes(recent.window)}"
+    models = ", ".join(f"{seen.name} ×{seen.count} ({format_duration(now.timestamp() - seen.last)} ago)"
+                       for seen in recent.unmatched)
+    return f"{models}: passed to Anthropic"
 
 
 def _certificate_line(info: CertInfo, now: datetime) -> str:
@@ -585,6 +669,8 @@ def _worker_line(worker: WorkerCounts) -> str:
         parts.append(f"{worker.connections} connections")
     if worker.in_flight is not None:
         parts.append(f"{worker.in_flight} in flight")
+    if worker.tunnels:
+        parts.append(f"{worker.tunnels} open tunnels")
     if worker.upstream_idle is not None:
         parts.append(f"{worker.upstream_idle} idle upstream connections ({worker.upstream_opened or 0} opened)")
     if worker.evicted_idle:
@@ -607,19 +693,23 @@ def format_report(report: StatusReport) -> str:
             rows.append(("state", f"⚠ {instance.note or 'no state file'}: port and mappings unknown"))
         else:
             rows.append(("listening", ", ".join(_address(a, state.port) for a in state.listen) or str(state.port)))
-            rows.extend(("mapping", _mapping_line(m)) for m in state.mappings)
+            notes = [match_note(m, report.recent, report.now, state.started) if report.recent else ""
+                     for m in state.mappings]
+            rows.extend(("mapping", _mapping_line(m) + note) for m, note in zip(state.mappings, notes))
     else:
         head = f"cmm is not running ({instance.note})" if instance.note else "cmm is not running"
         if report.configured:
             rows.extend(("mapping", _mapping_line(m) + " (configured, for the next start)")
                         for m in report.configured)
         else:
-            rows.append(("mapping", "none configured: `cmm map add SOURCE TARGET`, or give --source/--target "
-                                    "to twistd cmm"))
+            rows.append(("mapping", "none configured: `cmm map add SOURCE TARGET` (a family prefix such as "
+                                    "claude-haiku matches every generation), or give --source/--target to twistd cmm"))
     if report.routes is not None:
         rows.extend(("requests", _route_line(r)) for r in report.routes)
         if not report.routes:
             rows.append(("requests", "none since start"))
+    if report.recent is not None and instance.running:
+        rows.append(("unmatched", _unmatched_line(report.recent, report.now)))
     rows.extend(("process", _worker_line(w)) for w in report.workers)
     rows.extend(("target", _probe_line(p)) for p in report.targets)
     rows.append(("hosts", _hosts_line(report.hosts, instance.running)))

@@ -22,7 +22,9 @@ OWN_FILES = (
     paths.PID_FILE_NAME, paths.STATE_FILE_NAME, paths.DNS_CACHE_FILE_NAME, paths.LOG_FILE_NAME,
 )
 _NAMES = "|".join(re.escape(name.lstrip(".")) for name in OWN_FILES)
-_OWN_FILE = re.compile(rf"(?:{'|'.join(map(re.escape, OWN_FILES))}|cmm\.log\.\d+|\.(?:{_NAMES})\..+\.tmp)")
+_USAGE = re.escape(paths.USAGE_FILE_NAME)  # the usage database, its side files, and damaged ones set aside
+_OWN_FILE = re.compile(rf"(?:{'|'.join(map(re.escape, OWN_FILES))}|cmm\.log\.\d+|\.(?:{_NAMES})\..+\.tmp"
+                       rf"|{_USAGE}(?:\.corrupt-\d{{8}}T\d{{6}}Z)?(?:-wal|-shm|-journal)?)")
 
 
 def is_own_file(name: str) -> bool:

@@ -60,8 +60,9 @@ def error_body(status: int, message: str) -> bytes:
     ).encode()
 
 
-def error_response(status: int, message: str, *, close: bool = True) -> bytes:
-    """A complete HTTP/1.1 response; ``close`` because the request body may be half-read."""
+def error_response(status: int, message: str, *, close: bool = True, head_only: bool = False) -> bytes:
+    """A complete HTTP/1.1 response; ``close`` because the request body may be half-read.
+    ``head_only`` for a HEAD request: its answer has the head a GET would get, never a body."""
     body = error_body(status, message)
     reason = _REASONS.get(status, "Error")
     head = [
@@ -72,4 +73,4 @@ def error_response(status: int, message: str, *, close: bool = True) -> bytes:
     ]
     if close:
         head.append("connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + (b"" if head_only else body)

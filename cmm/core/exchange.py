@@ -15,14 +15,15 @@ from typing import Protocol
 
 import attrs
 
+from cmm.core.billing_line import BillingLine
 from cmm.core.cch import Resigner
 from cmm.core.decoding import BodyDecoder, unsupported
 from cmm.core.errors import HttpError
 from cmm.core.framing import LAST_CHUNK, BodyTracker, Progress, encode_chunk, tracker_for
 from cmm.core.http_head import Framing, HeadCollector, RequestHead, ResponseHead, parse_response_head
 from cmm.core.model_finder import Found, ModelFinder, Result
-from cmm.core.router import (Endpoint, Mapping, Router, candidate_endpoint, decoded_head, intercepted_head,
-                             rewrite_model)
+from cmm.core.router import (BodySize, Endpoint, Mapping, Pending, Router, candidate_endpoint, decoded_head,
+                             intercepted_head, rewrite_model)
 from cmm.core.thinking_edits import Neutraliser, Unmarker, cannot_hold_a_mark, thinking_off_if
 from cmm.core.thinking_marks import SseMarker
 
@@ -35,6 +36,7 @@ class ClientState(enum.StrEnum):
     CONNECTING = "connecting"  # routed; waiting for an upstream connection
     BODY = "body"  # splicing the rest of the request body upstream
     RESPONSE = "response"  # the request is sent; the answer is coming
+    TUNNEL = "tunnel"  # switched protocols (101): a raw tunnel, see cmm.serve.tunnel
     CLOSED = "closed"
 
 
@@ -108,7 +110,8 @@ ResponseState = Splice | HeldError | MarkedStream | HeldMessage
 
 
 class Edits(enum.Enum):
-    """What a messages body gets on its way, all keeping its length (so its framing)."""
+    """What a messages body gets on its way, all keeping its length (so its framing). Besides
+    these, an intercepted body's billing line loses its per-request fields (``billing_line``)."""
 
     NONE = "none"
     UNMARK = "unmark"  # to the target: its own thinking signatures back, unmarked
@@ -351,9 +354,39 @@ class ModelSniffer:
         return Sniffed(result, b"".join(raw), b"".join(payload))
 
 
-def route(result: Result | None, router: Router) -> Mapping | None:
-    """The mapping a request goes to, or None for Anthropic."""
-    return router.match(result.model) if isinstance(result, Found) else None
+def route(result: Result | None, router: Router, head: RequestHead, size: BodySize) -> Mapping | None | Pending:
+    """The mapping a request goes to, None for Anthropic, or ``Pending.SIZE``: read on (see ``SizeHold``)."""
+    return router.choose(result.model, head, size) if isinstance(result, Found) else None
+
+
+def body_size(head: RequestHead, decoding: bool, decoded_so_far: int, done: bool) -> BodySize:
+    """The decoded body's size as far as known: a plain body's Content-Length says it at once;
+    a chunked or compressed one's is what has been read (and decoded) so far."""
+    if not decoding and head.framing.kind == "length":
+        return BodySize(head.framing.length, complete=True)
+    return BodySize(decoded_so_far, complete=done)
+
+
+class SizeHold:
+    """A body read on past its model because a rule's size condition decides its route; it is
+    held (within the body limit, like any body) until the decoded size decides."""
+
+    def __init__(self, sniffed: Sniffed, decoder: BodyDecoder | None) -> None:
+        self.result = sniffed.result
+        self._decoder = decoder
+        self._raw = [sniffed.raw]
+        self._payload = [sniffed.payload]
+        self.size = len(sniffed.payload)
+
+    def feed(self, part: BodyPart) -> None:
+        self._raw.append(part.raw)
+        for piece in decoded(self._decoder, part.payload, part.done):
+            self._payload.append(piece)
+            self.size += len(piece)
+
+    def sniffed(self) -> Sniffed:
+        """All of it, as the model sniffer would have given it had the model come last."""
+        return Sniffed(self.result, b"".join(self._raw), b"".join(self._payload))
 
 
 # Reading an upstream's response
@@ -383,16 +416,27 @@ class Body:
     extra: bool
 
 
-class ResponseReader:
-    """Feed an upstream's bytes, get the response's events; one reader per try of a request."""
+@attrs.frozen
+class Switched:
+    """A ``101`` to a request that asked to upgrade: ``rest`` is the new protocol's first bytes."""
 
-    def __init__(self, method: bytes) -> None:
+    response: ResponseHead
+    raw: bytes
+    rest: bytes
+
+
+class ResponseReader:
+    """Feed an upstream's bytes, get the response's events; one reader per try of a request.
+    ``upgrade``: the request asked to switch protocols, so a ``101`` ends the reading."""
+
+    def __init__(self, method: bytes, upgrade: bool = False) -> None:
         self._method = method
+        self._upgrade = upgrade
         self._collector = HeadCollector(what="upstream response", response=True)
         self.response: ResponseHead | None = None
         self.tracker: BodyTracker | None = None
 
-    def feed(self, data: bytes) -> Iterator[Interim | Head | Body]:
+    def feed(self, data: bytes) -> Iterator[Interim | Head | Body | Switched]:
         """Yield events as they are found (so those before a bad byte are acted on); raise
         HttpError on a bad response. Once the head is known, each call yields one ``Body``."""
         while data and self.tracker is None:
@@ -401,6 +445,9 @@ class ResponseReader:
                 return
             raw, data = done
             response = parse_response_head(raw, self._method)
+            if response.status == 101 and self._upgrade:
+                yield Switched(response, raw, data)
+                return
             if response.status == 101:
                 raise HttpError(502, "Upstream switched protocols; cmm proxies HTTP/1.1 only")
             if response.interim:
@@ -436,13 +483,15 @@ class UpstreamRequest:
     """
 
     def __init__(self, head: RequestHead, edits: Edits, decoder: BodyDecoder | None, mapping: Mapping | None,
-                 hold_max: int) -> None:
+                 hold_max: int, keep_billing_line: bool = False) -> None:
         self._head = head
         self._decoder = decoder
         self._mapping = mapping
         self._hold_max = hold_max
         self._neutraliser: Neutraliser | None = None
         self._stages = self._stages_for(edits)
+        if mapping is not None and not keep_billing_line:  # the target's prompt cache needs a stable start
+            self._stages.append(BillingLine())
         self.start = start_for(mapping is not None, edits, decoder is not None)
         self.rechunk = needs_rechunk(mapping is not None, decoder is not None, head.framing.kind == "chunked")
         self._held_raw: list[bytes] = []

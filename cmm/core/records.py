@@ -71,7 +71,8 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     record is one line (plus the indented content lines of ``--log-content``)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", localtime(record.started))
     subject = escaped(record.model if record.model is not None else f"{record.method} {record.path}")
-    route = f"INTERCEPTED → {escaped(str(record.target))}" if record.intercepted else "PASSTHROUGH"
+    route = f"INTERCEPTED → {escaped(str(record.target))}" if record.intercepted else \
+        "TUNNEL" if record.route == "tunnel" else "PASSTHROUGH"
     ok = record.status is not None and record.status < 400 and record.error is None
     mark = "✓" if ok else "✗"
     status = "-" if record.status is None else str(record.status)
@@ -79,6 +80,8 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     detail += _tokens(record)
     if record.error:
         detail += f" ({escaped(record.error)})"
+    if record.rule and record.rule != f"{record.mapping}* → {record.target}":  # a rule more than a model prefix
+        detail += f" (rule {escaped(record.rule)})"
     line = f"[{stamp}] {subject:<{COLUMN}} → {route} {mark} {detail}"
     if record.content:
         line += "".join(f"\n    {escaped(part)}" for part in record.content.splitlines())

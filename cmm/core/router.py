@@ -4,8 +4,10 @@ intercepted request gets on its way to the target.
 
 from __future__ import annotations
 
+import enum
 import json
-from typing import Literal
+from fnmatch import fnmatchcase
+from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 import attrs
@@ -16,6 +18,15 @@ DEFAULT_PROXY_URL = "http://localhost:8317/v1/messages"
 PROVIDER_HEADER = b"x-cmm-provider: cliproxyapi\r\n"
 
 Endpoint = Literal["messages", "count_tokens"]
+
+ANY_MODEL = "*"  # a source that matches every model
+# The kinds of request Claude Code names in every messages request's REQUEST_CLASS_HEADER.
+REQUEST_CLASS_HEADER = b"x-claude-code-request-class"
+REQUEST_CLASSES = ("main", "subagent", "workflow", "compaction", "auxiliary", "side_reply")
+MODES = ("always", "fallback")
+TARGET_ERROR_ACTIONS = ("error", "anthropic")
+UNREACHABLE = "unreachable"
+DEFAULT_FALLBACK_ON: tuple[int | str, ...] = (429, 529, 500, 502, 503, 504, UNREACHABLE)
 
 _CANDIDATE_PATHS: dict[bytes, Endpoint] = {
     b"/v1/messages": "messages",
@@ -73,8 +84,27 @@ class Upstream:
 
 
 @attrs.frozen
+class BodySize:
+    """What is known of a request body's decoded size: at least ``seen`` bytes, exactly that
+    many when ``complete``."""
+
+    seen: int
+    complete: bool
+
+
+class Pending(enum.Enum):
+    """The rule depends on more of the body than is in hand (its decoded size)."""
+
+    SIZE = "size"
+
+
+@attrs.frozen
 class Mapping:
-    """Models whose name starts with ``source`` are answered by ``target`` at ``upstream``."""
+    """Models whose name starts with ``source`` are answered by ``target`` at ``upstream``.
+
+    A mapping with conditions (request class, headers, body size) is a rule tried before the
+    plain ones, so that e.g. subagents of any model can go elsewhere than the model's mapping.
+    """
 
     source: str  # a model prefix, or "*" for any model
     target: str
@@ -90,6 +120,67 @@ class Mapping:
         for name, value in (("source", self.source), ("target", self.target)):
             if not value or any(c.isspace() for c in value):
                 raise ValueError(f"{name} model must be a non-empty name without spaces, not {value!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.on_target_error not in TARGET_ERROR_ACTIONS:
+            raise ValueError(f"on_target_error must be one of {', '.join(TARGET_ERROR_ACTIONS)}, "
+                             f"not {self.on_target_error!r}")
+        if self.min_body_bytes is not None and self.min_body_bytes < 1:
+            raise ValueError(f"min_body_bytes must be positive, not {self.min_body_bytes}")
+
+    @property
+    def conditioned(self) -> bool:
+        return bool(self.request_class or self.headers or self.min_body_bytes is not None)
+
+    @property
+    def prefix(self) -> str:
+        """What a model's name must start with ("*" is every model: the empty prefix)."""
+        return "" if self.source == ANY_MODEL else self.source
+
+    def head_holds(self, head: RequestHead) -> bool:
+        """The conditions read from the request head: its class and the header globs."""
+        if self.request_class and request_class_of(head) not in self.request_class:
+            return False
+        return all(any(fnmatchcase(value.decode("latin-1"), glob) for value in head.headers.get_all(name.encode()))
+                   for name, glob in self.headers)
+
+
+def request_class_of(head: RequestHead) -> str | None:
+    """The kind of request Claude Code says this is (``main``, ``subagent``, ...), if it says."""
+    value = head.headers.get(REQUEST_CLASS_HEADER)
+    return None if value is None else value.decode("latin-1").strip()
+
+
+class RuleLike(Protocol):
+    """What names a rule: a router ``Mapping``, or a mapping as its file gives it."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def request_class(self) -> tuple[str, ...]: ...
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def min_body_bytes(self) -> int | None: ...
+
+
+def rule_label(rule: RuleLike) -> str:
+    """A short name for a rule in logs and ``cmm status``: its source (a prefix shown with its
+    ``*``), conditions and target, e.g. ``claude-sonnet* [min_body_bytes≥600000] → gemini-2.5-pro``.
+    Two rules of one file never share it (a file may not repeat a source with the same conditions)."""
+    conditions = [",".join(rule.request_class)] if rule.request_class else []
+    conditions += [f"{name}={glob}" for name, glob in rule.headers]
+    if rule.min_body_bytes is not None:
+        conditions.append(f"min_body_bytes≥{rule.min_body_bytes}")
+    shown = f" [{' '.join(conditions)}]" if conditions else ""
+    source = rule.source if rule.source == ANY_MODEL else rule.source + "*"
+    return f"{source}{shown} → {rule.target}"
 
 
 @attrs.frozen
@@ -97,12 +188,26 @@ class Router:
     mappings: tuple[Mapping, ...]
 
     def match(self, model: str) -> Mapping | None:
-        """The mapping with the longest matching prefix, so specific rules beat general ones."""
+        """The plain mapping with the longest matching prefix, so specific ones beat general ones."""
         best = None
         for mapping in self.mappings:
-            if model.startswith(mapping.source) and (best is None or len(mapping.source) > len(best.source)):
+            if not mapping.conditioned and model.startswith(mapping.prefix) and (
+                    best is None or len(mapping.prefix) > len(best.prefix)):
                 best = mapping
         return best
+
+    def choose(self, model: str, head: RequestHead, size: BodySize) -> Mapping | None | Pending:
+        """The rule for a request: the first (in order) whose source and conditions all hold,
+        else :meth:`match`. ``Pending.SIZE`` when a body-size condition decides and the size
+        known so far cannot: the caller reads on and asks again."""
+        for rule in self.mappings:
+            if not rule.conditioned or not model.startswith(rule.prefix) or not rule.head_holds(head):
+                continue
+            if rule.min_body_bytes is None or size.seen >= rule.min_body_bytes:
+                return rule
+            if not size.complete:
+                return Pending.SIZE
+        return self.match(model)
 
 
 def candidate_endpoint(head: RequestHead) -> Endpoint | None:

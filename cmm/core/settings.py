@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Iterable, Mapping as MappingType, Protocol
+from typing import Any, Iterable, Mapping as MappingType, Protocol
 
 import attrs
 
-from cmm.core.router import DEFAULT_PROXY_URL, Mapping, Router, Upstream
+from cmm.core.router import DEFAULT_FALLBACK_ON, DEFAULT_PROXY_URL, Mapping, Router, Upstream
 from cmm.core.values import ANTHROPIC_HOST, MiB, Destination, ProxySettings, parse_servers
 
 DEFAULT_LISTEN = ("127.0.0.1", "::1")
@@ -92,6 +92,23 @@ def _addresses(text: str | None, name: str, loopback_only: bool) -> tuple[str, .
     return tuple(result)
 
 
+def _rule_keys(mapping: MappingLike) -> dict[str, Any]:
+    """A file mapping's conditions and failover keys (none on a plain pair: the router's defaults)."""
+    keys = {name: getattr(mapping, name) for name in ("request_class", "headers", "min_body_bytes", "mode",
+                                                      "on_target_error") if hasattr(mapping, name)}
+    fallback_on = getattr(mapping, "fallback_on", None)
+    if fallback_on is None and keys.get("mode") == "fallback":
+        fallback_on = DEFAULT_FALLBACK_ON
+    if fallback_on is not None:
+        keys["fallback_on"] = tuple(fallback_on)
+    return keys
+
+
+def _conditioned(mapping: MappingLike) -> bool:
+    return bool(getattr(mapping, "request_class", ()) or getattr(mapping, "headers", ())
+                or getattr(mapping, "min_body_bytes", None) is not None)
+
+
 def _mappings(options: MappingType[str, object], env: MappingType[str, str],
               file_mappings: Iterable[MappingLike]) -> tuple[Mapping, ...]:
     """Flags first, then the mappings file (a flag wins for the same source), then the .env
@@ -99,6 +116,7 @@ def _mappings(options: MappingType[str, object], env: MappingType[str, str],
     default to, so any such flag replaces it; adding a mapping to the file does not (the user
     added a pair, not took one away).  Each mapping's URL and key default to --proxy-url/PROXY_URL
     and its key."""
+    file_mappings = tuple(file_mappings)
     sources, targets = _as_list(options.get("source")), _as_list(options.get("target"))
     flagged = bool(sources or targets)
     # A lone --source or --target takes its partner from the .env defaults (as the tool cmm replaces did).
@@ -113,15 +131,19 @@ def _mappings(options: MappingType[str, object], env: MappingType[str, str],
                               f"with `cmm config set`)")
         raise ConfigError(f"give --source and --target in pairs (got {len(sources)} --source and "
                           f"{len(targets)} --target)")
-    specs: list[tuple[str, str, str | None, str | None]] = [(s, t, None, None) for s, t in zip(sources, targets)]
-    specs += [(m.source, m.target, m.url, m.api_key) for m in file_mappings if m.source not in sources]
+    # A flag replaces the file's plain mapping for its source; the file's rules with conditions stay.
+    specs: list[tuple[str, str, str | None, str | None, dict[str, Any]]] = [
+        (s, t, None, None, {}) for s, t in zip(sources, targets)]
+    specs += [(m.source, m.target, m.url, m.api_key, _rule_keys(m)) for m in file_mappings
+              if _conditioned(m) or m.source not in sources]
     source, target = env.get("DEFAULT_SOURCE_MODEL"), env.get("DEFAULT_TARGET_MODEL")
-    if not flagged and source and target and all(spec[0] != source for spec in specs):
-        specs.append((source, target, None, None))
+    plain_sources = set(sources) | {m.source for m in file_mappings if not _conditioned(m)}
+    if not flagged and source and target and source not in plain_sources:
+        specs.append((source, target, None, None, {}))
     if not specs:
         missing = " and ".join(n for n, v in (("--source", source), ("--target", target)) if not v)
         raise ConfigError(
-            f"no mapping: give {missing} (e.g. --source claude-haiku-4-5 --target gemini-2.5-flash), "
+            f"no mapping: give {missing} (e.g. --source claude-haiku --target gemini-2.5-flash), "
             f"add one with `cmm map add`, or set DEFAULT_SOURCE_MODEL and DEFAULT_TARGET_MODEL with "
             f"`cmm config set`"
         )
@@ -129,10 +151,10 @@ def _mappings(options: MappingType[str, object], env: MappingType[str, str],
     flag_key = options.get("proxy-api-key")
     key = str(flag_key if flag_key is not None else env.get("PROXY_API_KEY", ""))
     mappings = []
-    for source, target, own_url, own_key in specs:
+    for source, target, own_url, own_key, rule_keys in specs:
         try:
             upstream = Upstream.from_url(own_url or url, own_key if own_key is not None else key)
-            mappings.append(Mapping(source, target, upstream))
+            mappings.append(Mapping(source, target, upstream, **rule_keys))
         except ValueError as error:
             raise ConfigError(f"mapping {source}: {error}") from None
     return tuple(mappings)

@@ -111,7 +111,7 @@ def count_solid(
     return count, in_string, escape
 
 
-def _closing_quote(data: bytes, pos: int) -> int:
+def closing_quote(data: bytes, pos: int) -> int:
     """Just past the closing quote of a string whose raw content goes on at ``pos`` (not inside
     an escape); -1 if it does not close in ``data``.
 
@@ -168,7 +168,7 @@ def _value_end(data: bytes, pos: int) -> int:
             return -1
         byte = data[pos]
         if byte == _QUOTE:
-            pos = _closing_quote(data, pos + 1)
+            pos = closing_quote(data, pos + 1)
             if pos < 0:
                 return -1
             continue
@@ -448,7 +448,7 @@ class Scanner:
         if kind == b"thinking":
             if not data.startswith(b',"thinking":"', start):
                 return -1
-            text_end = _closing_quote(data, start + 13)
+            text_end = closing_quote(data, start + 13)
             if text_end < 0 or not data.startswith(b',"signature":"', text_end):
                 return -1
             quote = text_end + 13  # the signature's opening quote
@@ -533,7 +533,7 @@ class Scanner:
                 return pos, False
             pos += 1
             self._escape = False
-        end = _closing_quote(data, pos)
+        end = closing_quote(data, pos)
         if end >= 0:
             return end, True
         back = size

@@ -34,7 +34,9 @@ from cmm.config import paths
 from cmm.config.userfiles import UnsafeDirectory, UserDir
 from cmm.core.records import RequestRecord
 from cmm.core.settings import ConfigError, ServeConfig
+from cmm.core.router import rule_label
 from cmm.daemon.master import Supervisor, bind
+from cmm.daemon.recording import UsageRecorder
 from cmm.daemon.stats import LiveStats
 from cmm.daemon.wire import WorkerConfig
 from cmm.machine import certs, dnsflush, hosts, usercerts
@@ -179,6 +181,7 @@ class InterceptorService(Service):
     address_book_factory: AddressBookFactory = address_book
     install_signal: Callable[[int, Callable[[int, Any], None]], object] = signal.signal
     control_listener: Callable[[UserDir, Factory[Any], Any], IListeningPort] = listen_control
+    usage_recorder_factory: Callable[..., UsageRecorder] = UsageRecorder
 
     # state
     sockets: list[socket.socket] = attrs.field(factory=list)  # one per listen address
@@ -186,6 +189,7 @@ class InterceptorService(Service):
     ports: list[IListeningPort] = attrs.field(factory=list)
     context: ProxyContext | None = None
     supervisor: Supervisor | None = None
+    usage: UsageRecorder | None = None  # the usage database's writer, a process of the user's
     tls: ReloadableServerTLS | None = None
     addresses: AddressBook | None = None
     request_log: RequestLog | None = None
@@ -260,11 +264,11 @@ class InterceptorService(Service):
             on_change=self._addresses_changed)
         self._write_files()
         self._listen_control()
+        self._start_usage_recorder()
         self.install_signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         self.install_signal(signal.SIGUSR1, lambda *_: self.reactor.callFromThread(self.rotate))
         for mapping in config.proxy.router.mappings:
-            log.info("cmm: {source}* → {target} at {url}", source=mapping.source, target=mapping.target,
-                     url=mapping.upstream.url)
+            log.info("cmm: {rule} at {url}", rule=rule_label(mapping), url=mapping.upstream.url)
         # Learn the real addresses before the hosts file points the name at us: from the cache at
         # once, else from DNS if it answers soon. DNS down must not keep intercepted models from
         # being served; the book keeps asking in the background and tells _addresses_changed.
@@ -330,8 +334,20 @@ class InterceptorService(Service):
 
     # running
 
+    def _start_usage_recorder(self) -> None:
+        """As the config dir's owner: root never opens that user's database (see cmm.daemon.recorder)."""
+        assert self.user_dir is not None
+        owner = self.user_dir.owner if self.euid == 0 else None
+        self.usage = self.usage_recorder_factory(
+            reactor=self.reactor, database=self.user_dir.file(paths.USAGE_FILE_NAME),
+            retention_days=self.config.usage_retention_days, uid=owner.uid if owner else None,
+            gid=owner.gid if owner else None, environ=dict(self.environ))
+        self.usage.start()
+
     def record(self, record: RequestRecord, worker: str) -> None:
         self.stats.add(record, worker)
+        if self.usage is not None:
+            self.usage.add(record)
         if self.request_log is not None:
             self.request_log(record)
 
@@ -356,9 +372,10 @@ class InterceptorService(Service):
             self.tls.options = server_options(worker_config.cert_pem, worker_config.key_pem)
         if self.supervisor is not None:
             self.supervisor.reload(self.worker_config)
+        if self.usage is not None:
+            self.usage.reload(config.usage_retention_days)
         self._write_files()
-        log.info("Reloaded: {mappings}", mappings=", ".join(f"{m.source}* → {m.target}"
-                                                            for m in config.proxy.router.mappings))
+        log.info("Reloaded: {mappings}", mappings=", ".join(map(rule_label, config.proxy.router.mappings)))
 
     def rotate(self) -> None:
         if self.request_log is not None and self.request_log.file is not None:
@@ -368,7 +385,8 @@ class InterceptorService(Service):
     def status(self) -> dict[str, Any]:
         if self.context is not None:  # --workers 0: the master's own gauges
             self.stats.gauges("master", self.context.gauges())
-        return {**self._state(), **self.stats.snapshot()}
+        usage = {"usage": self.usage.status()} if self.usage is not None else {}
+        return {**self._state(), **self.stats.snapshot(), **usage}
 
     def _state(self) -> dict[str, Any]:
         config = self.config
@@ -379,7 +397,8 @@ class InterceptorService(Service):
             "listen": list(config.listen),
             "worker_count": config.workers,
             "accept": config.accept,
-            "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url}
+            "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url,
+                          **({"rule": rule_label(m)} if m.conditioned else {})}
                          for m in config.proxy.router.mappings],
             "hosts_file": str(config.hosts_file) if config.hosts_file else None,
             "config_dir": str(config.config_dir),
@@ -458,5 +477,7 @@ class InterceptorService(Service):
                         self.user_dir.unlink(name)
                 except (OSError, UnsafeDirectory):
                     pass  # gone already, or not a file of ours
+        if self.usage is not None:  # last (every request's record has reached it), the hosts file already back
+            yield self.usage.stop()
         if self.request_log is not None:
             self.request_log.close()

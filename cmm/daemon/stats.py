@@ -1,4 +1,4 @@
-"""Live counters for ``cmm status``: per route (each mapping, and passthrough) and per worker.
+"""Live counters for ``cmm status``: per route (each rule by its label, and passthrough) and per worker.
 
 Kept in the master from the request records the workers send, so no worker holds shared state.
 Durations go into fixed log-spaced buckets: p50/p99 cost a few hundred integers per route no
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
@@ -69,14 +70,63 @@ class RouteStats:
         }
 
 
+RECENT_WINDOW = 3600.0  # seconds: what ``cmm status`` and ``cmm doctor`` call lately
+UNMATCHED_MAX = 20  # models kept that no mapping matched: the most recently seen
+MODEL_NAME_MAX = 100  # a client's model name is kept this long at most
+
+
+@attrs.define
+class Seen:
+    last: float  # wall-clock seconds
+    count: int = 0  # since start
+
+
+@attrs.define
+class RecentModels:
+    """Which mapping matched lately, and which models no mapping matched: a mapping whose source
+    names last year's models shows at a glance, beside the names Claude Code asks for today.
+
+    Bounded whatever clients send: one entry per mapping source, :data:`UNMATCHED_MAX` models.
+    """
+
+    window: float = RECENT_WINDOW
+    matched: dict[str, Seen] = attrs.field(factory=dict)  # by mapping source
+    unmatched: dict[str, Seen] = attrs.field(factory=dict)  # by model
+
+    def add(self, record: RequestRecord) -> None:
+        if record.model is None:  # not a request routed by model
+            return
+        if record.mapping is not None:
+            table, key = self.matched, record.mapping
+        else:
+            table, key = self.unmatched, record.model[:MODEL_NAME_MAX]
+        seen = table.setdefault(key, Seen(record.started))
+        seen.last, seen.count = max(seen.last, record.started), seen.count + 1
+        if len(self.unmatched) > UNMATCHED_MAX:
+            del self.unmatched[min(self.unmatched, key=lambda model: self.unmatched[model].last)]
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        def lately(table: dict[str, Seen]) -> dict[str, Any]:
+            return {key: {"last": seen.last, "count": seen.count} for key, seen in sorted(table.items())
+                    if now - seen.last <= self.window}
+
+        return {"window_s": self.window, "matched": lately(self.matched), "unmatched": lately(self.unmatched)}
+
+
 @attrs.define
 class LiveStats:
     routes: dict[str, RouteStats] = attrs.field(factory=dict)
     workers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    recent: RecentModels = attrs.field(factory=RecentModels)
+    clock: Callable[[], float] = time.time  # wall clock, as the records' ``started``
 
     def add(self, record: RequestRecord, worker: str) -> None:
-        key = f"{record.mapping}* → {record.target}" if record.intercepted else "passthrough"
+        # Each rule counts apart (even a passthrough it chose); requests no rule chose, together;
+        # tunnels apart, as their minutes would skew passthrough's p50/p99.
+        key = record.rule or (f"{record.mapping}* → {record.target}" if record.intercepted else
+                              "tunnel" if record.route == "tunnel" else "passthrough")
         self.routes.setdefault(key, RouteStats()).add(record)
+        self.recent.add(record)
         self.workers.setdefault(worker, {}).setdefault("requests", 0)
         self.workers[worker]["requests"] += 1
 
@@ -88,4 +138,5 @@ class LiveStats:
 
     def snapshot(self) -> dict[str, Any]:
         return {"routes": {name: stats.snapshot() for name, stats in sorted(self.routes.items())},
-                "workers": dict(sorted(self.workers.items()))}
+                "workers": dict(sorted(self.workers.items())),
+                "recent": self.recent.snapshot(self.clock())}

@@ -80,7 +80,7 @@ class Options(usage.Options):
         self["source"], self["target"] = [], []
 
     def opt_source(self, model: str) -> None:
-        """Source model prefix, e.g. claude-haiku-4-5 (repeatable; default: DEFAULT_SOURCE_MODEL)."""
+        """Source model prefix, e.g. claude-haiku (repeatable; default: DEFAULT_SOURCE_MODEL)."""
         self["source"].append(model)
 
     def opt_target(self, model: str) -> None:

@@ -10,7 +10,6 @@ outlives its master.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import sys
@@ -18,12 +17,13 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet import defer, stdio
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from cmm.daemon import wire
+from cmm.daemon.privileges import _can_regain_root, drop_privileges, parse_user  # noqa: F401  (named here too)
 from cmm.serve.proxy import ProxyContext, ProxyFactory
 from cmm.core.records import RequestRecord
 from cmm.serve.resolve import AddressBook
@@ -136,6 +136,7 @@ class WorkerControl(LineReceiver):
             except defer.CancelledError:
                 for connection in list(self.context.connections):
                     connected(connection).abortConnection()
+                yield deferLater(self.reactor, 0.1, lambda: None)  # their records, written as they go
             else:
                 timeout.cancel()
             self.context.pool.close_idle()
@@ -158,36 +159,6 @@ class MasterLogObserver:
         if "log_failure" in event:
             text += "\n" + event["log_failure"].getTraceback()
         self.control.transport.write(wire.encode({"type": "log", "level": level.name, "text": text}))
-
-
-def drop_privileges(uid: int, gid: int) -> None:
-    """Become ``uid``/``gid`` for good (real, effective and saved ids): a compromised worker
-    cannot regain root. Modules serving needs are imported before, since the interpreter's own
-    files may not be readable by that user."""
-    import encodings.idna  # noqa: F401  (host names in TLS options, imported lazily otherwise)
-
-    os.setgroups([])
-    if hasattr(os, "setresuid"):  # Linux
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    else:  # macOS: as root, setuid/setgid set the real, effective and saved ids alike
-        os.setgid(gid)
-        os.setuid(uid)
-    if os.geteuid() != uid or os.getuid() != uid or (uid != 0 and _can_regain_root()):
-        raise SystemExit(f"cmm worker: could not drop privileges to uid {uid}")
-
-
-def _can_regain_root() -> bool:
-    try:
-        os.seteuid(0)
-    except PermissionError:
-        return False
-    return True
-
-
-def parse_user(text: str) -> tuple[int, int]:
-    uid, _, gid = text.partition(":")
-    return int(uid), int(gid or uid)
 
 
 def parse_fd(text: str) -> tuple[int, int]:

@@ -29,9 +29,9 @@ from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError, error_response
 from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispose, HeldError, HeldMessage, Interim,
                                Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
-                               ResponseState, Sniffed, Splice, UpstreamRequest, can_answer_error, dispose_for,
+                               ResponseState, Sniffed, Splice, Switched, UpstreamRequest, can_answer_error, dispose_for,
                                edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
-                               response_mode, retry_decision, reuse_after, route)
+                               SizeHold, body_size, response_mode, retry_decision, reuse_after, route)
 from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
@@ -39,11 +39,14 @@ from cmm.core.model_finder import Found
 from cmm.core.records import RequestRecord, escaped
 from cmm.core.router import (PROVIDER_HEADER, Endpoint, Mapping, redacted_head, with_connection_close, with_content_length,
                         with_provider_header)
+from cmm.core.router import Pending, request_class_of, rule_label
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
+from cmm.core.upgrade import asks_upgrade, intercepted_upgrade_refusal, switch_refusal
 from cmm.core.usage import NO_USAGE, UsageReader, usage_reader
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.tls import connected
+from cmm.serve.tunnel import Tunnel
 from cmm.serve.upstream import Pool, UpstreamConnection, tune
 
 log = Logger()
@@ -143,6 +146,7 @@ class ProxyContext:
             "upstream_opened": self.pool.opened,
             "refused": self.refused,
             "evicted_idle": self.evicted_idle,
+            "tunnels": sum(1 for c in self.connections if c.tunnel is not None),
         }
 
 
@@ -189,6 +193,8 @@ class RequestInProgress:
     endpoint: Endpoint | None = None
     decoder: BodyDecoder | None = None
     sniffer: ModelSniffer | None = None
+    held: SizeHold | None = None  # the body read on past its model, while its size decides the rule
+    rule: Mapping | None = None  # the rule that chose the route (None: no rule, Anthropic)
     forward: UpstreamRequest | None = None
     content: str | None = None  # what is logged of the request, when the settings ask for it
     routing_deadline: Any = None  # the delayed call that ends a too-slow routing read
@@ -217,7 +223,8 @@ class RequestInProgress:
             error=error,
             mapping=mapping.source if mapping else None,
             content=self.content,
-            request_class=_header_text(self.head, b"x-claude-code-request-class"),
+            rule=rule_label(self.rule) if self.rule else None,
+            request_class=request_class_of(self.head),
             **(answer or {}),
         )
 
@@ -234,6 +241,7 @@ class ClientConnection(Protocol):
         self.pending = b""  # bytes read ahead of the current state (next body part, next request)
         self.served = 0
         self.request: RequestInProgress | None = None  # from a parsed head to the request's end
+        self.tunnel: Tunnel | None = None  # after a switch (101): every byte read is the tunnel's
 
     # Twisted interface
 
@@ -250,6 +258,9 @@ class ClientConnection(Protocol):
             self.close()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
         if self.state != ClientState.HEAD:  # a head's deadline is total time, from its first byte
             self.deadline.touch()
         if self.state in (ClientState.CONNECTING, ClientState.RESPONSE):
@@ -275,6 +286,8 @@ class ClientConnection(Protocol):
         self._routing_read_over()
         if self.exchange is not None:
             self.exchange.client_lost()
+        if self.tunnel is not None:
+            self.tunnel.client_lost(reason)
         self.context.connections.discard(self)
         self.context.check_drained()
 
@@ -337,22 +350,39 @@ class ClientConnection(Protocol):
 
     def _sniff_bytes(self, data: bytes) -> None:
         part = self._track(data)
-        assert self.request is not None and self.request.sniffer is not None
-        sniffed = self.request.sniffer.feed(part)
-        if sniffed is None:
+        request = self.request
+        assert request is not None and request.sniffer is not None
+        held = request.held
+        if held is None:
+            sniffed = request.sniffer.feed(part)
+            if sniffed is None:
+                return
+            held = SizeHold(sniffed, request.decoder)
+        else:
+            held.feed(part)
+        choice = route(held.result, self.settings.router, request.head,
+                       body_size(request.head, request.decoder is not None, held.size, part.done))
+        if choice is Pending.SIZE:  # a rule's size condition decides: read on
+            request.held = held
             return
-        self._dispatch(route(sniffed.result, self.settings.router), sniffed, part.rest, body_done=part.done)
+        request.held = None
+        self._dispatch(choice, held.sniffed(), part.rest, body_done=part.done)
 
     def _dispatch(self, mapping: Mapping | None, sniffed: Sniffed, rest: bytes, body_done: bool) -> None:
         """Route decided: borrow an upstream connection and send what is in hand."""
         request = self.request
         assert request is not None
         request.routing_read_over()
+        request.rule = mapping
         result = sniffed.result
         model = result.model if isinstance(result, Found) else None
+        refusal = intercepted_upgrade_refusal(request.head, mapping)
+        if refusal is not None:
+            raise refusal
         edits = edits_for(request.endpoint, mapping is not None, request.head.framing, NEUTRALISE_MAX,
                           sniffed.payload if body_done else None)
-        request.forward = UpstreamRequest(request.head, edits, request.decoder, mapping, NEUTRALISE_MAX)
+        request.forward = UpstreamRequest(request.head, edits, request.decoder, mapping, NEUTRALISE_MAX,
+                                          keep_billing_line=self.settings.keep_billing_line)
         first = request.forward.first(sniffed, request.endpoint, body_done)
         if mapping is not None:
             destination = Destination(mapping.upstream.scheme, mapping.upstream.host, mapping.upstream.port)
@@ -396,6 +426,14 @@ class ClientConnection(Protocol):
         if self.pending:
             data, self.pending = self.pending, b""
             self.dataReceived(data)
+
+    def tunnel_started(self, tunnel: Tunnel) -> bytes:
+        """The request switched protocols: every byte read from now on is the tunnel's. Returns
+        what the client sent after its request (the new protocol's first bytes), still paused."""
+        self.exchange, self.tunnel, self.state = None, tunnel, ClientState.TUNNEL
+        self.deadline.cancel()
+        pending, self.pending = self.pending, b""
+        return pending
 
     # The end of an exchange
 
@@ -441,7 +479,8 @@ class ClientConnection(Protocol):
             return
         if self.state == ClientState.CLOSED:
             return
-        connected(self).write(error_response(error.status, error.message))
+        head_only = self.request is not None and self.request.head.method == b"HEAD"
+        connected(self).write(error_response(error.status, error.message, head_only=head_only))
         if self.request is not None:
             self.context.record(self.request.record(self.context.clock.seconds(), error.status, error.message))
         else:
@@ -461,7 +500,8 @@ class ClientConnection(Protocol):
         if self.request is not None:
             self.request.routing_deadline = None
         if self.state == ClientState.SNIFF:
-            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body up to its model "
+            upto = "as far as its size decides its route" if self.request and self.request.held else "up to its model"
+            self.fail(HttpError(408, f"Timed out waiting for the client to send the request body {upto} "
                                      f"({self.settings.head_timeout:g} seconds)"))
 
     def _timed_out(self) -> None:
@@ -510,7 +550,7 @@ class Exchange:
         request is sent again (a 429 retried, a stale pooled connection replayed), so that no
         half-read head or held body of one try leaks into the next."""
         self.received = 0  # bytes of this try's answer read from the upstream, interim ones included
-        self.reader = ResponseReader(self.request.head.method)
+        self.reader = ResponseReader(self.request.head.method, upgrade=asks_upgrade(self.request.head))
         self.mode: ResponseState = Splice()
         self.unmarked_warned = False
         self.usage: UsageReader | None = None  # reads a messages answer's token counts as it passes
@@ -582,6 +622,9 @@ class Exchange:
                     self._to_client(event.raw)
                 elif isinstance(event, Body):
                     body = event
+                elif isinstance(event, Switched):
+                    self._switch(event)
+                    return
                 else:
                     self._response_head(event.response, event.raw)
         except HttpError as error:
@@ -589,6 +632,19 @@ class Exchange:
             return
         if body is not None:
             self._response_body(body)
+
+    def _switch(self, switched: Switched) -> None:
+        """A ``101``: hand both connections to a tunnel, which records the request when it ends."""
+        refusal = switch_refusal(self.request.head, self.mapping is not None,
+                                 self.client.state == ClientState.RESPONSE)
+        if refusal is not None:
+            self.fail(refusal)
+            return
+        self.finished = self.response_started = True
+        self.deadline.cancel()
+        connection, self.connection = self.connection, None
+        assert connection is not None
+        Tunnel(self.client, connection, self.valve, self.request, self.bytes_out).start(switched.raw, switched.rest)
 
     def _response_head(self, response: ResponseHead, raw: bytes) -> None:
         mode = response_mode(response, self.mapping is not None, self.request.endpoint, MAX_ERROR_BODY,
@@ -795,7 +851,8 @@ class Exchange:
         if self.finished:
             return
         if can_answer_error(self.response_started, self.client.state):
-            connected(self.client).write(error_response(error.status, error.message))
+            connected(self.client).write(error_response(error.status, error.message,
+                                                        head_only=self.request.head.method == b"HEAD"))
             self._end(status=error.status, error=error.message, abort=False)
         else:
             self._end(status=self.response.status if self.response else None, error=error.message, abort=True)
@@ -833,11 +890,6 @@ class Exchange:
         self.fail(HttpError(504, f"{self.destination.label} sent nothing for {self.client.settings.upstream_timeout:g} seconds"))
         if connecting is not None:
             connecting.cancel()
-
-
-def _header_text(head: RequestHead, name: bytes) -> str | None:
-    value = head.headers.get(name)
-    return None if value is None else value.decode("ascii", "replace")
 
 
 def _reason(failure: Failure) -> str:

@@ -42,7 +42,10 @@ signatures it gets, and records them.
 
 Besides the Anthropic routes, ``GET /_fake/requests`` answers what a fake has recorded (JSON,
 bodies base64) so tests can inspect a fake running in another process; those control requests
-are not recorded themselves.
+are not recorded themselves. The fake Anthropic also answers a WebSocket upgrade on
+``/api/ws/speech_to_text/voice_stream`` (an RFC 6455 echo, :mod:`cmm.testing.websocket`) and
+``GET /v1/code/sessions/<id>/worker/events/stream`` with ``x-fake-deltas`` ping events, paced by
+``x-fake-event-delay``.
 """
 
 from __future__ import annotations
@@ -80,9 +83,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from cmm.machine import certs
 from cmm.serve.tls import connected
+from cmm.testing import websocket
 
 ANTHROPIC_PATH = "/v1/messages"
 FAKE_CONTROL_PATH = "/_fake/requests"
+SESSION_EVENTS = re.compile(r"/v1/code/sessions/[^/]+/worker/events/stream")  # x-fake-deltas pings, paced
 
 TEST_CA_FILE = "ca.pem"
 TEST_CA_KEY_FILE = "ca-key.pem"
@@ -614,6 +619,9 @@ def plan_reply(
     base = base_path.rstrip("/") or "/"
     if request.method == "GET" and path == "/v1/models":
         return Reply(200, common + (("content-type", "application/json"),), models_json())
+    if request.method == "GET" and SESSION_EVENTS.fullmatch(path):  # Remote Control's long event stream
+        pings = (sse_event("ping", {"type": "ping", "n": n}) for n in range(controls.deltas))
+        return Reply(200, common + (("content-type", "text/event-stream"),), events=pings)
     if request.method != "POST" or path not in (base, base + "/count_tokens"):
         return _error(404, f"{request.method} {path} not found", common)
     try:
@@ -897,6 +905,8 @@ class _FakeResource(Resource):
                 }
             )
         number = self._upstream.record(recorded)
+        if urlsplit(recorded.path).path == websocket.VOICE_STREAM_PATH:
+            return websocket.serve(request, self._upstream.clock)
         controls = parse_controls(recorded)
         if controls.status is not None and controls.status_times is not None:
             key = recorded.header("x-test-id") or ""

@@ -239,6 +239,7 @@ def test_setup_creates_certificates_and_profile_line(tmp_path: Path) -> None:
     assert "Issued a server certificate for api.anthropic.com" in out
     line = f'export NODE_EXTRA_CA_CERTS="{directory}/ca.crt"'
     assert f"    {line}\n" in out and "in this one, run" in out
+    assert "sudo twistd -n cmm --source claude-haiku --target " in out  # a family prefix, not one generation
     assert "shell profile ~/.zshrc: created it with the NODE_EXTRA_CA_CERTS line" in out  # no profile existed
     assert (tmp_path / ".zshrc").read_text() == f"{line} {MARKED}\n"
     assert err == "" and commands.calls == []

@@ -40,10 +40,10 @@ TARGET_MODEL = "gemini-2.5-flash"
 
 
 def test_choose_models() -> None:
-    assert selftest.choose_models(["claude-haiku-4-5"]) == ("claude-haiku-4-5", "claude-opus-4-6")
+    assert selftest.choose_models(["claude-haiku"]) == ("claude-haiku", "claude-opus-5-5")
     assert selftest.choose_models(["claude-opus", "claude-sonnet"]) == ("claude-opus", "claude-3-5-haiku-latest")
     assert selftest.choose_models(["claude", "cmm"]) == ("claude", "cmm-selftest-xxxxxxxx")
-    assert selftest.choose_models([]) == (None, "claude-opus-4-6")
+    assert selftest.choose_models([]) == (None, "claude-opus-5-5")
 
 
 def test_error_message() -> None:
@@ -102,7 +102,7 @@ def test_judge_intercepted(outcome: Reply | str, ok: bool, needle: str) -> None:
     ],
 )
 def test_judge_passthrough(outcome: Reply | str, ok: bool, needle: str) -> None:
-    check = selftest.judge_passthrough("claude-opus-4-6", outcome)
+    check = selftest.judge_passthrough("claude-opus-5-5", outcome)
     assert check.ok is ok
     assert needle in (check.detail if ok else check.detail + check.fix)
 
@@ -142,7 +142,7 @@ def test_temporary_args() -> None:
     assert full[-10:] == ["--source", "s", "--target", "t", "--proxy-url", "http://x/m", "--anthropic-ip", "127.0.0.1",
                           "--anthropic-port", "9"]
     fallback = selftest.temporary_args(Options(), work, 40000, fallback=True)
-    assert fallback[-4:] == ["--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash"]
+    assert fallback[-4:] == ["--source", "claude-haiku", "--target", "gemini-2.5-flash"]
 
 
 def test_needs_fallback() -> None:
@@ -284,7 +284,7 @@ def test_running_instance_passes(stack: Stack) -> None:
     assert lines[0].startswith(f"Testing the running cmm (pid {stack.cmm_pid}) at 127.0.0.1:")
     assert lines[1].startswith("✓ TLS") and f"{stack.base / 'instance' / 'ca.crt'}" in lines[1]
     assert lines[2].startswith("✓ intercepted  claude-haiku-4-5 → HTTP 200 from the target, with x-cmm-provider")
-    assert lines[3].startswith("✓ passthrough  claude-opus-4-6 → HTTP 200 from api.anthropic.com, untouched")
+    assert lines[3].startswith("✓ passthrough  claude-opus-5-5 → HTTP 200 from api.anthropic.com, untouched")
     assert lines[-1] == "All checks passed."
 
 
@@ -331,7 +331,7 @@ def test_temporary_instance_reports_broken_routes(stack: Stack, tmp_path: Path) 
     assert "✓ TLS" in out
     assert f"✗ intercepted   {SOURCE}: cmm answered 502: Cannot reach http://127.0.0.1:{stack.closed_port}" in out
     assert "fix: start the target server" in out
-    assert "✗ passthrough   claude-opus-4-6: cmm answered 502" in out and "SSL_CERT_FILE" in out
+    assert "✗ passthrough   claude-opus-5-5: cmm answered 502" in out and "SSL_CERT_FILE" in out
     assert "Log of the temporary cmm:" in out and "INTERCEPTED" in out
     assert _refused(_temporary_port(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".env"]

@@ -410,3 +410,12 @@ def test_live_status_names_errors_bytes_and_workers() -> None:
     assert _worker_line(first) == "worker-1: 4 requests"
     assert _worker_line(second) == ("worker-2: 3 requests, 1 connections, 1 in flight, "
                                     "2 idle upstream connections (4 opened)")
+
+
+def test_open_tunnels_are_shown_per_worker() -> None:
+    from cmm.cli.status import _worker_line, parse_workers
+
+    data = {"workers": {"worker-1": {"requests": 2, "connections": 3, "in_flight": 0, "tunnels": 2}}}
+    [worker] = parse_workers(data)
+    assert worker.tunnels == 2
+    assert _worker_line(worker) == "worker-1: 2 requests, 3 connections, 0 in flight, 2 open tunnels"

@@ -80,7 +80,8 @@ def test_unknown_key_lists_valid_ones_and_suggests() -> None:
     message = problems('[[mapping]]\nsource = "a"\ntaget = "b"\ntarget = "c"\n')
     assert message == (
         "m.toml: mapping #1 (source 'a'): unknown key 'taget' (did you mean 'target'?); "
-        "valid keys: source, target, url, api_key"
+        "valid keys: source, target, url, api_key, request_class, header, min_body_bytes, mode, fallback_on, "
+        "on_target_error"
     )
 
 
@@ -302,8 +303,8 @@ def test_cli_add_list_remove(tmp_path: Path) -> None:
     code, out, err = run(["map", "list"], tmp_path)
     assert code == 0, err
     assert out.splitlines() == [
-        "claude-haiku-4-5 → gemini-2.5-flash  (PROXY_URL)                        key (PROXY_API_KEY)",
-        "claude-sonnet-4  → gpt-5             https://other.example/v1/messages  key ****1234",
+        "#1 claude-haiku-4-5 → gemini-2.5-flash  (PROXY_URL)                        key (PROXY_API_KEY)",
+        "#2 claude-sonnet-4  → gpt-5             https://other.example/v1/messages  key ****1234",
     ]
     assert "sk-secret" not in out
 

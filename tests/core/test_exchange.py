@@ -19,10 +19,11 @@ from cmm.core.exchange import (Body, ClientState, ClientTimeout, Dispose, Edits,
 from cmm.core.framing import LAST_CHUNK, encode_chunk
 from cmm.core.http_head import Framing, HeadCollector, RequestHead, parse_request_head, parse_response_head
 from cmm.core.model_finder import Found, NotFound
-from cmm.core.router import Mapping, Router, Upstream
+from cmm.core.router import BodySize, Mapping, Router, Upstream
 
 MAPPING = Mapping("claude-haiku-4-5", "gemini-2.5-flash", Upstream.from_url("http://127.0.0.1:8317/v1/messages"))
 ROUTER = Router((MAPPING,))
+ANY_SIZE = BodySize(0, complete=True)  # no rule here has a size condition
 LIMIT = 1024 * 1024
 
 cuts = st.lists(st.integers(0, 1 << 20), max_size=12)
@@ -102,7 +103,7 @@ def test_the_route_does_not_depend_on_how_the_request_is_split(stream: bytes, bo
         assert whole[2] is None and head.raw + after == stream  # passed through at once, byte for byte
         return
     assert whole[2] is not None and sniffed.result == whole[2].result
-    assert route(sniffed.result, ROUTER) == route(whole[2].result, ROUTER)
+    assert route(sniffed.result, ROUTER, head, ANY_SIZE) == route(whole[2].result, ROUTER, head, ANY_SIZE)
     # Nothing is lost or doubled: what was read to route plus what follows is the stream itself.
     assert head.raw + sniffed.raw + after == stream
     assert body.startswith(sniffed.payload)  # as JSON (de-chunked, decoded), from its first byte on
@@ -111,8 +112,9 @@ def test_the_route_does_not_depend_on_how_the_request_is_split(stream: bytes, bo
 
 
 def test_the_routes_of_the_realistic_requests() -> None:
-    results = [read_request([stream])[2] for stream, _ in REQUESTS]
-    assert [route(s.result, ROUTER) if s else "passthrough" for s in results] == \
+    read = [read_request([stream]) for stream, _ in REQUESTS]
+    results = [sniffed for _, _, sniffed, _ in read]
+    assert [route(s.result, ROUTER, head, ANY_SIZE) if s else "passthrough" for head, _, s, _ in read] == \
         [MAPPING, None, MAPPING, None, MAPPING, "passthrough"]
     assert isinstance(results[3].result, NotFound)
     escaped = results[2].result
@@ -315,7 +317,7 @@ def test_request_framing_and_retry_keeping() -> None:
 
 def test_client_states_compare_as_their_names() -> None:
     assert ClientState.CLOSED == "closed" and ClientState("sniff") is ClientState.SNIFF
-    assert len(ClientState) == 6
+    assert len(ClientState) == 7 and ClientState("tunnel") is ClientState.TUNNEL
 
 
 def test_the_edits_a_body_gets() -> None:
@@ -386,7 +388,7 @@ def forward(pieces: list[bytes]) -> bytes:
     sniffer, body = ModelSniffer(decoder), RequestBody(head, LIMIT)
     while (sniffed := sniffer.feed(part := body.feed(data))) is None:
         data = pieces.pop(0)
-    mapping = route(sniffed.result, ROUTER)
+    mapping = route(sniffed.result, ROUTER, head, ANY_SIZE)
     edits = edits_for(plan.endpoint, mapping is not None, head.framing, LIMIT, sniffed.payload if part.done else None)
     upstream = UpstreamRequest(head, edits, decoder, mapping, LIMIT)
     out = upstream.first(sniffed, plan.endpoint, part.done)

@@ -442,8 +442,8 @@ def test_closing_quote_at_any_escape_density(parts: list[str]) -> None:
     """Quotes behind runs of backslashes: the candidate search, and the flattening past four."""
     raw = "".join(parts).encode()
     data = b'"' + raw + b'","x":"' + raw + b'"'
-    assert thinking_scan._closing_quote(data, 1) == len(raw) + 2
-    assert thinking_scan._closing_quote(data[: len(raw) + 1], 1) == -1
+    assert thinking_scan.closing_quote(data, 1) == len(raw) + 2
+    assert thinking_scan.closing_quote(data[: len(raw) + 1], 1) == -1
     assert json.loads(data[: len(raw) + 2]) == json.loads(b'"' + raw + b'"')
 
 

@@ -57,7 +57,7 @@ def test_refused_and_evicted_connections_reach_cmm_status() -> None:
 
     assert stats.snapshot()["workers"]["worker-1"] == {
         "requests": 0, "connections": 2, "in_flight": 2, "upstream_idle": 0, "upstream_opened": 2,
-        "refused": 3, "evicted_idle": 1}
+        "refused": 3, "evicted_idle": 1, "tunnels": 0}
     lines = [line for line in status_text(stats.snapshot()).splitlines() if "worker-1" in line]
     assert lines == ["  process      worker-1: 0 requests, 2 connections, 2 in flight, 0 idle upstream connections "
                      "(2 opened), 1 idle connections closed to make room (--max-connections), "

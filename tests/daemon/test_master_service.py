@@ -22,6 +22,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 from cmm.config import paths
 from cmm.config.userfiles import UserDir
+from cmm.core.records import RequestRecord
 from cmm.core.settings import ServeConfig, build_config
 from cmm.daemon.service import InterceptorService, StatusFactory
 from cmm.daemon.tap import load_config
@@ -73,6 +74,32 @@ class FakeSupervisor:
 
 
 @attrs.define
+class FakeRecorder:
+    kwargs: dict[str, Any]
+    events: list[str]
+    started: bool = False
+    records: list[Any] = attrs.field(factory=list)
+    retention: list[float] = attrs.field(factory=list)
+    stopped_after: list[str] | None = None  # the world's events when it was stopped
+
+    def start(self) -> None:
+        self.started = True
+
+    def add(self, record: Any) -> None:
+        self.records.append(record)
+
+    def reload(self, retention_days: float) -> None:
+        self.retention.append(retention_days)
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": 5151}
+
+    def stop(self) -> defer.Deferred[None]:
+        self.stopped_after = list(self.events)
+        return defer.succeed(None)
+
+
+@attrs.define
 class FakeLog:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -106,6 +133,7 @@ class World:
     fail_bind: set[str] = attrs.field(factory=set)
     sockets: list[FakeSocket] = attrs.field(factory=list)
     supervisors: list[FakeSupervisor] = attrs.field(factory=list)
+    recorders: list[FakeRecorder] = attrs.field(factory=list)
     logs: list[FakeLog] = attrs.field(factory=list)
     signals: dict[int, Callable[[int, Any], None]] = attrs.field(factory=dict)
     control: list[tuple[UserDir, Any]] = attrs.field(factory=list)
@@ -125,6 +153,10 @@ class World:
         self.events.append("workers")
         self.supervisors.append(FakeSupervisor(kwargs))
         return self.supervisors[-1]
+
+    def usage_recorder(self, **kwargs: Any) -> FakeRecorder:
+        self.recorders.append(FakeRecorder(kwargs, self.events))
+        return self.recorders[-1]
 
     def install(self, path: Path) -> bool:
         self.events.append(f"install {path.name}")
@@ -182,7 +214,7 @@ def master(world: World, key_pair: certs.EnsureResult, workers: int = 0, **more:
         binder=world.bind, supervisor_factory=world.supervisor, certificates=lambda _: key_pair,
         hosts_editor=world, flush_dns=world.flush, request_log_factory=world.request_log,
         address_book_factory=world.address_book, install_signal=world.signals.__setitem__,
-        control_listener=world.listen_control,
+        control_listener=world.listen_control, usage_recorder_factory=world.usage_recorder,
     )
 
 
@@ -437,3 +469,41 @@ def test_sigusr1_rotates_the_request_log(world: World, key_pair: certs.EnsureRes
     assert rotated == []  # not inside the signal handler
     world.reactor.advance(0)
     assert rotated == [True]
+
+
+# --- usage -----------------------------------------------------------------------------------------
+
+
+def test_the_usage_recorder_gets_every_record_runs_as_the_dir_owner_and_stops_after_serving(
+        world: World, key_pair: certs.EnsureResult) -> None:
+    service = master(world, key_pair, workers=2, **{"anthropic-ip": "192.0.2.7", "usage-retention": "30"})
+    start(service)
+    [recorder] = world.recorders
+    assert recorder.started and recorder.kwargs["database"] == world.tmp / "cfg" / paths.USAGE_FILE_NAME
+    assert recorder.kwargs["retention_days"] == 30.0
+    assert recorder.kwargs["uid"] is None  # not root: it runs as the master does
+    record = RequestRecord(1.0, "POST", "/v1/messages", "claude-haiku-4-5", False, None, 200, 0.1, 10, 20)
+    world.supervisors[0].kwargs["record"](record, "worker-1")
+    assert recorder.records == [record]
+    assert service.status()["usage"] == {"pid": 5151}
+    service.stopService()
+    assert world.supervisors[0].stopped
+    assert recorder.stopped_after == world.events and world.events[-1] == "restore hosts"  # last of all
+
+
+def test_a_root_master_runs_the_recorder_as_the_config_dirs_owner(world: World, key_pair: certs.EnsureResult) -> None:
+    service = master(world, key_pair, workers=0, **{"anthropic-ip": "192.0.2.7"})
+    service.euid = 0
+    start(service)
+    [recorder] = world.recorders
+    owner = UserDir.open(world.tmp / "cfg").owner
+    assert (recorder.kwargs["uid"], recorder.kwargs["gid"]) == (owner.uid, owner.gid)
+
+
+def test_sighup_hands_the_new_retention_to_the_recorder(world: World, key_pair: certs.EnsureResult) -> None:
+    service = master(world, key_pair, workers=0, **{"anthropic-ip": "192.0.2.7"})
+    start(service)
+    service.load_config = lambda directory: build_config(
+        options(world, workers="0", **{"anthropic-ip": "192.0.2.7", "usage-retention": "7"}), {}, directory.path)
+    service.reload()
+    assert world.recorders[0].retention == [7.0]

@@ -23,15 +23,17 @@ SOURCE = "claude-haiku-4-5-20251001"
 PASS = "claude-opus-4-6"
 
 
-def children(pid: int) -> list[int]:
+def children(pid: int, module: str = "cmm.daemon.worker") -> list[int]:
+    """The master's child processes running ``module`` (its workers, unless told otherwise)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
+                command = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
+            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid and module.encode() in command:
                 found.append(int(entry.name))
     return found
 
