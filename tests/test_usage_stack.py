@@ -121,3 +121,29 @@ def test_passthrough_answer_is_what_anthropic_sent(stack: Stack) -> None:
     direct, _ = stack.ask(PASS, stream=True, gzipped=True, port=stack.fakes.anthropic_port, ca=stack.fakes.ca)
     assert through.header("content-encoding") == direct.header("content-encoding") == "gzip"
     assert same_but_numbers(decoded(through)) == same_but_numbers(decoded(direct))
+
+
+def test_the_counts_reach_the_usage_store(stack: Stack) -> None:
+    """Each JSON log line's counts are what ``cmm usage`` then reports from the store, per upstream."""
+    import io
+
+    from cmm.cli.main import main
+
+    before = len(stack.record(0, 0, timeout=0))
+    for model in (SOURCE, PASS):
+        stack.ask(model, stream=True, gzipped=False)
+    logged: dict[str, int] = {}
+    for record in stack.record(0, before + 2):
+        logged[record["upstream"]] = logged.get(record["upstream"], 0) + record["output_tokens"]
+    deadline = time.monotonic() + 10
+    while True:
+        out = io.StringIO()
+        code = main(["usage", "--config-dir", str(stack.config_dir), "--json", "--by", "upstream", "--since", "1h"],
+                    environ={"HOME": "/nonexistent"}, stdout=out, stderr=io.StringIO())
+        stored = {group["key"]: group["output_tokens"] for group in json.loads(out.getvalue())["groups"]} \
+            if code == 0 else {}
+        if stored == logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert stored == logged
+    assert set(stored) == {"anthropic", f"127.0.0.1:{stack.fakes.target_port}"}
