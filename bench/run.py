@@ -58,6 +58,7 @@ from cmm.testing.checkout import checkout_env, twistd_command  # noqa: E402
 from cmm.testing.processes import fake_command, free_port, memory_kib, reset_peak  # noqa: E402
 
 from components import ROUTE_STAGES, component_costs  # noqa: E402  (imports cmm: after the path)
+from failover import HEADERS as FAILOVER_HEADERS, failover_rows  # noqa: E402
 from usage import serving_report, usage_report  # noqa: E402
 from httpclient import Connection, Response  # noqa: E402
 from plot import kb_per_stream, missing_dependency, plot  # noqa: E402
@@ -1335,6 +1336,10 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
     if "usage" in m:
         out += [usage_report(m["usage"]["path"]), serving_report(m["usage"]["serving"]), ""]
 
+    if "failover" in m:
+        out.append("   Failover: medians, a new connection per request (bench/failover.py)")
+        out += [table(FAILOVER_HEADERS, m["failover"]["rows"]), ""]
+
     if "rss" in m:
         rss = m["rss"]
         base = rss["before_kib"]["VmRSS"]
@@ -1615,6 +1620,7 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             ("workers", lambda: measure_workers(stack, plan, log)),
             ("websocket", lambda: websocket_bench.measure({w: (e.port, e.tls) for w, e in endpoints["passthrough"].items()
                                                            if e.tls is not None}, 2 * plan.ttfb_requests)),
+            ("failover", lambda: {"rows": failover_rows(plan.large_requests)}),  # its own fakes and worker
         ]
         if extras.only:
             steps = []

@@ -84,7 +84,7 @@ PRELUDE = textwrap.dedent(r'''
 
 DRIVER = PRELUDE + textwrap.dedent(r'''
     from cmm.testing.checkout import twistd_command
-    twistd = twistd_command(["--source", "claude-haiku-4-5", "--target", "gemini-2.5-flash",
+    twistd = twistd_command(["--source", "claude-haiku", "--target", "gemini-2.5-flash",
                              "--config-dir", str(work / "cfg"), "--anthropic-ip", "127.0.0.1",
                              "--anthropic-port", "8443"])[1:]  # start() adds the interpreter
 
@@ -111,8 +111,8 @@ DRIVER = PRELUDE + textwrap.dedent(r'''
         cmm = start(twistd, "cmm1")
         wait_for("cmm1", "/etc/hosts: api.anthropic.com")
         report["hosts_while_running"] = hosts_now().decode()
-        report["haiku"] = ask("claude-haiku-4-5-20251001")
-        report["opus"] = ask("claude-opus-4-6")
+        report["haiku"] = ask("claude-haiku-5-5")
+        report["opus"] = ask("claude-opus-5-5")
         cmm.send_signal(signal.SIGTERM)
         report["exit_after_term"] = cmm.wait(timeout=20)
         report["clean_shutdown"] = "Server Shut Down." in (work / "cmm1.out").read_text()
@@ -260,7 +260,7 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
                                                for path in [home / ".bashrc", *(home / ".cmm").iterdir()]})
         cmm("setup again", "setup")
         cmm("config set url", "config", "set", "PROXY_URL", "http://127.0.0.1:8317/v1/messages")
-        cmm("config set source", "config", "set", "DEFAULT_SOURCE_MODEL", "claude-haiku-4-5")
+        cmm("config set source", "config", "set", "DEFAULT_SOURCE_MODEL", "claude-haiku")
         cmm("config set target", "config", "set", "DEFAULT_TARGET_MODEL", "gemini-2.5-flash")
         report["env_owner"] = [(home / ".cmm" / ".env").stat().st_uid, (home / ".cmm" / ".env").stat().st_gid]
         cmm("stop none", "stop")
@@ -343,7 +343,7 @@ def test_real_twistd_on_port_443_with_a_private_hosts_file(tmp_path: Path) -> No
     assert report["haiku"] == {"status": "200", "provider": True, "answer": "gemini-2.5-flash",
                                "peer": report["haiku"]["peer"]}
     assert report["haiku"]["peer"] in ("127.0.0.1", "::1")
-    assert report["opus"]["provider"] is False and report["opus"]["answer"] == "claude-opus-4-6"
+    assert report["opus"]["provider"] is False and report["opus"]["answer"] == "claude-opus-5-5"
     # twistd shuts down cleanly, then re-raises the signal so its parent sees how it ended.
     assert report["exit_after_term"] == -15 and report["clean_shutdown"] is True
     assert report["restored_after_term"] is True
@@ -381,7 +381,7 @@ def commands(tmp_path_factory: pytest.TempPathFactory) -> dict:
 # stdout. {home}, {units}, {pid} and {pid2} are filled in from the report.
 PHASE = {
     "config list": (0, ["PROXY_URL             http://127.0.0.1:8317/v1/messages",
-                        "DEFAULT_SOURCE_MODEL  claude-haiku-4-5", "DEFAULT_TARGET_MODEL  gemini-2.5-flash"]),
+                        "DEFAULT_SOURCE_MODEL  claude-haiku", "DEFAULT_TARGET_MODEL  gemini-2.5-flash"]),
     "config get": (0, ["http://127.0.0.1:8317/v1/messages\n"]),
     "config set key": (0, ["Set PROXY_API_KEY=****9876 in {home}/.cmm/.env"]),
     "config delete key": (0, ["Deleted PROXY_API_KEY from {home}/.cmm/.env; now (default: empty)"]),
@@ -396,8 +396,8 @@ PHASE = {
     "service status": (1, ["err:cmm: cmm service is not installed (no {units}/cmm.service)"]),
     "service uninstall": (0, ["cmm service is not installed (no {units}/cmm.service)."]),
 }
-INTERCEPTED = "✓ intercepted  claude-haiku-4-5 → HTTP 200 from the target, with x-cmm-provider: cliproxyapi"
-PASSED_THROUGH = "✓ passthrough  claude-opus-4-6 → HTTP 200 from api.anthropic.com, untouched"
+INTERCEPTED = "✓ intercepted  claude-haiku → HTTP 200 from the target, with x-cmm-provider: cliproxyapi"
+PASSED_THROUGH = "✓ passthrough  claude-opus-5-5 → HTTP 200 from api.anthropic.com, untouched"
 EXPECTED = {
     "help": (0, ["usage: cmm", *(f"    {name} " for name in
                                    ("setup", "uninstall", "config", "stop", "map", "status", "test", "doctor",
@@ -409,16 +409,16 @@ EXPECTED = {
                        'export NODE_EXTRA_CA_CERTS="{home}/.cmm/ca.crt"']),
     "setup again": (0, ["Certificates are in place in {home}/.cmm", "NODE_EXTRA_CA_CERTS line already there"]),
     "config set url": (0, ["Set PROXY_URL=http://127.0.0.1:8317/v1/messages in {home}/.cmm/.env"]),
-    "config set source": (0, ["Set DEFAULT_SOURCE_MODEL=claude-haiku-4-5"]),
+    "config set source": (0, ["Set DEFAULT_SOURCE_MODEL=claude-haiku"]),
     "config set target": (0, ["Set DEFAULT_TARGET_MODEL=gemini-2.5-flash"]),
     "stop none": (0, ["cmm is not running (no pid file at {home}/.cmm/cmm.pid).", "/etc/hosts has no cmm block."]),
     **{f"{phase} {label}": expected for phase in ("none", "running") for label, expected in PHASE.items()},
     "none status": (1, ["cmm is not running (no pid file in {home}/.cmm)",
-                        "mapping      claude-haiku-4-5* → gemini-2.5-flash via http://127.0.0.1:8317/v1/messages",
+                        "mapping      claude-haiku* → gemini-2.5-flash via http://127.0.0.1:8317/v1/messages",
                         "hosts        /etc/hosts has no cmm block"]),
     "none test": (0, ["Testing a temporary cmm at 127.0.0.1:", INTERCEPTED, PASSED_THROUGH, "All checks passed."]),
     "running status": (0, ["cmm is running (pid {pid}, up", "listening    127.0.0.1:443, [::1]:443",
-                           "mapping      claude-haiku-4-5* → gemini-2.5-flash",
+                           "mapping      claude-haiku* → gemini-2.5-flash",
                            "hosts        /etc/hosts points api.anthropic.com at cmm"]),
     "running test": (0, ["Testing the running cmm (pid {pid}) at 127.0.0.1:443",
                          "✓ name lookup  api.anthropic.com resolves to ::1, 127.0.0.1 (cmm)",

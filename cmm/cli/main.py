@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
-from cmm.cli import config, setup, stop, uninstall
+from cmm.cli import config, dashboard, setup, stop, uninstall
 from cmm.cli import map as map_command
 from cmm.cli import usage as usage_command
 from cmm.cli.context import EXIT_OK, EXIT_FAILURE, EXIT_USAGE, Context, config_dir
@@ -118,6 +118,7 @@ def _build_parser(out: TextIO, err: TextIO) -> _ArgumentParser:
     map_command.add_parser(commands, common, parser_class)
     usage_command.add_parser(commands, common, parser_class)
     _add_check_parsers(commands, common)
+    dashboard.add_parser(commands, common)
     return parser
 
 
@@ -218,6 +219,7 @@ _COMMANDS: Mapping[str, Callable[[argparse.Namespace, Context], int]] = {
     "doctor": _doctor,
     "service": _service,
     "usage": usage_command.run,
+    "dashboard": dashboard.run,
 }
 
 

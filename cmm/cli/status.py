@@ -171,6 +171,7 @@ class StatusReport:
     routes: tuple[RouteCounts, ...] | None = None  # None: no live counters to be had
     workers: tuple[WorkerCounts, ...] = ()
     recent: RecentModels | None = None  # None: no live counters to be had
+    failover: tuple[str, ...] = ()  # fallbacks by cause per rule, running cool-downs, bodies not kept
 
 
 # --- reading files -----------------------------------------------------------------------------
@@ -437,6 +438,21 @@ def parse_recent(data: object) -> RecentModels | None:
     return RecentModels(float(recent["window_s"]), seen("matched"), seen("unmatched"))
 
 
+def parse_failover(data: object) -> tuple[str, ...]:
+    """The failover lines of the control socket's JSON status; junk gives nothing."""
+    data = data if isinstance(data, dict) else {}
+    fallbacks, cooldowns, workers = data.get("fallbacks"), data.get("cooldowns"), data.get("workers")
+    lines = [f"{rule}: " + ", ".join(f"{why}×{n}" for why, n in causes.items())
+             for rule, causes in (fallbacks.items() if isinstance(fallbacks, dict) else ()) if isinstance(causes, dict)]
+    lines += [f"⚠ {c.get('rule')}: straight to its target until {c.get('until')} ({c.get('cause')})"
+              for c in (cooldowns if isinstance(cooldowns, list) else ()) if isinstance(c, dict)]
+    unkept = sum(w.get("fallback_unkept") or 0 for w in (workers.values() if isinstance(workers, dict) else ())
+                 if isinstance(w, dict) and isinstance(w.get("fallback_unkept"), int))
+    if unkept:
+        lines.append(f"{unkept} requests too large to keep for a failover (--fallback-body-max)")
+    return tuple(lines)
+
+
 async def read_live(socket_path: Path, *, reactor: Any, timeout: float = 1.0) -> object | None:
     """The running interceptor's JSON status from its control socket; None when there is none."""
     from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
@@ -518,6 +534,7 @@ async def collect(
     routes: tuple[RouteCounts, ...] | None = None
     workers: tuple[WorkerCounts, ...] = ()
     recent: RecentModels | None = None
+    failover: tuple[str, ...] = ()
     if instance.running and instance.state is not None:
         hosts_path = instance.state.hosts_file
         cert_dir = instance.state.config_dir or config_dir
@@ -526,6 +543,7 @@ async def collect(
             routes = parse_live(data) if data is not None else None
             workers = parse_workers(data) if data is not None else ()
             recent = parse_recent(data)
+            failover = parse_failover(data)
     else:
         hosts_path, cert_dir = hosts_file, config_dir
     configured = configured_mappings(config_dir, settings)
@@ -546,6 +564,7 @@ async def collect(
         routes=routes,
         workers=workers,
         recent=recent,
+        failover=failover,
     )
 
 
@@ -710,6 +729,7 @@ def format_report(report: StatusReport) -> str:
             rows.append(("requests", "none since start"))
     if report.recent is not None and instance.running:
         rows.append(("unmatched", _unmatched_line(report.recent, report.now)))
+    rows.extend(("fallback", line) for line in report.failover)
     rows.extend(("process", _worker_line(w)) for w in report.workers)
     rows.extend(("target", _probe_line(p)) for p in report.targets)
     rows.append(("hosts", _hosts_line(report.hosts, instance.running)))

@@ -106,7 +106,15 @@ class HeldMessage:
     body: bytearray = attrs.field(factory=bytearray)
 
 
-ResponseState = Splice | HeldError | MarkedStream | HeldMessage
+@attrs.define
+class Discarded:
+    """An answer that sends the request elsewhere (a failover): read to its end, never passed on."""
+
+    why: str  # the failover's cause, e.g. "anthropic 429"
+    size: int = 0
+
+
+ResponseState = Splice | HeldError | MarkedStream | HeldMessage | Discarded
 
 
 class Edits(enum.Enum):

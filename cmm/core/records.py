@@ -73,6 +73,8 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     subject = escaped(record.model if record.model is not None else f"{record.method} {record.path}")
     route = f"INTERCEPTED → {escaped(str(record.target))}" if record.intercepted else \
         "TUNNEL" if record.route == "tunnel" else "PASSTHROUGH"
+    if record.fallback:
+        route += f" (fallback: {escaped(record.fallback)})"
     ok = record.status is not None and record.status < 400 and record.error is None
     mark = "✓" if ok else "✗"
     status = "-" if record.status is None else str(record.status)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from typing import Any, Callable
 
 import attrs
@@ -20,6 +21,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, Logger
 from twisted.python.failure import Failure
 
+from cmm.core.failover import Cooldown, CooldownTable
 from cmm.core.records import RequestRecord, escaped
 from cmm.daemon import wire
 
@@ -65,6 +67,8 @@ class Worker(ProcessProtocol):
         config = self.supervisor.config
         if config is not None:
             self.send(wire.config_message(config))
+        for cooldown in self.supervisor.cooldowns.current():  # a restarted worker skips Anthropic as the others do
+            self.send(wire.cooldown_message(cooldown))
 
     def send(self, message: dict[str, Any]) -> None:
         if self.transport is not None:
@@ -111,6 +115,9 @@ class Supervisor:
     workers: dict[str, Worker] = attrs.field(factory=dict)
     backoff: dict[str, float] = attrs.field(factory=dict)
     stopping: bool = False
+    # The fallback rules' cool-downs: known here alone, and told to every worker.
+    cooldowns: CooldownTable = attrs.field(factory=lambda: CooldownTable(time.time))
+    on_cooldown: Callable[[Cooldown], None] = lambda cooldown: None
 
     def start(self, config: wire.WorkerConfig) -> None:
         self.config = config
@@ -148,6 +155,8 @@ class Supervisor:
                 self.record(wire.record_from_message(message), worker.name)
             elif kind == "gauges":
                 self.gauges(worker.name, wire.gauges_from_message(message))
+            elif kind == "cooldown":
+                self.cooldown(wire.cooldown_from_message(message))
             elif kind == "log":
                 # One escaped line: a traceback's line breaks become "\n", and nothing a client or
                 # upstream slipped into a worker's message can forge a line or steer a terminal.
@@ -156,6 +165,14 @@ class Supervisor:
         except Exception as error:
             log.error("{worker} sent something unreadable ({error}): {line!r}", worker=worker.name,
                       error=escaped(repr(error)), line=line[:200])
+
+    def cooldown(self, cooldown: Cooldown) -> None:
+        """A worker met a cool-down: every worker (the reporter too) skips Anthropic for that rule."""
+        if self.cooldowns.extend(cooldown):
+            self.on_cooldown(cooldown)
+            message = wire.cooldown_message(cooldown)
+            for worker in self.workers.values():
+                worker.send(message)
 
     def ended(self, worker: Worker, reason: Failure) -> None:
         if self.workers.get(worker.name) is worker:

@@ -296,6 +296,7 @@ class InterceptorService(Service):
         if config.workers == 0:
             self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
                                          lambda record: self.record(record, "master"))
+            self.context.report_cooldown = self.stats.cooldown
             self.tls = ReloadableServerTLS(server_options(self.worker_config.cert_pem, self.worker_config.key_pem))
             factory = server_factory(self.tls, ProxyFactory(self.context))
             for sock in self.sockets:
@@ -312,7 +313,7 @@ class InterceptorService(Service):
                 slots = [self.sockets] * config.workers
             self.supervisor = self.supervisor_factory(
                 reactor=self.reactor, sockets=slots, count=config.workers, record=self.record,
-                gauges=self.stats.gauges, uid=identity[0] if identity else None,
+                gauges=self.stats.gauges, on_cooldown=self.stats.cooldown, uid=identity[0] if identity else None,
                 gid=identity[1] if identity else None, grace=config.grace, environ=dict(self.environ),
             )
             self.supervisor.start(self.worker_config)

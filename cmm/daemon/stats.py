@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import attrs
 
+from cmm.core.failover import Cooldown, CooldownTable
 from cmm.core.records import RequestRecord
 
 _RATIO = 1.12
@@ -119,6 +120,8 @@ class LiveStats:
     workers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     recent: RecentModels = attrs.field(factory=RecentModels)
     clock: Callable[[], float] = time.time  # wall clock, as the records' ``started``
+    fallbacks: dict[str, Counter[str]] = attrs.field(factory=dict)  # per rule: failed-over requests by cause
+    cooldowns: CooldownTable = attrs.field(factory=lambda: CooldownTable(time.time))
 
     def add(self, record: RequestRecord, worker: str) -> None:
         # Each rule counts apart (even a passthrough it chose); requests no rule chose, together;
@@ -127,11 +130,17 @@ class LiveStats:
                               "tunnel" if record.route == "tunnel" else "passthrough")
         self.routes.setdefault(key, RouteStats()).add(record)
         self.recent.add(record)
+        if record.fallback is not None:
+            rule = record.rule or f"{record.mapping}* → {record.target}"
+            self.fallbacks.setdefault(rule, Counter())[record.fallback] += 1
         self.workers.setdefault(worker, {}).setdefault("requests", 0)
         self.workers[worker]["requests"] += 1
 
     def gauges(self, worker: str, values: dict[str, Any]) -> None:
         self.workers.setdefault(worker, {"requests": 0}).update(values)
+
+    def cooldown(self, cooldown: Cooldown) -> None:
+        self.cooldowns.extend(cooldown)
 
     def forget_worker(self, worker: str) -> None:
         self.workers.pop(worker, None)
@@ -139,4 +148,7 @@ class LiveStats:
     def snapshot(self) -> dict[str, Any]:
         return {"routes": {name: stats.snapshot() for name, stats in sorted(self.routes.items())},
                 "workers": dict(sorted(self.workers.items())),
-                "recent": self.recent.snapshot(self.clock())}
+                "recent": self.recent.snapshot(self.clock()),
+                "fallbacks": {rule: dict(sorted(causes.items())) for rule, causes in sorted(self.fallbacks.items())},
+                "cooldowns": [{"rule": c.rule, "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.until)),
+                               "cause": c.cause} for c in self.cooldowns.current()]}

@@ -1,8 +1,9 @@
 """The messages between the master and its workers: one JSON object a line, both ways.
 
 Master → worker (the worker's stdin): ``config`` (settings, key material, addresses) at start
-and after every reload. Worker → master (the worker's stdout): ``request`` records, ``log``
-lines and ``gauges``. Key material travels in the pipe so that an unprivileged worker never needs
+and after every reload, and ``cooldown`` for every worker when one met one. Worker → master
+(the worker's stdout): ``request`` records, ``log`` lines, ``gauges`` and the ``cooldown`` it
+met. Key material travels in the pipe so that an unprivileged worker never needs
 to read the root-owned or user-only key file itself.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from cmm.core.failover import Cooldown
 from cmm.core.values import Destination, ProxySettings
 from cmm.core.records import RequestRecord
 from cmm.core.router import Mapping, Router, Upstream
@@ -86,6 +88,19 @@ def gauges_from_message(message: dict[str, Any]) -> dict[str, int]:
             isinstance(key, str) and type(value) is int for key, value in values.items()):
         raise ValueError("gauges must be named whole numbers")
     return values
+
+
+def cooldown_message(cooldown: Cooldown) -> dict[str, Any]:
+    return {"type": "cooldown", "rule": cooldown.rule, "until": cooldown.until, "cause": cooldown.cause}
+
+
+def cooldown_from_message(message: dict[str, Any]) -> Cooldown:
+    """A cool-down either way; ValueError for anything else."""
+    rule, until, why = message.get("rule"), message.get("until"), message.get("cause")
+    if not isinstance(rule, str) or not isinstance(why, str) or not isinstance(until, (int, float)) \
+            or isinstance(until, bool):
+        raise ValueError("a cool-down is a rule, a time and a cause")
+    return Cooldown(rule, float(until), why)
 
 
 def request_message(record: RequestRecord) -> dict[str, Any]:

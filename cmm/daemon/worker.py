@@ -65,6 +65,8 @@ class WorkerControl(LineReceiver):
             message = wire.decode(line)
             if message["type"] == "config":
                 self.configure(wire.config_from_message(message))
+            elif message["type"] == "cooldown" and self.context is not None:
+                self.context.cooldowns.extend(wire.cooldown_from_message(message))
         except Exception as error:  # a bad message must not take the worker down
             log.error("Ignoring a message from the master: {error}", error=repr(error))
 
@@ -75,6 +77,7 @@ class WorkerControl(LineReceiver):
             self.addresses = AddressBook.fixed(config.anthropic_addresses)
             self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
                                          self.send_record)
+            self.context.report_cooldown = lambda cooldown: self.send(wire.cooldown_message(cooldown))
             self.tls = ReloadableServerTLS(options)
             factory = server_factory(self.tls, ProxyFactory(self.context))
             for fd, family in self.fds:

@@ -27,11 +27,13 @@ from twisted.python.failure import Failure
 
 from cmm.core.decoding import BodyDecoder
 from cmm.core.errors import HttpError, error_response
-from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Dispose, HeldError, HeldMessage, Interim,
-                               Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
-                               ResponseState, Sniffed, Splice, Switched, UpstreamRequest, can_answer_error, dispose_for,
-                               edits_for, keep_for_retry, on_client_timeout, on_upstream_lost, plan_request,
-                               SizeHold, body_size, response_mode, retry_decision, reuse_after, route)
+from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Discarded, Dispose, HeldError, HeldMessage,
+                               Interim, Lost, MarkedStream, ModelSniffer, RequestBody, ResponseMode, ResponseReader,
+                               ResponseState, SizeHold, Sniffed, Splice, Switched, UpstreamRequest, body_size,
+                               can_answer_error, dispose_for, edits_for, keep_for_retry, on_client_timeout,
+                               on_upstream_lost, plan_request, response_mode, retry_decision, reuse_after, route)
+from cmm.core.failover import (FALLBACK_HEADER, UNREACHABLE, Cooldown, CooldownTable, Failover, KeptBody,
+                               cooldown_for, keepable, next_cause, resend, rule_key, ruled, with_fallback_header)
 from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
@@ -81,6 +83,12 @@ class ProxyContext:
     evicted_idle: int = 0  # idle keep-alive connections closed to make room for a new one
     _drained: list[defer.Deferred[None]] = attrs.field(factory=list)
     _refusal_logged: float | None = None
+    # Fallback rules' cool-downs, as this process knows them; ``report_cooldown`` tells the master,
+    # which tells every worker (and so this one's table again: extending it twice changes nothing).
+    cooldowns: CooldownTable = attrs.field(
+        default=attrs.Factory(lambda self: CooldownTable(self.wall_clock), takes_self=True))
+    report_cooldown: Callable[[Cooldown], None] = lambda cooldown: None
+    unkept: int = 0  # requests of a failover rule whose body was too large to keep (not failed over)
 
     @property
     def max_connections(self) -> int:
@@ -147,6 +155,7 @@ class ProxyContext:
             "refused": self.refused,
             "evicted_idle": self.evicted_idle,
             "tunnels": sum(1 for c in self.connections if c.tunnel is not None),
+            **({"fallback_unkept": self.unkept} if self.unkept else {}),  # shown only when it happened
         }
 
 
@@ -198,6 +207,7 @@ class RequestInProgress:
     forward: UpstreamRequest | None = None
     content: str | None = None  # what is logged of the request, when the settings ask for it
     routing_deadline: Any = None  # the delayed call that ends a too-slow routing read
+    failover: Failover | None = None  # kept to be sent a second time; None once it cannot be any more
 
     def routing_read_over(self) -> None:
         if self.routing_deadline is not None:
@@ -374,6 +384,9 @@ class ClientConnection(Protocol):
         assert request is not None
         request.routing_read_over()
         request.rule = mapping
+        rule, cooled = mapping, None
+        if mapping is not None and (mapping.mode == "fallback" or mapping.on_target_error == "anthropic"):
+            mapping, cooled = self._plan_failover(mapping, sniffed)
         result = sniffed.result
         model = result.model if isinstance(result, Found) else None
         refusal = intercepted_upgrade_refusal(request.head, mapping)
@@ -394,9 +407,40 @@ class ClientConnection(Protocol):
         self.pending = rest + self.pending
         self.state = ClientState.CONNECTING
         self.exchange = Exchange(self, destination, model, mapping, first, body_done)
+        self.exchange.rule, self.exchange.fallback = rule, cooled
         self.exchange.start()
         if self.state == ClientState.CONNECTING:  # no pooled connection at hand: hold the client back meanwhile
             self.valve.pause("connecting")
+
+    def _plan_failover(self, rule: Mapping, sniffed: Sniffed) -> tuple[Mapping | None, str | None]:
+        """Where a failover rule's request goes first, and the cool-down it goes there for (if any);
+        keeps its body for a second send when it is small enough."""
+        request = self.request
+        assert request is not None
+        first: Mapping | None = None if rule.mode == "fallback" else rule
+        if rule.mode == "fallback":
+            cooling = self.context.cooldowns.active(rule_key(rule))
+            if cooling is not None:
+                return rule, f"{cooling.cause} cool-down"
+        limit = self.settings.fallback_body_max
+        kept = KeptBody(limit)
+        if keepable(request.head, limit) and kept.add(sniffed.raw):
+            codings = plan_request(request.head, self.settings.body_limit).codings
+            request.failover = Failover(rule, rule.mode == "fallback", codings, kept)
+        else:
+            self._not_kept(rule)
+        return first, None
+
+    def _keep(self, raw: bytes) -> None:
+        request = self.request
+        if request is not None and request.failover is not None and not request.failover.kept.add(raw):
+            rule, request.failover = request.failover.rule, None
+            self._not_kept(rule)
+
+    def _not_kept(self, rule: Mapping) -> None:
+        self.context.unkept += 1
+        log.warn("A request for {rule} is larger than --fallback-body-max ({limit} bytes): it is not kept, so it "
+                 "cannot fail over", rule=rule_key(rule), limit=self.settings.fallback_body_max)
 
     def upstream_ready(self, body_done: bool) -> None:
         """The exchange sent the start of the request; go on reading the client."""
@@ -412,6 +456,7 @@ class ClientConnection(Protocol):
         part = self._track(data)
         done, rest = part.done, part.rest
         assert self.request is not None and self.request.forward is not None
+        self._keep(part.raw)
         out = self.request.forward.feed(part)
         if out:
             self.exchange.send(out)
@@ -543,6 +588,9 @@ class Exchange:
         self.kept_size = len(first)
         self.tries = 1
         self.waiting: Any = None  # the delayed call of a retry
+        self.rule: Mapping | None = mapping  # the rule that routed it (a fallback rule's Anthropic leg too)
+        self.fallback: str | None = None  # why the upstream answering is not the rule's first choice
+        self.failover_waiting: str | None = None  # refused while the body still came: failing over at its end
         self._reset_response()
 
     def _reset_response(self) -> None:
@@ -588,6 +636,10 @@ class Exchange:
         self.connecting = None
         if self.finished:
             return
+        why = self._failover_cause(None)
+        if why is not None:
+            self._fail_over(why, Dispose.CLOSE)
+            return
         if failure.check(ConnectTimeout, defer.TimeoutError):
             self.fail(HttpError(504, f"Timed out connecting to {self.destination.label}"))
         else:
@@ -605,6 +657,9 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.body_done = True
+        if self.failover_waiting is not None:  # refused before the body was all in: it is now
+            why, self.failover_waiting = self.failover_waiting, None
+            self._fail_over(why, Dispose.CLOSE)
 
     # Upstream events
 
@@ -647,6 +702,8 @@ class Exchange:
         Tunnel(self.client, connection, self.valve, self.request, self.bytes_out).start(switched.raw, switched.rest)
 
     def _response_head(self, response: ResponseHead, raw: bytes) -> None:
+        if self._refused(response):
+            return
         mode = response_mode(response, self.mapping is not None, self.request.endpoint, MAX_ERROR_BODY,
                              MAX_HELD_MESSAGE)
         if self.request.endpoint == "messages":
@@ -661,12 +718,15 @@ class Exchange:
             self._to_client(self._intercepted_head(raw))
         else:
             self.response_started = True
-            self._to_client(self._intercepted_head(raw) if self.mapping is not None else raw)
+            self._to_client(self._intercepted_head(raw) if self.mapping is not None else self._passthrough_head(raw))
         if response.status != 429:
             self.kept = None  # no retry to come: let the request go while the answer streams
 
     def _response_body(self, body: Body) -> None:
         progress, mode = body.progress, self.mode
+        if isinstance(mode, Discarded):
+            self._discard(mode, body)
+            return
         if self.usage is not None:
             self.usage.feed(progress.payload, progress.consumed)  # on the side, whatever the mode
         if isinstance(mode, HeldError):
@@ -728,7 +788,10 @@ class Exchange:
         head = with_provider_header(raw)
         if not self.request.head.keep_alive:
             head = with_connection_close(head)
-        return head
+        return head if self.fallback is None else with_fallback_header(head, self.fallback)
+
+    def _passthrough_head(self, raw: bytes) -> bytes:
+        return raw if self.fallback is None else with_fallback_header(raw, self.fallback)
 
     def _warn_if_unmarked(self, marker: SseMarker) -> None:
         """Say once per response that an event went out unmarked: a signature in it (if any)
@@ -764,10 +827,17 @@ class Exchange:
         if retry is not None:
             self._retry_later(retry.delay, reusable=retry.reusable)
             return
+        why = self._failover_cause(self.response.status)
+        if why is not None:  # the target's last word: Anthropic answers instead
+            reusable = self.response.keep_alive and not (extra or close)
+            self._fail_over(why, Dispose.RELEASE if reusable else Dispose.CLOSE)
+            return
         status_line = bytes(held_error.raw[: held_error.raw.index(b"\r\n")])
         self.mode = Splice()
         self.response_started = True
         headers: list[tuple[bytes, bytes]] = [PROVIDER_HEADER_FIELD]
+        if self.fallback is not None:
+            headers.append((FALLBACK_HEADER, self.fallback.encode()))
         if not self.request.head.keep_alive:
             headers.append((b"Connection", b"close"))
         assert self.mapping is not None  # a held error is the target's, so the request was routed
@@ -805,6 +875,10 @@ class Exchange:
             self._reset_response()
             self.start(fresh=True)
             return
+        why = self._failover_cause(None, "closed") if outcome is Lost.REFUSE else None
+        if isinstance(self.mode, Discarded) or why is not None:
+            self._fail_over(self.mode.why if isinstance(self.mode, Discarded) else str(why), Dispose.CLOSE)
+            return
         if outcome is Lost.COMPLETE:
             if isinstance(self.mode, HeldError):
                 self._error_complete(close=True)
@@ -832,6 +906,7 @@ class Exchange:
     # Endings
 
     def _to_client(self, data: bytes) -> None:
+        self.request.failover = None  # a byte went out: no second answer can follow, so nothing is kept
         self.bytes_out += len(data)
         connected(self.client).write(data)
 
@@ -862,8 +937,9 @@ class Exchange:
         self.finished = True
         self.deadline.cancel()
         self._detach(dispose_for(upstream_reusable, abort))
-        self.context.record(self.request.record(self.context.clock.seconds(), status, error, self.bytes_out,
-                                                self.model, self.mapping, self._answer_fields(complete=error is None)))
+        self.context.record(self._ruled(self.request.record(self.context.clock.seconds(), status, error,
+                                                            self.bytes_out, self.model, self.mapping,
+                                                            self._answer_fields(complete=error is None))))
         self.client.exchange_ended(abort, reusable=client_reusable and error is None)
 
     def _detach(self, dispose: Dispose) -> None:
@@ -886,10 +962,101 @@ class Exchange:
             connected(connection).loseConnection()
 
     def _timed_out(self) -> None:
+        why = self._failover_cause(None, "timeout") if self.connection is not None and self.response is None else None
+        if why is not None:
+            self._fail_over(why, Dispose.ABORT)
+            return
         connecting, self.connecting = self.connecting, None
         self.fail(HttpError(504, f"{self.destination.label} sent nothing for {self.client.settings.upstream_timeout:g} seconds"))
         if connecting is not None:
             connecting.cancel()
+
+    # Failover: the request sent a second way (see cmm.core.failover)
+
+    def _failover_cause(self, status: int | None, why: str = UNREACHABLE) -> str | None:
+        """Why this leg's failure (``status``; None: no answer) sends the request the other way, or
+        None: nothing kept, a byte already sent to the client, or a failure the rule does not fail
+        over on."""
+        failover = self.request.failover
+        if failover is None or self.bytes_out or self.client.state is ClientState.CLOSED:
+            return None
+        return next_cause(failover.to_target, failover.rule.fallback_on, status, why)
+
+    def _refused(self, response: ResponseHead) -> bool:
+        """A response head that sends the request the other way: its body is read and dropped."""
+        rule = self.rule
+        if self.mapping is None and rule is not None and rule.mode == "fallback":
+            self._cool_down(rule, response)
+        if self.mapping is not None and response.status == 429:
+            return False  # the target's 429 is retried first (``_error_complete``)
+        why = self._failover_cause(response.status)
+        if why is None:
+            return False
+        self.mode = Discarded(why)
+        return True
+
+    def _cool_down(self, rule: Mapping, response: ResponseHead) -> None:
+        """Anthropic's 429 or 529 with ``retry-after``: the rule skips Anthropic until then, in
+        every worker."""
+        now = self.context.wall_clock()
+        cooldown = cooldown_for(rule, response.status, response.headers.get(b"retry-after"), now)
+        if cooldown is not None and self.context.cooldowns.extend(cooldown):
+            log.warn("Anthropic answered {status} with retry-after {seconds:.0f}s: {rule} goes straight to its "
+                     "target until then", status=response.status, seconds=cooldown.until - now, rule=cooldown.rule)
+            self.context.report_cooldown(cooldown)
+
+    def _discard(self, mode: Discarded, body: Body) -> None:
+        mode.size += len(body.raw)
+        if body.progress.done:
+            assert self.response is not None
+            reusable = self.response.keep_alive and not body.extra
+            self._fail_over(mode.why, Dispose.RELEASE if reusable else Dispose.CLOSE)
+        elif mode.size > MAX_ERROR_BODY:  # not worth reading on: drop the connection
+            self._fail_over(mode.why, Dispose.ABORT)
+
+    def _fail_over(self, why: str, dispose: Dispose) -> None:
+        """Send the request the other way, from its kept bytes, on a fresh exchange state; once its
+        body is all in (an upstream may answer before that), which it is kept for meanwhile."""
+        if self.client.state is ClientState.BODY:
+            # The rest of the body was never framed on that connection: it is not reused. The
+            # client's own idle deadline covers a body that stops coming meanwhile.
+            self._detach(Dispose.ABORT if dispose is Dispose.ABORT else Dispose.CLOSE)
+            self._reset_response()
+            self.deadline.cancel()
+            self.failover_waiting = why
+            return
+        failover, self.request.failover = self.request.failover, None  # once per request
+        if failover is None:  # it outgrew --fallback-body-max meanwhile: the refusal is gone, say why
+            self.fail(HttpError(502, f"{why} before the request was all sent, and the request is larger than "
+                                     f"--fallback-body-max, so it cannot fail over"))
+            return
+        to = failover.rule if failover.to_target else None
+        settings = self.client.settings
+        try:
+            again = resend(self.request.head, failover.kept.raw, self.request.endpoint, failover.codings, to,
+                           settings.body_limit, NEUTRALISE_MAX)
+        except (HttpError, ValueError) as error:  # cannot happen to bytes that were sent once; say so if it does
+            self.fail(HttpError(502, f"Cannot fail over ({why}): {error}"))
+            return
+        log.info("{why}: {rule} fails over to {other}", why=why, rule=rule_key(failover.rule),
+                 other=to.upstream.url if to is not None else "Anthropic")
+        self._detach(dispose)
+        self._reset_response()
+        self.request.forward = again.forward  # the body parts still to come go the new way too
+        self.mapping, self.fallback = to, why
+        self.destination = (Destination(to.upstream.scheme, to.upstream.host, to.upstream.port) if to is not None
+                            else settings.anthropic)
+        self.first, self.replayable, self.retried, self.tries = again.first, again.done, False, 1
+        self.kept = [again.first] if keep_for_retry(to is not None, settings.retries, len(again.first),
+                                                    settings.retry_body_cap) else None
+        self.kept_size = len(again.first)
+        self.start()
+
+    def _ruled(self, record: RequestRecord) -> RequestRecord:
+        """The record with the rule that routed it and, after a failover, who answered and why."""
+        if self.rule is None:
+            return record
+        return ruled(record, self.rule, self.fallback, self.mapping.upstream if self.mapping is not None else None)
 
 
 def _reason(failure: Failure) -> str:

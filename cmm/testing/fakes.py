@@ -16,8 +16,11 @@ first N requests of the same ``x-test-id`` fail),
 ``x-fake-delay: 0.5`` (seconds before the head), ``x-fake-event-delay: 0.05``,
 ``x-fake-deltas: 50``, ``x-fake-delta-size: 1000``, ``x-fake-abort-after: 2`` (stream: N events,
 not a stream: the head and N body bytes; then abortConnection), ``x-fake-close: 1``,
-``x-fake-response-bytes: N``, ``x-fake-gzip: 1`` (the reply gzipped; a stream flushed event by
-event). Malformed values are ignored, out-of-range ones clamped.
+``x-fake-response-bytes: N``, ``x-fake-retry-after: 30`` (with status: a ``retry-after`` header, as
+given, so an HTTP-date too), ``x-fake-gzip: 1`` (the reply gzipped; a stream flushed event by event).
+``x-fake-for: anthropic`` (a provider name) makes every control apply only to the fake of that
+provider, so that one request can be refused by the fake Anthropic and answered by the fake target
+it fails over to. Malformed values are ignored, out-of-range ones clamped.
 Gzip/deflate request bodies are decoded before the JSON is read (recorded as received).
 
 Thinking. A messages request that enables thinking (``"thinking": {"type": "enabled", ...}``, as
@@ -185,6 +188,7 @@ class Controls:
     thinking: bool | None = None  # x-fake-thinking: force a thinking block on/off; None: as asked
     redacted: bool = False  # x-fake-redacted: a redacted_thinking block after the thinking one
     tool_use: str | None = None  # x-fake-tool-use: end with a tool_use block for this tool
+    retry_after: str | None = None  # x-fake-retry-after: with status, a retry-after header as given
     gzip: bool = False  # x-fake-gzip: the reply body gzipped (a stream flushed event by event)
 
 
@@ -238,6 +242,7 @@ def parse_controls(request: RecordedRequest) -> Controls:
         thinking=_bool_header(request.header("x-fake-thinking")),
         redacted=_bool_header(request.header("x-fake-redacted")) is True,
         tool_use=tool if _TOOL_NAME.fullmatch(tool) else None,
+        retry_after=request.header("x-fake-retry-after"),
         gzip=_bool_header(request.header("x-fake-gzip")) is True,
     )
 
@@ -614,7 +619,8 @@ def plan_reply(
     if controls.status is not None and controls.error_text is not None:
         return Reply(controls.status, common + (("content-type", "text/plain"),), controls.error_text.encode())
     if controls.status is not None:
-        return _error(controls.status, f"x-fake-status asked for {controls.status}", common)
+        extra = (("retry-after", controls.retry_after),) if controls.retry_after is not None else ()
+        return _error(controls.status, f"x-fake-status asked for {controls.status}", common + extra)
     path = urlsplit(request.path).path
     base = base_path.rstrip("/") or "/"
     if request.method == "GET" and path == "/v1/models":
@@ -908,6 +914,8 @@ class _FakeResource(Resource):
         if urlsplit(recorded.path).path == websocket.VOICE_STREAM_PATH:
             return websocket.serve(request, self._upstream.clock)
         controls = parse_controls(recorded)
+        if recorded.header("x-fake-for") not in (None, self._upstream.provider):
+            controls = Controls()  # the controls are another fake's
         if controls.status is not None and controls.status_times is not None:
             key = recorded.header("x-test-id") or ""
             failed = self._upstream.failures.get(key, 0)
