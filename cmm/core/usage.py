@@ -48,7 +48,8 @@ _DELTA = b'"message_delta"'
 _USAGE_KEY = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{((?:[^{}]++|\{[^{}]*+\})*+)\}')  # possessive: no backtracking
 _NESTED = re.compile(rb"\{[^{}]*\}")
-_FIELD = re.compile(rb'"(%s)"\s*:\s*(\d+)' % "|".join(TOKEN_FIELDS).encode())
+# At most 18 digits: int() refuses a string of thousands, and no answer counts that many tokens.
+_FIELD = re.compile(rb'"(%s)"\s*:\s*(\d{1,18})(?![\d.eE])' % "|".join(TOKEN_FIELDS).encode())
 _MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]++|\\.)*+)"')
 
 

@@ -762,7 +762,12 @@ class Exchange:
 
     def _answer_fields(self, complete: bool) -> dict[str, Any]:
         """What the record says of the route and the answer: who answered, how soon, at what cost."""
-        usage = self.usage.finish(complete) if self.usage is not None else NO_USAGE
+        usage = NO_USAGE
+        if self.usage is not None:
+            try:
+                usage = self.usage.finish(complete)
+            except Exception:  # a side channel: a flaw in reading it must cost neither the answer nor its record
+                log.failure("Could not read the token usage of an answer from {upstream}", upstream=self.destination.label)
         served = usage.model
         if served is None and self.response is not None and self.response.status < 300:
             served = self.mapping.target if self.mapping is not None else self.model

@@ -181,6 +181,13 @@ def test_unclosed_usage_objects_cost_linear_time() -> None:
         assert time.perf_counter() - began < 0.5
 
 
+def test_numbers_that_are_not_counts() -> None:
+    """A count too long for int(), a fraction, an exponent: not counts, and never an exception."""
+    usage = b'"input_tokens":' + b"9" * 5000 + b',"output_tokens":1.5,"cache_read_input_tokens":2e3,' \
+        b'"cache_creation_input_tokens":7'
+    assert read("json", [b'{"model":"m","usage":{' + usage + b"}}"]) == Usage(cache_creation_input_tokens=7, model="m")
+
+
 def test_a_cut_line_is_not_read() -> None:
     """A stream cut inside its message_delta line: the number there may be cut too."""
     body = stream()

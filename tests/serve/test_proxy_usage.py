@@ -139,3 +139,24 @@ def test_log_lines_carry_the_counts() -> None:
                            cache_creation_input_tokens=None)
     assert " in=" not in format_line(unknown) and "cache=" not in format_line(unknown)
     assert "cache=r-/w7" in format_line(attrs.evolve(unknown, cache_creation_input_tokens=7))
+
+
+def test_a_flaw_in_reading_costs_neither_the_answer_nor_its_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.logger import globalLogPublisher
+
+    from cmm.core.usage import UsageReader
+
+    def broken(self: UsageReader, complete: bool = True) -> None:
+        raise RuntimeError("a flaw in the reader")
+
+    monkeypatch.setattr(UsageReader, "finish", broken)
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        response = sse_response(OPUS)
+        received, record = run(post(OPUS), response, "anthropic")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert received == response and record.status == 200 and record.error is None
+    assert record.input_tokens is None and record.route == "passthrough"
+    assert any("token usage" in str(event.get("log_format")) for event in seen)
