@@ -21,6 +21,7 @@ import gzip
 import json
 import random
 import re
+import statistics
 import string
 import sys
 import time
@@ -230,7 +231,7 @@ def _client(port: int, count: int, size: int) -> None:
 
 
 def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
-    """cmm's CPU time per answer (this process's, the upstream and the client being children) with
+    """cmm's CPU time per answer (the median) (this process's, the upstream and the client being children) with
     the reader and without it, requests alternating between the two on one keep-alive connection."""
     import subprocess
     from datetime import datetime, timezone
@@ -262,8 +263,7 @@ def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
         children.append(upstream)
         assert upstream.stdout is not None
         upstream_port = int(upstream.stdout.readline())
-        cpu = {"with": 0.0, "without": 0.0}
-        done = {"with": 0, "without": 0}
+        cpu: dict[str, list[float]] = {"with": [], "without": []}
         counts: list[int | None] = []
         mode, mark, seen = ["with"], [time.process_time()], [0]
 
@@ -271,8 +271,7 @@ def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
             now_cpu = time.process_time()
             seen[0] += 1
             if seen[0] > WARM_UP:  # the first ones also pay for starting the client, the handshake, ...
-                cpu[mode[0]] += now_cpu - mark[0]
-                done[mode[0]] += 1
+                cpu[mode[0]].append(now_cpu - mark[0])
             if mode[0] == "with":
                 counts.append(rec.output_tokens)
             mode[0] = "without" if mode[0] == "with" else "with"
@@ -295,9 +294,9 @@ def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
             listening.stopListening()
             pool.close_idle()
             upstream.kill()
-            results[kind] = {"bytes": size, "requests": done, "with_s": cpu["with"] / max(done["with"], 1),
-                             "without_s": cpu["without"] / max(done["without"], 1), "client_exit": client.returncode,
-                             "counted": sum(1 for c in counts if c is not None)}
+            results[kind] = {"bytes": size, "requests": {mode: len(cpu[mode]) for mode in cpu},
+                             "with_s": statistics.median(cpu["with"]), "without_s": statistics.median(cpu["without"]),
+                             "client_exit": client.returncode, "counted": sum(1 for c in counts if c is not None)}
             remaining = [k for k in requests if k not in results]
             if remaining:
                 run_kind(remaining[0])
@@ -318,7 +317,7 @@ def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
 
 
 def serving_report(costs: dict[str, Any]) -> str:
-    lines = ["   cmm's CPU per answer through its serving protocol (client TLS, upstream plain http, one keep-alive",
+    lines = ["   cmm's CPU per answer (median) through its serving protocol (client TLS, upstream plain http, one keep-alive",
              "   connection, requests alternating with and without the reader; bench/usage.py --serving):"]
     for kind, c in costs.items():
         added = c["with_s"] - c["without_s"]
