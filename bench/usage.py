@@ -230,7 +230,7 @@ def _client(port: int, count: int, size: int) -> None:
                 got += len(data)
 
 
-def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
+def serving_costs(requests: dict[str, int] | None = None, control: bool = False) -> dict[str, Any]:
     """cmm's CPU time per answer (the median) (this process's, the upstream and the client being children) with
     the reader and without it, requests alternating between the two on one keep-alive connection."""
     import subprocess
@@ -251,7 +251,8 @@ def serving_costs(requests: dict[str, int] | None = None) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
     ca = certs.make_ca(now)
     pair = certs.make_server_certificate(ca, now)
-    real_reader, no_reader = proxy.usage_reader, (lambda response: None)
+    no_reader = lambda response: None  # noqa: E731
+    real_reader = no_reader if control else proxy.usage_reader  # control: the same in both slots, to see the bias
     results: dict[str, Any] = {}
     children: list[subprocess.Popen[bytes]] = []
     script = [sys.executable, str(Path(__file__).resolve())]
@@ -355,11 +356,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--serving", action="store_true",
                         help="also time cmm's serving protocol on real sockets, with and without the reader")
+    parser.add_argument("--control", action="store_true",
+                        help="with --serving: no reader in either slot, to see what the alternation alone gives")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     args = parser.parse_args()
     costs: dict[str, Any] = {"path": usage_costs(args.runs)}
     if args.serving:
-        costs["serving"] = serving_costs()
+        costs["serving"] = serving_costs(control=args.control)
     if args.json:
         print(json.dumps(costs, indent=2))
     else:
