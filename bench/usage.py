@@ -267,6 +267,7 @@ def serving_costs(requests: dict[str, int] | None = None, control: bool = False)
         cpu: dict[str, list[float]] = {"with": [], "without": []}
         counts: list[int | None] = []
         mode, mark, seen = ["with"], [time.process_time()], [0]
+        proxy.usage_reader = real_reader
 
         def record(rec: Any) -> None:
             now_cpu = time.process_time()
