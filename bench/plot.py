@@ -91,7 +91,7 @@ def _streams(m: dict[str, Any], axis: Any) -> None:
     order = sorted(sizes, key=int)
     axis.plot([int(n) for n in order], [kb_per_stream(sizes, n) for n in order], "o-",
               label="cmm RSS per open stream (master + workers)")
-    axis.axhline(50, color="grey", linestyle=":", label="target: 50 KB")
+    axis.axhline(32, color="grey", linestyle=":", label="target: 32 KB")
     axis.set_xscale("log")
     axis.set_xlabel("concurrent open streams (routed)")
     axis.set_ylabel("KB per stream")

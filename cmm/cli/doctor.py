@@ -241,7 +241,7 @@ def check_recent_models(mappings: Sequence[MappingInfo], recent: RecentModels, n
     span = status.recent_span(recent, now, started)
     checks = []
     for mapping in mappings:
-        others = recent.stale_hint(mapping.source)
+        others = () if mapping.rule else recent.stale_hint(mapping.source)  # a rule's conditions may just not hold
         if others:
             prefix = family(mapping.source)
             checks.append(Check(

@@ -152,8 +152,9 @@ class RecentModels:
 
     def stale_hint(self, source: str) -> tuple[str, ...]:
         """Unmatched recent models of ``source``'s family, when ``source`` matched nothing lately:
-        the mapping names another generation (``claude-haiku-4-5`` while ``claude-haiku-5-5`` is asked)."""
-        if self.last_match(source) is not None:
+        the mapping names another generation (``claude-haiku-4-5`` while ``claude-haiku-5-5`` is asked).
+        A source that is its family's prefix already matches every generation: nothing to suggest."""
+        if self.last_match(source) is not None or family(source) == source:
             return ()
         return tuple(seen.name for seen in self.unmatched if same_family(source, seen.name))
 
@@ -611,7 +612,7 @@ def match_note(mapping: MappingInfo, recent: RecentModels, now: datetime, starte
     if last is not None:
         return f"; last match {format_duration(now.timestamp() - last)} ago"
     since = recent_span(recent, now, started)
-    others = recent.stale_hint(mapping.source)
+    others = () if mapping.rule else recent.stale_hint(mapping.source)  # a rule's conditions may just not hold
     if not others:
         return f"; no match {since}"
     return (f"; ⚠ no match {since}, while {', '.join(others)} went to Anthropic: "

@@ -53,29 +53,51 @@ class Framing:
 NO_BODY = Framing("none")
 
 
+# Lower-cased header names, shared by every head: the same few dozen names come with every
+# request and response, and a stream holds its heads as long as it is open. Bounded, so that
+# invented names cannot grow it: beyond the bound, names are lowered per head.
+_LOWER_NAMES: dict[bytes, bytes] = {}
+_LOWER_NAMES_MAX = 1024
+
+
+def _lower_name(name: bytes) -> bytes:
+    lowered = _LOWER_NAMES.get(name)
+    if lowered is None:
+        lowered = name.lower()
+        if len(_LOWER_NAMES) < _LOWER_NAMES_MAX:
+            _LOWER_NAMES[name] = lowered
+    return lowered
+
+
 @attrs.frozen
 class Headers:
     """Header fields in arrival order, names as sent; look-ups ignore case."""
 
     fields: tuple[tuple[bytes, bytes], ...]
-    # Lower-cased name -> values: a request's head is looked up a dozen times on its way.
-    _by_name: dict[bytes, tuple[bytes, ...]] = attrs.field(init=False, repr=False, eq=False)
+    # Lower-cased name -> its value, or its values in order (a tuple) when the name repeats: a
+    # request's head is looked up a dozen times on its way, and held while its answer streams.
+    _by_name: dict[bytes, bytes | tuple[bytes, ...]] = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        names = [key.lower() for key, _ in self.fields]
-        by_name: dict[bytes, tuple[bytes, ...]] = {name: (value,) for name, (_, value) in zip(names, self.fields)}
-        if len(by_name) < len(names):  # a repeated name: its values in order
-            by_name = {}
-            for name, (_, value) in zip(names, self.fields):
-                by_name[name] = by_name.get(name, ()) + (value,)
+        by_name: dict[bytes, bytes | tuple[bytes, ...]] = {}
+        for key, value in self.fields:
+            name = _lower_name(key)
+            known = by_name.get(name)
+            if known is None:
+                by_name[name] = value
+            else:  # a repeated name: its values in order
+                by_name[name] = (*known, value) if isinstance(known, tuple) else (known, value)
         object.__setattr__(self, "_by_name", by_name)
 
     def get_all(self, name: bytes) -> list[bytes]:
-        return list(self._by_name.get(name.lower(), ()))
+        values = self._by_name.get(_lower_name(name))
+        if values is None:
+            return []
+        return list(values) if isinstance(values, tuple) else [values]
 
     def get(self, name: bytes) -> bytes | None:
-        values = self.get_all(name)
-        return values[-1] if values else None
+        values = self._by_name.get(_lower_name(name))
+        return values[-1] if isinstance(values, tuple) else values
 
     def tokens(self, name: bytes) -> list[bytes]:
         """Comma-separated list values (Connection, Transfer-Encoding), lower-cased."""

@@ -151,7 +151,10 @@ class Supervisor:
         try:
             message = wire.decode(line)
             kind = message["type"]
-            if kind == "request":
+            if kind == "records":
+                for record in wire.records_from_message(message):
+                    self.record(record, worker.name)
+            elif kind == "request":
                 self.record(wire.record_from_message(message), worker.name)
             elif kind == "gauges":
                 self.gauges(worker.name, wire.gauges_from_message(message))

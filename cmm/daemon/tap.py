@@ -19,6 +19,11 @@ from cmm.core.settings import ConfigError, ServeConfig, build_config
 from cmm.daemon.service import InterceptorService, open_user_dir
 
 
+# Not the CPU count: each worker is a whole Python process, and a handful of requests a minute from
+# Claude Code needs no more than two (one to carry on if the other dies). More by --workers.
+DEFAULT_WORKERS = 2
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -39,7 +44,7 @@ class Options(usage.Options):
                                    "addresses of api.anthropic.com (default: those in resolv.conf)."],
         ["anthropic-port", None, "443", "Port of the real API (for tests)."],
         ["hosts-file", None, "/etc/hosts", "Hosts file that gets the cmm block while running."],
-        ["workers", None, str(os.cpu_count() or 1), "Worker processes; 0 serves inside the master."],
+        ["workers", None, str(DEFAULT_WORKERS), "Worker processes; 0 serves inside the master."],
         ["user", None, None, "User the workers run as (default: SUDO_USER, else nobody)."],
         ["grace", None, "30", "Seconds in-flight requests get to finish on stop."],
         ["body-limit", None, "32", "Largest request body in MiB (Anthropic's own limit is 32)."],

@@ -2,15 +2,17 @@
 
 Master → worker (the worker's stdin): ``config`` (settings, key material, addresses) at start
 and after every reload, and ``cooldown`` for every worker when one met one. Worker → master
-(the worker's stdout): ``request`` records, ``log`` lines, ``gauges`` and the ``cooldown`` it
-met. Key material travels in the pipe so that an unprivileged worker never needs
-to read the root-owned or user-only key file itself.
+(the worker's stdout): ``records`` (request records in batches, one line for many; a single
+``request`` is still read), ``log`` lines, ``gauges`` and the ``cooldown`` it met. Key material
+travels in the pipe so that an unprivileged worker never needs to read the root-owned or
+user-only key file itself.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import operator
+from typing import Any, Sequence
 
 import attrs
 
@@ -109,3 +111,22 @@ def request_message(record: RequestRecord) -> dict[str, Any]:
 
 def record_from_message(message: dict[str, Any]) -> RequestRecord:
     return RequestRecord(**message["record"])
+
+
+RECORD_FIELDS = tuple(field.name for field in attrs.fields(RequestRecord))
+_record_values = operator.attrgetter(*RECORD_FIELDS)
+
+
+def records_message(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """Many records in one message: the field names once, then one row of values per record
+    (a flat record's values, without attrs.asdict's recursion; a busy worker sends thousands)."""
+    return {"type": "records", "fields": list(RECORD_FIELDS), "rows": [_record_values(r) for r in records]}
+
+
+def records_from_message(message: dict[str, Any]) -> list[RequestRecord]:
+    fields = message["fields"]
+    rows = message["rows"]
+    if not isinstance(fields, list) or not isinstance(rows, list) or not all(
+            isinstance(row, list) and len(row) == len(fields) for row in rows):
+        raise ValueError("records must be rows as long as the field names")
+    return [RequestRecord(**dict(zip(fields, row))) for row in rows]

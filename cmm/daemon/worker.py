@@ -34,6 +34,11 @@ log = Logger()
 
 FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
 GAUGE_INTERVAL = 1.0
+# Records go to the master in batches: one JSON line and one pipe write for up to RECORD_BATCH
+# of them, at most RECORD_DELAY seconds after the first (the log and `cmm status` hardly notice).
+RECORD_BATCH = 100
+RECORD_DELAY = 0.005
+OUTPUT_FLUSH_TIMEOUT = 5.0  # seconds a stopping worker waits for the master to take its last output
 MAX_LINE = 64 * 1024 * 1024  # a configuration carries key material and mappings: generous
 
 
@@ -57,6 +62,10 @@ class WorkerControl(LineReceiver):
         self.ports: list[IListeningPort] = []
         self.stopping = False
         self._last_gauges: dict[str, int] = {}
+        self._records: list[RequestRecord] = []
+        self._flush_call: Any = None
+        self._output_flushed: defer.Deferred[None] | None = None
+        self._output_closed = False
 
     # master → worker
 
@@ -81,7 +90,9 @@ class WorkerControl(LineReceiver):
             self.tls = ReloadableServerTLS(options)
             factory = server_factory(self.tls, ProxyFactory(self.context))
             for fd, family in self.fds:
-                self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                port = self.reactor.adoptStreamPort(fd, family, factory)
+                accept_one_at_a_time(port, self.reactor)
+                self.ports.append(port)
             if self.user is not None:
                 self.drop(*self.user)  # sockets adopted, keys loaded: nothing left that needs root
             LoopingCall(self.send_gauges).start(GAUGE_INTERVAL, now=False)
@@ -98,7 +109,19 @@ class WorkerControl(LineReceiver):
             self.transport.write(wire.encode(message))
 
     def send_record(self, record: RequestRecord) -> None:
-        self.send(wire.request_message(record))
+        self._records.append(record)
+        if len(self._records) >= RECORD_BATCH:
+            self.flush_records()
+        elif self._flush_call is None:
+            self._flush_call = self.reactor.callLater(RECORD_DELAY, self.flush_records)
+
+    def flush_records(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        records, self._records = self._records, []
+        if records:
+            self.send(wire.records_message(records))
 
     def send_gauges(self) -> None:
         if self.context is None:
@@ -116,7 +139,36 @@ class WorkerControl(LineReceiver):
         self.stop()
 
     def writeConnectionLost(self) -> None:
-        """The master stopped reading: nothing to tell it any more, but requests may finish."""
+        """The master stopped reading (or the last output reached it, see :meth:`flush_output`):
+        nothing to tell it any more, but requests may finish."""
+        self._output_closed = True
+        waiting, self._output_flushed = self._output_flushed, None
+        if waiting is not None and not waiting.called:
+            waiting.callback(None)
+
+    def flush_output(self) -> defer.Deferred[None]:
+        """Fires once what is still buffered for the master (the last records, log lines) has
+        been written, or after OUTPUT_FLUSH_TIMEOUT: a stopping reactor drops unwritten output."""
+        lose = getattr(self.transport, "loseWriteConnection", None)
+        if lose is None or self._output_closed:
+            return defer.succeed(None)
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self._output_flushed = waiting
+
+        def give_up() -> None:
+            if not waiting.called:
+                waiting.callback(None)
+
+        timeout = self.reactor.callLater(OUTPUT_FLUSH_TIMEOUT, give_up)
+
+        def done(result: None) -> None:
+            if timeout.active():
+                timeout.cancel()
+            return result
+
+        waiting.addBoth(done)
+        lose()  # writes what is buffered, then closes stdout: writeConnectionLost
+        return waiting
 
     def connectionLost(self, reason: object = None) -> None:
         self.stop()
@@ -143,8 +195,36 @@ class WorkerControl(LineReceiver):
             else:
                 timeout.cancel()
             self.context.pool.close_idle()
+        self.flush_records()  # the last requests' records, before the reactor stops
+        yield self.flush_output()
         if self.reactor.running:
             self.reactor.stop()
+
+
+def accept_one_at_a_time(port: Any, reactor: Any) -> None:
+    """Accept one connection per turn of the loop from a listening socket the workers share.
+
+    Twisted's port accepts up to a hundred pending connections at once (and learns to take
+    more). Every worker wakes for a new connection, so the first one awake took all that a
+    client opened together (8 keep-alive connections: all on one worker, the other idle for
+    their whole life). Taking one and then leaving the socket to the others until its next
+    turn, each worker gets its share, and a busy one, slower back to its loop, takes fewer."""
+    read = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1
+        result = read()
+        if port.connected:  # still listening: skip this turn, so another worker takes the next
+            port.stopReading()
+            reactor.callLater(0, _resume, port)
+        return result
+
+    port.doRead = doRead
+
+
+def _resume(port: Any) -> None:
+    if port.connected:
+        port.startReading()
 
 
 @implementer(ILogObserver)

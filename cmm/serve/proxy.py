@@ -719,6 +719,8 @@ class Exchange:
         else:
             self.response_started = True
             self._to_client(self._intercepted_head(raw) if self.mapping is not None else self._passthrough_head(raw))
+        if self.response_started:
+            self.first = b""  # never sent again once the answer flows: a stream must not hold the request
         if response.status != 429:
             self.kept = None  # no retry to come: let the request go while the answer streams
 

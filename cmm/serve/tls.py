@@ -175,3 +175,4 @@ class ReloadableServerTLS:
 
     def getContext(self) -> SSL.Context:
         return self.options.getContext()
+

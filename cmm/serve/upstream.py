@@ -206,6 +206,7 @@ class Connector:
     target_trust: TrustRoot = attrs.field(factory=system_trust)
     connect_timeout: float = 10.0
     _preferred: str | None = None
+    _target_options: dict[str, IOpenSSLClientConnectionCreator] = attrs.field(factory=dict)
 
     def connect(self, destination: Destination) -> defer.Deferred[UpstreamConnection]:
         if destination.anthropic:
@@ -213,11 +214,18 @@ class Connector:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self.reactor, destination.host, destination.port, timeout=self.connect_timeout)
         if destination.scheme == "https":
-            endpoint = DirectTLSEndpoint(
-                optionsForClientTLS(destination.host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"]),
-                endpoint,
-            )
+            endpoint = DirectTLSEndpoint(self._target_tls(destination.host), endpoint)
         return _open(endpoint, destination)
+
+    def _target_tls(self, host: str) -> IOpenSSLClientConnectionCreator:
+        """One set of options per target host: each set makes its own OpenSSL context and loads
+        the trust store into it (the whole SSL_CERT_FILE bundle, with one), too much for every
+        connection."""
+        options = self._target_options.get(host)
+        if options is None:
+            options = self._target_options[host] = optionsForClientTLS(
+                host, trustRoot=self.target_trust, acceptableProtocols=[b"http/1.1"])
+        return options
 
     async def _connect_anthropic(self, destination: Destination) -> UpstreamConnection:
         addresses = list(await self.anthropic_addresses())

@@ -104,3 +104,18 @@ def test_doctor_warns_of_a_mapping_its_family_passed_by() -> None:
     [fine] = doctor.check_recent_models((SONNET,), STALE, NOW, NOW - timedelta(minutes=2))
     assert fine == doctor.Check("recent models", True, "no model of a mapped family went to Anthropic since start")
     assert doctor.check_recent_models((), STALE, NOW, None) == []
+
+
+def test_a_family_prefix_or_a_rule_that_did_not_match_is_not_called_stale() -> None:
+    """The advice "map the family" is for a source naming one generation: a family prefix already
+    matches them all, and a rule whose conditions did not hold (a small body for a size rule) is
+    working as written."""
+    recent = RecentModels(3600.0, (), (ModelSeen("claude-sonnet-5-5", T - 5, 1),))
+    rule = MappingInfo("claude-sonnet", "gemini-2.5-pro", "http://localhost:8317/v1/messages",
+                       rule="claude-sonnet* [min_body_bytes≥600000] → gemini-2.5-pro")
+    sonnet_4 = MappingInfo("claude-sonnet-4-5", "gemini-2.5-pro", "http://localhost:8317/v1/messages")
+    assert recent.stale_hint("claude-sonnet") == () and recent.stale_hint("claude-sonnet-4-5") == ("claude-sonnet-5-5",)
+    assert "⚠" not in match_note(SONNET, recent, NOW, None) and "⚠" not in match_note(rule, recent, NOW, None)
+    assert "⚠" in match_note(sonnet_4, recent, NOW, None)
+    assert doctor.check_recent_models([rule, SONNET], recent, NOW, None)[0].ok
+    assert not doctor.check_recent_models([rule, sonnet_4], recent, NOW, None)[0].ok

@@ -166,6 +166,7 @@ _NAME_CHARS = st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", 
 names = st.text(_NAME_CHARS, min_size=1, max_size=20).filter(
     lambda s: s.isprintable() and not any(c.isspace() for c in s)
 )
+targets = names.filter(lambda s: s != "*")  # "*" is a source's wildcard, never a model to ask for
 urls = st.builds(
     lambda scheme, host, port, path: f"{scheme}://{host}{port}{path}",
     st.sampled_from(["http", "https"]),
@@ -174,7 +175,7 @@ urls = st.builds(
     st.sampled_from(["", "/", "/v1/messages", "/a/b?x=1&y=%22"]),
 )
 specs = st.lists(
-    st.builds(MappingSpec, names, names, st.none() | urls, st.none() | st.just("") | names),
+    st.builds(MappingSpec, names, targets, st.none() | urls, st.none() | st.just("") | names),
     max_size=6,
     unique_by=lambda spec: spec.source,
 )

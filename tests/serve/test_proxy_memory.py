@@ -660,6 +660,23 @@ def test_an_intercepted_request_is_let_go_once_the_answer_is_not_a_429(harness: 
     assert b"event: ping" in bytes(client.received) and harness.records[-1].status == 200
 
 
+@pytest.mark.parametrize(("body", "upstream"), [(HAIKU, "target"), (OPUS, "anthropic")])
+def test_a_streaming_answer_holds_none_of_the_request_bytes(harness: Harness, body: bytes, upstream: str) -> None:
+    """The bytes first sent upstream (head and body so far) could be sent again only before any
+    answer: once one streams to the client, for minutes, they are let go, on both routes."""
+    harness.upstreams[upstream].reply = lambda server, exchange: (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client, _ = harness.client()
+    harness.send(client, post(body))
+    exchange = client.server.exchange
+    assert exchange is not None and exchange.response_started
+    assert exchange.first == b"" and exchange.kept is None
+    server = harness.upstreams[upstream].servers[0]
+    server.transport.write(encode_chunk(b"event: ping\ndata: {}\n\n") + LAST_CHUNK)
+    harness.flush()
+    assert b"event: ping" in bytes(client.received) and harness.records[-1].status == 200
+
+
 def test_a_429_keeps_the_request_for_its_retry(harness: Harness) -> None:
     limited = plain(b"429 Too Many Requests", b"quota exceeded, reset after 2s")
     harness.upstreams["target"].reply = replies(limited, OK_JSON)

@@ -7,11 +7,14 @@ from datetime import datetime, timezone
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
-from twisted.internet.protocol import Protocol
+from OpenSSL import SSL
+from OpenSSL._util import lib
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
 from cmm.machine import certs
-from cmm.serve.tls import ReloadableServerTLS, connected, server_options
+from cmm.serve.tls import DirectTLSFactory, ReloadableServerTLS, connected, server_factory, server_options
+from cmm.serve.upstream import anthropic_tls_options
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -38,3 +41,29 @@ def test_connected_gives_the_transport_and_refuses_an_unconnected_protocol() -> 
     transport = StringTransport()
     protocol.makeConnection(transport)
     assert connected(protocol) is transport
+
+
+def _connection_mode(connection: SSL.Connection) -> int:
+    """The mode OpenSSL gave this connection (SSL_set_mode with nothing to add reads it)."""
+    return int(lib.SSL_set_mode(connection._ssl, 0))  # pyOpenSSL has no getter
+
+
+def test_server_connections_free_their_record_buffers_while_idle() -> None:
+    """An open stream waits between events nearly all its life; Twisted's options set
+    SSL_MODE_RELEASE_BUFFERS (about 34 KB a connection while idle): cmm's must keep it."""
+    ca = certs.make_ca(NOW)
+    server = certs.make_server_certificate(ca, NOW, hostnames=("api.anthropic.com",))
+    factory = server_factory(ReloadableServerTLS(server_options(server.cert_pem, server.key_pem)),
+                             Factory.forProtocol(Protocol))
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    assert _connection_mode(protocol._tlsConnection) & SSL.MODE_RELEASE_BUFFERS
+
+
+def test_upstream_connections_free_their_record_buffers_while_idle() -> None:
+    creator = anthropic_tls_options()
+    for _ in range(2):
+        factory = DirectTLSFactory(creator, True, Factory.forProtocol(Protocol))
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        assert _connection_mode(protocol._tlsConnection) & SSL.MODE_RELEASE_BUFFERS

@@ -38,3 +38,15 @@ def test_under_tls_the_tcp_transport_is_tuned() -> None:
     tune(FakeTls(transport))
     assert transport.no_delay and transport.bufferSize == SPLICE_BUFFER
 
+
+
+def test_an_https_target_host_gets_one_tls_context_for_all_its_connections() -> None:
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from cmm.serve.upstream import Connector, anthropic_tls_options
+
+    connector = Connector(Clock(), lambda: defer.succeed([]), anthropic_tls_options())
+    first = connector._target_tls("proxy.example")
+    assert connector._target_tls("proxy.example") is first
+    assert connector._target_tls("other.example") is not first
