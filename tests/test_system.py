@@ -229,6 +229,96 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         path = home / ".bashrc"
         return path.read_text() if path.exists() else None
 
+    def ask(model, text="hi", headers=()):  # a request through the hosts block, as Claude Code sends one
+        context = ssl.create_default_context(cafile=str(ca))
+        body = json.dumps({"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": text}]}).encode()
+        fields = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers)
+        with socket.create_connection(("api.anthropic.com", 443), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="api.anthropic.com") as tls:
+                tls.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: sk-user\r\n%s"
+                            b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                            % (fields, len(body), body))
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+        head, _, payload = data.partition(b"\r\n\r\n")
+        answer = json.loads(payload)
+        return {"model": model, "status": head.split(b" ")[1].decode(), "answer": answer.get("model"),
+                "provider": b"x-cmm-provider: cliproxyapi" in head.lower(), "usage": answer.get("usage")}
+
+    def websocket_echo():  # Claude Code's voice dictation: a WebSocket through the same name and port
+        from cmm.testing.websocket import Opcode, WebSocketClient, close_payload
+        context = ssl.create_default_context(cafile=str(ca))
+        with socket.create_connection(("api.anthropic.com", 443), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="api.anthropic.com") as tls:
+                client = WebSocketClient(tls)
+                head = client.handshake()
+                client.send(Opcode.TEXT, "héllo through cmm".encode())
+                echo = client.receive()
+                client.send(Opcode.CLOSE, close_payload(1000, "done"))
+                closed = client.receive()
+        return {"head": head.split(b"\r\n")[0].decode(), "echo": [int(echo.opcode), echo.text],
+                "close": [int(closed.opcode), closed.payload.hex()]}
+
+    def usage_rows(expected, *models):  # the recorder commits within about a second
+        import sqlite3
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                with sqlite3.connect(f"file:{home / '.cmm' / 'usage.sqlite3'}?mode=ro", uri=True) as db:
+                    found = db.execute(f"SELECT count(*) FROM requests WHERE model IN ({','.join('?' * len(models))})"
+                                       " OR route = 'tunnel'", models).fetchone()[0]
+                if found >= expected:
+                    return found
+            except sqlite3.Error:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("the usage database never got the requests")
+
+    def usage_files():
+        return {path.name: [path.stat().st_uid, path.stat().st_gid, oct(path.stat().st_mode & 0o777)]
+                for path in sorted((home / ".cmm").glob("usage.sqlite3*"))}
+
+    def dashboard(label):  # `cmm dashboard` in the background, as the user, until Ctrl-C
+        import urllib.error, urllib.request
+        argv = ["dashboard", "--no-browser", "--port", "0"]
+        out, err = work / "dashboard.out", work / "dashboard.err"
+        with open(out, "wb") as out_file, open(err, "wb") as err_file:
+            process = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                        sys.executable, "-m", "cmm.cli", *argv], env=user_env, cwd=src,
+                                       stdout=out_file, stderr=err_file, start_new_session=True)
+        started.append(process)
+        begun = time.monotonic()
+        while "Ctrl-C stops it" not in out.read_text() and process.poll() is None and time.monotonic() < begun + 20:
+            time.sleep(0.05)
+        url = next((line.removeprefix("cmm dashboard: ") for line in out.read_text().splitlines()
+                    if line.startswith("cmm dashboard: http://127.0.0.1:")), "")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        def fetch(address):
+            try:
+                with opener.open(address, timeout=10) as response:
+                    return [response.status, response.headers.get("Content-Type"), response.read().decode()]
+            except urllib.error.HTTPError as error:
+                return [error.code, error.headers.get("Content-Type"), error.read().decode()]
+
+        fetched = {}
+        if url:
+            base, _, query = url.partition("/?")
+            fetched = {"page": fetch(url), "summary": fetch(f"{base}/api/summary?{query}"),
+                       "page without token": fetch(f"{base}/"),
+                       "summary without token": fetch(f"{base}/api/summary"),
+                       "summary with a wrong token": fetch(f"{base}/api/summary?token=wrong")}
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        runs.append({"label": label, "argv": argv, "code": process.returncode, "out": out.read_text(),
+                     "err": err.read_text(), "seconds": round(time.monotonic() - begun, 2)})
+        return {"url": url, **fetched}
+
     def each_command(phase):  # the ones that work alike with or without cmm, then status, test and doctor
         cmm(f"{phase} config list", "config", "list")
         cmm(f"{phase} config get", "config", "get", "PROXY_URL")
@@ -264,6 +354,8 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         cmm("config set target", "config", "set", "DEFAULT_TARGET_MODEL", "gemini-2.5-flash")
         report["env_owner"] = [(home / ".cmm" / ".env").stat().st_uid, (home / ".cmm" / ".env").stat().st_gid]
         cmm("stop none", "stop")
+        cmm("usage none", "usage")  # no cmm has run yet: no database
+        cmm("usage bad since", "usage", "--since", "yesterday")
         each_command("none")
 
         running = start(twistd, "cmm1", dict(user_env, **sudo))  # sudo twistd -n cmm
@@ -274,6 +366,53 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
             path.name: [path.lstat().st_uid, path.lstat().st_gid]
             for path in (home / ".cmm" / name for name in ("cmm.pid", "cmm.state.json", "cmm.sock", "cmm.log"))
             if path.exists()}
+        # Rules from the command line, applied by SIGHUP while cmm serves, then requests that meet them.
+        cmm("running map add class rule", "map", "add", "*", "gemini-2.5-pro",
+            "--request-class", "subagent", "--request-class", "compaction")
+        cmm("running map add header rule", "map", "add", "claude-sonnet", "gpt-5", "--header",
+            "x-claude-code-agent-type=Explore*", "--min-body-bytes", "100", "--on-target-error", "anthropic")
+        cmm("running map add workflow rule", "map", "add", "claude-sonnet", "gpt-5", "--request-class", "workflow")
+        cmm("running map add fallback rule", "map", "add", "claude-opus", "gpt-5", "--mode", "fallback",
+            "--fallback-on", "429,529,unreachable")
+        cmm("running map list rules", "map", "list")
+        cmm("running map remove shared source", "map", "remove", "claude-sonnet")
+        cmm("running map remove number", "map", "remove", "claude-sonnet", "--number", "3")
+        cmm("running map list after remove", "map", "list")
+        os.kill(running.pid, signal.SIGHUP)
+        wait_for("cmm1", "Reloaded: ")
+        deadline = time.time() + 15  # every worker has the new rules once a probe meets one
+        while not ask("claude-probe-reload", headers=[("x-claude-code-request-class", "subagent")])["provider"]:
+            if time.time() > deadline:
+                raise SystemExit("the workers never took the reloaded rules")
+            time.sleep(0.2)
+        time.sleep(1)  # the master told every worker at once: the others are not far behind the probe's
+        report["asked"] = [
+            ask("claude-opus-4-6", headers=[("x-claude-code-request-class", "subagent")]),
+            ask("claude-sonnet-4-5", "a long enough question for the body-size rule",
+                headers=[("x-claude-code-agent-type", "Explore-3")]),
+            ask("claude-opus-4-6", "the fallback rule keeps this on Anthropic"),
+            ask("claude-haiku-4-5-20251001")]
+        report["websocket"] = websocket_echo()
+        usage_rows(len(report["asked"]) + 1, *{asked["model"] for asked in report["asked"]})  # and the tunnel
+        report["usage_files_while_running"] = usage_files()
+        report["tunnel_log"] = [line for line in (home / ".cmm" / "cmm.log").read_text().splitlines() if "TUNNEL" in line]
+        cmm("running status rules", "status")
+        cmm("running usage", "usage")
+        cmm("running usage json", "usage", "--json")
+        cmm("running usage by route", "usage", "--by", "route", "--json")
+        cmm("running usage by mapping", "usage", "--by", "mapping", "--since", "30m")
+        cmm("running usage csv", "usage", "--csv")
+        cmm("running usage by class", "usage", "--by", "class")
+        cmm("running usage by day", "usage", "--by", "day", "--csv")
+        cmm("running sudo usage json", "usage", "--json", extra=sudo)
+        report["dashboard"] = dashboard("running dashboard")
+        for source in ("*", "claude-sonnet", "claude-opus"):
+            cmm(f"running map remove rule {source}", "map", "remove", source)
+        os.kill(running.pid, signal.SIGHUP)  # back to the plain mapping; a second reload serves on too
+        deadline = time.time() + 15
+        while (work / "cmm1.out").read_text(errors="replace").count("Reloaded: ") < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        report["after_second_reload"] = ask("claude-haiku-after-reload")
         if store:
             cmm("running sudo setup system trust", "setup", "--system-trust", extra=sudo)
             report["anchors_after_setup"] = sorted(path.name for path in (work / "anchors").iterdir())
@@ -289,6 +428,8 @@ CLI_DRIVER = PRELUDE + f"DNS_SERVER = {DNS_SERVER!r}\n" + textwrap.dedent(r"""
         report["exit_after_stop"] = running.wait(timeout=20)
         report["hosts_restored_by_stop"] = scratch.read_bytes() == original
         cmm("stopped status", "status")
+        cmm("stopped usage json", "usage", "--json")  # the recorder wrote the last requests before it ended
+        report["usage_files_after_stop"] = usage_files()
 
         # The service commands for real against the scratch unit folder and the fake systemctl.
         cmm("stopped sudo service install", "service", "install", "--unit-dir", str(units),
@@ -368,7 +509,7 @@ def run_driver(driver: str, work: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One run of every command (the driver takes about 15 s); the tests below judge its report."""
+    """One run of every command (the driver takes about 25 s); the tests below judge its report."""
     if NAMESPACE_PROBLEM is not None:
         pytest.skip(NAMESPACE_PROBLEM)
     report = run_driver(CLI_DRIVER, tmp_path_factory.mktemp("commands"))
@@ -395,6 +536,67 @@ PHASE = {
     "service print": (0, ["[Service]", " cmm --config-dir {home}/.cmm --anthropic-ip 127.0.0.1\n", "[Install]"]),
     "service status": (1, ["err:cmm: cmm service is not installed (no {units}/cmm.service)"]),
     "service uninstall": (0, ["cmm service is not installed (no {units}/cmm.service)."]),
+}
+# The rules written by `cmm map add`, applied by SIGHUP, as `cmm map list` and `cmm status` say them.
+CLASS_RULE = "* [subagent,compaction] → gemini-2.5-pro"
+HEADER_RULE = "claude-sonnet* [x-claude-code-agent-type=Explore* min_body_bytes≥100] → gpt-5"
+ADDED = "Added {rule} via (PROXY_URL) (key (PROXY_API_KEY)) ({conditions}) in {{home}}/.cmm/mappings.toml"
+HEADER_CONDITIONS = ("when header x-claude-code-agent-type matches Explore*; when the body has ≥ 100 bytes; "
+                     "Anthropic answers when the target fails")
+RULES_EXPECTED = {
+    "running map add class rule": (0, [ADDED.format(rule="* → gemini-2.5-pro",
+                                                    conditions="when request class is subagent or compaction")]),
+    "running map add header rule": (0, [ADDED.format(rule="claude-sonnet → gpt-5", conditions=HEADER_CONDITIONS)]),
+    "running map add workflow rule": (0, [ADDED.format(rule="claude-sonnet → gpt-5",
+                                                       conditions="when request class is workflow")]),
+    "running map add fallback rule": (0, [ADDED.format(rule="claude-opus → gpt-5",
+                                                       conditions="only when Anthropic answers 429, 529, unreachable"),
+                                          "sudo kill -HUP $(cat {home}/.cmm/cmm.pid)"]),
+    "running map list rules": (0, [
+        "#1 *             → gemini-2.5-pro  (PROXY_URL)  key (PROXY_API_KEY)    when request class is subagent or "
+        "compaction\n",
+        f"#2 claude-sonnet → gpt-5           (PROXY_URL)  key (PROXY_API_KEY)    {HEADER_CONDITIONS}\n",
+        "#3 claude-sonnet → gpt-5           (PROXY_URL)  key (PROXY_API_KEY)    when request class is workflow\n",
+        "#4 claude-opus   → gpt-5           (PROXY_URL)  key (PROXY_API_KEY)    only when Anthropic answers 429, 529, "
+        "unreachable\n",
+        "and from .env (DEFAULT_SOURCE_MODEL/DEFAULT_TARGET_MODEL): claude-haiku → gemini-2.5-flash"]),
+    "running map remove shared source": (2, ["err:cmm: 2 mappings have source 'claude-sonnet' (#2, #3); say which "
+                                             "with `cmm map remove claude-sonnet --number N`"]),
+    "running map remove number": (0, ["Removed the mapping for claude-sonnet from {home}/.cmm/mappings.toml"]),
+    "running map list after remove": (0, [
+        f"#2 claude-sonnet → gpt-5           (PROXY_URL)  key (PROXY_API_KEY)    {HEADER_CONDITIONS}\n",
+        "#3 claude-opus   → gpt-5           (PROXY_URL)  key (PROXY_API_KEY)    only when Anthropic answers"]),
+    # Requests per rule after the requests that met each (the class rule's count has the reload probe).
+    "running status rules": (0, [f"mapping      {CLASS_RULE} via http://127.0.0.1:8317/v1/messages; last match",
+                                 f"mapping      {HEADER_RULE} via http://127.0.0.1:8317/v1/messages; last match",
+                                 "mapping      claude-opus* → gpt-5 via http://127.0.0.1:8317/v1/messages; last match",
+                                 f"requests     {CLASS_RULE}: 2, ↑", f"requests     {HEADER_RULE}: 1, ↑",
+                                 "requests     claude-opus* → gpt-5: 1, ↑",
+                                 "requests     claude-haiku* → gemini-2.5-flash: 2, ↑", "requests     tunnel: 1, ↑"]),
+    **{f"running map remove rule {source}": (0, [f"Removed the mapping for {source} from {{home}}/.cmm/mappings.toml"])
+       for source in ("*", "claude-sonnet", "claude-opus")},
+}
+USAGE_HEAD = "MODEL                      REQUESTS  ERRORS  INPUT  OUTPUT  CACHE WRITE  CACHE READ  CACHE HIT  "
+USAGE_EXPECTED = {
+    "usage none": (1, ["err:cmm: no usage recorded yet: {home}/.cmm/usage.sqlite3 does not exist. A running cmm "
+                       "(sudo twistd cmm) records every request there."]),
+    "usage bad since": (2, ["err:cmm: --since: 'yesterday' is neither a span (30m, 24h, 7d, 2w) nor a date"]),
+    "running usage": (0, ["Requests since ", " (24h), by model\n", USAGE_HEAD, "\nclaude-opus-4-6                   2 ",
+                          "\nclaude-sonnet-4-5                 1 ", "\nclaude-haiku-4-5-20251001         1 ",
+                          "\n(none)                            1 ", "\nTOTAL "]),
+    "running usage json": (0, ['"by": "model"']),  # and the numbers: test_cmm_usage_*
+    "running sudo usage json": (0, ['"by": "model"']),
+    "running usage by route": (0, ['"by": "route"']),
+    "running usage by mapping": (0, ["(30m), by mapping\n", "MAPPING ", f"\n{CLASS_RULE}   ", f"\n{HEADER_RULE}   ",
+                                     "\nclaude-opus* → gpt-5   ", "\nclaude-haiku* → gemini-2.5-flash   "]),
+    "running usage csv": (0, ["model,requests,errors,input_tokens,output_tokens,cache_creation_input_tokens,"
+                              "cache_read_input_tokens,cache_hit_rate,p50_seconds,p99_seconds\n",
+                              "\nclaude-opus-4-6,2,0,"]),
+    "running usage by class": (0, ["(24h), by class\n", "CLASS ", "\nsubagent         2 ", "\n(none) ", "\nTOTAL "]),
+    "running usage by day": (0, ["day,requests,errors,input_tokens,"]),
+    "stopped usage json": (0, ['"by": "model"']),
+    "running dashboard": (0, ["cmm dashboard: http://127.0.0.1:", "/?token=",
+                              "reading {home}/.cmm/usage.sqlite3; Ctrl-C stops it"]),
 }
 INTERCEPTED = "✓ intercepted  claude-haiku → HTTP 200 from the target, with x-cmm-provider: cliproxyapi"
 PASSED_THROUGH = "✓ passthrough  claude-opus-5-5 → HTTP 200 from api.anthropic.com, untouched"
@@ -453,6 +655,7 @@ EXPECTED = {
                                    "Removed {home}/.cmm (", "cmm is uninstalled."]),
     "uninstall again": (0, ["cmm is not running (no pid file at {home}/.cmm/cmm.pid).",
                             "{home}/.cmm does not exist.", "cmm is uninstalled."]),
+    **RULES_EXPECTED, **USAGE_EXPECTED,
 }
 STORE_EXPECTED = {
     "running user setup system trust": (1, ["err:cmm: --system-trust needs root: run `sudo cmm setup --system-trust`"]),
@@ -532,3 +735,83 @@ def test_what_the_commands_did_to_the_machine(commands: dict) -> None:
 
 def test_cmm_doctor_with_and_without_a_running_cmm(commands: dict) -> None:
     judge(commands, DOCTOR_EXPECTED)
+
+
+def output_of(commands: dict, label: str) -> str:
+    [run] = [run for run in commands["runs"] if run["label"] == label]
+    return run["out"]
+
+
+def usage_groups(commands: dict, label: str) -> dict:
+    """`cmm usage --json`'s groups by key, without the latencies (which vary from run to run)."""
+    document = json.loads(output_of(commands, label))
+    return {group["key"]: {name: value for name, value in group.items() if name not in ("p50_seconds", "p99_seconds")}
+            for group in document["groups"]}
+
+
+def test_rules_from_cmm_map_are_applied_by_sighup_and_cmm_keeps_serving(commands: dict) -> None:
+    assert "when request class is workflow" not in output_of(commands, "running map list after remove")
+    # Each request met the rule meant for it, through the hosts block, after the reload.
+    assert [(asked["model"], asked["status"], asked["answer"], asked["provider"]) for asked in commands["asked"]] == [
+        ("claude-opus-4-6", "200", "gemini-2.5-pro", True),  # request class subagent
+        ("claude-sonnet-4-5", "200", "gpt-5", True),  # header and body size
+        ("claude-opus-4-6", "200", "claude-opus-4-6", False),  # the fallback rule: Anthropic answered
+        ("claude-haiku-4-5-20251001", "200", "gemini-2.5-flash", True)]  # the .env pair, still there
+    # The rules removed and a second SIGHUP: the plain mapping serves on.
+    after = commands["after_second_reload"]
+    assert (after["status"], after["answer"], after["provider"]) == ("200", "gemini-2.5-flash", True)
+
+
+def test_a_websocket_passes_through_the_running_cmm(commands: dict) -> None:
+    assert commands["websocket"] == {"head": "HTTP/1.1 101 Switching Protocols", "echo": [1, "héllo through cmm"],
+                                     "close": [8, "03e8"]}  # close code 1000, echoed
+    [line] = commands["tunnel_log"]
+    assert "GET /api/ws/speech_to_text/voice_stream" in line and "→ TUNNEL ✓ 101" in line
+
+
+def test_cmm_usage_reads_what_the_running_cmm_recorded(commands: dict) -> None:
+    groups = usage_groups(commands, "running usage json")
+    for model, requests in (("claude-opus-4-6", 2), ("claude-sonnet-4-5", 1), ("claude-haiku-4-5-20251001", 1),
+                            (None, 1)):  # None: the WebSocket, which names no model
+        assert groups[model]["requests"] == requests and groups[model]["errors"] == 0, (model, groups)
+    routes = usage_groups(commands, "running usage by route")
+    assert set(routes) == {"intercepted", "passthrough", "tunnel"}
+    # cmm test's, the probe that met the reloaded rules, and three of the requests above
+    assert routes["intercepted"]["requests"] == 5 and routes["tunnel"]["requests"] == 1
+    # Under sudo it reads the same file, as the user; after `cmm stop` the same rows are there, and
+    # the one sent after the second reload.
+    assert usage_groups(commands, "running sudo usage json") == groups
+    stopped = usage_groups(commands, "stopped usage json")
+    assert stopped.pop("claude-haiku-after-reload")["requests"] == 1
+    assert stopped == groups
+    # The recorder, as the user, made the database: the user's alone.
+    home = commands["home"]
+    for when in ("usage_files_while_running", "usage_files_after_stop"):
+        files = commands[when]
+        assert {"usage.sqlite3", "usage.sqlite3-wal"} <= set(files), (when, files)
+        assert all(state == [65534, 65534, "0o600"] for state in files.values()), (when, files)
+    assert json.loads(output_of(commands, "running usage json"))["database"] == f"{home}/.cmm/usage.sqlite3"
+
+
+@pytest.mark.xfail(strict=True, reason="no answer's token counts reach RequestRecord yet: the recorder stores 0")
+def test_cmm_usage_counts_the_tokens_the_fakes_returned(commands: dict) -> None:
+    groups = usage_groups(commands, "running usage json")
+    for model in ("claude-opus-4-6", "claude-sonnet-4-5", "claude-haiku-4-5-20251001"):
+        answers = [asked["usage"] for asked in commands["asked"] if asked["model"] == model]
+        assert groups[model]["input_tokens"] == sum(usage["input_tokens"] for usage in answers) > 0, model
+        assert groups[model]["output_tokens"] == sum(usage["output_tokens"] for usage in answers) > 0, model
+
+
+def test_cmm_dashboard_serves_the_recorded_requests_only_with_its_token(commands: dict) -> None:
+    dashboard = commands["dashboard"]
+    status, kind, page = dashboard["page"]
+    assert (status, kind) == (200, "text/html; charset=utf-8") and "<title>cmm dashboard</title>" in page
+    status, kind, text = dashboard["summary"]
+    assert (status, kind) == (200, "application/json; charset=utf-8")
+    summary = json.loads(text)
+    assert summary["requests"] == json.loads(output_of(commands, "running usage json"))["total"]["requests"]
+    rules = {(route["route"], route["rule"]): route["requests"] for route in summary["routes"]}
+    assert rules[("intercepted", CLASS_RULE)] == 2 and rules[("intercepted", HEADER_RULE)] == 1
+    assert rules[("passthrough", "claude-opus* → gpt-5")] == 1 and rules[("tunnel", None)] == 1
+    for name in ("page without token", "summary without token", "summary with a wrong token"):
+        assert dashboard[name][0] == 403 and "requests" not in dashboard[name][2], name

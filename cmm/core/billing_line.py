@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 
-from cmm.core.thinking_scan import closing_quote
+from cmm.core.json_walk import ValueSkipper
 
 PREFIX = b"x-anthropic-billing-header:"
 STABLE_FIELDS = frozenset({b"cc_version", b"cc_entrypoint"})
@@ -37,9 +37,6 @@ LINE_MAX = 4096  # a longer first block is not a billing line: it passes as it i
 _FIELD = re.compile(rb" *+([A-Za-z0-9_]++)=([^;\"\\]*+);")
 _TRAILING = re.compile(rb" *+")
 _WS = re.compile(rb"[ \t\r\n]*+")
-# Runs without brackets, and whole strings without escapes; strings with escapes go to
-# thinking_scan.closing_quote, which jumps from quote to quote in C at any escape density.
-_SKIP_RUN = re.compile(rb'(?:[^"\[\]{}]++|"[^"\\]*+")*+')
 _SCALAR_END = re.compile(rb"[,}\] \t\r\n]")
 _SCALAR_START = frozenset(b"-0123456789tfn")
 _WS_BYTES = frozenset(b" \t\r\n")
@@ -66,7 +63,7 @@ def gateway_form(line: bytes) -> bytes:
     return PREFIX + b"".join(b" %s=%s;" % (name, value) for name, value in fields if name in STABLE_FIELDS)
 
 
-class BillingLine:
+class BillingLine(ValueSkipper):
     """A streaming stage (``feed``/``finish``): the body with its billing line in gateway form.
 
     The body keeps its length, so its framing: the bytes the line loses come back as spaces
@@ -76,15 +73,13 @@ class BillingLine:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.changed = False
         self._state = "value"
         self._stack: list[int] = []
         self._member = b""  # the current member's key, decoded
         self._key = bytearray()  # raw bytes of the key being read (capped)
         self._key_len = 0
-        self._escape = False  # the piece ended inside an escape of the string being read
-        self._in_string = False
-        self._depth = 0
         self._held: bytearray | None = None  # the line's raw content, while it is read
         self._out: list[bytes] = []
         self._mark = 0  # the first byte of the piece not yet given out (or held)
@@ -188,22 +183,9 @@ class BillingLine:
 
     # -- strings and skipping -------------------------------------------------------------------
 
-    def _string(self, data: bytes, pos: int) -> tuple[int, bool]:
-        """Advance through a string's raw content; True once its closing quote is consumed."""
-        size = len(data)
-        if self._escape:
-            if pos >= size:
-                return pos, False
-            pos, self._escape = pos + 1, False
-        end = closing_quote(data, pos)
-        if end >= 0:
-            return end, True
-        self._escape = _backslashes_before(data, pos, size) % 2 == 1  # the piece ends inside an escape
-        return size, False
-
     def _key_string(self, data: bytes, pos: int) -> int:
         start = pos
-        pos, closed = self._string(data, pos)
+        pos, closed = self._string_end(data, pos)
         stop = pos - 1 if closed else pos
         room = _KEY_MAX - len(self._key)
         if room > 0:
@@ -224,31 +206,9 @@ class BillingLine:
 
     def _skip(self, data: bytes, pos: int) -> int:
         """Skip a value, tracking nesting and strings; the long runs go by in C."""
-        size = len(data)
-        while pos < size:
-            if self._in_string:
-                pos, closed = self._string(data, pos)
-                if not closed:
-                    return pos
-                self._in_string = False
-                if self._depth == 0:
-                    self._state = "after"
-                    return pos
-                continue
-            pos = _SKIP_RUN.match(data, pos).end()  # type: ignore[union-attr]  # matches the empty string
-            if pos >= size:
-                return pos
-            byte = data[pos]
-            pos += 1
-            if byte == _QUOTE:
-                self._in_string = True
-            elif byte in (_LBRACE, _LBRACKET):
-                self._depth += 1
-            else:
-                self._depth -= 1
-                if self._depth == 0:
-                    self._state = "after"
-                    return pos
+        pos, done = self._skip_value(data, pos)
+        if done:
+            self._state = "after"
         return pos
 
     def _text(self, data: bytes, pos: int) -> int:
@@ -256,7 +216,7 @@ class BillingLine:
         held = self._held
         assert held is not None
         start = pos
-        pos, closed = self._string(data, pos)
+        pos, closed = self._string_end(data, pos)
         held += data[start : pos - 1 if closed else pos]
         self._mark = pos
         if closed:
@@ -270,13 +230,6 @@ class BillingLine:
             self._held = None
             return self._done(pos)
         return pos
-
-
-def _backslashes_before(data: bytes, start: int, end: int) -> int:
-    """How many backslashes end ``data[start:end]`` (counted in C; a run never crosses a quote, so
-    ``start`` need not go back past the last one)."""
-    piece = data[start:end]
-    return len(piece) - len(piece.rstrip(b"\\"))
 
 
 def to_gateway_form(body: bytes) -> bytes:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import re
 
+from cmm.core.json_walk import ValueSkipper, closing_quote, value_end
+
 MARK = b"cmm1."  # "cmm", version 1: signatures made by the target, as cmm relayed them
 
 _MARK_RAW_MAX = 6 * len(MARK)  # each character of the mark is at most a \uXXXX escape
@@ -40,15 +42,10 @@ _CAPTURED = (b"type", b"signature", b"data")
 _WS_BYTES = frozenset(b" \t\r\n")
 _SCALAR_START = frozenset(b"-0123456789tfn")
 _WS = re.compile(rb"[ \t\r\n]*")
-# Runs without brackets, short strings without escapes included; longer strings go to find().
-_SKIP_RUN = re.compile(rb'(?:[^"\[\]{}]++|"[^"\\]{0,256}+")*+')
 # Claude Code's spelling of a message and of a block's first member: decided in one step.
 _FAST_MESSAGE = re.compile(rb'\{"role":"[a-z]{1,16}","content":\[')
 _FAST_TYPE = re.compile(rb'\{"type":"([a-z_]{1,32})"')
 _FAST_KEY = re.compile(rb'"([A-Za-z_]{1,32})":')
-_WINDOW, _WINDOW_MAX = 1024, 256 * 1024
-# A quote not behind exactly one backslash: the search jumps from quote to quote in C.
-_QUOTE_CANDIDATE = re.compile(rb'"(?<![^\\]\\")')
 _SCALAR_END = re.compile(rb"[,}\] \t\r\n]")
 _ESCAPES = {  # the byte an escape letter stands for, \uXXXX aside
     0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09,
@@ -111,77 +108,7 @@ def count_solid(
     return count, in_string, escape
 
 
-def closing_quote(data: bytes, pos: int) -> int:
-    """Just past the closing quote of a string whose raw content goes on at ``pos`` (not inside
-    an escape); -1 if it does not close in ``data``.
-
-    A regular expression jumps (in C) to the next quote not behind exactly one backslash; behind
-    a longer run of backslashes, a quote closes the string if the run is even. Where such runs
-    are dense (JSON in a string in a string), :func:`_flattened_quote` takes over.
-    """
-    quote = data.find(b'"', pos)  # at memchr speed: often the closing quote already
-    if quote < 0:
-        return -1
-    if quote == pos or data[quote - 1] != 0x5C:
-        return quote + 1
-    for _ in range(4):
-        found = _QUOTE_CANDIDATE.search(data, quote)
-        if found is None:
-            return -1
-        quote = back = found.start()
-        while back > pos and data[back - 1] == 0x5C:  # a run never crosses a quote
-            back -= 1
-        if (quote - back) % 2 == 0:
-            return quote + 1
-        quote += 1
-    return _flattened_quote(data, quote)
-
-
-def _flattened_quote(data: bytes, pos: int) -> int:
-    """:func:`_closing_quote` at any escape density: growing windows are flattened (escaped
-    backslashes and quotes replaced, in C) so that the next quote left is the closing one."""
-    size, width = len(data), _WINDOW
-    while True:
-        stop = min(size, pos + width)
-        back = stop
-        while back > pos and data[back - 1] == 0x5C:
-            back -= 1
-        if (stop - back) % 2 and stop < size:
-            stop += 1  # never cut an escape in two
-        quote = data[pos:stop].replace(b"\\\\", b"__").replace(b'\\"', b"__").find(b'"')
-        if quote >= 0:
-            return pos + quote + 1
-        if stop == size:
-            return -1
-        pos, width = stop, min(2 * width, _WINDOW_MAX)
-
-
-def _value_end(data: bytes, pos: int) -> int:
-    """Just past the bracket that closes the container open at ``pos``; -1 if not in ``data``.
-
-    The same walk as :meth:`Scanner._skip`, for a value that is whole in the piece.
-    """
-    size, depth = len(data), 1
-    while True:
-        pos = _SKIP_RUN.match(data, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
-        if pos >= size:
-            return -1
-        byte = data[pos]
-        if byte == _QUOTE:
-            pos = closing_quote(data, pos + 1)
-            if pos < 0:
-                return -1
-            continue
-        pos += 1
-        if byte in (_LBRACE, _LBRACKET):
-            depth += 1
-        else:
-            depth -= 1
-            if depth == 0:
-                return pos
-
-
-class Scanner:
+class Scanner(ValueSkipper):
     """Walk a JSON body incrementally down to content blocks; subclasses decide what to do.
 
     Blocks are ``messages[*].content[*]`` in requests, ``content[*]`` in responses. Processed
@@ -192,6 +119,7 @@ class Scanner:
     _response = False
 
     def __init__(self) -> None:
+        super().__init__()
         self.changed = False
         self._state = "value"
         self._stack: list[int] = []
@@ -200,9 +128,6 @@ class Scanner:
         self._token_len = 0  # its full raw length
         self._token_at = 0  # absolute offset of the captured value's opening quote
         self._capture_key = b""
-        self._escape = False
-        self._in_string = False
-        self._depth = 0
         self._skip_block = False  # the skip in progress ends with the current block
         self._type: bytes | None = None
         self._fields: dict[bytes, tuple[int, int]] = {}  # key -> (quote offset, raw mark length)
@@ -465,7 +390,7 @@ class Scanner:
         elif kind in _FIELD_FOR:
             return -1
         else:
-            end = _value_end(data, start)
+            end = value_end(data, start)
             if end < 0:
                 return -1
             self._element_index += 1
@@ -525,23 +450,6 @@ class Scanner:
 
     # -- strings and skipping ----------------------------------------------------------------------
 
-    def _string_end(self, data: bytes, pos: int) -> tuple[int, bool]:
-        """Advance through a string's raw content; True once its closing quote is consumed."""
-        size = len(data)
-        if self._escape:
-            if pos >= size:
-                return pos, False
-            pos += 1
-            self._escape = False
-        end = closing_quote(data, pos)
-        if end >= 0:
-            return end, True
-        back = size
-        while back > pos and data[back - 1] == 0x5C:
-            back -= 1
-        self._escape = (size - back) % 2 == 1  # the piece ends inside an escape
-        return size, False
-
     def _keep(self, data: bytes, start: int, stop: int, limit: int) -> None:
         room = limit - len(self._token)
         if room > 0:
@@ -596,30 +504,8 @@ class Scanner:
 
     def _skip(self, data: bytes, pos: int) -> int:
         """Skip a value (or the rest of a decided block), tracking nesting and strings."""
-        size = len(data)
-        while pos < size:
-            if self._in_string:
-                pos, closed = self._string_end(data, pos)
-                if not closed:
-                    return pos
-                self._in_string = False
-                if self._depth == 0:
-                    return self._skipped(pos)
-                continue
-            pos = _SKIP_RUN.match(data, pos).end()  # type: ignore[union-attr]  # the pattern matches the empty string
-            if pos >= size:
-                return pos
-            byte = data[pos]
-            pos += 1
-            if byte == _QUOTE:
-                self._in_string = True
-            elif byte in (_LBRACE, _LBRACKET):
-                self._depth += 1
-            else:
-                self._depth -= 1
-                if self._depth == 0:
-                    return self._skipped(pos)
-        return pos
+        pos, done = self._skip_value(data, pos)
+        return self._skipped(pos) if done else pos
 
     def _skipped(self, pos: int) -> int:
         if self._skip_block:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from cmm.core import cch, thinking_marks, thinking_scan
+from cmm.core import cch, json_walk, thinking_marks, thinking_scan
 from cmm.core.thinking_edits import OMITTED, OMITTED_SHORT, Neutraliser, Removed, Unmarker, neutralise, unmark
 from cmm.core.thinking_marks import SseMarker, mark_event, mark_message
 from cmm.core.thinking_scan import MARK
@@ -442,8 +442,8 @@ def test_closing_quote_at_any_escape_density(parts: list[str]) -> None:
     """Quotes behind runs of backslashes: the candidate search, and the flattening past four."""
     raw = "".join(parts).encode()
     data = b'"' + raw + b'","x":"' + raw + b'"'
-    assert thinking_scan.closing_quote(data, 1) == len(raw) + 2
-    assert thinking_scan.closing_quote(data[: len(raw) + 1], 1) == -1
+    assert json_walk.closing_quote(data, 1) == len(raw) + 2
+    assert json_walk.closing_quote(data[: len(raw) + 1], 1) == -1
     assert json.loads(data[: len(raw) + 2]) == json.loads(b'"' + raw + b'"')
 
 
