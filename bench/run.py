@@ -61,6 +61,7 @@ from cmm.testing.processes import fake_command, free_port, memory_kib, reset_pea
 
 from components import ROUTE_STAGES, component_costs  # noqa: E402  (imports cmm: after the path)
 from failover import HEADERS as FAILOVER_HEADERS, failover_rows  # noqa: E402
+from usage import serving_report, usage_report  # noqa: E402
 from httpclient import Connection, Response  # noqa: E402
 from plot import kb_per_stream, missing_dependency, plot  # noqa: E402
 import websocket as websocket_bench  # noqa: E402
@@ -1441,6 +1442,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
         out.append(f"   Sum of the stages a body goes through (a floor for the added latency above): {floors}")
         out.append("")
 
+    if "usage" in m:
+        out += [usage_report(m["usage"]["path"]), serving_report(m["usage"]["serving"]), ""]
+
     if "failover" in m:
         out.append("   Failover: medians, a new connection per request (bench/failover.py)")
         out += [table(FAILOVER_HEADERS, m["failover"]["rows"]), ""]
@@ -1741,6 +1745,8 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             ("large_body", lambda: measure_large_body(endpoints, plan, log, cpu_of)),
             ("rss", lambda: measure_rss(endpoints, cmm.pid, plan, log)),
             ("components", lambda: component_costs(large_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES))),
+            ("usage", lambda: json.loads(subprocess.run([sys.executable, str(Path(__file__).with_name("usage.py")),
+                                                         "--serving", "--json"], capture_output=True, check=True).stdout)),
             ("workers", lambda: measure_workers(stack, plan, log)),
             ("websocket", lambda: websocket_bench.measure({w: (e.port, e.tls) for w, e in endpoints["passthrough"].items()
                                                            if e.tls is not None}, 2 * plan.ttfb_requests)),

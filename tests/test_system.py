@@ -794,7 +794,6 @@ def test_cmm_usage_reads_what_the_running_cmm_recorded(commands: dict) -> None:
     assert json.loads(output_of(commands, "running usage json"))["database"] == f"{home}/.cmm/usage.sqlite3"
 
 
-@pytest.mark.xfail(strict=True, reason="no answer's token counts reach RequestRecord yet: the recorder stores 0")
 def test_cmm_usage_counts_the_tokens_the_fakes_returned(commands: dict) -> None:
     groups = usage_groups(commands, "running usage json")
     for model in ("claude-opus-4-6", "claude-sonnet-4-5", "claude-haiku-4-5-20251001"):

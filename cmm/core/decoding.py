@@ -265,7 +265,9 @@ class BodyDecoder:
     produces, so no layer ever holds more than ``limit + step`` decoded bytes.
     """
 
-    def __init__(self, codings: list[str], limit: int, *, step: int = STEP) -> None:
+    def __init__(self, codings: list[str], limit: int, *, step: int = STEP, sink: Emit | None = None) -> None:
+        """``sink``: where decoded pieces go the moment they exist instead of being returned by
+        ``feed``, so that a reader that only looks at them never holds a feed's whole output."""
         if unsupported(codings):
             raise ValueError(f"unsupported content-coding {', '.join(unsupported(codings))}")
         names = [c for c in codings if c != "identity"]
@@ -277,7 +279,7 @@ class BodyDecoder:
         self._stages = stages
         self._pieces = _Pieces()
         self._outlets: list[_Outlet] = []
-        entry: Emit = self._pieces
+        entry: Emit = self._pieces if sink is None else sink
         for stage in reversed(stages):  # each layer's outlet feeds the next layer
             outlet = _Outlet(limit, step, entry)
             self._outlets.insert(0, outlet)

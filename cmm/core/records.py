@@ -79,6 +79,7 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     mark = "✓" if ok else "✗"
     status = "-" if record.status is None else str(record.status)
     detail = f"{status} {record.duration * 1000:.0f}ms ↑{record.bytes_in} ↓{record.bytes_out}"
+    detail += _tokens(record)
     if record.error:
         detail += f" ({escaped(record.error)})"
     if record.rule and record.rule != f"{record.mapping}* → {record.target}":  # a rule more than a model prefix
@@ -87,6 +88,16 @@ def format_line(record: RequestRecord, localtime: Callable[[float], time.struct_
     if record.content:
         line += "".join(f"\n    {escaped(part)}" for part in record.content.splitlines())
     return line
+
+
+def _tokens(record: RequestRecord) -> str:
+    """`` in=… out=… cache=r…/w…`` (cache tokens read / written), each part only when the answer said it."""
+    parts = [f"{label}={value}" for label, value in (("in", record.input_tokens), ("out", record.output_tokens))
+             if value is not None]
+    read, written = record.cache_read_input_tokens, record.cache_creation_input_tokens
+    if read is not None or written is not None:
+        parts.append(f"cache=r{'-' if read is None else read}/w{'-' if written is None else written}")
+    return "".join(" " + part for part in parts)
 
 
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")  # json.dumps escapes the rest itself

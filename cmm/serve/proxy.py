@@ -45,6 +45,7 @@ from cmm.core.router import Pending, request_class_of, rule_label
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
 from cmm.core.upgrade import asks_upgrade, intercepted_upgrade_refusal, switch_refusal
+from cmm.core.usage import NO_USAGE, UsageReader, usage_reader
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.tls import connected
 from cmm.serve.tunnel import Tunnel
@@ -215,7 +216,9 @@ class RequestInProgress:
             self.routing_deadline = None
 
     def record(self, now: float, status: int | None, error: str | None, bytes_out: int = 0,
-               model: str | None = None, mapping: Mapping | None = None) -> RequestRecord:
+               model: str | None = None, mapping: Mapping | None = None,
+               answer: dict[str, Any] | None = None) -> RequestRecord:
+        """``answer``: the record's fields that the exchange's answer filled (route, usage, ...)."""
         return RequestRecord(
             started=self.started,
             method=self.head.method.decode("ascii", "replace"),
@@ -232,6 +235,7 @@ class RequestInProgress:
             content=self.content,
             rule=rule_label(self.rule) if self.rule else None,
             request_class=request_class_of(self.head),
+            **(answer or {}),
         )
 
 
@@ -597,6 +601,8 @@ class Exchange:
         self.reader = ResponseReader(self.request.head.method, upgrade=asks_upgrade(self.request.head))
         self.mode: ResponseState = Splice()
         self.unmarked_warned = False
+        self.usage: UsageReader | None = None  # reads a messages answer's token counts as it passes
+        self.ttfb: float | None = None
 
     @property
     def response(self) -> ResponseHead | None:
@@ -659,6 +665,8 @@ class Exchange:
 
     def upstream_data(self, data: bytes) -> None:
         self.deadline.touch()
+        if not self.received:
+            self.ttfb = self.context.clock.seconds() - self.request.started_clock
         self.received += len(data)
         if self.finished:
             return
@@ -698,6 +706,8 @@ class Exchange:
             return
         mode = response_mode(response, self.mapping is not None, self.request.endpoint, MAX_ERROR_BODY,
                              MAX_HELD_MESSAGE)
+        if self.request.endpoint == "messages":
+            self.usage = usage_reader(response)
         if mode is ResponseMode.HOLD_ERROR:
             self.mode = HeldError(bytearray(raw))  # held: it may be rewritten, or retried
         elif mode is ResponseMode.HOLD_MESSAGE:
@@ -719,6 +729,8 @@ class Exchange:
         if isinstance(mode, Discarded):
             self._discard(mode, body)
             return
+        if self.usage is not None:
+            self.usage.feed(progress.payload, progress.consumed)  # on the side, whatever the mode
         if isinstance(mode, HeldError):
             self._hold_error(mode, body.raw, progress.payload)
         elif isinstance(mode, MarkedStream):
@@ -749,6 +761,32 @@ class Exchange:
                 self._error_complete(extra=body.extra)
             else:
                 self._finish(extra=body.extra)
+
+    def _answer_fields(self, complete: bool) -> dict[str, Any]:
+        """What the record says of the route and the answer: who answered, how soon, at what cost."""
+        usage = NO_USAGE
+        if self.usage is not None:
+            try:
+                usage = self.usage.finish(complete)
+            except Exception:  # a side channel: a flaw in reading it must cost neither the answer nor its record
+                log.failure("Could not read the token usage of an answer from {upstream}", upstream=self.destination.label)
+        served = usage.model
+        if served is None and self.response is not None and self.response.status < 300:
+            served = self.mapping.target if self.mapping is not None else self.model
+        upstream = "anthropic"
+        if self.mapping is not None:
+            host = self.mapping.upstream.host
+            upstream = f"[{host}]:{self.mapping.upstream.port}" if ":" in host else f"{host}:{self.mapping.upstream.port}"
+        return {
+            "route": "intercepted" if self.mapping is not None else "passthrough",
+            "served_model": served,
+            "upstream": upstream,
+            "ttfb": self.ttfb,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+        }
 
     def _intercepted_head(self, raw: bytes) -> bytes:
         """The target's response head as the client gets it: marked as intercepted, and saying
@@ -907,7 +945,8 @@ class Exchange:
         self.deadline.cancel()
         self._detach(dispose_for(upstream_reusable, abort))
         self.context.record(self._ruled(self.request.record(self.context.clock.seconds(), status, error,
-                                                            self.bytes_out, self.model, self.mapping)))
+                                                            self.bytes_out, self.model, self.mapping,
+                                                            self._answer_fields(complete=error is None))))
         self.client.exchange_ended(abort, reusable=client_reusable and error is None)
 
     def _detach(self, dispose: Dispose) -> None:

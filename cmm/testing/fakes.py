@@ -17,9 +17,10 @@ first N requests of the same ``x-test-id`` fail),
 ``x-fake-deltas: 50``, ``x-fake-delta-size: 1000``, ``x-fake-abort-after: 2`` (stream: N events,
 not a stream: the head and N body bytes; then abortConnection), ``x-fake-close: 1``,
 ``x-fake-response-bytes: N``, ``x-fake-retry-after: 30`` (with status: a ``retry-after`` header, as
-given, so an HTTP-date too). ``x-fake-for: anthropic`` (a provider name) makes every control apply
-only to the fake of that provider, so that one request can be refused by the fake Anthropic and
-answered by the fake target it fails over to. Malformed values are ignored, out-of-range ones clamped.
+given, so an HTTP-date too), ``x-fake-gzip: 1`` (the reply gzipped; a stream flushed event by event).
+``x-fake-for: anthropic`` (a provider name) makes every control apply only to the fake of that
+provider, so that one request can be refused by the fake Anthropic and answered by the fake target
+it fails over to. Malformed values are ignored, out-of-range ones clamped.
 Gzip/deflate request bodies are decoded before the JSON is read (recorded as received).
 
 Thinking. A messages request that enables thinking (``"thinking": {"type": "enabled", ...}``, as
@@ -55,6 +56,7 @@ from __future__ import annotations
 import argparse
 import base64
 import fcntl
+import gzip
 import hashlib
 import hmac
 import ipaddress
@@ -187,6 +189,7 @@ class Controls:
     redacted: bool = False  # x-fake-redacted: a redacted_thinking block after the thinking one
     tool_use: str | None = None  # x-fake-tool-use: end with a tool_use block for this tool
     retry_after: str | None = None  # x-fake-retry-after: with status, a retry-after header as given
+    gzip: bool = False  # x-fake-gzip: the reply body gzipped (a stream flushed event by event)
 
 
 def _float_header(value: str | None, default: float, high: float) -> float:
@@ -240,6 +243,7 @@ def parse_controls(request: RecordedRequest) -> Controls:
         redacted=_bool_header(request.header("x-fake-redacted")) is True,
         tool_use=tool if _TOOL_NAME.fullmatch(tool) else None,
         retry_after=request.header("x-fake-retry-after"),
+        gzip=_bool_header(request.header("x-fake-gzip")) is True,
     )
 
 
@@ -404,6 +408,18 @@ def _tool_use_block(provider: str, message_id: str, name: str) -> dict[str, Any]
     }
 
 
+def fake_usage(prompt_tokens: int, output_tokens: int) -> dict[str, int]:
+    """Usage as Anthropic reports it for a cached conversation: most of the prompt read from the
+    cache, a part written to it, the rest (``input_tokens``) neither."""
+    read, created = prompt_tokens // 2, prompt_tokens // 4
+    return {
+        "input_tokens": prompt_tokens - read - created,
+        "cache_creation_input_tokens": created,
+        "cache_read_input_tokens": read,
+        "output_tokens": output_tokens,
+    }
+
+
 def sse_event(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + _json(data) + b"\n\n"
 
@@ -438,7 +454,7 @@ def sse_events(
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                "usage": fake_usage(input_tokens, 1),
             },
         },
     )
@@ -536,7 +552,7 @@ def message_json(
                 "content": [*before, {"type": "text", "text": text}, *after],
                 "stop_reason": "end_turn" if tool_use is None else "tool_use",
                 "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": 5},
+                "usage": fake_usage(input_tokens, 5),
             }
         )
 
@@ -661,6 +677,8 @@ def plan_reply(
             ("content-type", "text/event-stream; charset=utf-8"),
             ("cache-control", "no-cache"),
         )
+        if controls.gzip:
+            return Reply(200, headers + (("content-encoding", "gzip"),), events=_gzipped(events))
         return Reply(200, headers, events=events)
     body = message_json(
         message_id=message_id,
@@ -672,7 +690,18 @@ def plan_reply(
         redacted=controls.redacted,
         tool_use=controls.tool_use,
     )
+    if controls.gzip:
+        headers = common + (("content-type", "application/json"), ("content-encoding", "gzip"))
+        return Reply(200, headers, gzip.compress(body))
     return Reply(200, common + (("content-type", "application/json"),), body)
+
+
+def _gzipped(events: Iterator[bytes]) -> Iterator[bytes]:
+    """A stream gzipped as a server does it: each event flushed, so it can be read as it comes."""
+    compressor = zlib.compressobj(wbits=31)
+    for event in events:
+        yield compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    yield compressor.flush()
 
 
 def check_loopback(interface: str) -> str:

@@ -128,7 +128,7 @@ def test_a_switch_before_the_request_body_was_sent_is_refused() -> None:
     assert bytes(client.received).startswith(b"HTTP/1.1 502 ")
     assert b"before the request body was sent" in client.received
     [record] = harness.records
-    assert record.status == 502 and record.route is None
+    assert record.status == 502 and record.route == "passthrough"  # refused: no tunnel
 
 
 def test_the_idle_limit_is_the_one_the_tunnel_started_with() -> None:
