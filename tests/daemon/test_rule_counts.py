@@ -110,7 +110,9 @@ def test_the_state_file_and_the_configured_file_carry_the_rule_labels(tmp_path: 
     configured = status.configured_mappings(tmp_path, {"PROXY_URL": "http://p/m",
                                                        "DEFAULT_SOURCE_MODEL": "claude-sonnet",
                                                        "DEFAULT_TARGET_MODEL": "env-target"})
-    assert [m.rule for m in configured] == [SUBAGENTS, LONG, "", "", ""]
+    # A fallback rule and one that hands failures back are named for it: their counts are not the target's alone.
+    assert [m.rule for m in configured] == [SUBAGENTS, LONG, "claude-opus* → gpt-5 (fallback)",
+                                           "claude-haiku* → gemini-2.5-flash (else anthropic)", ""]
     assert configured[-1] == MappingInfo("claude-sonnet", "env-target", "http://p/m")  # a rule is not its pair
 
 
