@@ -18,11 +18,11 @@ from urllib.parse import quote
 
 import attrs
 
+from cmm.usage import query
 from cmm.usage.schema import COLUMNS
 
 FIELDS = ("id", *(name for name, _ in COLUMNS))
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-FAILED = "(status IS NULL OR status >= 400 OR error IS NOT NULL)"
 MAX_ROWS = 1000
 
 
@@ -64,6 +64,8 @@ def parse_range(text: str) -> Range:
 
 @attrs.frozen
 class Bucket:
+    """One point of a chart and of ``/api/series``: a :class:`cmm.usage.query.Bucket` in ms."""
+
     start: float
     requests: int = 0
     errors: int = 0
@@ -73,14 +75,6 @@ class Bucket:
     cache_read_input_tokens: int = 0
     p50_ms: float | None = None
     p95_ms: float | None = None
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile of values already sorted; None for none."""
-    if not sorted_values:
-        return None
-    rank = max(math.ceil(q * len(sorted_values)), 1)
-    return sorted_values[rank - 1]
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -127,55 +121,34 @@ def since(db: sqlite3.Connection, start: float, limit: int = MAX_ROWS) -> list[d
     return [_row(r) for r in rows]
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
 def summary(db: sqlite3.Connection, start: float, end: float) -> dict[str, Any]:
-    """Totals between ``start`` and ``end``, overall and per route and rule (a mapping's label)."""
-    sums = ", ".join(f"COALESCE(SUM({name}), 0)" for name in TOKEN_FIELDS)
-    rows = db.execute(
-        f"SELECT route, rule, COUNT(*), SUM({FAILED}), {sums}, SUM(bytes_in), SUM(bytes_out) FROM requests "
-        "WHERE time >= ? AND time < ? GROUP BY route, rule ORDER BY COUNT(*) DESC, route, rule",
-        (start, end)).fetchall()
-    routes = []
-    for route, rule, requests, errors, *rest in rows:
-        tokens = dict(zip(TOKEN_FIELDS, rest[:4]))
-        routes.append({"route": route, "rule": rule, "requests": requests, "errors": errors or 0, **tokens,
-                       "bytes_in": rest[4] or 0, "bytes_out": rest[5] or 0})
-    total = {key: sum(r[key] for r in routes) for key in ("requests", "errors", *TOKEN_FIELDS, "bytes_in", "bytes_out")}
-    prompt = total["input_tokens"] + total["cache_creation_input_tokens"] + total["cache_read_input_tokens"]
-    durations = [d for (d,) in db.execute("SELECT duration FROM requests WHERE time >= ? AND time < ? ORDER BY duration",
-                                          (start, end))]
-    p50, p99 = percentile(durations, 0.5), percentile(durations, 0.99)
+    """Totals between ``start`` and ``end``, overall and per route and rule (a mapping's label),
+    as ``/api/summary`` shows them; the sums and percentiles are :func:`cmm.usage.query.totals`."""
+    groups = query.totals(db, start, end, by=("route", "mapping"), latency=False)
+    [whole] = query.totals(db, start, end)
+    routes = [{"route": group.keys[0], "rule": group.keys[1], "requests": group.requests, "errors": group.errors,
+               **{name: getattr(group, name) for name in (*TOKEN_FIELDS, "bytes_in", "bytes_out")}}
+              for group in groups]
+    rate = whole.cache_hit_rate
     return {
         "start": start,
         "end": end,
-        **total,
-        "cache_hit_rate": round(total["cache_read_input_tokens"] / prompt, 4) if prompt else None,
-        "p50_ms": None if p50 is None else round(p50 * 1000, 1),
-        "p99_ms": None if p99 is None else round(p99 * 1000, 1),
+        **{name: getattr(whole, name) for name in ("requests", "errors", *TOKEN_FIELDS, "bytes_in", "bytes_out")},
+        "cache_hit_rate": None if rate is None else round(rate, 4),
+        "p50_ms": _ms(whole.p50),
+        "p99_ms": _ms(whole.p99),
         "routes": routes,
     }
 
 
 def series(db: sqlite3.Connection, period: Range, now: float) -> list[Bucket]:
-    """One bucket per interval of ``period`` up to ``now``, empty ones included."""
+    """One bucket per interval of ``period`` up to ``now``, empty ones included, from
+    :func:`cmm.usage.query.series` with its durations in ms."""
     start, end = period.window(now)
-    sums = ", ".join(f"COALESCE(SUM({name}), 0)" for name in TOKEN_FIELDS)
-    index = "CAST((time - ?) / ? AS INTEGER)"
-    counted = {row[0]: row[1:] for row in db.execute(
-        f"SELECT {index} AS b, COUNT(*), SUM({FAILED}), {sums} FROM requests "
-        "WHERE time >= ? AND time < ? GROUP BY b", (start, period.width, start, end))}
-    durations: dict[int, list[float]] = {}
-    for bucket, duration in db.execute(f"SELECT {index}, duration FROM requests WHERE time >= ? AND time < ? "
-                                       "ORDER BY duration", (start, period.width, start, end)):
-        durations.setdefault(bucket, []).append(duration)
-    found = []
-    for i in range(period.buckets):
-        if i not in counted:
-            found.append(Bucket(start + i * period.width))
-            continue
-        requests, errors, input_tokens, output_tokens, cache_creation, cache_read = counted[i]
-        values = durations.get(i, [])
-        p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
-        found.append(Bucket(start + i * period.width, requests, errors or 0, input_tokens, output_tokens,
-                            cache_creation, cache_read, p50_ms=None if p50 is None else round(p50 * 1000, 1),
-                            p95_ms=None if p95 is None else round(p95 * 1000, 1)))
-    return found
+    return [Bucket(b.start, b.requests, b.errors, b.input_tokens, b.output_tokens, b.cache_creation_input_tokens,
+                   b.cache_read_input_tokens, p50_ms=_ms(b.p50), p95_ms=_ms(b.p95))
+            for b in query.series(db, start, end, period.width)]

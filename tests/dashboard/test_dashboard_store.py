@@ -115,12 +115,6 @@ def test_an_unknown_range_is_refused_with_the_choices() -> None:
         store.parse_range("month")
 
 
-@pytest.mark.parametrize("values, q, expected", [([], 0.5, None), ([1.0], 0.99, 1.0), ([1.0, 2.0], 0.5, 1.0),
-                                                 ([1.0, 2.0, 3.0, 4.0], 0.75, 3.0), ([1.0, 2.0], 0.0, 1.0)])
-def test_percentile_is_the_nearest_rank(values: list[float], q: float, expected: float | None) -> None:
-    assert store.percentile(values, q) == expected
-
-
 def test_a_store_behind_a_folder_it_may_not_enter_is_reported(tmp_path: Path) -> None:
     class Closed(type(tmp_path)):  # type: ignore[misc]
         def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
