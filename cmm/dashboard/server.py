@@ -71,6 +71,8 @@ class Dashboard:
     #: runs a store query away from the reactor (a week of a busy store takes a while); None: the
     #: reactor's thread pool
     run_query: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None
+    #: the charts' buckets already computed, asked again only when their rows change
+    series_cache: store.SeriesCache = attrs.field(factory=store.SeriesCache)
 
     def reactor_clock(self) -> IReactorTime:
         if self.clock is None:
@@ -258,7 +260,8 @@ def build_panels(dashboard: Dashboard, period: store.Range) -> dict[str, Any]:
     now = dashboard.now()
     start, end = period.window(now)
     try:
-        buckets, summary = dashboard.read(lambda db: (store.series(db, period, now), store.summary(db, start, end)))
+        buckets, summary = dashboard.read(
+            lambda db: (store.series(db, period, now, dashboard.series_cache), store.summary(db, start, end)))
         totals, routes = page.totals_html(summary), page.routes_html(summary)
     except store.StoreUnavailable as error:
         buckets = [store.Bucket(start + i * period.width) for i in range(period.buckets)]
@@ -330,7 +333,7 @@ def requests_answer(dashboard: Dashboard, request: server.Request) -> object:
 def series_answer(dashboard: Dashboard, request: server.Request) -> object:
     period = store.parse_range(_arg(request, "range") or "hour")
     now = dashboard.now()
-    buckets = dashboard.read(lambda db: store.series(db, period, now))
+    buckets = dashboard.read(lambda db: store.series(db, period, now, dashboard.series_cache))
     return {"range": period.name, "width": period.width, "buckets": [attrs.asdict(b) for b in buckets]}
 
 

@@ -145,10 +145,37 @@ def summary(db: sqlite3.Connection, start: float, end: float) -> dict[str, Any]:
     }
 
 
-def series(db: sqlite3.Connection, period: Range, now: float) -> list[Bucket]:
+def _bucket(found: query.Bucket) -> Bucket:
+    return Bucket(found.start, found.requests, found.errors, found.input_tokens, found.output_tokens,
+                  found.cache_creation_input_tokens, found.cache_read_input_tokens, p50_ms=_ms(found.p50),
+                  p95_ms=_ms(found.p95))
+
+
+@attrs.define
+class SeriesCache:
+    """The buckets last drawn for each bucket width, with their fingerprints
+    (:func:`cmm.usage.query.fingerprints`). Only buckets from the first whose fingerprint changed
+    are asked again: a live week chart redrawn every half minute recomputes its last bucket or
+    two, not a week of durations sorted afresh. Exact, since any row added or removed (a long
+    request recorded late, rows pruned) changes its bucket's fingerprint."""
+
+    kept: dict[int, tuple[dict[float, tuple[int, int]], dict[float, Bucket]]] = attrs.field(factory=dict)
+
+
+def series(db: sqlite3.Connection, period: Range, now: float, cache: SeriesCache | None = None) -> list[Bucket]:
     """One bucket per interval of ``period`` up to ``now``, empty ones included, from
-    :func:`cmm.usage.query.series` with its durations in ms."""
+    :func:`cmm.usage.query.series` with its durations in ms; ``cache`` spares the buckets that
+    have not changed since it last saw them."""
     start, end = period.window(now)
-    return [Bucket(b.start, b.requests, b.errors, b.input_tokens, b.output_tokens, b.cache_creation_input_tokens,
-                   b.cache_read_input_tokens, p50_ms=_ms(b.p50), p95_ms=_ms(b.p95))
-            for b in query.series(db, start, end, period.width)]
+    if cache is None:
+        return [_bucket(found) for found in query.series(db, start, end, period.width)]
+    starts = [start + i * period.width for i in range(period.buckets)]
+    # fingerprints first: a row recorded between the two reads is counted now and seen as new next time
+    marks = {start + i * period.width: mark for i, mark in query.fingerprints(db, start, end, period.width).items()}
+    old_marks, old_buckets = cache.kept.get(period.width, ({}, {}))
+    first = next((i for i, at in enumerate(starts) if at not in old_buckets or marks.get(at) != old_marks.get(at)),
+                 period.buckets)
+    fresh = [_bucket(found) for found in query.series(db, starts[first], end, period.width)] if first < period.buckets else []
+    buckets = [old_buckets[at] for at in starts[:first]] + fresh
+    cache.kept[period.width] = (marks, {bucket.start: bucket for bucket in buckets})
+    return buckets
