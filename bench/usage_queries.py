@@ -128,7 +128,7 @@ def main() -> None:
             fill(path, args.rows, now)
             print(f"filled {path} with {args.rows:,} rows in {time.perf_counter() - began:.1f} s")
         for what, seconds in measure(path, now, args.runs):
-            print(f"{what:28} {seconds * 1000:8.1f} ms")
+            print(f"{what:36} {seconds * 1000:8.1f} ms")
 
 
 if __name__ == "__main__":

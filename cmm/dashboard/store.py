@@ -171,7 +171,7 @@ def series(db: sqlite3.Connection, period: Range, now: float, cache: SeriesCache
         return [_bucket(found) for found in query.series(db, start, end, period.width)]
     starts = [start + i * period.width for i in range(period.buckets)]
     # fingerprints first: a row recorded between the two reads is counted now and seen as new next time
-    marks = {start + i * period.width: mark for i, mark in query.fingerprints(db, start, end, period.width).items()}
+    marks = dict(zip(starts, query.fingerprints(db, start, end, period.width)))
     old_marks, old_buckets = cache.kept.get(period.width, ({}, {}))
     first = next((i for i, at in enumerate(starts) if at not in old_buckets or marks.get(at) != old_marks.get(at)),
                  period.buckets)

@@ -122,8 +122,11 @@ def totals(connection: sqlite3.Connection, since: float, until: float | None = N
         f"COALESCE(SUM(bytes_out), 0) FROM requests WHERE {_WINDOW} GROUP BY {labels} ORDER BY {order}",
         window).fetchall()
     width = len(keys)
-    ranks = _nearest_ranks(connection, keys, window, {tuple(row[:width]): row[width] for row in rows},
-                           (0.5, 0.99)) if latency else {}
+    ranks: Mapping[tuple[Any, ...], tuple[float | None, ...]] = {}
+    if latency and names:
+        ranks = _nearest_ranks(connection, keys, window, {tuple(row[:width]): row[width] for row in rows}, (0.5, 0.99))
+    elif latency and rows:  # one group: picked from each end, no numbering of every row
+        ranks = {tuple(rows[0][:width]): tuple(_nearest_rank(connection, window, rows[0][width], q) for q in (0.5, 0.99))}
     found = []
     for row in rows:
         group = tuple(None if value is None else str(value) for value in row[:width])
@@ -138,28 +141,48 @@ def totals(connection: sqlite3.Connection, since: float, until: float | None = N
 
 def series(connection: sqlite3.Connection, since: float, until: float, bucket: float) -> list[Bucket]:
     """Requests, errors, tokens and the median and 95th percentile duration per ``bucket`` seconds
-    from ``since`` to ``until``; every bucket is there, the empty ones with zeros."""
+    from ``since`` to ``until``; every bucket is there, the empty ones with zeros.
+
+    Asked a bucket at a time: each is a range of the time index, summed on its own and its
+    percentiles picked from its own rows, so nothing is grouped or sorted across the whole window
+    (a week of rows sorted at once is what made the long ranges slow)."""
+    found = []
+    for start, end in _edges(since, until, bucket):
+        window = {"since": start, "until": end}
+        requests, errors, input_tokens, output_tokens, cache_creation, cache_read = connection.execute(
+            f"SELECT COUNT(*), COALESCE(SUM({_ERROR}), 0), {_SUMS} FROM requests WHERE {_WINDOW}", window).fetchone()
+        p50, p95 = (_nearest_rank(connection, window, requests, q) for q in (0.5, 0.95))
+        found.append(Bucket(start, requests, errors, input_tokens, output_tokens, cache_creation, cache_read, p50, p95))
+    return found
+
+
+def fingerprints(connection: sqlite3.Connection, since: float, until: float, bucket: float) -> list[tuple[int, int]]:
+    """Each bucket of :func:`series` → its row count and the sum of its row ids: read from the time
+    index alone (it holds the ids), so far cheaper than the series, and a row added to or removed
+    from a bucket changes its pair."""
+    return [connection.execute(f"SELECT COUNT(*), COALESCE(SUM(id), 0) FROM requests WHERE {_WINDOW}",
+                               {"since": start, "until": end}).fetchone() for start, end in _edges(since, until, bucket)]
+
+
+def _edges(since: float, until: float, bucket: float) -> list[tuple[float, float]]:
+    """The (start, end) of each ``bucket`` from ``since``; the last one ends at ``until``."""
     if bucket <= 0 or until <= since:
         raise ValueError("a series needs a positive bucket and until after since")
-    slot = ["CAST((time - :since) / :bucket AS INTEGER) AS k0"]
-    window = {"since": since, "until": until, "bucket": bucket}
-    found = {row[0]: row[1:] for row in connection.execute(
-        f"SELECT {slot[0]}, COUNT(*), SUM({_ERROR}), {_SUMS} FROM requests WHERE {_WINDOW} GROUP BY k0", window)}
-    ranks = _nearest_ranks(connection, slot, window, {(i,): row[0] for i, row in found.items()}, (0.5, 0.95))
     count = int(-(-(until - since) // bucket))
-    empty = (0, 0, 0, 0, 0, 0)
-    return [Bucket(since + i * bucket, *found.get(i, empty), *ranks.get((i,), (None, None))) for i in range(count)]
+    return [(since + i * bucket, min(since + (i + 1) * bucket, until)) for i in range(count)]
 
 
-def fingerprints(connection: sqlite3.Connection, since: float, until: float, bucket: float
-                 ) -> dict[int, tuple[int, int]]:
-    """Each non-empty bucket of :func:`series` (by its index) → its row count and the sum of its
-    row ids: read from the time index alone (it holds the ids), so far cheaper than the series,
-    and a row added to or removed from a bucket changes its pair."""
-    slot = "CAST((time - :since) / :bucket AS INTEGER)"
-    found = connection.execute(f"SELECT {slot} AS k0, COUNT(*), SUM(id) FROM requests WHERE {_WINDOW} GROUP BY k0",
-                               {"since": since, "until": until, "bucket": bucket})
-    return {index: (count, ids) for index, count, ids in found}
+def _nearest_rank(connection: sqlite3.Connection, window: Mapping[str, float], count: int, q: float) -> float | None:
+    """The nearest-rank ``q`` percentile of the ``count`` durations in ``window``: the one at rank
+    ceil(q × count), counted from whichever end is nearer, so SQLite keeps the fewest rows in the
+    sorter its LIMIT bounds (the 95th percentile of a bucket holds back 5 % of its rows)."""
+    if not count:
+        return None
+    rank = max(math.ceil(q * count), 1)
+    order, skip = ("", rank - 1) if rank - 1 <= count - rank else (" DESC", count - rank)
+    found = connection.execute(f"SELECT duration FROM requests WHERE {_WINDOW} ORDER BY duration{order} LIMIT 1 "
+                               f"OFFSET :skip", {**window, "skip": skip}).fetchone()
+    return None if found is None else float(found[0])
 
 
 def _nearest_ranks(connection: sqlite3.Connection, keys: Sequence[str], window: Mapping[str, float],
