@@ -1,4 +1,7 @@
-"""Read-only queries on the usage store (the table of :mod:`cmm.usage.schema`) for the dashboard.
+"""The dashboard's side of the usage store (the table of :mod:`cmm.usage.schema`): its connection,
+the feed's rows by id, and the ranges its charts cover. The totals and series are
+:mod:`cmm.usage.query`'s, shared with ``cmm usage``; here they take the shapes of the JSON
+endpoints and charts (durations in ms), and the charts keep what they drew (:class:`SeriesCache`).
 
 The dashboard never writes: it opens the file with ``mode=ro`` and ``query_only``, so a bug here
 cannot damage what the recorder keeps. A store that is missing, locked or corrupt raises
