@@ -27,6 +27,7 @@ from cmm.usage.schema import COLUMNS
 FIELDS = ("id", *(name for name, _ in COLUMNS))
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 MAX_ROWS = 1000
+_SUMMED = ("requests", "errors", *TOKEN_FIELDS, "bytes_in", "bytes_out")
 
 
 class StoreUnavailable(Exception):
@@ -130,20 +131,24 @@ def _ms(seconds: float | None) -> float | None:
 
 def summary(db: sqlite3.Connection, start: float, end: float) -> dict[str, Any]:
     """Totals between ``start`` and ``end``, overall and per route and rule (a mapping's label),
-    as ``/api/summary`` shows them; the sums and percentiles are :func:`cmm.usage.query.totals`."""
+    as ``/api/summary`` shows them: the sums per route and rule are :func:`cmm.usage.query.totals`
+    (their total is added up here rather than scanned again), the latency
+    :func:`cmm.usage.query.percentiles`."""
     groups = query.totals(db, start, end, by=("route", "mapping"), latency=False)
-    [whole] = query.totals(db, start, end)
+    sums = {name: sum(getattr(group, name) for group in groups) for name in _SUMMED}
+    whole = query.Totals(None, **sums, p50=None, p99=None)
+    p50, p99 = query.percentiles(db, start, end, (0.5, 0.99))
     routes = [{"route": group.keys[0], "rule": group.keys[1], "requests": group.requests, "errors": group.errors,
-               **{name: getattr(group, name) for name in (*TOKEN_FIELDS, "bytes_in", "bytes_out")}}
+               **{name: getattr(group, name) for name in _SUMMED[2:]}}
               for group in groups]
     rate = whole.cache_hit_rate
     return {
         "start": start,
         "end": end,
-        **{name: getattr(whole, name) for name in ("requests", "errors", *TOKEN_FIELDS, "bytes_in", "bytes_out")},
+        **sums,
         "cache_hit_rate": None if rate is None else round(rate, 4),
-        "p50_ms": _ms(whole.p50),
-        "p99_ms": _ms(whole.p99),
+        "p50_ms": _ms(p50),
+        "p99_ms": _ms(p99),
         "routes": routes,
     }
 

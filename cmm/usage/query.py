@@ -185,6 +185,15 @@ def _nearest_rank(connection: sqlite3.Connection, window: Mapping[str, float], c
     return None if found is None else float(found[0])
 
 
+def percentiles(connection: sqlite3.Connection, since: float, until: float | None = None,
+                quantiles: Sequence[float] = (0.5, 0.99)) -> tuple[float | None, ...]:
+    """The nearest-rank ``quantiles`` of every request's duration from ``since`` to ``until``, for a
+    caller that has its sums already (counted from the time index alone, then picked)."""
+    window = {"since": since, "until": _until(until)}
+    [(count,)] = connection.execute(f"SELECT COUNT(*) FROM requests WHERE {_WINDOW}", window).fetchall()
+    return tuple(_nearest_rank(connection, window, count, q) for q in quantiles)
+
+
 def _nearest_ranks(connection: sqlite3.Connection, keys: Sequence[str], window: Mapping[str, float],
                    counts: Mapping[tuple[Any, ...], int], quantiles: Sequence[float]
                    ) -> dict[tuple[Any, ...], tuple[float | None, ...]]:

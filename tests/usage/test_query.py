@@ -47,6 +47,8 @@ def test_percentiles_are_the_nearest_rank(path: Path, db: sqlite3.Connection, du
     [whole] = query.totals(db, NOW, NOW + 60)
     [bucket] = query.series(db, NOW, NOW + 60, 60)
     assert (whole.p50, bucket.p95, whole.p99) == expected and bucket.p50 == expected[0]
+    assert query.percentiles(db, NOW, NOW + 60, (0.5, 0.95, 0.99)) == expected
+    assert query.percentiles(db, NOW + 60) == (None, None)  # no requests then
 
 
 @settings(max_examples=25, deadline=None)
