@@ -112,6 +112,7 @@ class Dashboard:
         """``query`` on a fresh read-only connection (StoreUnavailable says why there is none)."""
         db = store.connect(self.store_path)
         try:
+            db.execute("BEGIN")  # one snapshot: a bucket's count and the ranks picked from it agree
             return query(db)
         except sqlite3.Error as error:
             raise store.StoreUnavailable(f"cannot read {self.store_path}: {error}") from None
