@@ -71,6 +71,8 @@ class Dashboard:
     #: runs a store query away from the reactor (a week of a busy store takes a while); None: the
     #: reactor's thread pool
     run_query: Callable[[Callable[[], Any]], defer.Deferred[Any]] | None = None
+    #: the charts' buckets already computed, asked again only when their rows change
+    series_cache: store.SeriesCache = attrs.field(factory=store.SeriesCache)
 
     def reactor_clock(self) -> IReactorTime:
         if self.clock is None:
@@ -110,6 +112,7 @@ class Dashboard:
         """``query`` on a fresh read-only connection (StoreUnavailable says why there is none)."""
         db = store.connect(self.store_path)
         try:
+            db.execute("BEGIN")  # one snapshot: a bucket's count and the ranks picked from it agree
             return query(db)
         except sqlite3.Error as error:
             raise store.StoreUnavailable(f"cannot read {self.store_path}: {error}") from None
@@ -258,7 +261,8 @@ def build_panels(dashboard: Dashboard, period: store.Range) -> dict[str, Any]:
     now = dashboard.now()
     start, end = period.window(now)
     try:
-        buckets, summary = dashboard.read(lambda db: (store.series(db, period, now), store.summary(db, start, end)))
+        buckets, summary = dashboard.read(
+            lambda db: (store.series(db, period, now, dashboard.series_cache), store.summary(db, start, end)))
         totals, routes = page.totals_html(summary), page.routes_html(summary)
     except store.StoreUnavailable as error:
         buckets = [store.Bucket(start + i * period.width) for i in range(period.buckets)]
@@ -330,7 +334,7 @@ def requests_answer(dashboard: Dashboard, request: server.Request) -> object:
 def series_answer(dashboard: Dashboard, request: server.Request) -> object:
     period = store.parse_range(_arg(request, "range") or "hour")
     now = dashboard.now()
-    buckets = dashboard.read(lambda db: store.series(db, period, now))
+    buckets = dashboard.read(lambda db: store.series(db, period, now, dashboard.series_cache))
     return {"range": period.name, "width": period.width, "buckets": [attrs.asdict(b) for b in buckets]}
 
 

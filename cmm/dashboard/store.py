@@ -1,4 +1,7 @@
-"""Read-only queries on the usage store (the table of :mod:`cmm.usage.schema`) for the dashboard.
+"""The dashboard's side of the usage store (the table of :mod:`cmm.usage.schema`): its connection,
+the feed's rows by id, and the ranges its charts cover. The totals and series are
+:mod:`cmm.usage.query`'s, shared with ``cmm usage``; here they take the shapes of the JSON
+endpoints and charts (durations in ms), and the charts keep what they drew (:class:`SeriesCache`).
 
 The dashboard never writes: it opens the file with ``mode=ro`` and ``query_only``, so a bug here
 cannot damage what the recorder keeps. A store that is missing, locked or corrupt raises
@@ -18,12 +21,13 @@ from urllib.parse import quote
 
 import attrs
 
+from cmm.usage import query
 from cmm.usage.schema import COLUMNS
 
 FIELDS = ("id", *(name for name, _ in COLUMNS))
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-FAILED = "(status IS NULL OR status >= 400 OR error IS NOT NULL)"
 MAX_ROWS = 1000
+_SUMMED = ("requests", "errors", *TOKEN_FIELDS, "bytes_in", "bytes_out")
 
 
 class StoreUnavailable(Exception):
@@ -64,6 +68,8 @@ def parse_range(text: str) -> Range:
 
 @attrs.frozen
 class Bucket:
+    """One point of a chart and of ``/api/series``: a :class:`cmm.usage.query.Bucket` in ms."""
+
     start: float
     requests: int = 0
     errors: int = 0
@@ -73,14 +79,6 @@ class Bucket:
     cache_read_input_tokens: int = 0
     p50_ms: float | None = None
     p95_ms: float | None = None
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile of values already sorted; None for none."""
-    if not sorted_values:
-        return None
-    rank = max(math.ceil(q * len(sorted_values)), 1)
-    return sorted_values[rank - 1]
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -127,55 +125,65 @@ def since(db: sqlite3.Connection, start: float, limit: int = MAX_ROWS) -> list[d
     return [_row(r) for r in rows]
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
 def summary(db: sqlite3.Connection, start: float, end: float) -> dict[str, Any]:
-    """Totals between ``start`` and ``end``, overall and per route and rule (a mapping's label)."""
-    sums = ", ".join(f"COALESCE(SUM({name}), 0)" for name in TOKEN_FIELDS)
-    rows = db.execute(
-        f"SELECT route, rule, COUNT(*), SUM({FAILED}), {sums}, SUM(bytes_in), SUM(bytes_out) FROM requests "
-        "WHERE time >= ? AND time < ? GROUP BY route, rule ORDER BY COUNT(*) DESC, route, rule",
-        (start, end)).fetchall()
-    routes = []
-    for route, rule, requests, errors, *rest in rows:
-        tokens = dict(zip(TOKEN_FIELDS, rest[:4]))
-        routes.append({"route": route, "rule": rule, "requests": requests, "errors": errors or 0, **tokens,
-                       "bytes_in": rest[4] or 0, "bytes_out": rest[5] or 0})
-    total = {key: sum(r[key] for r in routes) for key in ("requests", "errors", *TOKEN_FIELDS, "bytes_in", "bytes_out")}
-    prompt = total["input_tokens"] + total["cache_creation_input_tokens"] + total["cache_read_input_tokens"]
-    durations = [d for (d,) in db.execute("SELECT duration FROM requests WHERE time >= ? AND time < ? ORDER BY duration",
-                                          (start, end))]
-    p50, p99 = percentile(durations, 0.5), percentile(durations, 0.99)
+    """Totals between ``start`` and ``end``, overall and per route and rule (a mapping's label),
+    as ``/api/summary`` shows them: the sums per route and rule are :func:`cmm.usage.query.totals`
+    (their total is added up here rather than scanned again), the latency
+    :func:`cmm.usage.query.percentiles`."""
+    groups = query.totals(db, start, end, by=("route", "mapping"), latency=False)
+    sums = {name: sum(getattr(group, name) for group in groups) for name in _SUMMED}
+    whole = query.Totals(None, **sums, p50=None, p99=None)
+    p50, p99 = query.percentiles(db, start, end, (0.5, 0.99))
+    routes = [{"route": group.keys[0], "rule": group.keys[1], "requests": group.requests, "errors": group.errors,
+               **{name: getattr(group, name) for name in _SUMMED[2:]}}
+              for group in groups]
+    rate = whole.cache_hit_rate
     return {
         "start": start,
         "end": end,
-        **total,
-        "cache_hit_rate": round(total["cache_read_input_tokens"] / prompt, 4) if prompt else None,
-        "p50_ms": None if p50 is None else round(p50 * 1000, 1),
-        "p99_ms": None if p99 is None else round(p99 * 1000, 1),
+        **sums,
+        "cache_hit_rate": None if rate is None else round(rate, 4),
+        "p50_ms": _ms(p50),
+        "p99_ms": _ms(p99),
         "routes": routes,
     }
 
 
-def series(db: sqlite3.Connection, period: Range, now: float) -> list[Bucket]:
-    """One bucket per interval of ``period`` up to ``now``, empty ones included."""
+def _bucket(found: query.Bucket) -> Bucket:
+    return Bucket(found.start, found.requests, found.errors, found.input_tokens, found.output_tokens,
+                  found.cache_creation_input_tokens, found.cache_read_input_tokens, p50_ms=_ms(found.p50),
+                  p95_ms=_ms(found.p95))
+
+
+@attrs.define
+class SeriesCache:
+    """The buckets last drawn for each bucket width, with their fingerprints
+    (:func:`cmm.usage.query.fingerprints`). Only buckets from the first whose fingerprint changed
+    are asked again: a live week chart redrawn every half minute recomputes its last bucket or
+    two, not a week of durations sorted afresh. Exact, since any row added or removed (a long
+    request recorded late, rows pruned) changes its bucket's fingerprint."""
+
+    kept: dict[int, tuple[dict[float, tuple[int, int]], dict[float, Bucket]]] = attrs.field(factory=dict)
+
+
+def series(db: sqlite3.Connection, period: Range, now: float, cache: SeriesCache | None = None) -> list[Bucket]:
+    """One bucket per interval of ``period`` up to ``now``, empty ones included, from
+    :func:`cmm.usage.query.series` with its durations in ms; ``cache`` spares the buckets that
+    have not changed since it last saw them."""
     start, end = period.window(now)
-    sums = ", ".join(f"COALESCE(SUM({name}), 0)" for name in TOKEN_FIELDS)
-    index = "CAST((time - ?) / ? AS INTEGER)"
-    counted = {row[0]: row[1:] for row in db.execute(
-        f"SELECT {index} AS b, COUNT(*), SUM({FAILED}), {sums} FROM requests "
-        "WHERE time >= ? AND time < ? GROUP BY b", (start, period.width, start, end))}
-    durations: dict[int, list[float]] = {}
-    for bucket, duration in db.execute(f"SELECT {index}, duration FROM requests WHERE time >= ? AND time < ? "
-                                       "ORDER BY duration", (start, period.width, start, end)):
-        durations.setdefault(bucket, []).append(duration)
-    found = []
-    for i in range(period.buckets):
-        if i not in counted:
-            found.append(Bucket(start + i * period.width))
-            continue
-        requests, errors, input_tokens, output_tokens, cache_creation, cache_read = counted[i]
-        values = durations.get(i, [])
-        p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
-        found.append(Bucket(start + i * period.width, requests, errors or 0, input_tokens, output_tokens,
-                            cache_creation, cache_read, p50_ms=None if p50 is None else round(p50 * 1000, 1),
-                            p95_ms=None if p95 is None else round(p95 * 1000, 1)))
-    return found
+    if cache is None:
+        return [_bucket(found) for found in query.series(db, start, end, period.width)]
+    starts = [start + i * period.width for i in range(period.buckets)]
+    # fingerprints first: a row recorded between the two reads is counted now and seen as new next time
+    marks = dict(zip(starts, query.fingerprints(db, start, end, period.width)))
+    old_marks, old_buckets = cache.kept.get(period.width, ({}, {}))
+    first = next((i for i, at in enumerate(starts) if at not in old_buckets or marks.get(at) != old_marks.get(at)),
+                 period.buckets)
+    fresh = [_bucket(found) for found in query.series(db, starts[first], end, period.width)] if first < period.buckets else []
+    buckets = [old_buckets[at] for at in starts[:first]] + fresh
+    cache.kept[period.width] = (marks, {bucket.start: bucket for bucket in buckets})
+    return buckets

@@ -14,7 +14,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from cmm.dashboard import server
+from cmm.dashboard import server, store
 from store_rows import create_store, insert, request_row
 
 NOW = 1_800_000_000.0
@@ -371,3 +371,14 @@ def test_head_on_the_feed_starts_no_stream(client: Client, clock: task.Clock) ->
     client.stub.flush()
     assert result(d).code == 200
     assert clock.getDelayedCalls() == []
+
+
+def test_a_read_sees_one_snapshot_and_keeps_the_charts_buckets(store_path: Path) -> None:
+    """Counts and the ranks picked from them come from one read transaction; the dashboard keeps
+    the buckets it drew for the next redraw."""
+    dashboard = server.Dashboard(store_path)
+    assert dashboard.read(lambda db: db.in_transaction) is True
+    insert(store_path, request_row(time=NOW - 30))
+    [first] = [b for b in dashboard.read(lambda db: store.series(db, store.RANGES["hour"], NOW, dashboard.series_cache))
+               if b.requests]
+    assert first.requests == 1 and dashboard.series_cache.kept

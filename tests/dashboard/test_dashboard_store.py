@@ -115,12 +115,6 @@ def test_an_unknown_range_is_refused_with_the_choices() -> None:
         store.parse_range("month")
 
 
-@pytest.mark.parametrize("values, q, expected", [([], 0.5, None), ([1.0], 0.99, 1.0), ([1.0, 2.0], 0.5, 1.0),
-                                                 ([1.0, 2.0, 3.0, 4.0], 0.75, 3.0), ([1.0, 2.0], 0.0, 1.0)])
-def test_percentile_is_the_nearest_rank(values: list[float], q: float, expected: float | None) -> None:
-    assert store.percentile(values, q) == expected
-
-
 def test_a_store_behind_a_folder_it_may_not_enter_is_reported(tmp_path: Path) -> None:
     class Closed(type(tmp_path)):  # type: ignore[misc]
         def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
@@ -147,3 +141,52 @@ def test_a_locked_store_is_reported_not_waited_for(path: Path) -> None:
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_the_series_cache_answers_as_a_fresh_query_does_whatever_changes(path: Path) -> None:
+    hour, cache = RANGES["hour"], store.SeriesCache()
+    insert(path, *(request_row(time=NOW - 3000 + i * 37, duration=0.1 + i / 100) for i in range(80)))
+
+    def both(now: float) -> None:
+        db = store.connect(path)
+        try:
+            assert store.series(db, hour, now, cache) == store.series(db, hour, now)
+        finally:
+            db.close()
+
+    both(NOW + 30)
+    both(NOW + 30)  # nothing new: all from the cache
+    insert(path, request_row(time=NOW + 10, duration=7.0))  # the current minute
+    both(NOW + 30)
+    insert(path, request_row(time=NOW - 1500, duration=9.0, status=500))  # a long request recorded late
+    both(NOW + 30)
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("DELETE FROM requests WHERE time < ?", (NOW - 2000,))  # retention
+    db.close()
+    both(NOW + 30)
+    both(NOW + 95)  # the window moved on by a minute
+    both(NOW + 7200)  # and past everything the cache holds
+
+
+def test_the_series_cache_asks_only_from_the_first_changed_bucket(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hour, cache = RANGES["hour"], store.SeriesCache()
+    insert(path, *(request_row(time=NOW - 3000 + i * 60) for i in range(50)))
+    asked: list[float] = []
+    real = store.query.series
+
+    def spy(db: sqlite3.Connection, since: float, until: float, bucket: float) -> list[store.query.Bucket]:
+        asked.append(since)
+        return real(db, since, until, bucket)
+
+    monkeypatch.setattr(store.query, "series", spy)
+    db = store.connect(path)
+    start, _ = hour.window(NOW + 30)
+    store.series(db, hour, NOW + 30, cache)
+    assert asked == [start]  # the first time, everything
+    store.series(db, hour, NOW + 30, cache)
+    assert asked == [start]  # nothing changed: no query
+    insert(path, request_row(time=NOW - 600 + 5))
+    store.series(db, hour, NOW + 30, cache)
+    assert asked == [start, NOW - 600]  # from the bucket that changed to the end
+    db.close()
