@@ -218,12 +218,5 @@ def _nearest_ranks(connection: sqlite3.Connection, keys: Sequence[str], window: 
     return {key: tuple(at.get((*key, rank)) for rank in found) for key, found in wanted.items()}
 
 
-def recent(connection: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
-    """The latest ``limit`` rows, newest first, as column → value."""
-    cursor = connection.execute("SELECT * FROM requests ORDER BY time DESC, id DESC LIMIT ?", (limit,))
-    names = [column[0] for column in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-
 def _until(until: float | None) -> float:
     return float("inf") if until is None else until

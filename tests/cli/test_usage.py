@@ -244,11 +244,6 @@ def test_series_has_every_bucket_with_requests_tokens_and_median(connection: sql
         query.series(connection, NOW, NOW, 60)
 
 
-def test_recent_gives_the_newest_rows_first(connection: sqlite3.Connection) -> None:
-    rows = query.recent(connection, 2)
-    assert [(row["model"], row["duration"]) for row in rows] == [(OPUS, 3.0), (OPUS, 1.0)]
-
-
 @pytest.mark.parametrize("text, back", [("90s", 90), ("30m", 1800), ("24h", 86400), ("7d", 7 * 86400),
                                         ("2w", 14 * 86400), ("1.5h", 5400)])
 def test_since_spans(text: str, back: float) -> None:
