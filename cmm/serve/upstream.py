@@ -205,6 +205,11 @@ class Connector:
     anthropic_tls: IOpenSSLClientConnectionCreator
     target_trust: TrustRoot = attrs.field(factory=system_trust)
     connect_timeout: float = 10.0
+    # A target named ``localhost`` often resolves to ::1 first while it listens on 127.0.0.1 only:
+    # Twisted waits its 0.3 s happy-eyeballs delay before the next address even when the first was
+    # refused at once, so the first request to such a target paid 300 ms. A short delay still
+    # races a slow address against the next one.
+    attempt_delay: float = 0.05
     _preferred: str | None = None
     _target_options: dict[str, IOpenSSLClientConnectionCreator] = attrs.field(factory=dict)
 
@@ -212,7 +217,8 @@ class Connector:
         if destination.anthropic:
             return defer.ensureDeferred(self._connect_anthropic(destination))
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self.reactor, destination.host, destination.port, timeout=self.connect_timeout)
+            self.reactor, destination.host, destination.port, timeout=self.connect_timeout,
+            attemptDelay=self.attempt_delay)
         if destination.scheme == "https":
             endpoint = DirectTLSEndpoint(self._target_tls(destination.host), endpoint)
         return _open(endpoint, destination)
