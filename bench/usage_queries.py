@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import random
 import sqlite3
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cmm.dashboard import server
-from cmm.usage.schema import COLUMNS, CREATE
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm, not an installed one
+from cmm.dashboard import server  # noqa: E402
+from cmm.usage.schema import COLUMNS, CREATE  # noqa: E402
+
+from components import best  # noqa: E402  (the bench folder is sys.path[0] when run as a script)
 
 WEEK = 7 * 86400
 RULES = (("intercepted", "haiku", "localhost:8317"), ("intercepted", "sonnet", "localhost:8317"),
@@ -65,15 +68,6 @@ class _Asked:
 
     def __init__(self, **args: str) -> None:
         self.args = {name.encode(): [value.encode()] for name, value in args.items()}
-
-
-def best(runs: int, work: Callable[[], object]) -> float:
-    fastest = float("inf")
-    for _ in range(runs):
-        began = time.perf_counter()
-        work()
-        fastest = min(fastest, time.perf_counter() - began)
-    return fastest
 
 
 def _one_more(path: Path, now: float) -> None:

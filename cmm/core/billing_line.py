@@ -164,17 +164,13 @@ class BillingLine(ValueSkipper):
             self._out.append(data[self._mark : pos + 1])
             self._mark, self._held, self._state, self._escape = pos + 1, bytearray(), "text", False
             return pos + 1
-        self._escape = False
-        if byte == _QUOTE:
-            self._state, self._in_string, self._depth = "skip", True, 0
-        elif byte in (_LBRACE, _LBRACKET):
-            self._state, self._in_string, self._depth = "skip", False, 1
-        elif byte in _SCALAR_START:
+        if self._begin_skip(byte):
+            self._state = "skip"
+            return pos + 1
+        if byte in _SCALAR_START:
             self._state = "scalar"
             return pos
-        else:
-            return self._done(pos)
-        return pos + 1
+        return self._done(pos)
 
     def _done(self, pos: int) -> int:
         """Nothing more to look for (or not JSON past here): the rest passes as it is."""

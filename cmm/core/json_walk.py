@@ -93,6 +93,18 @@ class ValueSkipper:
         self._in_string = False
         self._depth = 0
 
+    def _begin_skip(self, byte: int) -> bool:
+        """Start stepping over the value whose first byte is ``byte`` (a string or a container);
+        False for anything else, which the caller reads itself (a scalar) or gives up on."""
+        self._escape = False
+        if byte == _QUOTE:
+            self._in_string, self._depth = True, 0
+        elif byte in (_LBRACE, _LBRACKET):
+            self._in_string, self._depth = False, 1
+        else:
+            return False
+        return True
+
     def _string_end(self, data: bytes, pos: int) -> tuple[int, bool]:
         """Advance through a string's raw content; True once its closing quote is consumed."""
         size = len(data)

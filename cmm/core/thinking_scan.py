@@ -309,17 +309,14 @@ class Scanner(ValueSkipper):
             self._token_at = self._consumed + pos
             return pos + 1
         # Anything else is skipped whole.
-        self._skip_block, self._escape = False, False
-        if byte == _QUOTE:
-            self._state, self._in_string, self._depth = "skip", True, 0
-        elif byte in (_LBRACE, _LBRACKET):
-            self._state, self._in_string, self._depth = "skip", False, 1
-        elif byte in _SCALAR_START:
+        self._skip_block = False
+        if self._begin_skip(byte):
+            self._state = "skip"
+            return pos + 1
+        if byte in _SCALAR_START:
             self._state = "scalar"
             return pos
-        else:
-            return self._give_up(pos)
-        return pos + 1
+        return self._give_up(pos)
 
     def _open_message(self, fast: re.Match[bytes]) -> int:
         """A message in Claude Code's spelling, read up to its content array at once."""
