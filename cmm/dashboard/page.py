@@ -182,6 +182,8 @@ table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nu
 caption { text-align: left; color: var(--muted); padding: 0.25rem 0; }
 th, td { padding: 0.3rem 0.5rem; border-bottom: 1px solid var(--line); text-align: left; white-space: nowrap; }
 thead th { background: var(--panel); }
+#feed td:nth-child(3), #feed td:nth-child(4), #live th[scope="row"], #routes td:nth-child(2) {
+  white-space: normal; overflow-wrap: anywhere; }  /* rule labels are long: wrap them, not the numbers */
 .n { text-align: right; }
 tr.failed td, tr.failed th { color: var(--bad); }
 .note { color: var(--muted); }

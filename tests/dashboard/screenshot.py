@@ -22,11 +22,14 @@ from store_rows import create_store, insert, request_row  # noqa: E402
 
 from cmm.dashboard import server  # noqa: E402
 
+HAIKU_RULE = "claude-haiku* → gemini-2.5-flash (else anthropic)"
 MODELS = (  # model asked, route, rule, served by, upstream, share
-    ("claude-sonnet-4-5-20250929", "passthrough", None, "claude-sonnet-4-5-20250929", "anthropic", 0.55),
-    ("claude-haiku-4-5-20251001", "intercepted", "haiku", "gemini-2.5-flash", "localhost:8317", 0.35),
-    ("claude-opus-4-1-20250805", "passthrough", None, "claude-opus-4-1-20250805", "anthropic", 0.07),
-    ("claude-haiku-4-5-20251001", "fallback", "haiku", "claude-haiku-4-5-20251001", "anthropic", 0.03),
+    ("claude-sonnet-5-5", "passthrough", None, "claude-sonnet-5-5", "anthropic", 0.45),
+    ("claude-haiku-5-5", "intercepted", HAIKU_RULE, "gemini-2.5-flash", "localhost:8317", 0.30),
+    ("claude-opus-5-5", "intercepted", "* [subagent,compaction] → gemini-2.5-pro", "gemini-2.5-pro",
+     "localhost:8317", 0.10),
+    ("claude-opus-5-5", "passthrough", None, "claude-opus-5-5", "anthropic", 0.12),
+    ("claude-haiku-5-5", "fallback", HAIKU_RULE, "claude-haiku-5-5", "anthropic", 0.03),
 )
 
 
@@ -57,7 +60,7 @@ def traffic(now: float, rng: random.Random) -> list[dict[str, Any]]:
 
 async def live() -> dict[str, Any]:
     return {"running": True, "pid": 48213, "note": "", "routes": [
-        {"route": "claude-haiku-4-5* → gemini-2.5-flash", "requests": 412, "errors": 3, "p50_ms": 612.0,
+        {"route": HAIKU_RULE, "requests": 412, "errors": 3, "p50_ms": 612.0,
          "p99_ms": 2410.0, "bytes_in": 38_200_000, "bytes_out": 4_100_000},
         {"route": "passthrough", "requests": 903, "errors": 11, "p50_ms": 1380.0, "p99_ms": 7900.0,
          "bytes_in": 121_000_000, "bytes_out": 16_800_000}], "workers": []}
@@ -81,7 +84,7 @@ def main(out: Path) -> None:
             browser.get(dashboard.url() + "&range=day")
             time.sleep(2)
             for i in range(3):  # arrive while the page is open
-                insert(store, request_row(time=time.time(), model="claude-haiku-4-5-20251001", duration=0.4 + i / 10,
+                insert(store, request_row(time=time.time(), model="claude-haiku-5-5", rule=HAIKU_RULE, duration=0.4 + i / 10,
                                           input_tokens=812 + i, output_tokens=164, cache_read_input_tokens=2_048))
                 time.sleep(1.2)
             browser.save_screenshot(str(out))
