@@ -124,6 +124,8 @@ def test_validate() -> None:
     assert validate("DEFAULT_SOURCE_MODEL", "claude-haiku-4-5") is None
     assert validate("DEFAULT_SOURCE_MODEL", "") is None
     assert "whitespace" in validate("DEFAULT_TARGET_MODEL", "gemini 2.5")
+    assert all(validate("KEEP_BILLING_LINE", value) is None for value in ("true", "false", "1", "0", "Yes", "off"))
+    assert validate("KEEP_BILLING_LINE", "maybe") == "KEEP_BILLING_LINE must be true or false (got 'maybe')"
     message = validate("NOPE", "x")
     assert message is not None and all(key in message for key in KEYS)
 

@@ -94,3 +94,27 @@ def test_half_an_env_pair_is_ignored_when_the_file_maps_something() -> None:
     assert _pairs({}, {"DEFAULT_SOURCE_MODEL": "claude-haiku-4-5"}, [_Spec("a", "b")]) == {("a", "b")}
     with pytest.raises(ConfigError, match="--target"):
         build_config({}, {"DEFAULT_SOURCE_MODEL": "claude-haiku-4-5"}, DIR, [])
+
+
+def test_the_newer_settings_have_their_defaults_and_take_flags_and_env() -> None:
+    plain = build_config({"source": "a", "target": "b"}, {}, DIR)
+    assert (plain.proxy.keep_billing_line, plain.proxy.tunnel_idle_timeout, plain.proxy.fallback_body_max,
+            plain.usage_retention_days) == (False, 900.0, 8 * 1024 * 1024, 90.0)
+    flagged = build_config({"source": "a", "target": "b", "keep-billing-line": True, "tunnel-idle-timeout": "60",
+                            "fallback-body-max": "0.5", "usage-retention": "7"}, {}, DIR)
+    assert (flagged.proxy.keep_billing_line, flagged.proxy.tunnel_idle_timeout, flagged.proxy.fallback_body_max,
+            flagged.usage_retention_days) == (True, 60.0, 512 * 1024, 7.0)
+    for value, kept in (("true", True), ("YES", True), ("1", True), ("false", False), ("off", False)):
+        assert build_config({"source": "a", "target": "b"}, {"KEEP_BILLING_LINE": value}, DIR).proxy.keep_billing_line \
+            is kept
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("tunnel-idle-timeout", "0", "--tunnel-idle-timeout must be greater than 0"),
+    ("tunnel-idle-timeout", "soon", "--tunnel-idle-timeout must be a number"),
+    ("fallback-body-max", "-1", "--fallback-body-max must be greater than -1"),
+    ("usage-retention", "0", "--usage-retention must be greater than 0"),
+])
+def test_the_newer_settings_refuse_what_they_cannot_use(option: str, value: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        build_config({"source": "a", "target": "b", option: value}, {}, DIR)
