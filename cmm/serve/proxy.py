@@ -343,10 +343,11 @@ class ClientConnection(Protocol):
                 connected(self).write(CONTINUE)
             self.state = ClientState.SNIFF
             request.sniffer = ModelSniffer(request.decoder)
-            request.routing_deadline = self.context.clock.callLater(self.settings.head_timeout,
-                                                                    self._routing_timed_out)
             if rest:
                 self._sniff_bytes(rest)
+            if self.state == ClientState.SNIFF and self.request is request:  # the body is still to come
+                request.routing_deadline = self.context.clock.callLater(self.settings.head_timeout,
+                                                                        self._routing_timed_out)
             return
         self._dispatch(None, Sniffed(None, b"", b""), rest, body_done=head.framing.kind == "none")
 
