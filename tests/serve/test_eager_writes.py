@@ -85,13 +85,13 @@ def test_a_write_behind_buffered_bytes_waits_its_turn() -> None:
 
 def test_what_a_full_socket_does_not_take_is_buffered_in_order() -> None:
     transport, peer, reactor = connection(send_buffer=4096)
-    pieces = [bytes([n]) * 40_000 for n in range(1, 4)]  # each under the eager size, together beyond the socket's room
+    pieces = [bytes([n]) * EAGER_WRITE_MAX for n in range(1, 41)]  # each eager, together beyond the socket's room
     for piece in pieces:
         transport.write(piece)
     assert reactor.writers == [transport]  # the socket took part: the rest waits for the reactor
     peer.settimeout(5)
     got = bytearray()
-    while reactor.writers or len(got) < 120_000:
+    while reactor.writers or len(got) < 40 * EAGER_WRITE_MAX:
         got += peer.recv(65536)
         if reactor.writers:
             transport.doWrite()
