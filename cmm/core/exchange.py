@@ -15,7 +15,7 @@ from typing import Protocol
 
 import attrs
 
-from cmm.core.billing_line import BillingLine
+from cmm.core.billing_line import PREFIX as BILLING_PREFIX, BillingLine
 from cmm.core.cch import Resigner
 from cmm.core.decoding import BodyDecoder, unsupported
 from cmm.core.errors import HttpError
@@ -498,8 +498,10 @@ class UpstreamRequest:
         self._hold_max = hold_max
         self._neutraliser: Neutraliser | None = None
         self._stages = self._stages_for(edits)
+        self._billing: BillingLine | None = None
         if mapping is not None and not keep_billing_line:  # the target's prompt cache needs a stable start
-            self._stages.append(BillingLine())
+            self._billing = BillingLine()
+            self._stages.append(self._billing)
         self.start = start_for(mapping is not None, edits, decoder is not None)
         self.rechunk = needs_rechunk(mapping is not None, decoder is not None, head.framing.kind == "chunked")
         self._held_raw: list[bytes] = []
@@ -567,6 +569,9 @@ class UpstreamRequest:
     def _intercepted_start(self, found: Found, mapping: Mapping, endpoint: Endpoint, sniffed: bytes,
                            done: bool) -> bytes:
         payload = rewrite_model(sniffed, found.start, found.end, mapping.target)
+        if done and self._billing is not None and BILLING_PREFIX not in payload:
+            self._stages.remove(self._billing)  # a whole body without the line: it would pass as it is
+            self._billing = None
         payload = self._staged(payload, done)
         if self._head.framing.kind == "length" and self._decoder is None:
             length = self._head.framing.length + len(json.dumps(mapping.target)) - (found.end - found.start)

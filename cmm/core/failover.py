@@ -79,7 +79,8 @@ def ruled(record: RequestRecord, rule: Mapping, fallback: str | None, target: Up
     """A failover rule's record: the rule that routed it and, after a failover, who answered
     (``target``, or Anthropic when None) and why."""
     if fallback is None:
-        return attrs.evolve(record, mapping=rule.source)
+        # A plain rule's record names its source already: evolve (costly, per request) only to change it.
+        return record if record.mapping == rule.source else attrs.evolve(record, mapping=rule.source)
     return attrs.evolve(record, mapping=rule.source, target=rule.target, route="fallback", fallback=fallback,
                         upstream=f"{target.host}:{target.port}" if target is not None else "anthropic")
 

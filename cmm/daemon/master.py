@@ -105,6 +105,8 @@ class Supervisor:
     sockets: list[list[socket.socket]]  # per worker slot: the same shared list, or its own SO_REUSEPORT set
     count: int
     record: Callable[[RequestRecord, str], None]
+    # A worker's batch of records at once (the log written once for all of them); None: one by one.
+    record_batch: Callable[[list[RequestRecord], str], None] | None = None
     gauges: Callable[[str, dict[str, Any]], None] = lambda worker, values: None
     config: wire.WorkerConfig | None = None
     uid: int | None = None
@@ -152,8 +154,12 @@ class Supervisor:
             message = wire.decode(line)
             kind = message["type"]
             if kind == "records":
-                for record in wire.records_from_message(message):
-                    self.record(record, worker.name)
+                records = wire.records_from_message(message)
+                if self.record_batch is not None:
+                    self.record_batch(records, worker.name)
+                else:
+                    for record in records:
+                        self.record(record, worker.name)
             elif kind == "request":
                 self.record(wire.record_from_message(message), worker.name)
             elif kind == "gauges":

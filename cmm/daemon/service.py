@@ -313,6 +313,7 @@ class InterceptorService(Service):
                 slots = [self.sockets] * config.workers
             self.supervisor = self.supervisor_factory(
                 reactor=self.reactor, sockets=slots, count=config.workers, record=self.record,
+                record_batch=self.record_batch,
                 gauges=self.stats.gauges, on_cooldown=self.stats.cooldown, uid=identity[0] if identity else None,
                 gid=identity[1] if identity else None, grace=config.grace, environ=dict(self.environ),
             )
@@ -351,6 +352,15 @@ class InterceptorService(Service):
             self.usage.add(record)
         if self.request_log is not None:
             self.request_log(record)
+
+    def record_batch(self, records: list[RequestRecord], worker: str) -> None:
+        """A worker's batch: as ``record`` each, with their log lines in one write."""
+        for record in records:
+            self.stats.add(record, worker)
+            if self.usage is not None:
+                self.usage.add(record)
+        if self.request_log is not None:
+            self.request_log.write_all(records)
 
     def reload(self) -> None:
         """SIGHUP: re-read .env, mappings.toml and the certificates; keep the running config if

@@ -343,10 +343,11 @@ class ClientConnection(Protocol):
                 connected(self).write(CONTINUE)
             self.state = ClientState.SNIFF
             request.sniffer = ModelSniffer(request.decoder)
-            request.routing_deadline = self.context.clock.callLater(self.settings.head_timeout,
-                                                                    self._routing_timed_out)
             if rest:
                 self._sniff_bytes(rest)
+            if self.state == ClientState.SNIFF and self.request is request:  # the body is still to come
+                request.routing_deadline = self.context.clock.callLater(self.settings.head_timeout,
+                                                                        self._routing_timed_out)
             return
         self._dispatch(None, Sniffed(None, b"", b""), rest, body_done=head.framing.kind == "none")
 
@@ -591,6 +592,9 @@ class Exchange:
         self.rule: Mapping | None = mapping  # the rule that routed it (a fallback rule's Anthropic leg too)
         self.fallback: str | None = None  # why the upstream answering is not the rule's first choice
         self.failover_waiting: str | None = None  # refused while the body still came: failing over at its end
+        # What goes to the client while one upstream read is handled, written once at its end (see
+        # ``upstream_data``); None: outside one, writes go at once.
+        self._corked: list[bytes] | None = None
         self._reset_response()
 
     def _reset_response(self) -> None:
@@ -664,12 +668,21 @@ class Exchange:
     # Upstream events
 
     def upstream_data(self, data: bytes) -> None:
+        """Handle one read of the answer. What it sends the client (a head and the body that came
+        with it, say) leaves in one write: one TLS record and one send, not one per piece."""
         self.deadline.touch()
         if not self.received:
             self.ttfb = self.context.clock.seconds() - self.request.started_clock
         self.received += len(data)
         if self.finished:
             return
+        self._corked = []
+        try:
+            self._upstream_events(data)
+        finally:
+            self._uncork()
+
+    def _upstream_events(self, data: bytes) -> None:
         body: Body | None = None
         try:
             for event in self.reader.feed(data):
@@ -690,6 +703,7 @@ class Exchange:
 
     def _switch(self, switched: Switched) -> None:
         """A ``101``: hand both connections to a tunnel, which records the request when it ends."""
+        self._uncork()  # an interim head before it goes first
         refusal = switch_refusal(self.request.head, self.mapping is not None,
                                  self.client.state == ClientState.RESPONSE)
         if refusal is not None:
@@ -915,7 +929,17 @@ class Exchange:
     def _to_client(self, data: bytes) -> None:
         self.request.failover = None  # a byte went out: no second answer can follow, so nothing is kept
         self.bytes_out += len(data)
-        connected(self.client).write(data)
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            connected(self.client).write(data)
+
+    def _uncork(self) -> None:
+        """Write what ``_to_client`` held during an upstream read: before anything else is written
+        to the client (an error answer, a tunnel's bytes) or the exchange ends, and at the read's end."""
+        corked, self._corked = self._corked, None
+        if corked:
+            connected(self.client).write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def _finish(self, extra: bool = False, close: bool = False) -> None:
         """The response is complete. Reuse both connections where both sides allow it.
@@ -932,6 +956,7 @@ class Exchange:
     def fail(self, error: HttpError) -> None:
         if self.finished:
             return
+        self._uncork()
         if can_answer_error(self.response_started, self.client.state):
             connected(self.client).write(error_response(error.status, error.message,
                                                         head_only=self.request.head.method == b"HEAD"))
@@ -941,6 +966,7 @@ class Exchange:
 
     def _end(self, status: int | None, error: str | None, abort: bool, upstream_reusable: bool = False,
              client_reusable: bool = False) -> None:
+        self._uncork()
         self.finished = True
         self.deadline.cancel()
         self._detach(dispose_for(upstream_reusable, abort))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Sequence, TextIO
 
 import attrs
 from twisted.python import threadable
@@ -76,12 +76,26 @@ class RequestLog:
         return cls(console=console, file=log_file, formatter=format_json if json else format_line)
 
     def __call__(self, record: RequestRecord) -> None:
-        line = self.formatter(record) + "\n"
+        self.write_all((record,))
+
+    def write_all(self, records: Sequence[RequestRecord]) -> None:
+        """Their lines in one write to each output: a busy worker's batch costs two writes, not two
+        per request."""
+        if not records:
+            return
+        formatter = self.formatter
+        lines = [formatter(record) + "\n" for record in records]
+        text = "".join(lines)
         if self.console is not None:
-            self.console.write(line)
+            self.console.write(text)
             self.console.flush()
         if self.file is not None:
-            self.file.write(line)
+            limit = self.file.rotateLength
+            if limit and self.file.size + len(text) > limit:
+                for line in lines:  # it rotates within the batch: line by line, at the line it always did
+                    self.file.write(line)
+            else:
+                self.file.write(text)
             self.file.flush()
 
     def close(self) -> None:

@@ -200,3 +200,15 @@ def test_keep_billing_line_and_passthrough_leave_the_line_alone() -> None:
     opus = cch.resign(body.replace(HAIKU.encode(), b"claude-opus-5-5", 1))
     _, passed = forward([request(opus)], keep_billing_line=False)
     assert passed == opus
+
+
+@settings(max_examples=25, deadline=None)
+@given(points=cuts)
+def test_a_body_without_the_line_in_its_first_block_goes_as_it_came(points: list[int]) -> None:
+    """Whole in the first piece or not: no billing line to rewrite (the whole body's check skips
+    the walk), or the line only quoted in a message, which stays as it is."""
+    for system, quoted in (("You are Claude Code.", "hi"), ("You are Claude Code.", billing_line(2))):
+        body = json.dumps({"model": HAIKU, "max_tokens": 5, "messages": [{"role": "user", "content": quoted}],
+                           "system": [{"type": "text", "text": system}]}, separators=(",", ":")).encode()
+        _, sent = forward(split(request(body), points), keep_billing_line=False)
+        assert sent == body.replace(HAIKU.encode(), b"gemini-2.5-flash", 1)
