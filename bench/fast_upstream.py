@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm
+from cmm.testing.websocket import (  # noqa: E402
+    FLOOD_PIECE, VOICE_STREAM_PATH, FrameReader, Message, Opcode, ProtocolError, close_payload, encode_frame,
+    handshake_response)
 from cmm.testing.fakes import (  # noqa: E402
     ANTHROPIC_PATH,
     ANTHROPIC_PROVIDER,
@@ -166,6 +169,7 @@ class Connection(asyncio.Protocol):
         self.busy = False  # a reply is being sent (delayed or paced): later requests wait
         self.closing = False
         self.timer: asyncio.TimerHandle | None = None
+        self.websocket: FrameReader | None = None  # after a 101: the echo end, as the twisted fake's
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
@@ -184,6 +188,9 @@ class Connection(asyncio.Protocol):
             self.timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self.websocket is not None:
+            self.echo(data)
+            return
         self.buffer += data
         if not self.busy:
             try:
@@ -226,6 +233,10 @@ class Connection(asyncio.Protocol):
                 del self.buffer[:length]
             self.head = None
             self.respond(method, path, headers, body)
+            if self.websocket is not None:  # switched: what followed the handshake is WebSocket's
+                rest, self.buffer = bytes(self.buffer), bytearray()
+                self.echo(rest)
+                return
 
     @staticmethod
     def parse_head(head: bytes) -> tuple[bytes, bytes, list[tuple[str, str]], int | None]:
@@ -279,6 +290,11 @@ class Connection(asyncio.Protocol):
         if method == b"GET" and path == FAKE_CONTROL_PATH.encode():
             transport.write(self.upstream.control())
             return
+        key = dict(headers).get("sec-websocket-key")
+        if method == b"GET" and path == VOICE_STREAM_PATH.encode() and key:
+            transport.write(handshake_response(key))
+            self.websocket = FrameReader(masked=True)
+            return
         self.upstream.request_count += 1
         number = self.upstream.request_count
         answer = self.upstream.answer(method, path, headers, body, number)
@@ -289,6 +305,40 @@ class Connection(asyncio.Protocol):
             self.timer = self.upstream.loop.call_later(answer.delay, self.send, head, answer)
         else:
             self.send(head, answer)
+
+    def echo(self, data: bytes) -> None:
+        """The voice stream's echo end: the messages back, pong for ping, close for close, and
+        ``flood N`` (N bytes of binary frames, then a text saying so), as the twisted fake does."""
+        assert self.websocket is not None and self.transport is not None
+        if self.closing or not data:
+            return
+        try:
+            messages = self.websocket.feed(data)
+        except ProtocolError:
+            self.transport.write(encode_frame(Opcode.CLOSE, close_payload(1002)))
+            self.transport.close()
+            return
+        for message in messages:
+            self.answer_message(message)
+
+    def answer_message(self, message: Message) -> None:
+        assert self.transport is not None
+        write = self.transport.write
+        if message.opcode is Opcode.PING:
+            write(encode_frame(Opcode.PONG, message.payload))
+        elif message.opcode is Opcode.CLOSE:
+            write(encode_frame(Opcode.CLOSE, message.payload[:2] or close_payload(1000)))
+            self.closing = True
+            self.transport.close()
+        elif message.opcode is Opcode.TEXT and (flood := re.fullmatch(rb"flood (\d+)", message.payload)):
+            size = left = int(flood.group(1))
+            while left:
+                piece = min(FLOOD_PIECE, left)
+                left -= piece
+                write(encode_frame(Opcode.BINARY, b"\xa5" * piece))
+            write(encode_frame(Opcode.TEXT, b"flooded %d paused 0" % size))
+        elif message.opcode in (Opcode.TEXT, Opcode.BINARY):
+            write(encode_frame(message.opcode, message.payload))
 
     def send(self, head: bytes, answer: Answer) -> None:
         self.timer = None

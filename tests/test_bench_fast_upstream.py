@@ -99,3 +99,30 @@ def test_the_anthropic_upstream_speaks_tls_and_keeps_the_strict_check(tmp_path: 
         response = connection.getresponse()
         assert response.status == 400, response.read()
         response.read()
+
+
+def test_the_voice_stream_is_an_echo_as_the_fakes_is(target: int) -> None:
+    """The benchmark's WebSocket rows go through cmm to this upstream: it must switch and echo
+    as cmm.testing.websocket's end does (pipelined bytes, ping, flood, close)."""
+    import socket
+
+    from cmm.testing.websocket import Opcode, WebSocketClient
+
+    client = WebSocketClient(socket.create_connection(("127.0.0.1", target), timeout=10))
+    try:
+        head = client.handshake(pipelined=WebSocketClient.frame(Opcode.TEXT, b"sent with the handshake"))
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert client.receive().payload == b"sent with the handshake"
+        client.send(Opcode.BINARY, b"\x00" * 70_000)  # a 64-bit length
+        assert client.receive().payload == b"\x00" * 70_000
+        client.send(Opcode.PING, b"p")
+        assert (message := client.receive()).opcode is Opcode.PONG and message.payload == b"p"
+        client.send(Opcode.TEXT, b"flood 200000")
+        flooded = 0
+        while (message := client.receive()).opcode is Opcode.BINARY:
+            flooded += len(message.payload)
+        assert flooded == 200_000 and message.payload.startswith(b"flooded 200000")
+        client.send(Opcode.CLOSE, b"\x03\xe8")
+        assert (message := client.receive()).opcode is Opcode.CLOSE and message.payload == b"\x03\xe8"
+    finally:
+        client.sock.close()
