@@ -659,12 +659,21 @@ def idle_footprint(pid: int, stack: Stack) -> dict[str, Any]:
     """RSS (and private memory) of each of cmm's processes once its workers have reported and
     before any load (the route check has served one request each way), and of the upstreams, in KiB."""
     master = memory_kib(pid)["VmRSS"]
-    workers = {str(p): memory_kib(p)["VmRSS"] for p in child_pids(pid)}
+    children = {str(p): memory_kib(p)["VmRSS"] for p in child_pids(pid)}
+    recorder = {p: kib for p, kib in children.items() if is_recorder(int(p))}  # the usage recorder, not a worker
+    workers = {p: kib for p, kib in children.items() if p not in recorder}
     upstreams = {name: memory_kib(process.pid)["VmRSS"] for name, process in stack.processes
                  if name.startswith("fake-")}
     private = {str(p): private_kib(p) for p in [pid, *child_pids(pid)]}
-    return {"master_kib": master, "workers_kib": workers, "total_kib": master + sum(workers.values()),
-            "private_kib": private, "upstreams_kib": upstreams}
+    return {"master_kib": master, "workers_kib": workers, "recorder_kib": recorder,
+            "total_kib": master + sum(children.values()), "private_kib": private, "upstreams_kib": upstreams}
+
+
+def is_recorder(pid: int) -> bool:
+    try:
+        return b"cmm.daemon.recorder" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def idle_report(idle: dict[str, Any]) -> str:
@@ -676,6 +685,7 @@ def idle_report(idle: dict[str, Any]) -> str:
 
     cells = [cell("master", next(iter(private), ""), idle["master_kib"])]
     cells += [cell(f"worker {pid}", pid, kib) for pid, kib in idle["workers_kib"].items()]
+    cells += [cell(f"usage recorder {pid}", pid, kib) for pid, kib in idle.get("recorder_kib", {}).items()]
     return (f"0. Idle RSS of cmm, MiB: {', '.join(cells)}; total {idle['total_kib'] / 1024:.1f} "
             f"({len(idle['workers_kib'])} workers, cmm's default)")
 
