@@ -57,7 +57,8 @@ class Target:
     address: str
     port: int
     ca_cert: Path
-    sources: tuple[str, ...]
+    sources: tuple[str, ...]  # mappings that send their models' requests to the target: the intercepted check's
+    taken: tuple[str, ...] = ()  # every source that may take a plain request (a fallback rule's too): none for passthrough
 
     @property
     def url(self) -> str:
@@ -92,11 +93,12 @@ class Options:
 # --- pure judging ------------------------------------------------------------------------------
 
 
-def choose_models(sources: Sequence[str]) -> tuple[str | None, str]:
-    """A model a mapping takes (its source itself: prefixes match themselves) and one none takes."""
+def choose_models(sources: Sequence[str], taken: Sequence[str] = ()) -> tuple[str | None, str]:
+    """A model a mapping takes (its source itself: prefixes match themselves) and one that no
+    mapping or unconditioned rule (``taken``; a fallback rule may send it to its target) takes."""
     mapped = sources[0] if sources else None
     for candidate in PASSTHROUGH_CANDIDATES:
-        if not any(candidate.startswith(source) for source in sources):
+        if not any(candidate.startswith(source) for source in (*sources, *taken)):
             return mapped, candidate
     return mapped, "cmm-selftest-" + "x" * 8
 
@@ -276,7 +278,7 @@ async def send(reactor: Any, target: Target, model: str, timeout: float) -> Repl
 async def run_checks(reactor: Any, target: Target, timeout: float) -> list[Check]:
     """TLS first: without it the requests cannot tell anything more."""
     tls = judge_tls(await handshake(reactor, target, min(timeout, HANDSHAKE_TIMEOUT)), target)
-    mapped, other = choose_models(target.sources)
+    mapped, other = choose_models(target.sources, target.taken)
     if not tls.ok:
         skipped = "skipped: no TLS connection"
         return [tls, Check("intercepted", None, skipped), Check("passthrough", None, skipped)]
@@ -292,7 +294,8 @@ def running_target(state: RunningState, config_dir: Path) -> Target:
     listen = state.listen or ("127.0.0.1",)
     address = "127.0.0.1" if "127.0.0.1" in listen else listen[0]
     ca = certs.certificate_paths(state.config_dir or config_dir).ca_cert
-    return Target(address, state.port or 443, ca, tuple(m.source for m in state.mappings if not m.rule))  # plain ones
+    return Target(address, state.port or 443, ca, tuple(m.source for m in state.mappings if m.intercepts),
+                  tuple(m.source for m in state.mappings if m.unconditioned))
 
 
 def twistd_argv(cmm_args: Sequence[str], python: str = sys.executable) -> list[str]:

@@ -42,6 +42,8 @@ class MappingInfo:
     target: str
     url: str
     rule: str = ""  # a rule's label, conditions included (empty: a plain mapping)
+    unconditioned: bool = True  # no condition: any request for its models may take it
+    intercepts: bool = True  # unconditioned and not a fallback rule: its models' requests go to the target
 
 
 @attrs.frozen
@@ -201,8 +203,10 @@ def parse_state(text: str) -> RunningState:
     mappings = []
     for item in data.get("mappings") or ():
         if isinstance(item, dict):
+            plain = not item.get("rule")
             mappings.append(MappingInfo(str(item.get("source", "")), str(item.get("target", "")),
-                                        str(item.get("url", "")), str(item.get("rule", ""))))
+                                        str(item.get("url", "")), str(item.get("rule", "")),
+                                        item.get("unconditioned", plain) is True, item.get("intercepts", plain) is True))
     hosts_file = data.get("hosts_file")
     config_dir = data.get("config_dir")
     return RunningState(
@@ -305,7 +309,8 @@ def configured_mappings(config_dir: Path, settings: Mapping[str, str]) -> tuple[
         specs = mappings.load(mappings.mappings_file(config_dir))
     except (mappings.MappingsError, OSError):
         specs = ()  # `cmm doctor` and `cmm map list` say what is wrong with it
-    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url, "" if is_plain(spec) else rule_label(spec))
+    found = [MappingInfo(spec.source, spec.target, spec.url or proxy_url, "" if is_plain(spec) else rule_label(spec),
+                         not spec.conditioned, not spec.conditioned and spec.mode == "always")
              for spec in specs]
     source, target = settings.get("DEFAULT_SOURCE_MODEL", ""), settings.get("DEFAULT_TARGET_MODEL", "")
     if source and target and all(spec.source != source or spec.conditioned for spec in specs):

@@ -409,6 +409,7 @@ class InterceptorService(Service):
             "worker_count": config.workers,
             "accept": config.accept,
             "mappings": [{"source": m.source, "target": m.target, "url": m.upstream.url,
+                          "unconditioned": not m.conditioned, "intercepts": not m.conditioned and m.mode == "always",
                           **({} if is_plain(m) else {"rule": rule_label(m)})}
                          for m in config.proxy.router.mappings],
             "hosts_file": str(config.hosts_file) if config.hosts_file else None,

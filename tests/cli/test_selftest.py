@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import pytest
 
-from cmm.cli import selftest
+from cmm.cli import selftest, status
 
 from cmm.machine import certs
 from cmm.testing.checkout import REPO, twistd_command
@@ -121,7 +121,7 @@ def test_judge_name_lookup() -> None:
 
 def test_running_target(tmp_path: Path) -> None:
     state = RunningState(1, None, 8443, ("::1", "127.0.0.1"), (MappingInfo("a", "b", "u"),), None, tmp_path / "run")
-    assert selftest.running_target(state, tmp_path) == Target("127.0.0.1", 8443, tmp_path / "run" / "ca.crt", ("a",))
+    assert selftest.running_target(state, tmp_path) == Target("127.0.0.1", 8443, tmp_path / "run" / "ca.crt", ("a",), ("a",))
     bare = RunningState(1, None, None, ("::1",), (), None, None)
     assert selftest.running_target(bare, tmp_path) == Target("::1", 443, tmp_path / "ca.crt", ())
 
@@ -362,3 +362,22 @@ def test_temporary_run_reports_a_hosts_block_a_killed_cmm_left(tmp_path: Path, l
                "(left by a killed run): Claude Code cannot reach Anthropic")
     assert (problem in lines, "fix: sudo cmm stop" in out.getvalue(), code) == ((True, True, 1) if left else
                                                                                 (False, False, 0)), out.getvalue()
+
+
+def test_the_running_target_tests_a_hand_back_mapping_and_passes_no_model_a_fallback_rule_takes(tmp_path: Path) -> None:
+    """Tried as a user: with `claude-haiku … --on-target-error anthropic` and a fallback rule for
+    claude-opus in cool-down, `cmm test` had no mapping to test and sent claude-opus-5-5, which the
+    rule took to its target."""
+    state = status.parse_state(json.dumps({"pid": 7, "port": 443, "mappings": [
+        {"source": "claude-haiku", "target": "g", "url": "http://x/m", "rule": "claude-haiku* → g (else anthropic)",
+         "unconditioned": True, "intercepts": True},
+        {"source": "*", "target": "p", "url": "http://x/m", "rule": "* [subagent] → p",
+         "unconditioned": False, "intercepts": False},
+        {"source": "claude-opus", "target": "gpt-5", "url": "http://x/m", "rule": "claude-opus* → gpt-5 (fallback)",
+         "unconditioned": True, "intercepts": False}]}))
+    target = selftest.running_target(state, tmp_path)
+    assert (target.sources, target.taken) == (("claude-haiku",), ("claude-haiku", "claude-opus"))
+    assert selftest.choose_models(target.sources, target.taken) == ("claude-haiku", "claude-sonnet-5-5")
+    old = status.parse_state(json.dumps({"pid": 7, "mappings": [{"source": "a", "target": "b"},
+                                                                {"source": "c", "target": "d", "rule": "c* [x] → d"}]}))
+    assert [(m.unconditioned, m.intercepts) for m in old.mappings] == [(True, True), (False, False)]  # older state files
