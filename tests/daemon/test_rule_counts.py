@@ -122,7 +122,8 @@ def test_cmm_test_checks_interception_with_a_plain_mapping_not_a_rule(tmp_path: 
     from cmm.cli import selftest
 
     state = RunningState(pid=7, started=None, port=443, listen=("127.0.0.1",), hosts_file=None, config_dir=tmp_path,
-                         mappings=(MappingInfo("*", "gemini-2.5-pro", "http://x/m", SUBAGENTS),
+                         mappings=(MappingInfo("*", "gemini-2.5-pro", "http://x/m", SUBAGENTS, unconditioned=False,
+                                               intercepts=False),
                                    MappingInfo("claude-haiku", "g", "http://x/m")))
     target = selftest.running_target(state, tmp_path)
     assert target.sources == ("claude-haiku",)
