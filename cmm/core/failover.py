@@ -33,12 +33,6 @@ MAX_COOLDOWN = 24 * 3600.0
 FALLBACK_HEADER = b"x-cmm-fallback"
 
 
-def rule_key(mapping: Mapping) -> str:
-    """How a rule is named across processes (cool-downs, counters): its label, the same text in
-    every worker, in the master and in the request log for the same rule of the same file."""
-    return rule_label(mapping)
-
-
 def fails_over(status: int | None, fallback_on: tuple[int | str, ...]) -> bool:
     """Whether Anthropic's answer (a status; None: unreachable, closed or silent before its head)
     sends the request to the target."""
@@ -72,7 +66,7 @@ def cooldown_for(rule: Mapping, status: int, retry_after: bytes | None, now: flo
     if status not in COOLDOWN_STATUSES or not fails_over(status, rule.fallback_on):
         return None
     seconds = retry_after_seconds(retry_after, now)
-    return Cooldown(rule_key(rule), now + seconds, cause("anthropic", status)) if seconds else None
+    return Cooldown(rule_label(rule), now + seconds, cause("anthropic", status)) if seconds else None
 
 
 def ruled(record: RequestRecord, rule: Mapping, fallback: str | None, target: Upstream | None) -> RequestRecord:

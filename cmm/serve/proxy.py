@@ -33,7 +33,7 @@ from cmm.core.exchange import (Body, BodyPart, ClientState, ClientTimeout, Disca
                                can_answer_error, dispose_for, edits_for, keep_for_retry, on_client_timeout,
                                on_upstream_lost, plan_request, response_mode, retry_decision, reuse_after, route)
 from cmm.core.failover import (FALLBACK_HEADER, UNREACHABLE, Cooldown, CooldownTable, Failover, KeptBody,
-                               cooldown_for, keepable, next_cause, resend, rule_key, ruled, with_fallback_header)
+                               cooldown_for, keepable, next_cause, resend, ruled, with_fallback_header)
 from cmm.serve.flow import Deadline, Valve
 from cmm.core.framing import LAST_CHUNK, BodyTracker, CloseBody, encode_chunk
 from cmm.core.http_head import HeadCollector, RequestHead, ResponseHead, parse_request_head
@@ -420,7 +420,7 @@ class ClientConnection(Protocol):
         assert request is not None
         first: Mapping | None = None if rule.mode == "fallback" else rule
         if rule.mode == "fallback":
-            cooling = self.context.cooldowns.active(rule_key(rule))
+            cooling = self.context.cooldowns.active(rule_label(rule))
             if cooling is not None:
                 return rule, f"{cooling.cause} cool-down"
         limit = self.settings.fallback_body_max
@@ -441,7 +441,7 @@ class ClientConnection(Protocol):
     def _not_kept(self, rule: Mapping) -> None:
         self.context.unkept += 1
         log.warn("A request for {rule} is larger than --fallback-body-max ({limit} bytes): it is not kept, so it "
-                 "cannot fail over", rule=rule_key(rule), limit=self.settings.fallback_body_max)
+                 "cannot fail over", rule=rule_label(rule), limit=self.settings.fallback_body_max)
 
     def upstream_ready(self, body_done: bool) -> None:
         """The exchange sent the start of the request; go on reading the client."""
@@ -1071,7 +1071,7 @@ class Exchange:
         except (HttpError, ValueError) as error:  # cannot happen to bytes that were sent once; say so if it does
             self.fail(HttpError(502, f"Cannot fail over ({why}): {error}"))
             return
-        log.info("{why}: {rule} fails over to {other}", why=why, rule=rule_key(failover.rule),
+        log.info("{why}: {rule} fails over to {other}", why=why, rule=rule_label(failover.rule),
                  other=to.upstream.url if to is not None else "Anthropic")
         self._detach(dispose)
         self._reset_response()

@@ -14,12 +14,12 @@ from hypothesis import given, settings, strategies as st
 from cmm.core.exchange import ModelSniffer, RequestBody, UpstreamRequest, edits_for
 from cmm.core.decoding import BodyDecoder
 from cmm.core.failover import (DEFAULT_FALLBACK_ON, MAX_COOLDOWN, Cooldown, CooldownTable, KeptBody, cause,
-                               cooldown_for, fails_over, keepable, next_cause, resend, retry_after_seconds, rule_key,
+                               cooldown_for, fails_over, keepable, next_cause, resend, retry_after_seconds,
                                ruled, target_failed, with_fallback_header)
 from cmm.core.records import RequestRecord
 from cmm.core.framing import tracker_for
 from cmm.core.http_head import parse_request_head
-from cmm.core.router import Mapping, Upstream
+from cmm.core.router import Mapping, Upstream, rule_label
 
 NOW = 1_800_000_000.0
 RULE = Mapping("claude-opus", "gpt-5", Upstream.from_url("http://127.0.0.1:8317/v1/messages", "sk-proxy"),
@@ -142,10 +142,10 @@ def test_a_malformed_cool_down_is_refused(fields: tuple) -> None:
 
 
 def test_a_rule_is_named_by_its_prefix_target_and_conditions() -> None:
-    assert rule_key(RULE) == "claude-opus* → gpt-5 (fallback)"
+    assert rule_label(RULE) == "claude-opus* → gpt-5 (fallback)"
     conditioned = Mapping("*", "gpt-5", RULE.upstream, request_class=("subagent",), headers=(("x-a", "b*"),),
                           min_body_bytes=10)
-    assert rule_key(conditioned) == "* [subagent x-a=b* min_body_bytes≥10] → gpt-5"
+    assert rule_label(conditioned) == "* [subagent x-a=b* min_body_bytes≥10] → gpt-5"
 
 
 # -- keeping the body -----------------------------------------------------------------------------
