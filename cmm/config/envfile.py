@@ -18,6 +18,7 @@ import attrs
 from cmm.config import paths, userfiles
 from cmm.config.textfile import split_lines
 from cmm.config.userfiles import UserDir
+from cmm.core.settings import SWITCH_OFF, SWITCH_ON
 
 FILE_NAME = paths.ENV_FILE_NAME
 ENV_MODE = 0o600
@@ -61,7 +62,7 @@ def _validate_model(value: str) -> str | None:
 
 
 def _validate_switch(value: str) -> str | None:
-    if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+    if value.strip().lower() not in SWITCH_ON | SWITCH_OFF:
         return "must be true or false"
     return None
 

@@ -207,9 +207,13 @@ def build_config(options: MappingType[str, object], env: MappingType[str, str], 
     )
 
 
+# How a .env switch may be spelled; config.envfile refuses any other value when it is set.
+SWITCH_ON = frozenset({"1", "true", "yes", "on"})
+SWITCH_OFF = frozenset({"0", "false", "no", "off"})
+
+
 def _yes(value: str) -> bool:
-    """A .env switch; the file's own check (envfile) has refused anything else already."""
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    return value.strip().lower() in SWITCH_ON
 
 
 def _dns_servers(value: object) -> tuple[tuple[str, int], ...]:
