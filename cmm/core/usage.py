@@ -174,21 +174,31 @@ def read_stream(ends: BodyEnds, found: _Found) -> None:
     JSON; its first ``"usage"`` object is the event's (message_start's content is empty)."""
     head = ends.head()
     at = head.find(_START)
-    line = _line_at(head, at) if at >= 0 else None
-    if line is not None and line.startswith(b"data:") and line.rstrip().endswith(b"}"):
-        key = line.find(_USAGE_KEY)
-        found.take(_counts(line, key) if key >= 0 else None, _first_model(line))
+    line = _event_line(head, at) if at >= 0 else None
+    if line is not None:
+        found.take(_event_counts(line), _first_model(line))
     tail = ends.tail()
     at = len(tail)
     for _ in range(MAX_TRIES):
         at = tail.rfind(_DELTA, 0, at)
         if at < 0:
             return
-        line = _line_at(tail, at)
-        if line is not None and line.startswith(b"data:") and line.rstrip().endswith(b"}"):
-            key = line.find(_USAGE_KEY)
-            found.take(_counts(line, key) if key >= 0 else None)
+        line = _event_line(tail, at)
+        if line is not None:
+            found.take(_event_counts(line))
             return
+
+
+def _event_line(data: bytes, at: int) -> bytes | None:
+    """The whole ``data:`` line naming an event at ``at`` whose JSON ends on it; None otherwise."""
+    line = _line_at(data, at)
+    return line if line is not None and line.startswith(b"data:") and line.rstrip().endswith(b"}") else None
+
+
+def _event_counts(line: bytes) -> dict[str, int] | None:
+    """The counts of an event's first ``"usage"`` object."""
+    key = line.find(_USAGE_KEY)
+    return _counts(line, key) if key >= 0 else None
 
 
 def read_json(ends: BodyEnds, found: _Found) -> None:
