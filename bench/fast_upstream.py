@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cmm
 from cmm.testing.websocket import (  # noqa: E402
     FLOOD_PIECE, VOICE_STREAM_PATH, FrameReader, Message, Opcode, ProtocolError, close_payload, encode_frame,
-    handshake_response)
+    handshake_response, reply_to)
 from cmm.testing.fakes import (  # noqa: E402
     ANTHROPIC_PATH,
     ANTHROPIC_PROVIDER,
@@ -322,23 +322,25 @@ class Connection(asyncio.Protocol):
             self.answer_message(message)
 
     def answer_message(self, message: Message) -> None:
+        """As cmm.testing.websocket's echo end (``pause``, a flow-control test, is not played here)."""
         assert self.transport is not None
         write = self.transport.write
-        if message.opcode is Opcode.PING:
-            write(encode_frame(Opcode.PONG, message.payload))
-        elif message.opcode is Opcode.CLOSE:
-            write(encode_frame(Opcode.CLOSE, message.payload[:2] or close_payload(1000)))
+        kind, value = reply_to(message)
+        if kind == "send":
+            write(encode_frame(*value))
+        elif kind == "close":
+            write(encode_frame(Opcode.CLOSE, close_payload(value)))
             self.closing = True
             self.transport.close()
-        elif message.opcode is Opcode.TEXT and (flood := re.fullmatch(rb"flood (\d+)", message.payload)):
-            size = left = int(flood.group(1))
+        elif kind == "flood":
+            left = value
             while left:
                 piece = min(FLOOD_PIECE, left)
                 left -= piece
                 write(encode_frame(Opcode.BINARY, b"\xa5" * piece))
-            write(encode_frame(Opcode.TEXT, b"flooded %d paused 0" % size))
-        elif message.opcode in (Opcode.TEXT, Opcode.BINARY):
-            write(encode_frame(message.opcode, message.payload))
+            write(encode_frame(Opcode.TEXT, b"flooded %d paused 0" % value))
+        elif kind == "pause":
+            write(encode_frame(Opcode.TEXT, message.payload))
 
     def send(self, head: bytes, answer: Answer) -> None:
         self.timer = None

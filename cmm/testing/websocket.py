@@ -206,6 +206,23 @@ def close_payload(code: int, reason: str = "") -> bytes:
 # -- the fake Anthropic's end ---------------------------------------------------------------------
 
 
+def reply_to(message: Message) -> tuple[str, Any]:
+    """What the echo end does with a message, for every fake that plays it: ("send", (opcode,
+    payload)), ("close", code), ("flood", bytes), ("pause", seconds) or ("ignore", None)."""
+    if message.opcode is Opcode.PING:
+        return "send", (Opcode.PONG, message.payload)
+    if message.opcode is Opcode.CLOSE:
+        code = message.payload[:2] if len(message.payload) >= 2 else struct.pack("!H", 1000)
+        return "close", struct.unpack("!H", code)[0]
+    if message.opcode is Opcode.TEXT and (command := re.fullmatch(r"flood (\d+)", message.text)):
+        return "flood", int(command.group(1))
+    if message.opcode is Opcode.TEXT and (command := re.fullmatch(r"pause ([0-9.]+)", message.text)):
+        return "pause", float(command.group(1))
+    if message.opcode in (Opcode.TEXT, Opcode.BINARY):
+        return "send", (message.opcode, message.payload)
+    return "ignore", None
+
+
 @implementer(IPushProducer)
 class EchoWebSocket(Protocol):
     """The server end: echoes, answers pings and closes, and obeys ``flood`` and ``pause``."""
@@ -239,20 +256,18 @@ class EchoWebSocket(Protocol):
         self.transport.write(encode_frame(opcode, payload))
 
     def _answer(self, message: Message) -> None:
-        if message.opcode is Opcode.PING:
-            self._send(Opcode.PONG, message.payload)
-        elif message.opcode is Opcode.CLOSE:
-            code = message.payload[:2] if len(message.payload) >= 2 else struct.pack("!H", 1000)
-            self._close(struct.unpack("!H", code)[0])
-        elif message.opcode is Opcode.TEXT and (command := re.fullmatch(r"flood (\d+)", message.text)):
-            self._flood_left = self._flood_size = int(command.group(1))
+        kind, value = reply_to(message)
+        if kind == "send":
+            self._send(*value)
+        elif kind == "close":
+            self._close(value)
+        elif kind == "flood":
+            self._flood_left = self._flood_size = value
             self._flood()
-        elif message.opcode is Opcode.TEXT and (command := re.fullmatch(r"pause ([0-9.]+)", message.text)):
+        elif kind == "pause":
             self._send(Opcode.TEXT, b"paused")
             connected(self).pauseProducing()
-            self._timer = self.clock.callLater(float(command.group(1)), self._read_again)
-        elif message.opcode in (Opcode.TEXT, Opcode.BINARY):
-            self._send(message.opcode, message.payload)
+            self._timer = self.clock.callLater(value, self._read_again)
 
     def _read_again(self) -> None:
         self._timer = None
