@@ -84,6 +84,25 @@ def test_sigterm_writes_the_last_batch_then_exits(tmp_path: Path) -> None:
     assert count(database) == 3
 
 
+def test_records_sent_before_sigterm_are_written_though_not_yet_read(tmp_path: Path) -> None:
+    """The signal and the records are both waiting when the loop first looks: the records win."""
+    from cmm.daemon.recorder import run
+    from cmm.usage.store import Recorder
+
+    database, logs = tmp_path / "usage.sqlite3", []
+    source_read, source_write = os.pipe()
+    wakeup_read, wakeup_write = os.pipe()
+    os.write(source_write, lines(*range(5)))  # the master's pipe stays open: only the signal ends the loop
+    os.write(wakeup_write, b"\x0f")
+    try:
+        run(Recorder(database, 90.0, logs.append), source_read, wakeup_read, logs.append)
+    finally:
+        for end in (source_read, source_write, wakeup_read, wakeup_write):
+            os.close(end)
+    assert count(database) == 5
+    assert logs == []
+
+
 def test_sigint_and_sighup_leave_it_running(tmp_path: Path) -> None:
     process = start(tmp_path / "usage.sqlite3")
     assert process.stdin is not None
