@@ -139,12 +139,13 @@ class Harness:
     records: list = attrs.field(factory=list)
     pool: Pool | None = None
     factory: Factory | None = None
+    context: ProxyContext | None = None
 
     def __attrs_post_init__(self) -> None:
         self.pool = Pool(self._connect, self.clock)
-        context = ProxyContext(self.settings, self.pool, self.clock, self.records.append, wall_clock=lambda: 0.0)
+        self.context = ProxyContext(self.settings, self.pool, self.clock, self.records.append, wall_clock=lambda: 0.0)
         self.factory = server_factory(server_options(self.pki.server.cert_pem, self.pki.server.key_pem),
-                                      ProxyFactory(context), clock=self.clock)
+                                      ProxyFactory(self.context), clock=self.clock)
 
     def _connect(self, destination: Destination) -> defer.Deferred[UpstreamConnection]:
         upstream = self.upstreams["anthropic" if destination.anthropic else "target"]

@@ -26,6 +26,7 @@ from cmm.daemon import wire
 from cmm.daemon.privileges import _can_regain_root, drop_privileges, parse_user  # noqa: F401  (named here too)
 from cmm.serve.proxy import ProxyContext, ProxyFactory
 from cmm.core.records import RequestRecord
+from cmm.serve.record_batch import RECORD_BATCH, RECORD_DELAY, RecordBatch  # noqa: F401  (named here too)
 from cmm.serve.resolve import AddressBook
 from cmm.serve.serving import build_context
 from cmm.serve.tls import ReloadableServerTLS, connected, server_factory, server_options
@@ -34,10 +35,6 @@ log = Logger()
 
 FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
 GAUGE_INTERVAL = 1.0
-# Records go to the master in batches: one JSON line and one pipe write for up to RECORD_BATCH
-# of them, at most RECORD_DELAY seconds after the first (the log and `cmm status` hardly notice).
-RECORD_BATCH = 100
-RECORD_DELAY = 0.005
 OUTPUT_FLUSH_TIMEOUT = 5.0  # seconds a stopping worker waits for the master to take its last output
 MAX_LINE = 64 * 1024 * 1024  # a configuration carries key material and mappings: generous
 
@@ -62,8 +59,7 @@ class WorkerControl(LineReceiver):
         self.ports: list[IListeningPort] = []
         self.stopping = False
         self._last_gauges: dict[str, int] = {}
-        self._records: list[RequestRecord] = []
-        self._flush_call: Any = None
+        self.records = RecordBatch(reactor, lambda records: self.send(wire.records_message(records)))
         self._output_flushed: defer.Deferred[None] | None = None
         self._output_closed = False
 
@@ -86,6 +82,7 @@ class WorkerControl(LineReceiver):
             self.addresses = AddressBook.fixed(config.anthropic_addresses)
             self.context = build_context(config.proxy, self.addresses, config.connect_timeout, self.reactor,
                                          self.send_record)
+            self.context.record_later = self.records.add  # built with the batch, on warm code
             self.context.report_cooldown = lambda cooldown: self.send(wire.cooldown_message(cooldown))
             self.tls = ReloadableServerTLS(options)
             factory = server_factory(self.tls, ProxyFactory(self.context))
@@ -109,19 +106,10 @@ class WorkerControl(LineReceiver):
             self.transport.write(wire.encode(message))
 
     def send_record(self, record: RequestRecord) -> None:
-        self._records.append(record)
-        if len(self._records) >= RECORD_BATCH:
-            self.flush_records()
-        elif self._flush_call is None:
-            self._flush_call = self.reactor.callLater(RECORD_DELAY, self.flush_records)
+        self.records.add(record)
 
     def flush_records(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        records, self._records = self._records, []
-        if records:
-            self.send(wire.records_message(records))
+        self.records.flush()
 
     def send_gauges(self) -> None:
         if self.context is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from typing import Any, Callable
 
 import attrs
@@ -74,6 +75,9 @@ class ProxyContext:
     pool: Pool
     clock: IReactorTime
     record: Callable[[RequestRecord], None]
+    # Where an exchange's record may be handed over as its builder, to be made later with others
+    # (``cmm.serve.record_batch``); None: made at the exchange's end and given to ``record``.
+    record_later: Callable[[Callable[[], RequestRecord]], None] | None = None
     wall_clock: Callable[[], float] = time.time
     connections: set[ClientConnection] = attrs.field(factory=set)
     draining: bool = False
@@ -970,10 +974,17 @@ class Exchange:
         self.finished = True
         self.deadline.cancel()
         self._detach(dispose_for(upstream_reusable, abort))
-        self.context.record(self._ruled(self.request.record(self.context.clock.seconds(), status, error,
-                                                            self.bytes_out, self.model, self.mapping,
-                                                            self._answer_fields(complete=error is None))))
+        build = partial(self._record, self.context.clock.seconds(), status, error)
+        if self.context.record_later is not None:
+            self.context.record_later(build)
+        else:
+            self.context.record(build())
         self.client.exchange_ended(abort, reusable=client_reusable and error is None)
+
+    def _record(self, now: float, status: int | None, error: str | None) -> RequestRecord:
+        """The exchange's record, from what it saw up to its end (nothing changes it after)."""
+        return self._ruled(self.request.record(now, status, error, self.bytes_out, self.model, self.mapping,
+                                               self._answer_fields(complete=error is None)))
 
     def _detach(self, dispose: Dispose) -> None:
         """Undo what ``_connected`` joined (handler, producers both ways, backpressure pauses)

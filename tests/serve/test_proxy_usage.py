@@ -50,10 +50,16 @@ def json_response(model: str, coding: str | None = None) -> bytes:
     return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
-def run(request: bytes, response: bytes, answering: str, cuts: tuple[int, ...] = ()) -> tuple[bytes, RequestRecord]:
+def run(request: bytes, response: bytes, answering: str, cuts: tuple[int, ...] = (),
+        later: bool = False) -> tuple[bytes, RequestRecord]:
     """The bytes the client got and the request's record; the answer comes ``cuts`` apart, a
-    quarter of a second after the request was sent."""
+    quarter of a second after the request was sent. ``later``: the record is handed over as its
+    builder (as in a worker) and built once the connection is gone and time has passed."""
     harness = Harness(PKI, proxy_settings())
+    builders: list = []
+    if later:
+        assert harness.context is not None
+        harness.context.record_later = builders.append
     servers = []
     harness.upstreams[answering].reply = lambda server, exchange: servers.append(server)
     client, _ = harness.client()
@@ -63,6 +69,12 @@ def run(request: bytes, response: bytes, answering: str, cuts: tuple[int, ...] =
     for piece in split(response, list(cuts)):
         server.transport.write(piece)
         harness.flush()
+    if later:
+        assert harness.records == [] and len(builders) == 1
+        client.transport.loseConnection()
+        harness.flush()
+        harness.advance(10.0)
+        return bytes(client.received), builders[0]()
     [record] = harness.records
     return bytes(client.received), record
 
@@ -98,6 +110,17 @@ def test_usage_in_the_record_whatever_the_split(name: str, cuts: list[int]) -> N
         assert received == response  # byte for byte: the reader only looks
     else:
         assert decoded_response(received)[1] != b""
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_record_built_later_is_the_record_built_at_once(name: str) -> None:
+    """A worker builds its records with the batch, after the exchange: nothing the exchange does
+    after its end (nor the client going, nor time passing) changes what its record says."""
+    model, answering, make, coding, _ = CASES[name]
+    response = make("gemini-2.5-flash" if answering == "target" else model, coding)
+    at_once = run(post(model), response, answering, (300,))
+    built_later = run(post(model), response, answering, (300,), later=True)
+    assert built_later == at_once
 
 
 def test_every_split_of_a_passthrough_stream() -> None:
