@@ -18,7 +18,6 @@ body, even in C, would cost more than the rest of cmm's work on a passed-through
 
 from __future__ import annotations
 
-import collections
 import json
 import re
 from typing import Any, Callable, Sequence
@@ -67,23 +66,6 @@ class Usage:
 NO_USAGE = Usage()
 
 
-class _Found:
-    """What was read so far; a later count for the same field replaces an earlier one."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.model: str | None = None
-
-    def take(self, counts: dict[str, int] | None, model: str | None = None) -> None:
-        if counts:
-            self.counts.update(counts)
-        if model:
-            self.model = model
-
-    def usage(self) -> Usage:
-        return Usage(model=self.model, **self.counts)
-
-
 def _loads(data: bytes | str) -> Any:
     """JSON, or None for anything that is not (bad syntax, bad UTF-8, nesting too deep)."""
     try:
@@ -95,53 +77,56 @@ def _loads(data: bytes | str) -> Any:
 class BodyEnds:
     """A body's first ``HEAD_BYTES`` and last ``TAIL_BYTES`` (at least), whatever its pieces.
 
-    The tail is a queue of the fed sequences of pieces with the size each was fed with (at least
-    its payload: a chunked body's framing may be counted too, so that nothing is summed per
-    piece). It is cut back to ``TAIL_BYTES`` only once it holds twice that: a feed, often one
-    small SSE event, costs an append and an addition.
+    Both are the fed pieces themselves, by reference, cut to size only when read. The tail is a
+    list of the fed sequences of pieces with the size each was fed with (at least its payload: a
+    chunked body's framing may be counted too, so that nothing is summed per piece). It is cut
+    back to ``TAIL_BYTES`` only once it holds twice that: a feed, often one small SSE event, costs
+    an append and an addition. This runs beside every answer, on code little else warms: it keeps
+    to as few steps and objects as it can.
     """
 
-    __slots__ = ("_head", "_head_room", "_tail", "_tail_size", "_trim_at", "_dropped")
+    __slots__ = ("_head", "_head_room", "_tail", "_tail_size", "_dropped")
 
     def __init__(self) -> None:
         self._head: list[bytes] = []
         self._head_room = HEAD_BYTES
-        self._tail: collections.deque[tuple[Sequence[bytes], int]] = collections.deque()
+        self._tail: list[tuple[Sequence[bytes], int]] = []
         self._tail_size = 0
-        self._trim_at = 2 * TAIL_BYTES
         self._dropped = 0
 
     def feed(self, pieces: Sequence[bytes], size: int) -> None:
         if self._head_room > 0:
-            self._keep_head(pieces)
+            for piece in pieces:
+                self._head.append(piece)
+                self._head_room -= len(piece)
         self._tail.append((pieces, size))
         self._tail_size += size
-        if self._tail_size >= self._trim_at:
+        if self._tail_size >= 2 * TAIL_BYTES:
             self._trim()
 
-    def _keep_head(self, pieces: Sequence[bytes]) -> None:
-        for piece in pieces:
-            if self._head_room <= 0:
-                return
-            self._head.append(piece[: self._head_room])
-            self._head_room -= len(piece)
-
     def _trim(self) -> None:
-        tail = self._tail
-        while self._tail_size - tail[0][1] >= TAIL_BYTES:
-            size = tail.popleft()[1]
-            self._tail_size -= size
-            self._dropped += size
+        tail, keep, dropped = self._tail, self._tail_size, 0
+        while keep - tail[dropped][1] >= TAIL_BYTES:
+            keep -= tail[dropped][1]
+            dropped += 1
+        self._dropped += self._tail_size - keep
+        self._tail_size = keep
+        del tail[:dropped]
 
     @property
     def size(self) -> int:
         return self._dropped + self._tail_size
 
     def head(self) -> bytes:
-        return b"".join(self._head)
+        head = self._head
+        data = head[0] if len(head) == 1 else b"".join(head)
+        return data if len(data) <= HEAD_BYTES else data[:HEAD_BYTES]
 
     def tail(self) -> bytes:
-        return b"".join(piece for pieces, _ in self._tail for piece in pieces)
+        tail = self._tail
+        if len(tail) == 1 and len(tail[0][0]) == 1:
+            return tail[0][0][0]  # a small answer, read at once: no copy
+        return b"".join(piece for pieces, _ in tail for piece in pieces)
 
 
 def _line_at(data: bytes, at: int) -> bytes | None:
@@ -157,36 +142,99 @@ def _line_at(data: bytes, at: int) -> bytes | None:
 def _counts(data: bytes, key: int) -> dict[str, int] | None:
     """The token counts of the usage object whose key starts at ``key``: its own fields only,
     not those of an object nested in it (one level deep at most, as Anthropic's are), and none
-    past its end. Regular expressions only: this runs once an answer, on code nothing else warms."""
-    match = _USAGE_OBJECT.match(data, key)
-    if match is None:
-        return None
-    fields = match.group(1)
-    if b"{" in fields:
-        fields = _NESTED.sub(b"", fields)
-    counts = {name.decode("ascii"): int(value) for name, value in reversed(_FIELD.findall(fields))}  # the first wins
+    past its end. Compact JSON, as servers send it, is read with ``bytes.find`` alone; anything
+    else by regular expressions. This runs once an answer, on code nothing else warms: every
+    distinct step costs cache misses, so the usual case takes the fewest."""
+    counts = _compact_counts(data, key)
+    if counts is _UNDECIDED:
+        counts = _pattern_counts(data, key)
     return counts or None
 
 
-def read_stream(ends: BodyEnds, found: _Found) -> None:
+_UNDECIDED: dict[str, int] = {}  # _compact_counts: not its case, ask the patterns
+_USAGE_OPEN = b'"usage":{'
+MAX_NESTED = 8  # objects nested in a usage object that the compact reading steps over
+# Every mention of a count's name, with its count where it is compact (a plain number right after
+# the colon, then a comma or the end): if all are, the first of each is what _FIELD finds first.
+_MENTION = re.compile(rb'"(%s)"(?::(\d{1,18})(?=,|\Z))?' % "|".join(TOKEN_FIELDS).encode())
+_NAMES = {name.encode(): name for name in TOKEN_FIELDS}
+
+
+def _compact_counts(data: bytes, key: int) -> dict[str, int]:
+    """``_pattern_counts``'s answer where the object is compact (no space around ``:``, counts
+    followed by ``,`` or its end); ``_UNDECIDED`` wherever the two could differ."""
+    if not data.startswith(_USAGE_OPEN, key):
+        return _UNDECIDED
+    at = key + len(_USAGE_OPEN)
+    close = data.find(b"}", at)
+    if close < 0:
+        return _UNDECIDED
+    fields = data[at:close] if data.find(b"{", at, close) < 0 else _own_fields(data, at)
+    if fields is None:
+        return _UNDECIDED
+    counts: dict[str, int] = {}
+    for mention, value in _MENTION.findall(fields):
+        if not value:
+            return _UNDECIDED
+        name = _NAMES[mention]
+        if name not in counts:
+            counts[name] = int(value)
+    return counts
+
+
+def _own_fields(data: bytes, at: int) -> bytes | None:
+    """The text of an object's own fields from ``at`` (inside it) to its end, without the objects
+    nested in it; None if one is nested deeper, or the object does not end."""
+    own: list[bytes] = []
+    for _ in range(MAX_NESTED + 1):
+        close = data.find(b"}", at)
+        if close < 0:
+            return None
+        nested = data.find(b"{", at, close)
+        if nested < 0:
+            own.append(data[at:close])
+            return b"".join(own)
+        if data.find(b"{", nested + 1, close) >= 0:
+            return None  # nested deeper than one level
+        own.append(data[at:nested])
+        at = close + 1
+    return None
+
+
+def _pattern_counts(data: bytes, key: int) -> dict[str, int]:
+    match = _USAGE_OBJECT.match(data, key)
+    if match is None:
+        return {}
+    fields = match.group(1)
+    if b"{" in fields:
+        fields = _NESTED.sub(b"", fields)
+    return {name.decode("ascii"): int(value) for name, value in reversed(_FIELD.findall(fields))}  # the first wins
+
+
+def read_stream(ends: BodyEnds) -> Usage:
     """message_start from the start of the stream, then message_delta from its end. Each is the
     ``data:`` line that names it (a quoted name: a string's text cannot hold one) and ends its
-    JSON; its first ``"usage"`` object is the event's (message_start's content is empty)."""
+    JSON; its first ``"usage"`` object is the event's (message_start's content is empty). The
+    delta's counts win: newer servers put the final input and cache counts there too."""
+    counts: dict[str, int] = {}
+    model = None
     head = ends.head()
     at = head.find(_START)
     line = _event_line(head, at) if at >= 0 else None
     if line is not None:
-        found.take(_event_counts(line), _first_model(line))
+        counts.update(_event_counts(line) or ())
+        model = _first_model(line)
     tail = ends.tail()
     at = len(tail)
     for _ in range(MAX_TRIES):
         at = tail.rfind(_DELTA, 0, at)
         if at < 0:
-            return
+            break
         line = _event_line(tail, at)
         if line is not None:
-            found.take(_event_counts(line))
-            return
+            counts.update(_event_counts(line) or ())
+            break
+    return Usage(model=model, **counts)
 
 
 def _event_line(data: bytes, at: int) -> bytes | None:
@@ -201,11 +249,12 @@ def _event_counts(line: bytes) -> dict[str, int] | None:
     return _counts(line, key) if key >= 0 else None
 
 
-def read_json(ends: BodyEnds, found: _Found) -> None:
+def read_json(ends: BodyEnds) -> Usage:
     """The first ``"model"`` in the head (it comes before the content) and the last ``"usage"``
     object in the tail (Anthropic's format ends with it, after the content that could hold
     another). Nothing is parsed as JSON: a whole answer, even a small one, would cost more than
     everything else the reader does."""
+    counts = None
     tail = ends.tail()
     at = len(tail)
     for _ in range(MAX_TRIES):
@@ -214,13 +263,25 @@ def read_json(ends: BodyEnds, found: _Found) -> None:
             break
         counts = _counts(tail, at)
         if counts is not None:
-            found.take(counts)
             break
-    found.take(None, _first_model(ends.head()))
+    return Usage(model=_first_model(ends.head()), **(counts or {}))
+
+
+_MODEL_OPEN = b'"model":"'
 
 
 def _first_model(data: bytes) -> str | None:
-    match = _MODEL.search(data)
+    """The first ``"model"`` string: by ``bytes.find`` where it is compact and unescaped, else
+    by the pattern."""
+    key = data.find(b'"model"')
+    if key < 0:
+        return None
+    if data.startswith(_MODEL_OPEN, key):
+        begin = key + len(_MODEL_OPEN)
+        end = data.find(b'"', begin)
+        if end >= 0 and data.find(b"\\", begin, end) < 0:
+            return data[begin:end].decode("utf-8", "replace")
+    match = _MODEL.search(data, key)
     if match is None:
         return None
     text = match.group(1)
@@ -229,17 +290,13 @@ def _first_model(data: bytes) -> str | None:
 
 
 class _SideDecoder:
-    """A compressed answer's bytes, gathered by reference and decoded in batches into ``ends``."""
+    """A compressed answer's bytes, gathered by reference and decoded in batches into ``keep``."""
 
-    def __init__(self, codings: tuple[str, ...], ends: BodyEnds) -> None:
-        self._ends = ends
-        self._decoder: BodyDecoder | None = BodyDecoder(list(codings), MAX_DECODED, sink=self._decoded)
+    def __init__(self, codings: tuple[str, ...], keep: Callable[[bytes], None]) -> None:
+        self._decoder: BodyDecoder | None = BodyDecoder(list(codings), MAX_DECODED, sink=keep)
         self._batch: list[Sequence[bytes]] = []
         self._batch_size = 0
         self.failed = False
-
-    def _decoded(self, piece: bytes) -> None:
-        self._ends.feed((piece,), len(piece))
 
     def feed(self, pieces: Sequence[bytes], size: int) -> None:
         self._batch.append(pieces)
@@ -266,24 +323,24 @@ class _SideDecoder:
                 self.failed = True  # cut short or trailed by junk: the decoded end is not the answer's
 
 
-class UsageReader:
+class UsageReader(BodyEnds):
     """Feed it the answer's payload (de-chunked, still content-encoded) as it passes: each time a
     sequence of pieces and their size (or more, such as the raw bytes they came in); then
-    ``finish`` once the body ended, complete or not, for what it said."""
+    ``finish`` once the body ended, complete or not, for what it said. ``reader_for`` gives the
+    one for an answer's content codings. A plain answer's kind may be left to ``finish`` to tell
+    from its ``response`` head: it costs less there, with a batch of records (``usage_reader``)."""
 
-    __slots__ = ("_kind", "_ends", "_side", "_usage", "feed")
-    feed: Callable[[Sequence[bytes], int], None]
+    __slots__ = ("_kind", "_response", "_usage")
 
-    def __init__(self, kind: str, codings: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str | None, response: ResponseHead | None = None) -> None:
+        self._head: list[bytes] = []  # BodyEnds's, set here: one call less on every answer
+        self._head_room = HEAD_BYTES
+        self._tail: list[tuple[Sequence[bytes], int]] = []
+        self._tail_size = 0
+        self._dropped = 0
         self._kind = kind
-        self._ends = BodyEnds()
+        self._response = response
         self._usage: Usage | None = None
-        self._side: _SideDecoder | None = None
-        if any(c != "identity" for c in codings):
-            self._side = _SideDecoder(codings, self._ends)
-            self.feed = self._side.feed
-        else:
-            self.feed = self._ends.feed  # the plain path: no call in between
 
     def finish(self, complete: bool = True) -> Usage:
         """Read what was kept, once; a JSON answer only when ``complete``."""
@@ -292,36 +349,70 @@ class UsageReader:
         return self._usage
 
     def _read(self, complete: bool) -> Usage:
+        kind = self._kind if self._response is None else kind_of(self._response)
+        if kind == "sse":
+            return read_stream(self)
+        return read_json(self) if complete and kind == "json" else NO_USAGE
+
+
+class DecodingUsageReader(UsageReader):
+    """The reader of a compressed answer: what is fed is decoded on the side, and its decoded
+    pieces kept."""
+
+    __slots__ = ("_side",)
+
+    def __init__(self, kind: str, codings: tuple[str, ...]) -> None:
+        UsageReader.__init__(self, kind)
+        self._side: _SideDecoder | None = _SideDecoder(codings, self._keep)
+
+    def _keep(self, piece: bytes) -> None:
+        BodyEnds.feed(self, (piece,), len(piece))
+
+    def feed(self, pieces: Sequence[bytes], size: int) -> None:
+        if self._side is not None:
+            self._side.feed(pieces, size)
+
+    def _read(self, complete: bool) -> Usage:
         side, self._side = self._side, None
         if side is not None:
             side.finish(complete)
             if side.failed:
                 return NO_USAGE
-        if self._kind == "json" and not complete:
-            return NO_USAGE
-        found = _Found()
-        (read_stream if self._kind == "sse" else read_json)(self._ends, found)
-        return found.usage()
+        return UsageReader._read(self, complete)
+
+
+def reader_for(kind: str, codings: tuple[str, ...] = ()) -> UsageReader:
+    """The reader of an answer of ``kind`` (``sse`` or ``json``) in ``codings``; raises
+    ``HttpError`` for codings stacked deeper than cmm decodes."""
+    if any(c != "identity" for c in codings):
+        return DecodingUsageReader(kind, codings)
+    return UsageReader(kind)
 
 
 _KINDS = {b"text/event-stream": "sse", b"application/json": "json"}
 
 
+def kind_of(response: ResponseHead) -> str | None:
+    """``sse`` or ``json`` for an answer whose usage cmm reads, by its content type; None else."""
+    content_type = response.headers.get(b"content-type") or b""
+    return _KINDS.get(content_type) or _KINDS.get(content_type.split(b";")[0].strip().lower())
+
+
 def usage_reader(response: ResponseHead) -> UsageReader | None:
     """A reader for a successful messages answer whose usage cmm can read: an SSE stream or a
-    JSON document, plain or in content codings cmm decodes; None for anything else."""
+    JSON document, plain or in content codings cmm decodes; None where that is known to be
+    impossible now (a plain answer's content type is read once it ended)."""
     if not 200 <= response.status < 300:
         return None
-    content_type = response.headers.get(b"content-type") or b""
-    kind = _KINDS.get(content_type) or _KINDS.get(content_type.split(b";")[0].strip().lower())
+    if response.headers.get(b"content-encoding") is None:
+        return UsageReader(None, response)
+    kind = kind_of(response)
     if kind is None:
         return None
-    if response.headers.get(b"content-encoding") is None:
-        return UsageReader(kind)
     codings = [c.decode("latin-1") for c in response.headers.tokens(b"content-encoding")]
     if unsupported(codings):
         return None
     try:
-        return UsageReader(kind, tuple(codings))
+        return reader_for(kind, tuple(codings))
     except HttpError:
         return None  # more codings stacked than cmm decodes

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from cmm.core import usage as usage_module
 from cmm.core.http_head import parse_response_head
-from cmm.core.usage import HEAD_BYTES, TAIL_BYTES, BodyEnds, Usage, UsageReader, usage_reader
+from cmm.core.usage import HEAD_BYTES, TAIL_BYTES, BodyEnds, Usage, UsageReader, reader_for, usage_reader
 from cmm.testing.fakes import fake_usage, message_json, sse_event, sse_events
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -35,7 +35,7 @@ def answer(**extra: object) -> bytes:
 
 
 def read(kind: str, pieces: list[bytes], codings: tuple[str, ...] = (), complete: bool = True) -> Usage:
-    reader = UsageReader(kind, codings)
+    reader = reader_for(kind, codings)
     for piece in pieces:
         reader.feed((piece,), len(piece))
     return reader.finish(complete)
@@ -121,7 +121,7 @@ def test_what_is_kept_is_bounded(piece: int) -> None:
     body = b"".join(sse_events(
         message_id="m", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS, deltas=3000, delta_size=500))
     reader = UsageReader("sse")
-    ends = reader._ends
+    ends = reader
     for count, at in enumerate(range(0, len(body) if piece > 1 else 100_000, piece)):
         chunk = body[at : at + piece]
         reader.feed((chunk,), len(chunk))
@@ -170,6 +170,37 @@ def test_only_the_usage_object_s_own_fields() -> None:
     assert read("json", [body]) == Usage(input_tokens=3, output_tokens=6, model="m")
     delta = sse_event("message_delta", {"type": "message_delta", "usage": nested})
     assert read("sse", [delta]) == Usage(input_tokens=3, output_tokens=6)
+
+
+_SPACES = st.sampled_from(["", "", " ", "\n "])
+_NAMES = st.sampled_from([*usage_module.TOKEN_FIELDS, "service_tier", "cache_creation", "x"])
+_VALUES = st.one_of(st.integers(0, 10**20).map(str), st.sampled_from(['"standard"', "1.5", "2e3", "-1", "null", "{}",
+                                                                       '{"output_tokens":9}', '{"a":{"b":1}}',
+                                                                       '"}"', '"{"']))
+
+
+@given(st.lists(st.tuples(_SPACES, _NAMES, _SPACES, _VALUES, _SPACES), max_size=8), _SPACES, st.sampled_from(["}", "}}", ""]))
+@settings(max_examples=400, deadline=None)
+def test_the_compact_reading_agrees_with_the_patterns(fields: list[tuple[str, str, str, str, str]], space: str,
+                                                      end: str) -> None:
+    """Where find-only reading decides, it decides as the regular expressions do."""
+    inner = ",".join(f'{a}"{name}"{b}:{c}{value}' for a, name, b, value, c in fields)
+    data = f'"usage":{space}{{{inner}{end}'.encode()
+    compact = usage_module._compact_counts(data, 0)
+    if compact is not usage_module._UNDECIDED:
+        assert compact == usage_module._pattern_counts(data, 0)
+    if not space and all(not a and not b and not c and value.isdigit() and len(value) <= 18
+                         for a, _, b, value, c in fields) and end:
+        assert compact is not usage_module._UNDECIDED  # the usual case is the compact one
+
+
+@given(st.sampled_from(['"model":"m-1"', '"model": "m-1"', '"model":"m\\"x"', '"model":5,"model":"n"',
+                        '"model":"unclosed', '"mode":"x"', '"model":"é"']), st.sampled_from(["", '{"a":1,']))
+def test_the_model_read_by_find_is_the_pattern_s(text: str, before: str) -> None:
+    data = (before + text + "}").encode()
+    match = usage_module._MODEL.search(data)
+    expected = None if match is None else json.loads(b'"%s"' % match.group(1))
+    assert usage_module._first_model(data) == expected
 
 
 def test_unclosed_usage_objects_cost_linear_time() -> None:
@@ -230,7 +261,7 @@ def test_gzipped_stream_flushed_event_by_event() -> None:
     """As a server streams it: each event readable as it comes, before the gzip stream ends."""
     compressor = zlib.compressobj(wbits=31)
     events = list(sse_events(message_id="m", model=MODEL, provider="anthropic", input_tokens=PROMPT_TOKENS))
-    reader = UsageReader("sse", ("gzip",))
+    reader = reader_for("sse", ("gzip",))
     wire = compressor.compress(events[0]) + compressor.flush(zlib.Z_SYNC_FLUSH)
     reader.feed((wire,), len(wire))
     assert reader.finish(complete=False) == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 1))
@@ -264,6 +295,7 @@ def head(status: int, *fields: str) -> bytes:
     (head(200, "Content-Type: text/event-stream; charset=utf-8"), "sse"),
     (head(201, "content-type: Application/JSON", "content-encoding: gzip"), "json"),
     (head(200, "content-type: application/json", "content-encoding: identity"), "json"),
+    (head(200, "content-type: application/json"), "json"),
     (head(400, "content-type: application/json"), None),
     (head(200, "content-type: text/plain"), None),
     (head(200), None),
@@ -271,7 +303,15 @@ def head(status: int, *fields: str) -> bytes:
     (head(200, "content-type: application/json", "content-encoding: gzip, gzip, gzip"), None),
 ])
 def test_reader_for_a_head(raw: bytes, kind: str | None) -> None:
-    reader = usage_reader(parse_response_head(raw, b"POST"))
-    assert (reader is None) == (kind is None)
-    if reader is not None:
-        assert reader._kind == kind
+    """What the head says decides what is read: an answer of another kind, status or coding is
+    not read, even when its body would look like a messages answer."""
+    response = parse_response_head(raw, b"POST")
+    reader = usage_reader(response)
+    body = stream() if kind == "sse" else answer()
+    if b"gzip" in raw:
+        body = gzip.compress(body)
+    if reader is None:
+        assert kind is None
+        return
+    reader.feed((body,), len(body))
+    assert reader.finish() == {"sse": EXPECTED_STREAM, "json": EXPECTED_JSON, None: Usage()}[kind]
