@@ -17,6 +17,8 @@ class Valve:
     must not be undone by another's ``resumeProducing``.
     """
 
+    __slots__ = ("_transport", "_reasons")  # two per connection that is open: no __dict__ each
+
     def __init__(self, transport: IPushProducer) -> None:
         self._transport = transport
         self._reasons: set[str] = set()
@@ -60,6 +62,8 @@ class Deadline:
     ``touch`` only records the time; the single delayed call, when it fires early, re-arms
     itself for the remaining interval. Thousands of open streams then cost one timer each.
     """
+
+    __slots__ = ("_clock", "_on_expiry", "_timeout", "_last", "_call")
 
     def __init__(self, clock: IReactorTime, on_expiry: Callable[[], None]) -> None:
         self._clock = clock

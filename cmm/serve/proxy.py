@@ -565,6 +565,12 @@ class ClientConnection(Protocol):
 class Exchange:
     """One request/response pair over a borrowed upstream connection."""
 
+    # One per request in flight, thousands when streams are open: slots, not a __dict__ each.
+    __slots__ = ("_corked", "body_done", "bytes_out", "client", "connecting", "connection", "context", "deadline",
+                 "destination", "failover_waiting", "fallback", "finished", "first", "kept", "kept_size", "mapping",
+                 "mode", "model", "reader", "received", "replayable", "request", "response_started", "retried",
+                 "reused", "rule", "tries", "ttfb", "unmarked_warned", "usage", "valve", "waiting")
+
     def __init__(self, client: ClientConnection, destination: Destination, model: str | None,
                  mapping: Mapping | None, first: bytes, body_done: bool) -> None:
         self.client = client

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Union, cast
 
 from cryptography import x509
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
@@ -157,12 +158,30 @@ def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
                          "(RSA, EC, Ed25519, Ed448 or DSA)")
     # Twisted annotates pyOpenSSL's PKey and X509 (deprecated), but hands both straight to
     # Context.use_privatekey/use_certificate, which take cryptography's objects as well.
-    return CertificateOptions(
+    options = CertificateOptions(
         privateKey=key,  # type: ignore[arg-type]  # see above: Twisted's annotation is too narrow
         certificate=x509.load_pem_x509_certificate(cert_pem),  # type: ignore[arg-type]  # likewise
         acceptableProtocols=[b"http/1.1"],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
+    local_key_exchange(options.getContext())  # the one context every connection gets
+    return options
+
+
+# The key exchanges cmm's own listener agrees to. Its connections never leave the machine (the
+# hosts file points api.anthropic.com at loopback), so a post-quantum hybrid protects nothing
+# there, while OpenSSL 3.5+ keeps the peer's X25519MLKEM768 share with each connection: about
+# 8 KiB more per open stream. Clients that offer the hybrid (Claude Code's Node does) offer
+# X25519 beside it, so they get it without a retry. cmm's connections to Anthropic keep
+# OpenSSL's defaults, hybrid first.
+LOCAL_GROUPS = b"X25519:P-256"
+
+
+def local_key_exchange(context: SSL.Context) -> None:
+    """Limit the listener's key exchange groups to ``LOCAL_GROUPS`` (pyOpenSSL has no call for it)."""
+    lib = Binding.lib
+    if lib.SSL_CTX_set1_curves_list(context._context, LOCAL_GROUPS) != 1:  # noqa: SLF001
+        raise ValueError(f"OpenSSL refused the key exchange groups {LOCAL_GROUPS.decode()}")
 
 
 @implementer(IOpenSSLContextFactory)

@@ -67,3 +67,47 @@ def test_upstream_connections_free_their_record_buffers_while_idle() -> None:
         protocol = factory.buildProtocol(None)
         protocol.makeConnection(StringTransport())
         assert _connection_mode(protocol._tlsConnection) & SSL.MODE_RELEASE_BUFFERS
+
+
+def _handshake(server_context: SSL.Context, client_groups: bytes | None) -> str:
+    """The key exchange group a client offering ``client_groups`` (None: OpenSSL's defaults, the
+    post-quantum hybrid first) agrees on with ``server_context``."""
+    client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    if client_groups is not None:
+        assert lib.SSL_CTX_set1_curves_list(client_context._context, client_groups) == 1
+    server, client = SSL.Connection(server_context, None), SSL.Connection(client_context, None)
+    server.set_accept_state()
+    client.set_connect_state()
+    for _ in range(10):
+        moved = False
+        for side, peer in ((client, server), (server, client)):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+            except SSL.Error:
+                return ""  # refused
+            try:
+                peer.bio_write(side.bio_read(1 << 16))
+                moved = True
+            except SSL.WantReadError:
+                pass
+        if not moved:
+            break
+    name = lib.SSL_get0_group_name(server._ssl)
+    return SSL._ffi.string(name).decode() if name else ""  # type: ignore[attr-defined]
+
+
+def test_the_listener_agrees_on_x25519_even_with_a_client_that_prefers_the_hybrid() -> None:
+    """Loopback traffic gains nothing from a post-quantum share, and keeping one costs each open
+    connection about 8 KiB; a P-256 client still gets in; Anthropic's side keeps the hybrid."""
+    ca = certs.make_ca(NOW)
+    server = certs.make_server_certificate(ca, NOW, hostnames=("api.anthropic.com",))
+    context = server_options(server.cert_pem, server.key_pem).getContext()
+    assert _handshake(context, None) == "x25519"
+    assert _handshake(context, b"P-256") == "secp256r1"
+    assert _handshake(context, b"X25519MLKEM768") == ""  # offered nothing it takes: no handshake
+    plain = SSL.Context(SSL.TLS_SERVER_METHOD)  # what OpenSSL alone would agree on
+    plain.use_certificate(server_options(server.cert_pem, server.key_pem).certificate)
+    plain.use_privatekey(server_options(server.cert_pem, server.key_pem).privateKey)
+    assert _handshake(plain, None) == "X25519MLKEM768"
