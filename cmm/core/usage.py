@@ -28,10 +28,11 @@ from cmm.core.decoding import BodyDecoder, unsupported
 from cmm.core.errors import HttpError
 from cmm.core.http_head import ResponseHead
 
-# What is kept of a body's start and of its end. A message_start or message_delta event, or a
-# JSON answer's model and usage, are a few hundred bytes from their end of the body.
-HEAD_BYTES = 16 * 1024
-TAIL_BYTES = 16 * 1024
+# What is kept of a body's start and of its end (the tail: up to twice that). A message_start or
+# message_delta event, or a JSON answer's model and usage, are a few hundred bytes from their end
+# of the body; every open stream holds what is kept, so it is no more than a few times that.
+HEAD_BYTES = 4 * 1024
+TAIL_BYTES = 4 * 1024
 # What a compressed answer may decode to before the reader gives up on it (the answer passes on).
 MAX_DECODED = 1 << 30
 # Compressed bytes gathered (by reference) before they are decoded together: a stream flushed
