@@ -25,7 +25,9 @@ from cmm.usage.store import Recorder, row_of
 
 READ_SIZE = 1 << 16
 DRAIN_READS = 64  # after SIGTERM: up to 4 MiB of records already in the pipe
-MAX_LINE = 1 << 20  # a record is a few hundred bytes; a longer line is not one
+# A line is a batch of records (recording.BATCH_RECORDS, a few hundred bytes each, each path under
+# http_head.MAX_HEAD_BYTES): a longer one is not the master's.
+MAX_LINE = 32 << 20
 
 
 class Feed:
@@ -41,13 +43,15 @@ class Feed:
         if len(self.buffer) > MAX_LINE:
             self.log(f"Dropped {len(self.buffer)} bytes from the master without a line end")
             self.buffer = b""
-        rows = []
+        rows: list[Any] = []
         for line in lines:
             if not line:
                 continue
             try:
                 message = wire.decode(line)
-                if message["type"] == "request":
+                if message["type"] == "records":
+                    rows.extend(row_of(record) for record in wire.records_from_message(message))
+                elif message["type"] == "request":  # one record a line: a master from before batches
                     rows.append(row_of(wire.record_from_message(message)))
             except Exception as error:  # one bad line costs that line only
                 self.log(f"Ignoring a message from the master: {escaped(repr(error))[:200]}")

@@ -78,7 +78,7 @@ class UsageRecorder:
     python: str = sys.executable
     spawn: Callable[..., Any] | None = None  # reactor.spawnProcess unless given
     process: RecorderProcess | None = None
-    held: list[bytes] = attrs.field(factory=list)
+    held: list[RequestRecord] = attrs.field(factory=list)  # encoded together, one line a batch
     flush_call: Any = None
     dropped: int = 0
     restarts: int = 0
@@ -107,7 +107,7 @@ class UsageRecorder:
     def add(self, record: RequestRecord) -> None:
         if self.stopping:  # its stdin is closed: a record this late (an aborted request's) is not kept
             return
-        self.held.append(wire.encode(wire.request_message(record)))
+        self.held.append(record if record.content is None else attrs.evolve(record, content=None))  # not stored
         if len(self.held) > MAX_HELD:
             del self.held[0]
             if not self.dropped:
@@ -124,7 +124,7 @@ class UsageRecorder:
         self.flush_call = None
         if self.process is None or self.process.transport is None or not self.held:
             return
-        self.process.transport.write(b"".join(self.held))
+        self.process.transport.write(wire.encode(wire.records_message(self.held)))  # field names once a batch
         self.held = []
 
     def reload(self, retention_days: float) -> None:

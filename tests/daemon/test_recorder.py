@@ -72,6 +72,18 @@ def test_it_writes_what_it_is_fed_and_everything_held_when_stdin_closes(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["usage.sqlite3"]  # closed cleanly: no -wal left
 
 
+def test_it_writes_batches_one_line_each_and_the_old_one_record_lines(tmp_path: Path) -> None:
+    """The master sends a batch a line; a master from before batches (still running while a
+    new install starts the recorder) sent one record a line."""
+    database = tmp_path / "usage.sqlite3"
+    process = start(database)
+    batches = b"".join(wire.encode(wire.records_message([record(n) for n in range(at, at + 50)]))
+                       for at in range(0, 200, 50))
+    out, err = process.communicate(batches + lines(200, 201), timeout=30)
+    assert process.returncode == 0, err
+    assert count(database) == 202
+
+
 def test_sigterm_writes_the_last_batch_then_exits(tmp_path: Path) -> None:
     database = tmp_path / "usage.sqlite3"
     process = start(database)
@@ -225,12 +237,23 @@ def test_records_go_down_the_pipe_in_batches(tmp_path: Path) -> None:
         recorder.add(record(n))
     assert spawner.transports[0].written == []
     reactor.advance(recording.BATCH_DELAY)
-    [batch] = spawner.transports[0].written  # one write, three lines
-    messages = [wire.decode(line) for line in batch.splitlines()]
-    assert [wire.record_from_message(m).model for m in messages] == ["model-0", "model-1", "model-2"]
+    [batch] = spawner.transports[0].written  # one write, one line for the three
+    [message] = [wire.decode(line) for line in batch.splitlines()]
+    assert [r.model for r in wire.records_from_message(message)] == ["model-0", "model-1", "model-2"]
     for n in range(recording.BATCH_RECORDS):
         recorder.add(record(n))
     assert len(spawner.transports[0].written) == 2  # a full batch goes at once
+
+
+def test_request_content_is_not_sent_to_the_recorder(tmp_path: Path) -> None:
+    """The store keeps no request content; a logged body would only swell the batch line."""
+    recorder, reactor, spawner = master_side(tmp_path)
+    plain = record(1)
+    recorder.add(attrs.evolve(plain, content='{"model":"m","messages":[]}' * 1000))
+    reactor.advance(recording.BATCH_DELAY)
+    [line] = spawner.transports[0].written[0].splitlines()
+    [sent] = wire.records_from_message(wire.decode(line))
+    assert sent == plain and len(line) < 2000
 
 
 def test_a_dead_recorder_is_started_again_with_the_records_held_meanwhile(tmp_path: Path) -> None:
@@ -245,7 +268,8 @@ def test_a_dead_recorder_is_started_again_with_the_records_held_meanwhile(tmp_pa
     reactor.advance(recording.BATCH_DELAY)
     assert recorder.process is None and len(recorder.held) == 2
     reactor.advance(0.5)
-    assert len(spawner.transports) == 2 and spawner.transports[1].written[0].count(b"\n") == 2
+    [line] = spawner.transports[1].written[0].splitlines()
+    assert len(spawner.transports) == 2 and len(wire.records_from_message(wire.decode(line))) == 2
     assert recorder.status() == {"pid": 4322, "database": str(tmp_path / "usage.sqlite3"), "restarts": 1,
                                  "dropped": 0}
 
