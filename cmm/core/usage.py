@@ -78,7 +78,7 @@ def _loads(data: bytes | str) -> Any:
 class BodyEnds:
     """A body's first ``HEAD_BYTES`` and last ``TAIL_BYTES`` (at least), whatever its pieces.
 
-    Both are the fed pieces themselves, by reference, cut to size only when read. The tail is a
+    Both are the fed pieces themselves, by reference (the head's last one cut to size). The tail is a
     list of the fed sequences of pieces with the size each was fed with (at least its payload: a
     chunked body's framing may be counted too, so that nothing is summed per piece). It is cut
     back to ``TAIL_BYTES`` only once it holds twice that: a feed, often one small SSE event, costs
@@ -97,13 +97,19 @@ class BodyEnds:
 
     def feed(self, pieces: Sequence[bytes], size: int) -> None:
         if self._head_room > 0:
-            for piece in pieces:
-                self._head.append(piece)
-                self._head_room -= len(piece)
+            self._keep_head(pieces)
         self._tail.append((pieces, size))
         self._tail_size += size
         if self._tail_size >= 2 * TAIL_BYTES:
             self._trim()
+
+    def _keep_head(self, pieces: Sequence[bytes]) -> None:
+        for piece in pieces:
+            room = self._head_room
+            self._head.append(piece if len(piece) <= room else piece[:room])  # a whole read is not kept for 4 KiB
+            self._head_room = room - len(piece)
+            if self._head_room <= 0:
+                return
 
     def _trim(self) -> None:
         tail, keep, dropped = self._tail, self._tail_size, 0

@@ -26,7 +26,7 @@ from cmm.daemon import wire
 from cmm.daemon.privileges import _can_regain_root, drop_privileges, parse_user  # noqa: F401  (named here too)
 from cmm.serve.proxy import ProxyContext, ProxyFactory
 from cmm.core.records import RequestRecord
-from cmm.serve.record_batch import RECORD_BATCH, RECORD_DELAY, RecordBatch  # noqa: F401  (named here too)
+from cmm.serve.record_batch import RecordBatch
 from cmm.serve.resolve import AddressBook
 from cmm.serve.serving import build_context
 from cmm.serve.tls import ReloadableServerTLS, connected, server_factory, server_options

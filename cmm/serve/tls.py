@@ -171,8 +171,8 @@ def server_options(cert_pem: bytes, key_pem: bytes) -> CertificateOptions:
 # The key exchanges cmm's own listener agrees to. Its connections never leave the machine (the
 # hosts file points api.anthropic.com at loopback), so a post-quantum hybrid protects nothing
 # there, while OpenSSL 3.5+ keeps the peer's X25519MLKEM768 share with each connection: about
-# 8 KiB more per open stream. Clients that offer the hybrid (Claude Code's Node does) offer
-# X25519 beside it, so they get it without a retry. cmm's connections to Anthropic keep
+# 8 KiB more per open stream. Clients that offer the hybrid (a recent Node does) offer X25519
+# beside it, so they get it without a retry. cmm's connections to Anthropic keep
 # OpenSSL's defaults, hybrid first.
 LOCAL_GROUPS = b"X25519:P-256"
 
@@ -180,7 +180,7 @@ LOCAL_GROUPS = b"X25519:P-256"
 def local_key_exchange(context: SSL.Context) -> None:
     """Limit the listener's key exchange groups to ``LOCAL_GROUPS`` (pyOpenSSL has no call for it)."""
     lib = Binding.lib
-    if lib.SSL_CTX_set1_curves_list(context._context, LOCAL_GROUPS) != 1:  # noqa: SLF001
+    if lib.SSL_CTX_set1_curves_list(context._context, LOCAL_GROUPS) != 1:
         raise ValueError(f"OpenSSL refused the key exchange groups {LOCAL_GROUPS.decode()}")
 
 

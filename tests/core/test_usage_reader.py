@@ -131,6 +131,19 @@ def test_what_is_kept_is_bounded(piece: int) -> None:
         assert reader.finish() == Usage(model=MODEL, **fake_usage(PROMPT_TOKENS, 3000))
 
 
+def test_the_head_keeps_no_more_than_its_size_of_a_large_read() -> None:
+    """A read of many events, or one large piece: the head holds its first HEAD_BYTES only, not
+    the whole read for the answer's life."""
+    events = [b"data: %d\n\n" % n for n in range(3 * HEAD_BYTES)]
+    ends = BodyEnds()
+    ends.feed(events, sum(map(len, events)))
+    assert sum(map(len, ends._head)) <= HEAD_BYTES + len(events[0])
+    large = bytes(10 * HEAD_BYTES)
+    ends = BodyEnds()
+    ends.feed((large,), len(large))
+    assert [len(piece) for piece in ends._head] == [HEAD_BYTES] and ends.head() == large[:HEAD_BYTES]
+
+
 def test_ends_of_many_small_pieces() -> None:
     ends = BodyEnds()
     data = bytes(range(256)) * 1000

@@ -13,7 +13,8 @@ from twisted.internet.testing import StringTransport
 from cmm.core.records import RequestRecord
 from cmm.daemon import wire
 from cmm.daemon.master import Supervisor, Worker
-from cmm.daemon.worker import OUTPUT_FLUSH_TIMEOUT, RECORD_BATCH, RECORD_DELAY, WorkerControl
+from cmm.daemon.worker import OUTPUT_FLUSH_TIMEOUT, WorkerControl
+from cmm.serve.record_batch import RECORD_BATCH, RECORD_DELAY
 
 
 def record(number: int, **changes: Any) -> RequestRecord:
