@@ -292,7 +292,7 @@ def serving_costs(requests: dict[str, int] | None = None, control: bool = False)
         factory = server_factory(server_options(pair.cert_pem, pair.key_pem), ProxyFactory(context), reactor)
         listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
         port = listening.getHost().port  # type: ignore[attr-defined]
-        count = requests[kind] * 2 + WARM_UP  # whole blocks: requests and WARM_UP are multiples of BLOCK
+        count = requests[kind] * 2 + WARM_UP  # whole blocks: requests and WARM_UP are multiples of BLOCKS[kind]
         client = subprocess.Popen([*script, "--client", str(port), str(count), str(size)])
         children.append(client)
 

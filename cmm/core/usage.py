@@ -149,9 +149,10 @@ def _line_at(data: bytes, at: int) -> bytes | None:
 def _counts(data: bytes, key: int) -> dict[str, int] | None:
     """The token counts of the usage object whose key starts at ``key``: its own fields only,
     not those of an object nested in it (one level deep at most, as Anthropic's are), and none
-    past its end. Compact JSON, as servers send it, is read with ``bytes.find`` alone; anything
-    else by regular expressions. This runs once an answer, on code nothing else warms: every
-    distinct step costs cache misses, so the usual case takes the fewest."""
+    past its end. Compact JSON, as servers send it, is read by ``bytes.find`` and one pattern
+    over the object's own fields; anything else by the general patterns. This runs once an
+    answer, on code nothing else warms: every distinct step costs cache misses, so the usual
+    case takes the fewest."""
     counts = _compact_counts(data, key)
     if counts is _UNDECIDED:
         counts = _pattern_counts(data, key)
@@ -172,11 +173,7 @@ def _compact_counts(data: bytes, key: int) -> dict[str, int]:
     followed by ``,`` or its end); ``_UNDECIDED`` wherever the two could differ."""
     if not data.startswith(_USAGE_OPEN, key):
         return _UNDECIDED
-    at = key + len(_USAGE_OPEN)
-    close = data.find(b"}", at)
-    if close < 0:
-        return _UNDECIDED
-    fields = data[at:close] if data.find(b"{", at, close) < 0 else _own_fields(data, at)
+    fields = _own_fields(data, key + len(_USAGE_OPEN))
     if fields is None:
         return _UNDECIDED
     counts: dict[str, int] = {}
@@ -199,8 +196,8 @@ def _own_fields(data: bytes, at: int) -> bytes | None:
             return None
         nested = data.find(b"{", at, close)
         if nested < 0:
-            own.append(data[at:close])
-            return b"".join(own)
+            rest = data[at:close]
+            return b"".join((*own, rest)) if own else rest  # a flat object, the usual one: no join
         if data.find(b"{", nested + 1, close) >= 0:
             return None  # nested deeper than one level
         own.append(data[at:nested])

@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, TextIO, cast
+from typing import Any, Callable, Mapping, Protocol, Sequence, TextIO, cast
 
 import attrs
 from twisted.application.service import Service
@@ -347,14 +347,10 @@ class InterceptorService(Service):
         self.usage.start()
 
     def record(self, record: RequestRecord, worker: str) -> None:
-        self.stats.add(record, worker)
-        if self.usage is not None:
-            self.usage.add(record)
-        if self.request_log is not None:
-            self.request_log(record)
+        self.record_batch((record,), worker)
 
-    def record_batch(self, records: list[RequestRecord], worker: str) -> None:
-        """A worker's batch: as ``record`` each, with their log lines in one write."""
+    def record_batch(self, records: Sequence[RequestRecord], worker: str) -> None:
+        """Counted, stored and logged; a worker's batch with its log lines in one write."""
         for record in records:
             self.stats.add(record, worker)
             if self.usage is not None:

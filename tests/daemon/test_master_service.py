@@ -110,6 +110,9 @@ class FakeLog:
     def __call__(self, record: Any) -> None:
         self.records.append(record)
 
+    def write_all(self, records: Any) -> None:  # RequestLog's batch write
+        self.records.extend(records)
+
     def close(self) -> None:
         self.closed = True
 
