@@ -146,13 +146,27 @@ def _line_at(data: bytes, at: int) -> bytes | None:
     return data[begin:end]
 
 
+# Anthropic's own usage object, compact, in its order: its four counts read by one match. The
+# optional object is ``cache_creation``'s breakdown by TTL; whatever follows the output count is
+# stepped over as _USAGE_OBJECT would (objects one level deep at most), so where this matches,
+# the general reading finds the same counts (each is the first of its name: all four lead).
+_ANTHROPIC_USAGE = re.compile(
+    rb'"usage":\{"input_tokens":(\d{1,18}),"cache_creation_input_tokens":(\d{1,18}),"cache_read_input_tokens":'
+    rb'(\d{1,18}),(?:"cache_creation":\{[^{}]*+\},)?"output_tokens":(\d{1,18})(?:,(?:[^{}]++|\{[^{}]*+\})*+)?\}')
+
+
 def _counts(data: bytes, key: int) -> dict[str, int] | None:
     """The token counts of the usage object whose key starts at ``key``: its own fields only,
     not those of an object nested in it (one level deep at most, as Anthropic's are), and none
-    past its end. Compact JSON, as servers send it, is read by ``bytes.find`` and one pattern
-    over the object's own fields; anything else by the general patterns. This runs once an
-    answer, on code nothing else warms: every distinct step costs cache misses, so the usual
-    case takes the fewest."""
+    past its end. Anthropic's own layout is read by one match; other compact JSON by
+    ``bytes.find`` and one pattern over the object's own fields; anything else by the general
+    patterns. This runs once an answer, on code nothing else warms: every distinct step costs
+    cache misses, so the usual case takes the fewest."""
+    anthropic = _ANTHROPIC_USAGE.match(data, key)
+    if anthropic is not None:
+        given, written, read, output = anthropic.groups()
+        return {"input_tokens": int(given), "cache_creation_input_tokens": int(written),
+                "cache_read_input_tokens": int(read), "output_tokens": int(output)}
     counts = _compact_counts(data, key)
     if counts is _UNDECIDED:
         counts = _pattern_counts(data, key)
@@ -265,6 +279,11 @@ def read_json(ends: BodyEnds) -> Usage:
     everything else the reader does."""
     counts = None
     tail = ends.tail()
+    at = tail.rfind(_USAGE_KEY)
+    anthropic = _ANTHROPIC_USAGE.match(tail, at) if at >= 0 else None
+    if anthropic is not None:  # the usual answer: its Usage made at once, without a dict between
+        given, written, read, output = anthropic.groups()
+        return Usage(int(given), int(output), int(written), int(read), _first_model(ends.head()))
     at = len(tail)
     for _ in range(MAX_TRIES):
         at = tail.rfind(_USAGE_KEY, 0, at)

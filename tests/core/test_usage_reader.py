@@ -207,6 +207,44 @@ def test_the_compact_reading_agrees_with_the_patterns(fields: list[tuple[str, st
         assert compact is not usage_module._UNDECIDED  # the usual case is the compact one
 
 
+_BREAKDOWN = '"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":7},'  # Anthropic's own
+_BREAKDOWNS = st.sampled_from(["", _BREAKDOWN,
+                               '"cache_creation":{},', '"cache_creation":{"a":{"b":1}},', '"cache_creation":{"output_tokens":3},',
+                               '"cache_creation": {},', '"cache_creation":{"x":"}"},'])
+
+
+_COUNTS = st.one_of(st.integers(0, 10**6).map(str), st.sampled_from(["9" * 18, "1" * 19, "0", "007"]))
+
+
+@given(st.tuples(*[_COUNTS] * 4), _BREAKDOWNS,
+       st.lists(st.tuples(_SPACES, _NAMES, _SPACES, _VALUES, _SPACES), max_size=5), st.sampled_from(["}", "}}", ""]),
+       st.sampled_from(["", " ", "1.5", "e3"]))
+@settings(max_examples=400, deadline=None)
+def test_anthropic_s_layout_read_in_one_match_agrees_with_the_patterns(
+        counts: tuple[str, str, str, str], breakdown: str, rest: list[tuple[str, str, str, str, str]], end: str,
+        after_output: str) -> None:
+    """Where the one match for Anthropic's own layout decides, it decides as the general reading
+    does; and Anthropic's answers, as they come, are read by it."""
+    given, written, read, output = counts
+    trailing = "".join(f',{a}"{name}"{b}:{c}{value}' for a, name, b, value, c in rest)
+    data = (f'"usage":{{"input_tokens":{given},"cache_creation_input_tokens":{written},"cache_read_input_tokens":{read},'
+            f'{breakdown}"output_tokens":{output}{after_output}{trailing}{end}').encode()
+    if usage_module._ANTHROPIC_USAGE.match(data, 0) is not None:
+        assert usage_module._counts(data, 0) == (usage_module._pattern_counts(data, 0) or None)
+    if all(len(c) <= 18 for c in counts) and breakdown in ("", _BREAKDOWN) and not after_output and \
+            not rest and end:
+        assert usage_module._ANTHROPIC_USAGE.match(data, 0) is not None
+
+
+def test_anthropic_s_answer_is_read_in_one_match() -> None:
+    body = (b'{"id":"msg_1","type":"message","role":"assistant","model":"claude-opus-4-6","content":[{"type":"text",'
+            b'"text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,'
+            b'"cache_creation_input_tokens":3,"cache_read_input_tokens":40,"cache_creation":{"ephemeral_5m_input_tokens":3,'
+            b'"ephemeral_1h_input_tokens":0},"output_tokens":5,"service_tier":"standard"}}')
+    assert usage_module._ANTHROPIC_USAGE.match(body, body.rfind(b'"usage"')) is not None
+    assert read("json", [body]) == Usage(12, 5, 3, 40, "claude-opus-4-6")
+
+
 @given(st.sampled_from(['"model":"m-1"', '"model": "m-1"', '"model":"m\\"x"', '"model":5,"model":"n"',
                         '"model":"unclosed', '"mode":"x"', '"model":"é"']), st.sampled_from(["", '{"a":1,']))
 def test_the_model_read_by_find_is_the_pattern_s(text: str, before: str) -> None:
