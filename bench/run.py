@@ -286,11 +286,12 @@ class Stack:
         self.target_port = self._wait_listening("fake-target", target)
         self.cmm = self.start_cmm("cmm", [])
 
-    def start_cmm(self, name: str, extra_args: list[str]) -> Cmm:
-        """Start a cmm in front of the fakes, on a port and in a config dir of its own."""
+    def start_cmm(self, name: str, extra_args: list[str], env: dict[str, str] | None = None) -> Cmm:
+        """Start a cmm in front of the fakes, on a port and in a config dir of its own; ``env``
+        is added to its environment."""
         config, port = self.work / f"{name}-config", free_port(LOOPBACK)
         # cmm trusts the fake's test CA only through SSL_CERT_FILE, as a test would.
-        env = {**checkout_env(), "SSL_CERT_FILE": str(self.work / "pki" / "ca.pem")}
+        env = {**checkout_env(), "SSL_CERT_FILE": str(self.work / "pki" / "ca.pem"), **(env or {})}
         argv = twistd_command([
             "--source", SOURCE_PREFIX, "--target", TARGET_MODEL,
             "--port", str(port), "--listen", LOOPBACK, "--config-dir", str(config),
@@ -828,6 +829,84 @@ def measure_workers(stack: Stack, plan: Plan, log: Log) -> dict[str, Any]:
                 entry["cmm_output"] = scan_cmm_output(stack.log_path(cmm.name),
                                                       wrk_connections=SPREAD_LOAD[1] * len(SPREAD_RUNS))
     return results
+
+
+# -- reading usage: what it costs passthrough throughput -------------------------------------------
+
+USAGE_OFF = BENCH_DIR / "usage_off"  # its sitecustomize takes the usage reader out of a cmm
+USAGE_ROUNDS = 8  # rounds of wrk runs, one through each cmm
+USAGE_WAYS = ("with", "without", "control")
+USAGE_TOKENS = re.compile(r" in=\d+ ")  # a request log line with the answer's token counts
+
+
+def measure_usage_throughput(stack: Stack, plan: Plan, log: Log) -> dict[str, Any]:
+    """Small passthrough requests/s through two fresh cmms that differ only in the usage reader
+    (``without`` runs bench/usage_off), and through a third, ``control``, the same as ``with``:
+    its ratio to ``with`` shows what two alike cmms differ by on this machine. The runs rotate
+    through the three, a round at a time, so that a drifting machine moves all alike; each figure
+    is the median of the rounds' ratios. The logs are checked: token counts in two, none in one."""
+    rounds, seconds = (3, 2) if plan.wrk_seconds < 10 else (USAGE_ROUNDS, 3)
+    off_env = {"CMM_BENCH_USAGE_OFF": "1",
+               "PYTHONPATH": os.pathsep.join([str(USAGE_OFF), checkout_env()["PYTHONPATH"]])}
+    cmms: dict[str, Cmm] = {}
+    runs: dict[str, list[dict[str, Any]]] = {way: [] for way in USAGE_WAYS}
+    try:
+        for way in USAGE_WAYS:
+            cmms[way] = stack.start_cmm(f"cmm-usage-{way}", [], env=off_env if way == "without" else None)
+        for way, cmm in cmms.items():
+            if len(ready := wait_workers(cmm, DEFAULT_WORKERS)) < DEFAULT_WORKERS:
+                raise RuntimeError(f"{way}: only {len(ready)} of {DEFAULT_WORKERS} workers reported: {ready}")
+        ends = {way: stack.endpoints(cmm)["passthrough"]["via"] for way, cmm in cmms.items()}
+        body = small_body(PASSTHROUGH_MODEL)
+        for number in range(rounds):
+            for way in USAGE_WAYS[number % 3:] + USAGE_WAYS[:number % 3]:
+                log(f"usage round {number + 1} of {rounds}, {way}: wrk passthrough -t2 -c8 -d{seconds}s")
+                before = cpu_seconds(cmms[way].pid)["total_s"]
+                run = run_wrk(ends[way], body, 2, 8, seconds)
+                run["cmm_cpu_s"] = cpu_seconds(cmms[way].pid)["total_s"] - before
+                runs[way].append(run)
+    finally:
+        for cmm in cmms.values():
+            stack.stop(cmm)
+    rps = {way: [run.get("rps") or 0.0 for run in each] for way, each in runs.items()}
+    cpu_us = {way: [run["cmm_cpu_s"] / run["requests"] * 1e6 if run.get("requests") else 0.0 for run in each]
+              for way, each in runs.items()}
+    ratios = {"cost": [w / o for w, o in zip(rps["with"], rps["without"]) if o],
+              "control": [c / w for c, w in zip(rps["control"], rps["with"]) if w]}
+    # cmm's CPU per request, each round's with the reader less the same round's without it (and the control's)
+    added = {"cost": [w - o for w, o in zip(cpu_us["with"], cpu_us["without"])],
+             "control": [c - w for c, w in zip(cpu_us["control"], cpu_us["with"])]}
+    counted = {way: sum(1 for line in (cmm.config / "cmm.log").read_text(errors="replace").splitlines()
+                        if USAGE_TOKENS.search(line)) for way, cmm in cmms.items()}
+    problems = [f"usage: wrk errors through the cmm {way} the reader" for way, each in runs.items()
+                if any(run.get("error") or run.get("error_count") for run in each)]
+    if not counted["with"] or not counted["control"] or counted["without"]:
+        problems.append(f"usage: log lines with token counts: {counted} (expected none only without the reader)")
+    return {"rounds": rounds, "seconds": seconds, "rps": rps, "ratios": ratios, "counted": counted,
+            "cpu_us": cpu_us, "added_cpu_us": added, "median_cpu_us": {way: median(each) for way, each in cpu_us.items()},
+            "median_added_cpu_us": {name: median(each) for name, each in added.items()},
+            "median_rps": {way: median(each) for way, each in rps.items()},
+            "ratio": {name: median(each) if each else None for name, each in ratios.items()}, "problems": problems}
+
+
+def usage_throughput_report(u: dict[str, Any]) -> list[str]:
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.3f}-{max(values):.3f}" if values else "n/a"
+
+    rows = []
+    for name, label, base in (("cost", "with / without", "without"), ("control", "control / with", "with")):
+        ratio, added, cpu = u["ratio"][name], u["median_added_cpu_us"][name], u["median_cpu_us"][base]
+        rows.append([label, fmt(ratio, ".3f"), spread(u["ratios"][name]),
+                     f"{(1 - ratio) * 100:+.1f} %" if ratio is not None else "n/a", fmt(added, "+.1f"),
+                     f"{added / cpu * 100:+.1f} %" if added is not None and cpu else "n/a"])
+    rates = ", ".join(f"{way} {fmt(value)}" for way, value in u["median_rps"].items())
+    cpus = ", ".join(f"{way} {fmt(value)}" for way, value in u["median_cpu_us"].items())
+    return [f"   Reading usage, end to end: small passthrough requests (wrk -t2 -c8 -d{u['seconds']}s), {u['rounds']} "
+            "rounds through three fresh cmms: with the reader, without it",
+            f"   (bench/usage_off), and a control like the first. Median req/s: {rates}; median cmm CPU us/request "
+            f"(master, workers, recorder): {cpus}",
+            table(["ratio", "req/s ratio", "rounds' range", "throughput cost", "CPU us/req added", "CPU cost"], rows),
+            ""]
 
 
 # -- 6. opt-in: scaling, open streams, soak ----------------------------------------------------
@@ -1454,6 +1533,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
 
     if "usage" in m:
         out += [usage_report(m["usage"]["path"]), serving_report(m["usage"]["serving"]), ""]
+    if "usage_throughput" in m:
+        out += usage_throughput_report(m["usage_throughput"])
+        problems += m["usage_throughput"]["problems"]
 
     if "failover" in m:
         out.append("   Failover: medians, a new connection per request (bench/failover.py)")
@@ -1757,6 +1839,7 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             ("components", lambda: component_costs(large_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES))),
             ("usage", lambda: json.loads(subprocess.run([sys.executable, str(Path(__file__).with_name("usage.py")),
                                                          "--serving", "--json"], capture_output=True, check=True).stdout)),
+            ("usage_throughput", lambda: measure_usage_throughput(stack, plan, log)),
             ("workers", lambda: measure_workers(stack, plan, log)),
             ("websocket", lambda: websocket_bench.measure({w: (e.port, e.tls) for w, e in endpoints["passthrough"].items()
                                                            if e.tls is not None}, 2 * plan.ttfb_requests)),
