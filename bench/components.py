@@ -21,6 +21,7 @@ from cmm.machine import certs
 from cmm.core.cch import Resigner
 from cmm.core.framing import LengthBody
 from cmm.core.thinking_edits import Neutraliser, Unmarker
+from cmm.core.thinking_scan import MARK
 from cmm.serve.tls import server_options
 
 PIECE = 16 * 1024  # one TLS record's payload
@@ -77,9 +78,16 @@ def _records(sender: SSL.Connection, body: bytes) -> bytes:
     return b"".join(out)
 
 
-def component_costs(body: bytes, runs: int = 5) -> dict[str, float]:
-    """Seconds per ``body`` for each stage, best of ``runs``."""
-    pieces = [body[start : start + PIECE] for start in range(0, len(body), PIECE)]
+def _pieces(body: bytes) -> list[bytes]:
+    return [body[start : start + PIECE] for start in range(0, len(body), PIECE)]
+
+
+def component_costs(body: bytes, conversation: bytes | None = None, runs: int = 5) -> dict[str, float]:
+    """Seconds per ``body`` for each stage, best of ``runs``. With ``conversation`` (a body of as
+    many blocks as a long agentic session sends), the two scans again on it, per ``body``'s size,
+    and beside each body a ``bytes.find`` of the mark through its pieces: what a search that
+    cannot tell a block from a string costs, the floor of any scan."""
+    pieces = _pieces(body)
     server, client = _tls_pair()
 
     def decrypt() -> float:
@@ -99,12 +107,18 @@ def component_costs(body: bytes, runs: int = 5) -> dict[str, float]:
             server.send(piece)
             server.bio_read(1 << 22)
 
-    def scan(make: Callable[[], Neutraliser | Unmarker]) -> Callable[[], None]:
+    def scan(make: Callable[[], Neutraliser | Unmarker], pieces: list[bytes] = pieces) -> Callable[[], None]:
         def run() -> None:
             stage = make()
             for piece in pieces:
                 stage.feed(piece)
             stage.finish()
+        return run
+
+    def search(pieces: list[bytes]) -> Callable[[], None]:
+        def run() -> None:
+            for piece in pieces:
+                piece.find(MARK)
         return run
 
     def resign() -> None:
@@ -118,14 +132,22 @@ def component_costs(body: bytes, runs: int = 5) -> dict[str, float]:
         for piece in pieces:
             tracker.feed(piece)
 
-    return {
+    costs = {
         "tls_decrypt_s": min(decrypt() for _ in range(runs)),
         "tls_encrypt_s": best(runs, encrypt),
         "neutralise_s": best(runs, scan(Neutraliser)),
         "unmark_s": best(runs, scan(Unmarker)),
         "resign_s": best(runs, resign),
         "framing_s": best(runs, framing),
+        "mark_search_s": best(runs, search(pieces)),
     }
+    if conversation is not None:
+        talk = _pieces(conversation)
+        per_body = len(body) / len(conversation)
+        costs["neutralise_agentic_s"] = best(runs, scan(Neutraliser, talk)) * per_body
+        costs["unmark_agentic_s"] = best(runs, scan(Unmarker, talk)) * per_body
+        costs["mark_search_agentic_s"] = best(runs, search(talk)) * per_body
+    return costs
 
 
 # Which stages each route's request body goes through in cmm.

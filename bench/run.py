@@ -166,6 +166,28 @@ def large_body(model: str, size: int) -> bytes:
     return body
 
 
+def agentic_body(model: str, size: int) -> bytes:
+    """A request of about ``size`` bytes (at least) shaped like a long agentic Claude Code session:
+    turn after turn of a tool result (pasted code), then the assistant's Anthropic-signed thinking
+    block, a text block and a tool call. Many blocks, each walked by the thinking scans: where
+    ``large_body``'s one long text is their cheapest case, this is their usual one."""
+    code = _FILLER_TEXT * 8
+    messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": "Fix the failing test."}]}]
+    turn, body = 0, b""
+    while len(body) < size:
+        turn += 1
+        messages.append({"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Let me read the next file. " * (5 + turn % 7 * 5), "signature": "Eq" + "A" * 300},
+            {"type": "text", "text": "I'll read the file."},
+            {"type": "tool_use", "id": f"toolu_{turn:020d}", "name": "Read",
+             "input": {"file_path": f"/src/app/module_{turn}.py", "limit": 2000}}]})
+        messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{turn:020d}",
+                                                      "content": code * (1 + turn % 5)}]})
+        body = json.dumps({"model": model, "messages": messages, "max_tokens": 32000, "stream": True},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+    return body
+
+
 # -- processes ------------------------------------------------------------------------------
 
 
@@ -1398,6 +1420,10 @@ def percentile_ms(run: dict[str, Any], q: int) -> float | None:
     return run["latency_us"]["percentiles"][str(q)] / 1000 if "latency_us" in run else None
 
 
+STAGE_LABELS = {"mark_search_s": "mark search (floor)", "neutralise_agentic_s": "neutralise, agentic",
+                "unmark_agentic_s": "unmark, agentic", "mark_search_agentic_s": "mark search, agentic (floor)"}
+
+
 def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
     """The printed table, and the list of problems found (also part of the table)."""
     problems: list[str] = []
@@ -1522,13 +1548,19 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
 
     if "components" in m:
         costs = m["components"]
-        rows = [[name.removesuffix("_s").replace("_", " "), fmt(ms(seconds), ".2f")] for name, seconds in costs.items()]
+        rows = [[STAGE_LABELS.get(name, name.removesuffix("_s").replace("_", " ")), fmt(ms(seconds), ".2f")]
+                for name, seconds in costs.items()]
         floors = ", ".join(f"{route} {sum(costs[k] for k in keys) * 1000:.1f} ms ({' + '.join(k[:-2] for k in keys)})"
                            for route, keys in ROUTE_STAGES.items())
         out.append("   Where a 2 MB body's time goes in cmm: each stage alone, in the benchmark's process, 16 KiB "
                    "pieces, best of 5 (bench/components.py), ms")
         out.append(table(["stage", "ms per 2 MB"], rows))
         out.append(f"   Sum of the stages a body goes through (a floor for the added latency above): {floors}")
+        if "neutralise_agentic_s" in costs:
+            out.append("   Agentic: the scans on a body shaped like a long agentic session (bench/run.py agentic_body: a "
+                       "tool result, a thinking block, a text and a tool call a turn), per 2 MB: its many blocks are "
+                       "their usual case, section 3's one long text their cheapest. Mark search: bytes.find of the "
+                       "mark, a floor no JSON-aware scan goes below.")
         out.append("")
 
     if "usage" in m:
@@ -1836,7 +1868,8 @@ def run_all(stack: Stack, results: dict[str, Any], plan: Plan, extras: Extras, l
             ("pacing", lambda: measure_pacing(endpoints, log)),
             ("large_body", lambda: measure_large_body(endpoints, plan, log, cpu_of)),
             ("rss", lambda: measure_rss(endpoints, cmm.pid, plan, log)),
-            ("components", lambda: component_costs(large_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES))),
+            ("components", lambda: component_costs(large_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES),
+                                                   agentic_body(PASSTHROUGH_MODEL, LARGE_BODY_BYTES))),
             ("usage", lambda: json.loads(subprocess.run([sys.executable, str(Path(__file__).with_name("usage.py")),
                                                          "--serving", "--json"], capture_output=True, check=True).stdout)),
             ("usage_throughput", lambda: measure_usage_throughput(stack, plan, log)),
