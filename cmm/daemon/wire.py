@@ -114,6 +114,7 @@ def record_from_message(message: dict[str, Any]) -> RequestRecord:
 
 
 RECORD_FIELDS = tuple(field.name for field in attrs.fields(RequestRecord))
+_RECORD_FIELD_LIST = list(RECORD_FIELDS)  # as a message's field names decode
 _record_values = operator.attrgetter(*RECORD_FIELDS)
 
 
@@ -129,4 +130,6 @@ def records_from_message(message: dict[str, Any]) -> list[RequestRecord]:
     if not isinstance(fields, list) or not isinstance(rows, list) or not all(
             isinstance(row, list) and len(row) == len(fields) for row in rows):
         raise ValueError("records must be rows as long as the field names")
+    if fields == _RECORD_FIELD_LIST:  # this version's own order (the usual case): the values as they stand
+        return [RequestRecord(*row) for row in rows]
     return [RequestRecord(**dict(zip(fields, row))) for row in rows]

@@ -39,8 +39,21 @@ def test_a_batch_round_trips_through_one_line(batch: list[RequestRecord]) -> Non
     assert wire.records_from_message(wire.decode(line)) == batch
 
 
+@given(st.lists(records, min_size=1, max_size=3), st.randoms(use_true_random=False))
+def test_a_batch_whose_fields_come_in_another_order_reads_the_same(batch: list[RequestRecord],
+                                                                  random: Any) -> None:
+    """A sender of another version may name the fields in its own order: they are read by name."""
+    message = wire.records_message(batch)
+    order = list(range(len(message["fields"])))
+    random.shuffle(order)
+    shuffled = {"type": "records", "fields": [message["fields"][i] for i in order],
+                "rows": [[row[i] for i in order] for row in message["rows"]]}
+    assert wire.records_from_message(wire.decode(wire.encode(shuffled))) == batch
+
+
 @pytest.mark.parametrize("message", [
     {"type": "records", "fields": ["method"], "rows": [["POST", "extra"]]},
+    {"type": "records", "fields": list(wire.RECORD_FIELDS), "rows": [["POST"]]},
     {"type": "records", "fields": ["method"], "rows": "POST"},
     {"type": "records", "fields": ["no_such_field"], "rows": [["x"]]},
 ])
