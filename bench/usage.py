@@ -35,7 +35,7 @@ from OpenSSL import SSL  # noqa: E402
 
 from cmm.core.exchange import Body, Head, ResponseReader  # noqa: E402
 from cmm.core.framing import LAST_CHUNK, encode_chunk  # noqa: E402
-from cmm.core.usage import usage_reader  # noqa: E402
+from cmm.core.usage import usage_fed, usage_of, usage_reader  # noqa: E402
 from cmm.testing.fakes import fake_usage, message_json, sse_event, sse_events  # noqa: E402
 
 from components import PIECE, _records, _tls_pair  # noqa: E402
@@ -115,7 +115,8 @@ class _Path:
     def _run(self, encrypted: list[bytes]) -> None:
         source, sink = self._cmm_upstream, self._cmm_client
         reader = ResponseReader(b"POST")
-        usage = None
+        usage: Any = None
+        response = None
         for records in encrypted:
             source.bio_write(records)
             while True:
@@ -126,13 +127,13 @@ class _Path:
                 for event in reader.feed(data):
                     if isinstance(event, Body):
                         if usage is not None:
-                            usage.feed(event.progress.payload, event.progress.consumed)
+                            usage = usage_fed(usage, event.progress.payload, event.progress.consumed)
                     elif self._read and isinstance(event, Head):
-                        usage = usage_reader(event.response)
+                        response, usage = event.response, usage_reader(event.response)
                 sink.send(data)
                 sink.bio_read(1 << 22)
-        if usage is not None:
-            self._check(usage.finish())
+        if usage is not None and response is not None:
+            self._check(usage_of(usage, response, True))
 
 
 def _reads(head: bytes, body: list[bytes], per_event: bool) -> list[bytes]:

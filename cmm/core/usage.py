@@ -234,20 +234,18 @@ def _pattern_counts(data: bytes, key: int) -> dict[str, int]:
     return {name.decode("ascii"): int(value) for name, value in reversed(_FIELD.findall(fields))}  # the first wins
 
 
-def read_stream(ends: BodyEnds) -> Usage:
+def read_stream(head: bytes, tail: bytes) -> Usage:
     """message_start from the start of the stream, then message_delta from its end. Each is the
     ``data:`` line that names it (a quoted name: a string's text cannot hold one) and ends its
     JSON; its first ``"usage"`` object is the event's (message_start's content is empty). The
     delta's counts win: newer servers put the final input and cache counts there too."""
     counts: dict[str, int] = {}
     model = None
-    head = ends.head()
     at = head.find(_START)
     line = _event_line(head, at) if at >= 0 else None
     if line is not None:
         counts.update(_event_counts(line) or ())
         model = _first_model(line)
-    tail = ends.tail()
     at = len(tail)
     for _ in range(MAX_TRIES):
         at = tail.rfind(_DELTA, 0, at)
@@ -272,18 +270,17 @@ def _event_counts(line: bytes) -> dict[str, int] | None:
     return _counts(line, key) if key >= 0 else None
 
 
-def read_json(ends: BodyEnds) -> Usage:
+def read_json(head: bytes, tail: bytes) -> Usage:
     """The first ``"model"`` in the head (it comes before the content) and the last ``"usage"``
     object in the tail (Anthropic's format ends with it, after the content that could hold
     another). Nothing is parsed as JSON: a whole answer, even a small one, would cost more than
     everything else the reader does."""
     counts = None
-    tail = ends.tail()
     at = tail.rfind(_USAGE_KEY)
     anthropic = _ANTHROPIC_USAGE.match(tail, at) if at >= 0 else None
     if anthropic is not None:  # the usual answer: its Usage made at once, without a dict between
         given, written, read, output = anthropic.groups()
-        return Usage(int(given), int(output), int(written), int(read), _first_model(ends.head()))
+        return Usage(int(given), int(output), int(written), int(read), _first_model(head))
     at = len(tail)
     for _ in range(MAX_TRIES):
         at = tail.rfind(_USAGE_KEY, 0, at)
@@ -292,7 +289,7 @@ def read_json(ends: BodyEnds) -> Usage:
         counts = _counts(tail, at)
         if counts is not None:
             break
-    return Usage(model=_first_model(ends.head()), **(counts or {}))
+    return Usage(model=_first_model(head), **(counts or {}))
 
 
 _MODEL_OPEN = b'"model":"'
@@ -356,31 +353,37 @@ class UsageReader(BodyEnds):
     sequence of pieces and their size (or more, such as the raw bytes they came in); then
     ``finish`` once the body ended, complete or not, for what it said. ``reader_for`` gives the
     one for an answer's content codings. A plain answer's kind may be left to ``finish`` to tell
-    from its ``response`` head: it costs less there, with a batch of records (``usage_reader``)."""
+    from its ``response`` head: it costs less there, with a batch of records."""
 
-    __slots__ = ("_kind", "_response", "_usage")
+    __slots__ = ("_kind", "_usage")
 
-    def __init__(self, kind: str | None, response: ResponseHead | None = None) -> None:
+    def __init__(self, kind: str | None) -> None:
         self._head: list[bytes] = []  # BodyEnds's, set here: one call less on every answer
         self._head_room = HEAD_BYTES
         self._tail: list[tuple[Sequence[bytes], int]] = []
         self._tail_size = 0
         self._dropped = 0
         self._kind = kind
-        self._response = response
         self._usage: Usage | None = None
 
-    def finish(self, complete: bool = True) -> Usage:
-        """Read what was kept, once; a JSON answer only when ``complete``."""
+    def finish(self, complete: bool = True, response: ResponseHead | None = None) -> Usage:
+        """Read what was kept, once; a JSON answer only when ``complete``. ``response`` tells the
+        kind of an answer whose reader was made without it."""
         if self._usage is None:
-            self._usage = self._read(complete)
+            kind = self._kind or (kind_of(response) if response is not None else None)
+            self._usage = self._read(complete, kind)
         return self._usage
 
-    def _read(self, complete: bool) -> Usage:
-        kind = self._kind if self._response is None else kind_of(self._response)
-        if kind == "sse":
-            return read_stream(self)
-        return read_json(self) if complete and kind == "json" else NO_USAGE
+    def _read(self, complete: bool, kind: str | None) -> Usage:
+        return read(kind, self.head(), self.tail(), complete)
+
+
+def read(kind: str | None, head: bytes, tail: bytes, complete: bool) -> Usage:
+    """What an answer of ``kind`` said, from its first bytes and its last (a JSON answer's only
+    when ``complete``)."""
+    if kind == "sse":
+        return read_stream(head, tail)
+    return read_json(head, tail) if complete and kind == "json" else NO_USAGE
 
 
 class DecodingUsageReader(UsageReader):
@@ -400,13 +403,13 @@ class DecodingUsageReader(UsageReader):
         if self._side is not None:
             self._side.feed(pieces, size)
 
-    def _read(self, complete: bool) -> Usage:
+    def _read(self, complete: bool, kind: str | None) -> Usage:
         side, self._side = self._side, None
         if side is not None:
             side.finish(complete)
             if side.failed:
                 return NO_USAGE
-        return UsageReader._read(self, complete)
+        return UsageReader._read(self, complete, kind)
 
 
 def reader_for(kind: str, codings: tuple[str, ...] = ()) -> UsageReader:
@@ -426,14 +429,32 @@ def kind_of(response: ResponseHead) -> str | None:
     return _KINDS.get(content_type) or _KINDS.get(content_type.split(b";")[0].strip().lower())
 
 
-def usage_reader(response: ResponseHead) -> UsageReader | None:
-    """A reader for a successful messages answer whose usage cmm can read: an SSE stream or a
-    JSON document, plain or in content codings cmm decodes; None where that is known to be
-    impossible now (a plain answer's content type is read once it ended)."""
+class _Unread:
+    """A plain answer's usage before its body came (see ``UsageState``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNREAD"
+
+
+UNREAD = _Unread()
+OneRead = tuple[Sequence[bytes], int]  # a plain answer's one read so far: its pieces and size, as fed
+# What is known of an answer's usage as its body passes. A plain answer's body most often comes
+# in one read (every small answer does): it is kept as it came, and a reader is made only if a
+# second read comes. Such an answer then costs no object and no call on its way, only the
+# reading at its end, with a batch of records: this runs beside every answer.
+UsageState = UsageReader | OneRead | _Unread
+
+
+def usage_reader(response: ResponseHead) -> UsageState | None:
+    """How a successful messages answer's usage is read: an SSE stream or a JSON document, plain
+    or in content codings cmm decodes; None where that is known to be impossible now (a plain
+    answer's content type is read once it ended). Fed by ``usage_fed``, read by ``usage_of``."""
     if not 200 <= response.status < 300:
         return None
     if response.headers.get(b"content-encoding") is None:
-        return UsageReader(None, response)
+        return UNREAD
     kind = kind_of(response)
     if kind is None:
         return None
@@ -444,3 +465,29 @@ def usage_reader(response: ResponseHead) -> UsageReader | None:
         return reader_for(kind, tuple(codings))
     except HttpError:
         return None  # more codings stacked than cmm decodes
+
+
+def usage_fed(state: UsageState, pieces: Sequence[bytes], size: int) -> UsageState:
+    """``state`` after a read of the answer's payload: its pieces and their size, as ``BodyEnds.feed``."""
+    if state is UNREAD:
+        return (pieces, size)
+    if isinstance(state, tuple):
+        reader = UsageReader(None)
+        reader.feed(*state)
+        state = reader
+    assert isinstance(state, UsageReader)
+    state.feed(pieces, size)
+    return state
+
+
+def usage_of(state: UsageState, response: ResponseHead, complete: bool) -> Usage:
+    """What the answer with ``response`` said it cost, once its body (complete or not) was fed to
+    ``state``. An answer read once is read as a ``UsageReader`` fed it once reads it: its head
+    is its first ``HEAD_BYTES``, its tail all of it."""
+    if isinstance(state, UsageReader):
+        return state.finish(complete, response)
+    if not isinstance(state, tuple):
+        return NO_USAGE  # UNREAD: no body came
+    pieces = state[0]
+    body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    return read(kind_of(response), body if len(body) <= HEAD_BYTES else body[:HEAD_BYTES], body, complete)

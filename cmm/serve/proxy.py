@@ -46,7 +46,7 @@ from cmm.core.router import Pending, request_class_of, rule_label
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
 from cmm.core.upgrade import asks_upgrade, intercepted_upgrade_refusal, switch_refusal
-from cmm.core.usage import NO_USAGE, UsageReader, usage_reader
+from cmm.core.usage import NO_USAGE, UsageState, usage_fed, usage_of, usage_reader
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.tls import connected
 from cmm.serve.tunnel import Tunnel
@@ -615,7 +615,7 @@ class Exchange:
         self.reader = ResponseReader(self.request.head.method, upgrade=asks_upgrade(self.request.head))
         self.mode: ResponseState = Splice()
         self.unmarked_warned = False
-        self.usage: UsageReader | None = None  # reads a messages answer's token counts as it passes
+        self.usage: UsageState | None = None  # reads a messages answer's token counts as it passes
         self.ttfb: float | None = None
 
     @property
@@ -754,7 +754,7 @@ class Exchange:
             self._discard(mode, body)
             return
         if self.usage is not None:
-            self.usage.feed(progress.payload, progress.consumed)  # on the side, whatever the mode
+            self.usage = usage_fed(self.usage, progress.payload, progress.consumed)  # on the side, whatever the mode
         if isinstance(mode, HeldError):
             self._hold_error(mode, body.raw, progress.payload)
         elif isinstance(mode, MarkedStream):
@@ -789,9 +789,9 @@ class Exchange:
     def _answer_fields(self, complete: bool) -> dict[str, Any]:
         """What the record says of the route and the answer: who answered, how soon, at what cost."""
         usage = NO_USAGE
-        if self.usage is not None:
+        if self.usage is not None and self.response is not None:
             try:
-                usage = self.usage.finish(complete)
+                usage = usage_of(self.usage, self.response, complete)
             except Exception:  # a side channel: a flaw in reading it must cost neither the answer nor its record
                 log.failure("Could not read the token usage of an answer from {upstream}", upstream=self.destination.label)
         served = usage.model

@@ -15,7 +15,8 @@ from hypothesis import given, settings, strategies as st
 
 from cmm.core import usage as usage_module
 from cmm.core.http_head import parse_response_head
-from cmm.core.usage import HEAD_BYTES, TAIL_BYTES, BodyEnds, Usage, UsageReader, reader_for, usage_reader
+from cmm.core.usage import (HEAD_BYTES, TAIL_BYTES, BodyEnds, Usage, UsageReader, reader_for, usage_fed, usage_of,
+                             usage_reader)
 from cmm.testing.fakes import fake_usage, message_json, sse_event, sse_events
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -357,12 +358,42 @@ def test_reader_for_a_head(raw: bytes, kind: str | None) -> None:
     """What the head says decides what is read: an answer of another kind, status or coding is
     not read, even when its body would look like a messages answer."""
     response = parse_response_head(raw, b"POST")
-    reader = usage_reader(response)
+    state = usage_reader(response)
     body = stream() if kind == "sse" else answer()
     if b"gzip" in raw:
         body = gzip.compress(body)
-    if reader is None:
+    if state is None:
         assert kind is None
         return
+    state = usage_fed(state, (body,), len(body))
+    assert usage_of(state, response, True) == {"sse": EXPECTED_STREAM, "json": EXPECTED_JSON, None: Usage()}[kind]
+
+
+@pytest.mark.parametrize("kind", ["sse", "json"])
+def test_an_answer_read_once_reads_as_one_read_in_pieces(kind: str) -> None:
+    """A plain answer's first read is kept as it came, and a reader made only when a second read
+    comes: either way, split anywhere, in one piece or many a read, the same counts."""
+    body = stream() if kind == "sse" else answer()
+    response = parse_response_head(head(200, f"content-type: {'text/event-stream' if kind == 'sse' else 'application/json'}"),
+                                   b"POST")
+    expected = EXPECTED_STREAM if kind == "sse" else EXPECTED_JSON
+    for at in range(len(body) + 1):
+        for reads in ([(body[:at], body[at:])], [(body[:at],), (body[at:],)]):
+            state = usage_reader(response)
+            assert state is usage_module.UNREAD
+            for pieces in reads:
+                state = usage_fed(state, pieces, sum(map(len, pieces)))
+            assert isinstance(state, tuple) == (len(reads) == 1)
+            assert usage_of(state, response, True) == expected, (at, len(reads))
+    assert usage_of(usage_module.UNREAD, response, True) == Usage()  # no body came at all
+
+
+def test_an_answer_read_once_keeps_the_reader_s_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read once, a large answer's model is looked for in its first HEAD_BYTES only, as a reader's is."""
+    monkeypatch.setattr(usage_module, "HEAD_BYTES", 16)
+    response = parse_response_head(head(200, "content-type: application/json"), b"POST")
+    body = answer()
+    once = usage_of(usage_fed(usage_module.UNREAD, (body,), len(body)), response, True)
+    reader = reader_for("json")
     reader.feed((body,), len(body))
-    assert reader.finish() == {"sse": EXPECTED_STREAM, "json": EXPECTED_JSON, None: Usage()}[kind]
+    assert once == reader.finish() == attrs.evolve(EXPECTED_JSON, model=None)

@@ -167,12 +167,12 @@ def test_log_lines_carry_the_counts() -> None:
 def test_a_flaw_in_reading_costs_neither_the_answer_nor_its_record(monkeypatch: pytest.MonkeyPatch) -> None:
     from twisted.logger import globalLogPublisher
 
-    from cmm.core.usage import UsageReader
+    import cmm.serve.proxy
 
-    def broken(self: UsageReader, complete: bool = True) -> None:
+    def broken(*args: object) -> None:
         raise RuntimeError("a flaw in the reader")
 
-    monkeypatch.setattr(UsageReader, "finish", broken)
+    monkeypatch.setattr(cmm.serve.proxy, "usage_of", broken)
     seen: list[dict] = []
     globalLogPublisher.addObserver(seen.append)
     try:
