@@ -375,10 +375,10 @@ class UsageReader(BodyEnds):
         return self._usage
 
     def _read(self, complete: bool, kind: str | None) -> Usage:
-        return read(kind, self.head(), self.tail(), complete)
+        return read_answer(kind, self.head(), self.tail(), complete)
 
 
-def read(kind: str | None, head: bytes, tail: bytes, complete: bool) -> Usage:
+def read_answer(kind: str | None, head: bytes, tail: bytes, complete: bool) -> Usage:
     """What an answer of ``kind`` said, from its first bytes and its last (a JSON answer's only
     when ``complete``)."""
     if kind == "sse":
@@ -490,4 +490,4 @@ def usage_of(state: UsageState, response: ResponseHead, complete: bool) -> Usage
         return NO_USAGE  # UNREAD: no body came
     pieces = state[0]
     body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    return read(kind_of(response), body if len(body) <= HEAD_BYTES else body[:HEAD_BYTES], body, complete)
+    return read_answer(kind_of(response), body if len(body) <= HEAD_BYTES else body[:HEAD_BYTES], body, complete)
