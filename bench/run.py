@@ -173,8 +173,8 @@ def agentic_body(model: str, size: int) -> bytes:
     ``large_body``'s one long text is their cheapest case, this is their usual one."""
     code = _FILLER_TEXT * 8
     messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": "Fix the failing test."}]}]
-    turn, body = 0, b""
-    while len(body) < size:
+    turn, grown = 0, 0
+    while grown < size:
         turn += 1
         messages.append({"role": "assistant", "content": [
             {"type": "thinking", "thinking": "Let me read the next file. " * (5 + turn % 7 * 5), "signature": "Eq" + "A" * 300},
@@ -183,9 +183,10 @@ def agentic_body(model: str, size: int) -> bytes:
              "input": {"file_path": f"/src/app/module_{turn}.py", "limit": 2000}}]})
         messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{turn:020d}",
                                                       "content": code * (1 + turn % 5)}]})
-        body = json.dumps({"model": model, "messages": messages, "max_tokens": 32000, "stream": True},
-                          separators=(",", ":"), ensure_ascii=False).encode()
-    return body
+        grown += sum(len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()) + 1
+                     for message in messages[-2:])
+    return json.dumps({"model": model, "messages": messages, "max_tokens": 32000, "stream": True},
+                      separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # -- processes ------------------------------------------------------------------------------
