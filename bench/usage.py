@@ -35,7 +35,7 @@ from OpenSSL import SSL  # noqa: E402
 
 from cmm.core.exchange import Body, Head, ResponseReader  # noqa: E402
 from cmm.core.framing import LAST_CHUNK, encode_chunk  # noqa: E402
-from cmm.core.usage import usage_fed, usage_of, usage_reader  # noqa: E402
+from cmm.core.usage import UsageReader, usage_fed, usage_of, usage_reader  # noqa: E402
 from cmm.testing.fakes import fake_usage, message_json, sse_event, sse_events  # noqa: E402
 
 from components import PIECE, _records, _tls_pair  # noqa: E402
@@ -126,7 +126,9 @@ class _Path:
                     break
                 for event in reader.feed(data):
                     if isinstance(event, Body):
-                        if usage is not None:
+                        if isinstance(usage, UsageReader):  # as the exchange feeds it (cmm.serve.proxy)
+                            usage.feed(event.progress.payload, event.progress.consumed)
+                        elif usage is not None:
                             usage = usage_fed(usage, event.progress.payload, event.progress.consumed)
                     elif self._read and isinstance(event, Head):
                         response, usage = event.response, usage_reader(event.response)

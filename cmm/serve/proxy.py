@@ -46,7 +46,7 @@ from cmm.core.router import Pending, request_class_of, rule_label
 from cmm.core.target_errors import MAX_ERROR_BODY, error_response as error_response_for_target, retry_after
 from cmm.core.thinking_marks import MAX_SSE_EVENT, SseMarker, mark_message
 from cmm.core.upgrade import asks_upgrade, intercepted_upgrade_refusal, switch_refusal
-from cmm.core.usage import NO_USAGE, UsageState, usage_fed, usage_of, usage_reader
+from cmm.core.usage import NO_USAGE, UsageReader, UsageState, usage_fed, usage_of, usage_reader
 from cmm.core.values import MiB, Destination, ProxySettings
 from cmm.serve.tls import connected
 from cmm.serve.tunnel import Tunnel
@@ -753,8 +753,11 @@ class Exchange:
         if isinstance(mode, Discarded):
             self._discard(mode, body)
             return
-        if self.usage is not None:
-            self.usage = usage_fed(self.usage, progress.payload, progress.consumed)  # on the side, whatever the mode
+        usage = self.usage  # read on the side, whatever the mode
+        if isinstance(usage, UsageReader):  # a stream's every event: its reader fed straight, no call between
+            usage.feed(progress.payload, progress.consumed)
+        elif usage is not None:
+            self.usage = usage_fed(usage, progress.payload, progress.consumed)
         if isinstance(mode, HeldError):
             self._hold_error(mode, body.raw, progress.payload)
         elif isinstance(mode, MarkedStream):
