@@ -126,8 +126,7 @@ class BodyEnds:
 
     def head(self) -> bytes:
         head = self._head
-        data = head[0] if len(head) == 1 else b"".join(head)
-        return data if len(data) <= HEAD_BYTES else data[:HEAD_BYTES]
+        return head[0] if len(head) == 1 else b"".join(head)  # _keep_head kept no more than HEAD_BYTES
 
     def tail(self) -> bytes:
         tail = self._tail
@@ -490,4 +489,4 @@ def usage_of(state: UsageState, response: ResponseHead, complete: bool) -> Usage
         return NO_USAGE  # UNREAD: no body came
     pieces = state[0]
     body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    return read_answer(kind_of(response), body if len(body) <= HEAD_BYTES else body[:HEAD_BYTES], body, complete)
+    return read_answer(kind_of(response), body[:HEAD_BYTES], body, complete)  # a short body's slice is itself
