@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IOpenSSLClientC
     ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -22,6 +23,9 @@ from zope.interface import implementer
 # Seconds a connection cmm closes may wait for the peer's close_notify (or its FIN) before it is
 # cut: a peer that never answers would otherwise keep the socket, and its descriptor, for ever.
 CLOSE_TIMEOUT = 5.0
+
+# The most plaintext asked of OpenSSL at a time; it gives at most one record's (16 KiB).
+RECORD_READ = 32 * 1024
 
 # What TLSMemoryBIOFactory takes to make its connections' contexts.
 TLSCreator = Union[IOpenSSLContextFactory, IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator]
@@ -61,7 +65,14 @@ def unsent_bytes(transport: object) -> int:
 
 
 class ClosingTLSProtocol(TLSMemoryBIOProtocol):
-    """TLS that ends a close it started within ``factory.close_timeout`` seconds.
+    """TLS that hands on a read's records at once, and ends a close it started within
+    ``factory.close_timeout`` seconds.
+
+    Twisted hands the wrapped protocol each TLS record (up to 16 KiB) on its own: a 2 MB body is
+    some 120 calls down cmm's whole path, each with its per-call costs. One TCP read holds up
+    to ``cmm.serve.upstream.SPLICE_BUFFER`` of records; their plaintext goes on joined, in one
+    call, for a copy at memcpy speed. What a peer's close_notify or a TLS error follows is handed on before either
+    is acted on, as Twisted does, and nothing is handed on after an abort.
 
     A TLS close sends close_notify and waits for the peer's: Twisted has no limit on that wait.
     The timer counts from ``loseConnection``, so it also covers a peer that stopped reading the
@@ -72,6 +83,30 @@ class ClosingTLSProtocol(TLSMemoryBIOProtocol):
     factory: DirectTLSFactory
     _close_timer: IDelayedCall | None = None
     _unsent_at_arming: int = 0
+
+    def _flushReceiveBIO(self) -> None:
+        pieces: list[bytes] = []
+        while not self._lostTLSConnection:
+            try:
+                pieces.append(self._tlsConnection.recv(RECORD_READ))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:  # the peer's close_notify: no more data will come
+                self._hand_on(pieces)
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                failure = Failure()
+                self._hand_on(pieces)
+                self._tlsShutdownFinished(failure)
+        self._hand_on(pieces)
+        self._flushSendBIO()  # a handshake or a close may have something to send
+
+    def _hand_on(self, pieces: list[bytes]) -> None:
+        if pieces and not self._aborted:
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            ProtocolWrapper.dataReceived(self, data)
 
     def loseConnection(self) -> None:
         super().loseConnection()

@@ -111,3 +111,86 @@ def test_the_listener_agrees_on_x25519_even_with_a_client_that_prefers_the_hybri
     plain.use_certificate(server_options(server.cert_pem, server.key_pem).certificate)
     plain.use_privatekey(server_options(server.cert_pem, server.key_pem).privateKey)
     assert _handshake(plain, None) == "X25519MLKEM768"
+
+
+class _Recorder(Protocol):
+    """Each call's bytes, and whether TCP was already being closed when they came."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bytes, bool]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        tcp = self.transport.transport  # type: ignore[union-attr]  # under TLS: the TCP transport
+        self.calls.append((data, tcp.disconnecting))
+
+
+def _served_pair() -> tuple[Protocol, _Recorder, StringTransport, SSL.Connection]:
+    """cmm's listening TLS around a recorder, and a memory-BIO client that finished its handshake."""
+    ca = certs.make_ca(NOW)
+    server = certs.make_server_certificate(ca, NOW, hostnames=("api.anthropic.com",))
+    recorder = _Recorder()
+    factory = server_factory(ReloadableServerTLS(server_options(server.cert_pem, server.key_pem)),
+                             Factory.forProtocol(lambda: recorder))
+    tls = factory.buildProtocol(None)
+    tcp = StringTransport()
+    tls.makeConnection(tcp)
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        try:
+            tls.dataReceived(client.bio_read(1 << 16))
+        except SSL.WantReadError:
+            pass
+        answer = tcp.value()
+        tcp.clear()
+        if answer:
+            client.bio_write(answer)
+    client.do_handshake()
+    assert recorder.calls == []
+    return tls, recorder, tcp, client
+
+
+def _records(client: SSL.Connection, pieces: list[bytes]) -> bytes:
+    for piece in pieces:
+        client.sendall(piece)
+    return client.bio_read(1 << 20)
+
+
+def test_the_records_of_one_read_reach_the_protocol_in_one_call() -> None:
+    """Three 16 KiB records and a short one, read at once: one call with all of them, in order."""
+    tls, recorder, tcp, client = _served_pair()
+    pieces = [bytes([65 + i]) * 16384 for i in range(3)] + [b"tail"]
+    tls.dataReceived(_records(client, pieces))
+    assert recorder.calls == [(b"".join(pieces), False)]
+    tls.dataReceived(_records(client, [b"next"]))  # a later read: its own call
+    assert recorder.calls[1:] == [(b"next", False)]
+
+
+def test_what_came_before_a_close_notify_is_handed_on_before_the_close() -> None:
+    tls, recorder, tcp, client = _served_pair()
+    wire = _records(client, [b"x" * 20000, b"last"])
+    client.shutdown()
+    tls.dataReceived(wire + client.bio_read(1 << 16))
+    assert recorder.calls == [(b"x" * 20000 + b"last", False)]
+    assert tcp.disconnecting  # and then the close went on
+
+
+def test_what_came_before_a_broken_record_is_handed_on_before_the_error() -> None:
+    tls, recorder, tcp, client = _served_pair()
+    good = _records(client, [b"y" * 20000])
+    broken = bytearray(_records(client, [b"never seen"]))
+    broken[-1] ^= 0xFF  # the record's authentication fails
+    tls.dataReceived(good + bytes(broken))
+    assert recorder.calls == [(b"y" * 20000, False)]
+    assert tcp.disconnecting
+
+
+def test_nothing_is_handed_on_after_an_abort() -> None:
+    tls, recorder, tcp, client = _served_pair()
+    tls.abortConnection()
+    tls.dataReceived(_records(client, [b"z" * 100]))
+    assert recorder.calls == []
