@@ -137,6 +137,7 @@ class Scanner(ValueSkipper):
         self._sink = PASS
         self._held = bytearray()
         self._held_at = 0  # absolute offset of the first held byte
+        self._hold_from = -1  # a hold begun here in this piece, its bytes not yet moved (see _hold)
         self._pending = 0
         self._consumed = 0
         self._data = b""
@@ -185,6 +186,12 @@ class Scanner(ValueSkipper):
     # -- sinks -------------------------------------------------------------------------------------
 
     def _flush(self, pos: int) -> None:
+        start = self._hold_from
+        if start >= 0:  # a lazy hold: what came before it passes, what came since is held now
+            self._hold_from = -1
+            if start > self._mark:
+                self._out.append(self._data[self._mark : start])
+            self._mark = start
         if pos > self._mark:
             sink = self._sink
             if sink == PASS:
@@ -202,14 +209,20 @@ class Scanner(ValueSkipper):
         self._sink = sink
 
     def _hold(self, pos: int) -> None:
-        self._switch(pos, HOLD)
+        """Hold from ``pos``. Coming from PASS, nothing moves yet: most holds (a comma, a block
+        decided in the same piece) are released unedited, and the bytes before and after then
+        go out as one slice; any flush moves them first."""
+        if self._sink == PASS:
+            self._sink, self._hold_from = HOLD, pos
+        else:
+            self._switch(pos, HOLD)
         self._held_at = self._consumed + pos
 
     def _release(self, pos: int) -> None:
         """Send what is held (edited or not) and pass from ``pos`` on."""
         if self._sink == HOLD:
             if not self._held:  # all held bytes are in this piece, unedited: they just pass
-                self._sink = PASS
+                self._sink, self._hold_from = PASS, -1
                 return
             self._switch(pos, PASS)
             self._out.append(bytes(self._held))
