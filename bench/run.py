@@ -1553,8 +1553,9 @@ def report(results: dict[str, Any], plan: Plan) -> tuple[str, list[str]]:
                 for name, seconds in costs.items()]
         floors = ", ".join(f"{route} {sum(costs[k] for k in keys) * 1000:.1f} ms ({' + '.join(k[:-2] for k in keys)})"
                            for route, keys in ROUTE_STAGES.items())
-        out.append("   Where a 2 MB body's time goes in cmm: each stage alone, in the benchmark's process, 16 KiB "
-                   "pieces, best of 5 (bench/components.py), ms")
+        out.append("   Where a 2 MB body's time goes in cmm: each stage alone, in the benchmark's process, in "
+                   "pieces of 256 KiB (what one socket read brings cmm at most: its TLS records go through together), "
+                   "best of 5 (bench/components.py), ms")
         out.append(table(["stage", "ms per 2 MB"], rows))
         out.append(f"   Sum of the stages a body goes through (a floor for the added latency above): {floors}")
         if "neutralise_agentic_s" in costs:
