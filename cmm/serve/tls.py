@@ -71,8 +71,8 @@ class ClosingTLSProtocol(TLSMemoryBIOProtocol):
     Twisted hands the wrapped protocol each TLS record (up to 16 KiB) on its own: a 2 MB body is
     some 120 calls down cmm's whole path, each with its per-call costs. One TCP read holds up
     to ``cmm.serve.upstream.SPLICE_BUFFER`` of records; their plaintext goes on joined, in one
-    call, for a copy at memcpy speed. What a peer's close_notify or a TLS error follows is handed on before either
-    is acted on, as Twisted does, and nothing is handed on after an abort.
+    call, for a copy at memcpy speed. What came before a peer's close_notify or a TLS error is
+    handed on before either is acted on, as Twisted does, and nothing is after an abort.
 
     A TLS close sends close_notify and waits for the peer's: Twisted has no limit on that wait.
     The timer counts from ``loseConnection``, so it also covers a peer that stopped reading the

@@ -1,4 +1,5 @@
-"""The listening side's TLS options: a key OpenSSL cannot serve with is refused when loaded."""
+"""cmm's TLS: the listening side's options (a key OpenSSL cannot serve with is refused when loaded),
+and how decrypted records reach the protocol."""
 
 from __future__ import annotations
 
